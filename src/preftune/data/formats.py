@@ -1,0 +1,772 @@
+"""Dataset readers: every supported preference format becomes one canonical form.
+
+The canonical form is TRL's explicit-prompt preference format, in one of two shapes per dataset:
+
+- text:            {"prompt": str, "chosen": str, "rejected": str}
+- conversational:  {"prompt": [{"role", "content"}, ...], "chosen": [{"role": "assistant", "content"}],
+                    "rejected": [{"role": "assistant", "content"}]}
+  The prompt is an optional leading system turn, then user/assistant turns alternating from a user turn and
+  ending on a user turn; chosen and rejected are one assistant message each.
+
+Each output row also has "row": the 0-based index of its source row in its file (the line index for JSON
+Lines), so later stages can name the row a problem came from. Every other column is dropped.
+
+Recognised row shapes (detected per row by its keys): TRL standard and conversational, explicit (with
+"prompt") and implicit (chosen/rejected carry the whole dialogue; the prompt is their shared beginning, with
+Anthropic HH "\\n\\nHuman: ... \\n\\nAssistant:" text split after the last shared "\\n\\nAssistant:"), and
+LLaMA-Factory alpaca/sharegpt ranking rows, either through a `dataset_info.json` registry or auto-detected in a
+plain file ("instruction" + string chosen/rejected; "conversations"/"messages" + message-object chosen/rejected).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from preftune.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+ON_BAD_ROW_CHOICES = ("error", "skip", "warn")
+MAX_LOGGED_BAD_ROWS = 20
+REGISTRY_FILE = "dataset_info.json"
+DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet", ".csv")
+HH_ASSISTANT = "\n\nAssistant:"
+ROLES = ("system", "user", "assistant")
+
+Message = dict[str, str]
+Canonical = tuple[Any, Any, Any]  # (prompt, chosen, rejected), all str or all message lists
+RowItem = tuple[int, Any]  # (row index, record dict, or an unraised DataError for an unreadable row)
+
+
+@dataclass
+class LoadedData:
+    """A preference dataset in canonical form.
+
+    Attributes:
+        dataset: columns prompt, chosen, rejected (all text, or all message lists) and row (int, 0-based index
+            of the source row in its file).
+        source: the file path(s) or dataset name(s), for messages.
+        skipped_rows: (row, reason) for each row skipped under on_bad_row "skip" or "warn"; the reason is the
+            full error message, naming the file.
+        is_conversational: True when prompt/chosen/rejected are message lists.
+    """
+
+    dataset: datasets.Dataset
+    source: str
+    skipped_rows: list[tuple[int, str]]
+    is_conversational: bool
+
+
+class _BadRow(Exception):
+    """A row cannot be converted; the caller adds file and row."""
+
+    def __init__(self, reason: str, field: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_preference_data(
+    source: str | list | datasets.Dataset,
+    *,
+    dataset_dir: str | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+    on_bad_row: str = "error",
+) -> LoadedData:
+    """Read preference data from any supported source into canonical form.
+
+    Args:
+        source: one of
+            - a path to a JSON (list of row objects), JSON Lines (.jsonl, .ndjson, .jsonl.gz, .json.gz), Parquet or
+              CSV file; a directory written by `datasets.save_to_disk` (a DatasetDict gives `split`); or a
+              directory of such data files (read in name order);
+            - a dataset name registered in `<dataset_dir>/dataset_info.json` (LLaMA-Factory registry; only
+              `"ranking": true` entries are preference data);
+            - several of the above, comma-separated or as a list of strings: concatenated, all in the same form;
+            - a list of row dicts, or a `datasets.Dataset`;
+            - otherwise a Hugging Face Hub dataset id, read with `datasets.load_dataset(id, split=split)`.
+            Relative paths resolve against dataset_dir when the file exists there, else against the cwd.
+        dataset_dir: folder of the registry and of relative paths.
+        split: split to take from a saved DatasetDict or a hub dataset.
+        max_samples: keep the first N canonical rows (reading stops once N are collected, so skipped_rows then
+            covers only the rows read).
+        on_bad_row: "error" raises DataError on the first bad row; "skip" drops bad rows silently and "warn"
+            drops them with a logged warning (the first MAX_LOGGED_BAD_ROWS); both record them in skipped_rows.
+
+    Raises:
+        DataError: unreadable or missing source, a bad row under on_bad_row="error", mixed text and
+            conversational sources, or no usable rows.
+        ConfigError: on_bad_row or max_samples out of range.
+    """
+    _check_options(on_bad_row, max_samples)
+    if isinstance(source, datasets.Dataset):
+        return _canonicalize(_iter_records(source), source="in-memory datasets.Dataset", on_bad_row=on_bad_row,
+                             convert=_convert_trl_row, limit=max_samples)
+    if isinstance(source, list):
+        if all(isinstance(item, str) for item in source) and source:
+            return _load_many(source, dataset_dir, split, on_bad_row, max_samples)
+        if all(isinstance(item, dict) for item in source):
+            return _canonicalize(enumerate(source), source="in-memory list", on_bad_row=on_bad_row,
+                                 convert=_convert_trl_row, limit=max_samples)
+        raise DataError("a list source must hold only row dicts or only source names/paths", file="in-memory list")
+    if not isinstance(source, str):
+        raise DataError(f"unsupported source type {type(source).__name__}; expected a path, a dataset name, "
+                        "a list of rows or a datasets.Dataset")
+    if _resolve_path(source, dataset_dir)[0] is None and "," in source:
+        return _load_many([part.strip() for part in source.split(",") if part.strip()], dataset_dir, split,
+                          on_bad_row, max_samples)
+    return _load_one(source.strip(), dataset_dir, split, on_bad_row, max_samples)
+
+
+def canonicalize_records(records: Iterable[dict], *, source: str, on_bad_row: str = "error") -> LoadedData:
+    """Convert row dicts (any recognised row shape) into canonical form; row i of the input is "row" i.
+
+    Raises DataError for a bad row (under on_bad_row="error"), for rows mixing text and conversational form,
+    and when no usable rows remain.
+    """
+    _check_options(on_bad_row, None)
+    return _canonicalize(enumerate(records), source=source, on_bad_row=on_bad_row, convert=_convert_trl_row)
+
+
+def _check_options(on_bad_row: str, max_samples: int | None) -> None:
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise ConfigError(f"got {on_bad_row!r}; expected one of {', '.join(ON_BAD_ROW_CHOICES)}", key="on_bad_row")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ConfigError(f"got {max_samples!r}; expected a positive integer or None", key="max_samples")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resolving a source
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load_many(names: list[str], dataset_dir: str | None, split: str, on_bad_row: str,
+               limit: int | None) -> LoadedData:
+    """Load each source in turn and concatenate; the limit counts rows over all sources."""
+    parts: list[LoadedData] = []
+    for name in names:
+        remaining = None if limit is None else limit - sum(len(part.dataset) for part in parts)
+        if remaining is not None and remaining <= 0:
+            break
+        parts.append(_load_one(name, dataset_dir, split, on_bad_row, remaining))
+    return _concatenate(parts)
+
+
+def _concatenate(parts: list[LoadedData]) -> LoadedData:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for part in parts[1:]:
+        if part.is_conversational != first.is_conversational:
+            text, chat = (first, part) if part.is_conversational else (part, first)
+            raise DataError(f"cannot mix text-form data ({text.source}) with conversational data ({chat.source}); "
+                            "expected every source in the same form", file=", ".join(p.source for p in parts))
+    return LoadedData(
+        dataset=datasets.concatenate_datasets([part.dataset for part in parts]),
+        source=", ".join(part.source for part in parts),
+        skipped_rows=[skip for part in parts for skip in part.skipped_rows],
+        is_conversational=first.is_conversational,
+    )
+
+
+def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, limit: int | None) -> LoadedData:
+    """One name: a registered dataset, else a local path, else a hub dataset id."""
+    registry, registry_path = _read_registry(dataset_dir)
+    if registry is not None and name in registry:
+        return _load_registered(name, registry[name], registry_path, dataset_dir, split, on_bad_row, limit)
+
+    path, looked = _resolve_path(name, dataset_dir)
+    if path is not None:
+        return _load_path(path, split, on_bad_row, limit, convert=_convert_trl_row, source=str(path))
+    if _looks_like_path(name):
+        raise DataError(f"file not found; looked at {', '.join(looked)}", file=name)
+
+    try:
+        hub_dataset = datasets.load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 - any failure means "not on the hub" to the user
+        registry_note = f"not registered in {registry_path}" if registry is not None else "no registry (dataset_dir)"
+        raise DataError(
+            f"'{name}' is neither a local file (looked at {', '.join(looked)}) nor a registered name "
+            f"({registry_note}) nor reachable on the hub ({type(err).__name__}: {err})", file=name) from None
+    return _canonicalize(_iter_records(hub_dataset), source=name, on_bad_row=on_bad_row,
+                         convert=_convert_trl_row, limit=limit)
+
+
+def _resolve_path(name: str, dataset_dir: str | None) -> tuple[Path | None, list[str]]:
+    """The existing path `name` refers to (dataset_dir first for relative names) and the places looked."""
+    candidate = Path(os.path.expanduser(name))
+    if candidate.is_absolute():
+        return (candidate if candidate.exists() else None), [str(candidate)]
+    places = ([Path(dataset_dir) / candidate] if dataset_dir else []) + [Path.cwd() / candidate]
+    for place in places:
+        if place.exists():
+            return place, [str(p) for p in places]
+    return None, [str(p) for p in places]
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.lower().endswith(DATA_FILE_SUFFIXES) or name.startswith(("/", "./", "../", "~"))
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def _load_path(path: Path, split: str, on_bad_row: str, limit: int | None,
+               convert: Callable[[Any], Canonical], source: str) -> LoadedData:
+    """A data file, a save_to_disk directory, or a directory of data files (read in name order)."""
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _canonicalize(_iter_records(_load_saved(path, split)), source=source, on_bad_row=on_bad_row,
+                                 convert=convert, limit=limit)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(DATA_FILE_SUFFIXES))
+        if not files:
+            raise DataError(f"directory holds neither a datasets.save_to_disk dataset nor data files "
+                            f"({', '.join(DATA_FILE_SUFFIXES)})", file=source)
+        parts: list[LoadedData] = []
+        for file in files:
+            remaining = None if limit is None else limit - sum(len(part.dataset) for part in parts)
+            if remaining is not None and remaining <= 0:
+                break
+            parts.append(_load_path(file, split, on_bad_row, remaining, convert, str(file)))
+        return _concatenate(parts)
+    return _canonicalize(_iter_file(path, source), source=source, on_bad_row=on_bad_row, convert=convert,
+                         limit=limit)
+
+
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"cannot read the saved dataset ({type(err).__name__}: {err})", file=str(path)) from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"split '{split}' not found; available splits: {', '.join(saved)}", file=str(path))
+        return saved[split]
+    return saved
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Readers: each yields (row index, record dict or unraised DataError); whole-file problems raise DataError.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _iter_file(path: Path, source: str) -> Iterator[RowItem]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return _iter_jsonl(path, source)
+    if name.endswith((".json", ".json.gz")):
+        return _iter_json(path, source)
+    if name.endswith(".parquet"):
+        return _iter_parquet(path, source)
+    if name.endswith(".csv"):
+        return _iter_csv(path, source)
+    raise DataError(f"unsupported file type; expected one of {', '.join(DATA_FILE_SUFFIXES)}, "
+                    "a datasets.save_to_disk directory, or a registered dataset name", file=source)
+
+
+def _read_text(path: Path, source: str) -> str:
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as handle:
+                return handle.read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, EOFError) as err:
+        raise DataError(f"cannot read file ({type(err).__name__}: {err}); expected UTF-8 text, "
+                        "gzip-compressed when the name ends in .gz", file=source) from None
+
+
+def _iter_jsonl(path: Path, source: str, text: str | None = None) -> Iterator[RowItem]:
+    text = _read_text(path, source) if text is None else text
+    for line_index, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            yield line_index, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield line_index, DataError(f"line {line_index + 1} is not valid JSON ({err.msg} at column {err.colno}); "
+                                        "expected one JSON object per line", file=source, row=line_index)
+
+
+def _iter_json(path: Path, source: str) -> Iterator[RowItem]:
+    text = _read_text(path, source)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
+            yield from _iter_jsonl(path, source, text)
+            return
+        raise DataError(f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})", file=source) from None
+    if not isinstance(document, list):
+        kind = "object" if isinstance(document, dict) else type(document).__name__
+        keys = f" with keys {', '.join(list(document)[:5])}" if isinstance(document, dict) else ""
+        raise DataError(f"the top level is a JSON {kind}{keys}; expected a JSON list of row objects "
+                        "(or JSON Lines, one object per line)", file=source)
+    yield from enumerate(document)
+
+
+def _iter_parquet(path: Path, source: str) -> Iterator[RowItem]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        batches = list(parquet.iter_batches(batch_size=4096))
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+        raise DataError(f"cannot read Parquet ({type(err).__name__}: {err})", file=source) from None
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            yield row, record
+            row += 1
+
+
+def _iter_csv(path: Path, source: str) -> Iterator[RowItem]:
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        as_text = pacsv.ConvertOptions(column_types={name: pa.string() for name in header},
+                                       strings_can_be_null=False)  # CSV cells are text: no number guessing
+        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                               convert_options=as_text)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"cannot read CSV ({type(err).__name__}: {err}); expected a header row and "
+                        "comma-separated, double-quoted values", file=source) from None
+    yield from enumerate(table.to_pylist())
+
+
+def _iter_records(dataset: datasets.Dataset) -> Iterator[RowItem]:
+    return enumerate(dataset)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Canonicalization: convert each row, enforce one form, apply the bad-row policy.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, convert: Callable[[Any], Canonical],
+                  limit: int | None = None) -> LoadedData:
+    examples: list[dict[str, Any]] = []
+    skipped: list[tuple[int, str]] = []
+    conversational: bool | None = None
+    identical = 0
+    for row, item in rows:
+        try:
+            if isinstance(item, DataError):
+                raise item
+            prompt, chosen, rejected = _convert_guarded(convert, item, source, row)
+            row_is_conversational = isinstance(prompt, list)
+            if conversational is not None and row_is_conversational != conversational:
+                this, first = ("conversational", "text") if row_is_conversational else ("text", "conversational")
+                raise DataError(f"row is in {this} form but earlier rows are {first}; expected one form per dataset",
+                                file=source, row=row, field="prompt")
+        except DataError as err:
+            if on_bad_row == "error":
+                raise
+            skipped.append((row, str(err)))
+            if on_bad_row == "warn" and len(skipped) <= MAX_LOGGED_BAD_ROWS:
+                logger.warning("skipping bad row: %s", err)
+            continue
+        conversational = row_is_conversational
+        identical += chosen == rejected
+        examples.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": row})
+        if limit is not None and len(examples) >= limit:
+            break
+
+    if skipped:
+        capped = on_bad_row == "warn" and len(skipped) > MAX_LOGGED_BAD_ROWS
+        more = f" (first {MAX_LOGGED_BAD_ROWS} logged)" if capped else ""
+        logger.log(logging.WARNING if on_bad_row == "warn" else logging.INFO,
+                   "%s: skipped %d bad rows%s", source, len(skipped), more)
+    if identical:
+        logger.warning("%s: %d rows have chosen identical to rejected; they carry no preference", source, identical)
+    if not examples:
+        detail = f"all {len(skipped)} rows were skipped as bad" if skipped else "the source has no rows"
+        raise DataError(f"no usable rows ({detail})", file=source)
+    return LoadedData(dataset=datasets.Dataset.from_list(examples), source=source, skipped_rows=skipped,
+                      is_conversational=bool(conversational))
+
+
+def _convert_guarded(convert: Callable[[Any], Canonical], record: Any, source: str, row: int) -> Canonical:
+    """Run a row converter; any failure on odd input becomes a DataError naming file and row."""
+    try:
+        if not isinstance(record, dict):
+            raise _BadRow(f"row is of type {type(record).__name__}; expected an object with chosen/rejected fields")
+        return convert(record)
+    except _BadRow as bad:
+        raise DataError(bad.reason, file=source, row=row, field=bad.field) from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # safety net for odd shapes
+        raise DataError(f"cannot read row ({type(err).__name__}: {err})", file=source, row=row) from None
+
+
+def _convert_trl_row(record: dict) -> Canonical:
+    """Any recognised row shape to (prompt, chosen, rejected), validated."""
+    if record.get("prompt") is None:
+        if isinstance(record.get("chosen"), dict) and ("conversations" in record or "messages" in record):
+            messages_column = "conversations" if "conversations" in record else "messages"
+            return _convert_sharegpt(record, _sharegpt_columns_for(record, messages_column))
+        if "instruction" in record and isinstance(record.get("chosen"), str):
+            return _convert_alpaca(record, _LlamaFactoryColumns(
+                system="system" if "system" in record else None, history="history" if "history" in record else None))
+    chosen, rejected = _required(record, "chosen"), _required(record, "rejected")
+    prompt = record.get("prompt")
+
+    if prompt is None or (isinstance(prompt, str) and isinstance(chosen, list)):
+        # implicit prompt (a string prompt beside full conversations repeats their first turn: ignore it)
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            prompt, chosen, rejected = _split_implicit_text(chosen, rejected)
+        elif isinstance(chosen, list) and isinstance(rejected, list):
+            prompt, chosen, rejected = _split_implicit_conversation(chosen, rejected)
+        else:
+            raise _BadRow(f"chosen is {_kind(chosen)} and rejected is {_kind(rejected)}; expected both strings "
+                          "or both message lists", field="rejected")
+        return _validated(prompt, chosen, rejected)
+
+    if isinstance(prompt, list):
+        chosen = _as_assistant_turn(chosen, "chosen")
+        rejected = _as_assistant_turn(rejected, "rejected")
+    elif not isinstance(prompt, str):
+        raise _BadRow(f"prompt is {_kind(prompt)}; expected a string or a list of messages", field="prompt")
+    return _validated(prompt, chosen, rejected)
+
+
+def _required(record: dict, field: str) -> Any:
+    value = record.get(field)
+    if value is None:
+        present = ", ".join(map(str, record)) or "none"
+        raise _BadRow(f"missing; expected a '{field}' response (fields present: {present})", field=field)
+    return value
+
+
+def _as_assistant_turn(value: Any, field: str) -> Any:
+    """Beside a conversational prompt, a bare string or a single message object means one assistant turn."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    return value
+
+
+def _kind(value: Any) -> str:
+    return "a message list" if isinstance(value, list) else f"of type {type(value).__name__}"
+
+
+def _validated(prompt: Any, chosen: Any, rejected: Any) -> Canonical:
+    if isinstance(prompt, str):
+        return _validated_text(prompt, chosen, rejected)
+    return (_validated_messages(prompt, "prompt"),
+            _validated_response(chosen, "chosen"),
+            _validated_response(rejected, "rejected"))
+
+
+def _validated_text(prompt: str, chosen: Any, rejected: Any) -> Canonical:
+    if not prompt.strip():
+        raise _BadRow("prompt is empty; expected non-empty prompt text", field="prompt")
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str):
+            raise _BadRow(f"is {_kind(value)}; expected a string (the prompt is text)", field=field)
+        if not value.strip():
+            raise _BadRow("is empty (whitespace only); expected a non-empty response", field=field)
+    return prompt, chosen, rejected
+
+
+def _validated_message(message: Any, field: str, index: int) -> Message:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise _BadRow(f"message {index} is {message!r:.80}; expected an object with 'role' and 'content'", field=field)
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise _BadRow(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}", field=field)
+    if not isinstance(content, str):
+        raise _BadRow(f"message {index} content is {_kind(content)}; expected a string", field=field)
+    return {"role": role, "content": content}
+
+
+def _validated_messages(messages: Any, field: str) -> list[Message]:
+    """A prompt: optional leading system turn, then user/assistant alternating, first and last turn user."""
+    if not isinstance(messages, list) or not messages:
+        raise _BadRow(f"is {_kind(messages)}; expected a non-empty list of messages", field=field)
+    clean = [_validated_message(message, field, index) for index, message in enumerate(messages)]
+    start = 1 if clean[0]["role"] == "system" else 0
+    for index in range(start, len(clean)):
+        expected = "user" if (index - start) % 2 == 0 else "assistant"
+        if clean[index]["role"] != expected:
+            raise _BadRow(f"message {index} has role '{clean[index]['role']}'; expected '{expected}' (an optional "
+                          "leading system turn, then user and assistant turns alternating)", field=field)
+    if len(clean) == start or clean[-1]["role"] != "user":
+        raise _BadRow("does not end on a user turn; expected the last prompt message to be from the user", field=field)
+    return clean
+
+
+def _validated_response(messages: Any, field: str) -> list[Message]:
+    if not isinstance(messages, list) or len(messages) != 1:
+        count = f"{len(messages)} messages" if isinstance(messages, list) else _kind(messages)
+        raise _BadRow(f"is {count}; expected exactly one assistant message", field=field)
+    message = _validated_message(messages[0], field, 0)
+    if message["role"] != "assistant":
+        raise _BadRow(f"has role '{message['role']}'; expected 'assistant'", field=field)
+    if not message["content"].strip():
+        raise _BadRow("is empty (whitespace only); expected a non-empty response", field=field)
+    return [message]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Implicit prompts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_hh_dialogue(text: str) -> bool:
+    return text.lstrip().startswith("Human:") and HH_ASSISTANT in text
+
+
+def _split_implicit_text(chosen: str, rejected: str) -> Canonical:
+    """Split two full texts into (shared prompt, chosen response, rejected response).
+
+    Anthropic HH dialogues split right after the last "\\n\\nAssistant:" they share, so each response starts
+    after the marker (usually with a space). Other texts split at the end of their longest common prefix, backed
+    off to a whitespace boundary, with the whitespace going to the responses (as TRL's extract_prompt does).
+    """
+    shared = os.path.commonprefix([chosen, rejected])
+    if _is_hh_dialogue(chosen) and _is_hh_dialogue(rejected):
+        marker = shared.rfind(HH_ASSISTANT)
+        if marker < 0:
+            raise _BadRow("chosen and rejected dialogues differ before the first '\\n\\nAssistant:'; expected them to "
+                          "share everything up to the final assistant turn", field="chosen")
+        end = marker + len(HH_ASSISTANT)
+    else:
+        end = len(shared)
+        at_boundary = all(end == len(text) or text[end].isspace() for text in (chosen, rejected))
+        if not at_boundary:
+            while end > 0 and not shared[end - 1].isspace():
+                end -= 1
+        while end > 0 and shared[end - 1].isspace():
+            end -= 1
+        if end == 0:
+            raise _BadRow("chosen and rejected share no leading words, so no prompt can be extracted; expected an "
+                          "explicit 'prompt' field or texts that begin with the same prompt", field="prompt")
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _split_implicit_conversation(chosen: list, rejected: list) -> Canonical:
+    """Prompt = the longest shared run of messages, backed off to end on a user turn; the rest are the responses."""
+    end = 0
+    while end < min(len(chosen), len(rejected)) and chosen[end] == rejected[end]:
+        end += 1
+    while end > 0 and not (isinstance(chosen[end - 1], dict) and chosen[end - 1].get("role") == "user"):
+        end -= 1
+    if end == 0:
+        raise _BadRow("chosen and rejected conversations share no user turn; expected them to begin with the same "
+                      "prompt messages, or an explicit 'prompt' field", field="prompt")
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LLaMA-Factory registry and row formats
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LlamaFactoryColumns:
+    """Column names and sharegpt tags of one registry entry (LLaMA-Factory's defaults)."""
+
+    formatting: str = "alpaca"
+    prompt: str | None = "instruction"
+    query: str | None = "input"
+    history: str | None = None
+    system: str | None = None
+    messages: str = "conversations"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    observation_tag: str = "observation"
+    function_tag: str = "function_call"
+    system_tag: str = "system"
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> _LlamaFactoryColumns:
+        values: dict[str, Any] = {"formatting": entry.get("formatting", "alpaca")}
+        columns = entry.get("columns")
+        if isinstance(columns, dict):
+            # As in LLaMA-Factory, a "columns" block replaces the alpaca prompt/query defaults.
+            values.update(prompt=columns.get("prompt"), query=columns.get("query"), history=columns.get("history"),
+                          system=columns.get("system"))
+            for key in ("messages", "chosen", "rejected"):
+                if columns.get(key):
+                    values[key] = columns[key]
+        tags = entry.get("tags")
+        if isinstance(tags, dict):
+            names = {f.name for f in fields(cls) if f.name.endswith("_tag")}
+            values.update({key: value for key, value in tags.items() if key in names and value})
+        return cls(**values)
+
+
+def _sharegpt_columns_for(record: dict, messages_column: str) -> _LlamaFactoryColumns:
+    """Tags for an auto-detected sharegpt row: "from"/"value" style, or "role"/"content" style."""
+    messages = record.get(messages_column)
+    first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
+    if "role" in first or (isinstance(record.get("chosen"), dict) and "role" in record["chosen"]):
+        return _LlamaFactoryColumns(formatting="sharegpt", messages=messages_column, role_tag="role",
+                                    content_tag="content", user_tag="user", assistant_tag="assistant")
+    return _LlamaFactoryColumns(formatting="sharegpt", messages=messages_column,
+                                system="system" if "system" in record else None)
+
+
+def _read_registry(dataset_dir: str | None) -> tuple[dict | None, str | None]:
+    if not dataset_dir:
+        return None, None
+    path = Path(dataset_dir) / REGISTRY_FILE
+    if not path.is_file():
+        return None, str(path)
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read the dataset registry ({err}); expected a JSON object of dataset entries",
+                        file=str(path)) from None
+    if not isinstance(registry, dict):
+        raise DataError("the dataset registry is not a JSON object; expected {name: entry, ...}", file=str(path))
+    return registry, str(path)
+
+
+def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_dir: str | None, split: str,
+                     on_bad_row: str, limit: int | None) -> LoadedData:
+    """A LLaMA-Factory registry entry: a ranking dataset from "file_name" (file or folder) or "hf_hub_url"."""
+    where = f"dataset '{name}'"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: entry is not an object", file=registry_path)
+    if not entry.get("ranking"):
+        if isinstance(entry.get("columns"), dict) and "kto_tag" in entry["columns"]:
+            raise DataError(f"{where}: kto_tag datasets (unpaired) are not supported yet; expected a preference "
+                            "(ranking) dataset with chosen and rejected responses", file=registry_path)
+        raise DataError(f"{where}: not a preference (ranking) dataset; expected \"ranking\": true with chosen and "
+                        "rejected columns", file=registry_path)
+    columns = _LlamaFactoryColumns.from_entry(entry)
+    if columns.formatting not in ("alpaca", "sharegpt"):
+        raise DataError(f"{where}: formatting '{columns.formatting}' is not supported; expected alpaca or sharegpt",
+                        file=registry_path)
+    if entry.get("num_samples"):
+        logger.warning("%s: num_samples is ignored; use max_samples to truncate", where)
+    convert = _llamafactory_converter(columns)
+
+    if "file_name" in entry:
+        path = Path(dataset_dir or ".") / entry["file_name"]
+        if not path.exists():
+            raise DataError(f"{where}: file not found; expected it at {path}", file=str(path))
+        return _load_path(path, split, on_bad_row, limit, convert=convert, source=f"{path} (dataset '{name}')")
+    if "hf_hub_url" in entry:
+        hub_id = entry["hf_hub_url"]
+        try:
+            hub_dataset = datasets.load_dataset(hub_id, name=entry.get("subset"), data_dir=entry.get("folder"),
+                                                split=entry.get("split", split))
+        except Exception as err:  # noqa: BLE001
+            raise DataError(f"{where}: cannot load '{hub_id}' from the hub ({type(err).__name__}: {err})",
+                            file=hub_id) from None
+        return _canonicalize(_iter_records(hub_dataset), source=f"{hub_id} (dataset '{name}')",
+                             on_bad_row=on_bad_row, convert=convert, limit=limit)
+    raise DataError(f"{where}: only 'file_name' and 'hf_hub_url' entries are supported "
+                    f"(entry has {', '.join(entry)})", file=registry_path)
+
+
+def _llamafactory_converter(columns: _LlamaFactoryColumns) -> Callable[[dict], Canonical]:
+    """The row converter for a registry entry."""
+    if columns.formatting == "sharegpt":
+        return lambda record: _convert_sharegpt(record, columns)
+    return lambda record: _convert_alpaca(record, columns)
+
+
+def _convert_alpaca(record: dict, columns: _LlamaFactoryColumns) -> Canonical:
+    """Alpaca ranking row: [system], history pairs, then user = instruction + "\\n" + input; chosen/rejected strings."""
+    prompt: list[Message] = []
+    system = record.get(columns.system) if columns.system else None
+    if system:
+        prompt.append({"role": "system", "content": system})
+    history = record.get(columns.history) if columns.history else None
+    if history:
+        if not isinstance(history, list):
+            raise _BadRow(f"is {_kind(history)}; expected a list of [user, assistant] pairs", field=columns.history)
+        for index, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise _BadRow(f"entry {index} is {pair!r:.80}; expected a [user, assistant] pair",
+                              field=columns.history)
+            prompt += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    parts = [record.get(column) for column in (columns.prompt, columns.query) if column and record.get(column)]
+    if not parts:
+        names = " / ".join(column for column in (columns.prompt, columns.query) if column)
+        raise _BadRow("is empty or missing; expected the user instruction", field=names or "instruction")
+    if not all(isinstance(part, str) for part in parts):
+        raise _BadRow("is not text; expected a string instruction", field=columns.prompt)
+    prompt.append({"role": "user", "content": "\n".join(parts)})
+    chosen = _required(record, columns.chosen)
+    rejected = _required(record, columns.rejected)
+    for column, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
+        if not isinstance(value, str):
+            raise _BadRow(f"is {_kind(value)}; expected a string response (alpaca ranking format)", field=column)
+    return _renamed_fields(columns, prompt, [{"role": "assistant", "content": chosen}],
+                           [{"role": "assistant", "content": rejected}], prompt_field=columns.prompt or "instruction")
+
+
+def _convert_sharegpt(record: dict, columns: _LlamaFactoryColumns) -> Canonical:
+    """Sharegpt ranking row: [system] + user/assistant turns ending on user; chosen/rejected message objects."""
+    messages = record.get(columns.messages)
+    if not isinstance(messages, list) or not messages:
+        raise _BadRow(f"is {_kind(messages)}; expected a non-empty list of turns", field=columns.messages)
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or columns.role_tag not in message or columns.content_tag not in message:
+            raise _BadRow(f"turn {index} is {message!r:.80}; expected an object with '{columns.role_tag}' and "
+                          f"'{columns.content_tag}'", field=columns.messages)
+    prompt: list[Message] = []
+    if messages[0][columns.role_tag] == columns.system_tag:
+        system = messages[0][columns.content_tag]
+        messages = messages[1:]
+    else:
+        system = record.get(columns.system) if columns.system else None
+    if system:
+        prompt.append({"role": "system", "content": system})
+    tag_roles = {columns.user_tag: "user", columns.assistant_tag: "assistant"}
+    for message in messages:
+        tag = message[columns.role_tag]
+        if tag in (columns.observation_tag, columns.function_tag):
+            raise _BadRow(f"has a '{tag}' turn; tool calls and observations are not supported yet",
+                          field=columns.messages)
+        if tag not in tag_roles:
+            raise _BadRow(f"has a turn tagged {tag!r}; expected '{columns.user_tag}' or '{columns.assistant_tag}' "
+                          f"(and '{columns.system_tag}' only first)", field=columns.messages)
+        prompt.append({"role": tag_roles[tag], "content": message[columns.content_tag]})
+    responses = []
+    for column in (columns.chosen, columns.rejected):
+        value = _required(record, column)
+        if not isinstance(value, dict) or columns.content_tag not in value:
+            raise _BadRow(f"is {_kind(value)}; expected a message object {{'{columns.role_tag}': "
+                          f"'{columns.assistant_tag}', '{columns.content_tag}': ...}}", field=column)
+        tag = value.get(columns.role_tag, columns.assistant_tag)
+        if tag != columns.assistant_tag:
+            raise _BadRow(f"has role {tag!r}; expected '{columns.assistant_tag}'", field=column)
+        responses.append([{"role": "assistant", "content": value[columns.content_tag]}])
+    return _renamed_fields(columns, prompt, *responses, prompt_field=columns.messages)
+
+
+def _renamed_fields(columns: _LlamaFactoryColumns, prompt: list, chosen: list, rejected: list,
+                    prompt_field: str) -> Canonical:
+    """Validate canonical messages, reporting problems under the source file's own column names."""
+    renames = {"prompt": prompt_field, "chosen": columns.chosen, "rejected": columns.rejected}
+    try:
+        return _validated(prompt, chosen, rejected)
+    except _BadRow as bad:
+        raise _BadRow(bad.reason, field=renames.get(bad.field, bad.field)) from None

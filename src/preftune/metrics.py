@@ -1,0 +1,223 @@
+"""Metrics: per-batch DPO statistics, their accumulation, and the run's output files.
+
+Names follow TRL: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``,
+``logits/{chosen,rejected}``. Rewards are ``β·(log π − log π_ref)`` of summed log-probs; logits are the
+vocabulary-mean logit averaged over completion tokens. Eval records carry the same names prefixed ``eval_``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import resource
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from preftune.logprobs import PairLogProbs
+
+logger = logging.getLogger(__name__)
+
+PLOTTED_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+
+
+def batch_metric_sums(
+    per_example_loss: Tensor, policy: PairLogProbs, ref_chosen: Tensor | None, ref_rejected: Tensor | None, beta: float
+) -> dict[str, float]:
+    """Sums over the batch's pairs (and tokens, for logits) of each metric; divide by counts to average.
+
+    Returns a dict with the metric sums plus ``pairs`` and ``chosen_tokens``/``rejected_tokens`` counts,
+    so that batches of different sizes combine exactly (see ``MetricAccumulator``).
+    """
+    with torch.no_grad():
+        chosen_rewards = beta * (policy.chosen_logps - (ref_chosen if ref_chosen is not None else 0.0))
+        rejected_rewards = beta * (policy.rejected_logps - (ref_rejected if ref_rejected is not None else 0.0))
+        return {
+            "pairs": float(per_example_loss.numel()),
+            "chosen_tokens": float(policy.chosen_lengths.sum()),
+            "rejected_tokens": float(policy.rejected_lengths.sum()),
+            "loss": float(per_example_loss.detach().sum()),
+            "rewards/chosen": float(chosen_rewards.sum()),
+            "rewards/rejected": float(rejected_rewards.sum()),
+            "rewards/margins": float((chosen_rewards - rejected_rewards).sum()),
+            "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().sum()),
+            "logps/chosen": float(policy.chosen_logps.detach().sum()),
+            "logps/rejected": float(policy.rejected_logps.detach().sum()),
+            "logits/chosen": float(policy.chosen_logits_sum.sum()),
+            "logits/rejected": float(policy.rejected_logits_sum.sum()),
+        }
+
+
+_TOKEN_WEIGHTED = {"logits/chosen": "chosen_tokens", "logits/rejected": "rejected_tokens"}
+_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens")
+
+
+class MetricAccumulator:
+    """Adds up ``batch_metric_sums`` and returns means: per pair, or per token for the logits."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(self, sums: dict[str, float]) -> None:
+        for key, value in sums.items():
+            self.sums[key] += value
+
+    @property
+    def pairs(self) -> int:
+        return int(self.sums.get("pairs", 0))
+
+    def means(self) -> dict[str, float]:
+        pairs = self.sums.get("pairs", 0.0)
+        if not pairs:
+            return {}
+        out = {}
+        for key, value in self.sums.items():
+            if key in _COUNTS:
+                continue
+            denominator = self.sums.get(_TOKEN_WEIGHTED[key], 0.0) if key in _TOKEN_WEIGHTED else pairs
+            out[key] = value / denominator if denominator else 0.0
+        return out
+
+    def reset(self) -> None:
+        self.sums.clear()
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and of the CUDA allocator when a GPU is used), in MiB."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old content or the new, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunRecorder:
+    """Keeps the log history of a run and writes its files into ``output_dir``.
+
+    Files: ``log_history.json`` (list of records), ``training_metrics.csv`` (one row per training log),
+    ``training_curves.png`` and ``summary.json``. History files are rewritten (atomically) at every log,
+    so an interrupted run still leaves readable files.
+    """
+
+    def __init__(self, output_dir: str | Path, *, plot: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.plot = plot
+        self.history: list[dict[str, Any]] = []
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append({key: _json_safe(value) for key, value in record.items()})
+        self._write_history()
+
+    @property
+    def train_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.history if "loss" in r]
+
+    @property
+    def eval_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.history if "eval_loss" in r]
+
+    def _write_history(self) -> None:
+        _atomic_write_text(self.output_dir / "log_history.json", json.dumps(self.history, indent=2))
+        rows = self.train_records
+        if not rows:
+            return
+        columns: list[str] = []
+        for row in rows:
+            columns += [key for key in row if key not in columns]
+        with tempfile.NamedTemporaryFile("w", dir=self.output_dir, delete=False, suffix=".tmp", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, self.output_dir / "training_metrics.csv")
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.output_dir / "summary.json"
+        _atomic_write_text(path, json.dumps(summary, indent=2, default=str))
+        return path
+
+    def write_plot(self) -> Path | None:
+        if not self.plot or not self.train_records:
+            return None
+        path = self.output_dir / "training_curves.png"
+        plot_curves(self.train_records, self.eval_records, path)
+        return path
+
+
+def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            steps.append(record["step"])
+            values.append(value)
+    return steps, values
+
+
+def plot_curves(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> None:
+    """One panel per metric in ``PLOTTED_METRICS``: training curve, eval points where present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 3
+    rows = math.ceil(len(PLOTTED_METRICS) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for axis, key in zip(axes.flat, PLOTTED_METRICS):
+        steps, values = _series(train, key)
+        axis.plot(steps, values, label="train", color="tab:blue")
+        eval_steps, eval_values = _series(evals, f"eval_{key}")
+        if eval_values:
+            axis.plot(eval_steps, eval_values, "o-", label="eval", color="tab:orange")
+        axis.set_title(key)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if eval_values:
+            axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(PLOTTED_METRICS) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)

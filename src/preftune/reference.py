@@ -1,0 +1,44 @@
+"""The reference policy π_ref: frozen, evaluated without gradients.
+
+Strategies (later issues add: the policy with its LoRA adapter disabled, and a precomputed cache):
+- ``FrozenReference``: a separate frozen model — a copy of the policy as loaded, or one the user gave.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from preftune.data.collate import PreferenceBatch
+from preftune.logprobs import pair_logprobs
+
+
+class Reference(Protocol):
+    def logps(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+        """Summed completion log-probs ``(chosen, rejected)`` of shape ``(B,)`` each, without gradients."""
+
+
+class FrozenReference:
+    """A reference model kept in eval mode with gradients off; never updated, never re-read from disk."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @classmethod
+    def copy_of(cls, policy: nn.Module) -> "FrozenReference":
+        """A deep copy of the policy as it is now (i.e. as loaded, before any update)."""
+        return cls(copy.deepcopy(policy))
+
+    def to(self, device: torch.device | str) -> "FrozenReference":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def logps(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+        out = pair_logprobs(self.model, batch)
+        return out.chosen_logps, out.rejected_logps

@@ -1,0 +1,424 @@
+"""DPO training: a TRL-shaped ``DPOTrainer`` whose ``train()`` is one explicit loop.
+
+Flow: config → data → batches → log-probs → loss → optimizer step → metrics/checkpoints.
+``DPOTrainer.__init__`` validates the configuration and sets up tokenizer, models and data;
+``train()`` reads top to bottom: build optimizer and schedule, then for each optimizer step
+accumulate gradients over micro-batches, clip, step, log, evaluate and save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from preftune.config import DPOConfig, interval_to_steps
+from preftune.data.collate import PreferenceBatch, collate_pairs
+from preftune.data.pipeline import prepare_data
+from preftune.errors import ConfigError, PreftuneError
+from preftune.logprobs import pair_logprobs
+from preftune.losses import get_loss_spec, preference_loss
+from preftune.metrics import MetricAccumulator, RunRecorder, batch_metric_sums, peak_memory_mb
+from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
+from preftune.reference import FrozenReference
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(PreftuneError):
+    """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class TrainOutput(NamedTuple):
+    """What ``train()`` returns, shaped like transformers' ``TrainOutput``."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict[str, Any]
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    epoch: float = 0.0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _check_supported(args: DPOConfig, peft_config: Any, accelerator: Accelerator) -> None:
+    """Fail fast on settings that cannot work here."""
+    if peft_config is not None:
+        raise ConfigError("not supported yet: peft_config (LoRA arrives with the reference/LoRA issue)", key="peft_config")
+    if args.fp16 and accelerator.device.type == "cpu":
+        raise ConfigError("fp16 is not supported on CPU (no fp16 autocast there); use bf16: true or fp32", key="fp16")
+    if args.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("bf16 requested but this GPU does not support bfloat16; use fp16 or fp32", key="bf16")
+
+
+class DPOTrainer:
+    """Direct Preference Optimization, with TRL's constructor and methods.
+
+    Args:
+        model: a loaded causal LM, or a path/hub id (default: ``args.model_name_or_path``).
+        ref_model: the frozen reference, loaded or a path; default: a frozen copy of ``model`` as loaded.
+        args: a ``DPOConfig``.
+        train_dataset, eval_dataset: a ``datasets.Dataset``, a list of dicts, a file path or a registered
+            dataset name (default: ``args.dataset`` / ``args.eval_dataset``).
+        processing_class (alias ``tokenizer``): the tokenizer (default: loaded from the model path).
+        peft_config: LoRA configuration (not supported yet).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        ref_model: nn.Module | str | None = None,
+        args: DPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        tokenizer: Any = None,
+        peft_config: Any = None,
+    ) -> None:
+        self.args = args if args is not None else DPOConfig()
+        # accelerate keeps one process-wide state; a second trainer in the same process (tests, notebooks)
+        # may ask for another precision. The distributed (partial) state is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.accelerator = Accelerator(
+            mixed_precision="bf16" if self.args.bf16 else ("fp16" if self.args.fp16 else "no"),
+            cpu=self.args.use_cpu,
+        )
+        _check_supported(self.args, peft_config, self.accelerator)
+        set_seed(self.args.seed)
+        self.loss_spec = get_loss_spec(self.args.loss_type)
+        self.state = TrainerState()
+
+        model = model if model is not None else self.args.model_name_or_path
+        if model is None:
+            raise ConfigError("no model given: set model_name_or_path", key="model_name_or_path")
+        self.tokenizer = processing_class if processing_class is not None else tokenizer
+        if self.tokenizer is None:
+            source = self.args.tokenizer_name_or_path or (model if isinstance(model, str) else model.name_or_path)
+            self.tokenizer = load_tokenizer(source, trust_remote_code=self.args.trust_remote_code)
+        ensure_pad_token(self.tokenizer)
+        self.model = self._load_model(model, "model_name_or_path")
+        self.reference = self._build_reference(ref_model)
+        if self.args.disable_dropout:
+            disable_dropout(self.model)
+            if self.reference is not None:
+                disable_dropout(self.reference.model)
+        if self.args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+
+        train_source = train_dataset if train_dataset is not None else self.args.dataset
+        if train_source is None and self.args.do_train:
+            raise ConfigError("no training data: set dataset (or pass train_dataset=)", key="dataset")
+        eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
+        self.data = prepare_data(self.args, self.tokenizer, train_source, eval_source) if train_source is not None else None
+        self.recorder = RunRecorder(self.args.output_dir, plot=self.args.plot_loss)
+        self.state.log_history = self.recorder.history
+
+    # ----------------------------------------------------------------- setup
+    def _load_model(self, model: nn.Module | str, key: str) -> nn.Module:
+        if isinstance(model, nn.Module):
+            return model
+        return load_causal_lm(model, dtype=self.args.torch_dtype, trust_remote_code=self.args.trust_remote_code, key=key)
+
+    def _build_reference(self, ref_model: nn.Module | str | None) -> FrozenReference | None:
+        if not self.loss_spec.needs_reference:
+            return None
+        ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
+        if ref_model is None:
+            return FrozenReference.copy_of(self.model)
+        return FrozenReference(self._load_model(ref_model, "ref_model"))
+
+    # ------------------------------------------------------------- batching
+    def _batches(self, dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> list[PreferenceBatch]:
+        order = list(range(len(dataset)))
+        if shuffle_seed is not None:
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        starts = range(0, len(order), batch_size)
+        groups = [order[s : s + batch_size] for s in starts]
+        if drop_last and groups and len(groups[-1]) < batch_size:
+            groups.pop()
+        return [
+            collate_pairs(dataset.select(indices), pad_token_id=self.tokenizer.pad_token_id) for indices in groups
+        ]
+
+    def _epoch_windows(self, epoch: int) -> list[list[PreferenceBatch]]:
+        """The epoch's micro-batches (shuffled by seed + epoch) grouped into accumulation windows."""
+        batches = self._batches(
+            self.data.train.dataset,
+            self.args.per_device_train_batch_size,
+            shuffle_seed=self.args.seed + epoch,
+            drop_last=self.args.dataloader_drop_last,
+        )
+        accumulation = self.args.gradient_accumulation_steps
+        return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+
+    def _training_windows(self, total_steps: int) -> Iterator[tuple[int, list[PreferenceBatch], float]]:
+        """Yield ``(epoch, window, epoch_progress_after_window)`` until ``total_steps`` windows are given."""
+        given, epoch = 0, 0
+        while given < total_steps:
+            windows = self._epoch_windows(epoch)
+            for index, window in enumerate(windows):
+                if given == total_steps:
+                    return
+                given += 1
+                yield epoch, window, epoch + (index + 1) / len(windows)
+            epoch += 1
+
+    # ------------------------------------------------------------ loss core
+    def _batch_loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-example loss ``(B,)`` for one micro-batch, and its metric sums."""
+        batch = batch.to(self.accelerator.device)
+        policy = pair_logprobs(model, batch)
+        ref_chosen = ref_rejected = None
+        if self.reference is not None:
+            with self.accelerator.autocast():
+                ref_chosen, ref_rejected = self.reference.logps(batch)
+        losses = preference_loss(
+            self.args.loss_type,
+            policy.chosen_logps,
+            policy.rejected_logps,
+            ref_chosen,
+            ref_rejected,
+            beta=self.args.beta,
+            label_smoothing=self.args.label_smoothing,
+            chosen_lengths=policy.chosen_lengths,
+            rejected_lengths=policy.rejected_lengths,
+        )
+        return losses, batch_metric_sums(losses, policy, ref_chosen, ref_rejected, self.args.beta)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW; no weight decay on biases and normalisation weights (as transformers' Trainer)."""
+        decay, no_decay = [], []
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+        groups = [
+            {"params": decay, "weight_decay": self.args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
+        )
+
+    def _total_steps(self) -> tuple[int, int]:
+        """``(total optimizer steps, steps per epoch)``."""
+        pairs = len(self.data.train.dataset)
+        batch = self.args.per_device_train_batch_size
+        batches = pairs // batch if self.args.dataloader_drop_last else math.ceil(pairs / batch)
+        if batches == 0:
+            raise ConfigError(f"{pairs} training pairs do not fill one batch of {batch}", key="per_device_train_batch_size")
+        per_epoch = math.ceil(batches / self.args.gradient_accumulation_steps)
+        if self.args.max_steps > 0:
+            return self.args.max_steps, per_epoch
+        return max(1, math.ceil(self.args.num_train_epochs * per_epoch)), per_epoch
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> TrainOutput:
+        """Run the training loop; write metrics files, checkpoints and the final model into ``output_dir``."""
+        if self.data is None:
+            raise ConfigError("no training data: set dataset (or pass train_dataset=)", key="dataset")
+        args = self.args
+        self._prepare_output_dir()
+        total_steps, steps_per_epoch = self._total_steps()
+        logging_every = interval_to_steps(args.logging_steps, total_steps)
+        eval_every = interval_to_steps(args.resolved_eval_steps, total_steps)
+        save_every = interval_to_steps(args.save_steps, total_steps)
+        warmup = args.resolved_warmup_steps(total_steps)
+
+        optimizer = self._optimizer(self.model)
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        if self.reference is not None:
+            self.reference.to(self.accelerator.device)
+        model.train()
+        logger.info(
+            "training: %d pairs, %d steps (%d per epoch), batch %d x accumulation %d, loss %s, beta %g",
+            len(self.data.train.dataset), total_steps, steps_per_epoch, args.per_device_train_batch_size,
+            args.gradient_accumulation_steps, args.loss_type, args.beta,
+        )
+
+        window_metrics, run_loss = MetricAccumulator(), MetricAccumulator()
+        window_tokens, window_start = 0, time.perf_counter()
+        start, total_pairs, total_tokens = time.perf_counter(), 0, 0
+        progress = tqdm(total=total_steps, desc="Training", disable=not self.accelerator.is_main_process)
+        last_eval_step = -1
+        for step, (epoch, window, epoch_progress) in enumerate(self._training_windows(total_steps), start=1):
+            window_pairs = sum(batch.num_pairs for batch in window)
+            for index, batch in enumerate(window):
+                sync = index == len(window) - 1
+                with self.accelerator.no_sync(model) if not sync else nullcontext():
+                    losses, sums = self._batch_loss(model, batch)
+                    if not torch.isfinite(losses).all():
+                        raise TrainingError(f"non-finite loss at step {step} on source rows {batch.rows}")
+                    # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window.
+                    self.accelerator.backward(losses.sum() / window_pairs)
+                window_metrics.add(sums)
+                run_loss.add({"pairs": sums["pairs"], "loss": sums["loss"]})
+                window_tokens += batch.num_tokens
+                total_tokens += batch.num_tokens
+            total_pairs += window_pairs
+            grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.state.global_step, self.state.epoch = step, epoch_progress
+            end_of_epoch = epoch_progress == epoch + 1
+
+            if step % logging_every == 0 or step == total_steps or (step == 1 and args.logging_first_step):
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "epoch": round(epoch_progress, 4), **window_metrics.means()}
+                record.update(
+                    grad_norm=float(grad_norm),
+                    learning_rate=learning_rate,
+                    tokens_per_second=window_tokens / elapsed if elapsed > 0 else 0.0,
+                )
+                self.recorder.log(record)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    margin=f"{record['rewards/margins']:.3f}",
+                    acc=f"{record['rewards/accuracies']:.2f}",
+                    tok_s=f"{record['tokens_per_second']:.0f}",
+                )
+                window_metrics.reset()
+                window_tokens, window_start = 0, time.perf_counter()
+
+            if self.data.eval is not None and (
+                (args.eval_strategy == "steps" and step % eval_every == 0)
+                or (args.eval_strategy == "epoch" and end_of_epoch)
+            ):
+                self.evaluate(model)
+                last_eval_step = step
+                window_start = time.perf_counter()  # eval time is not training throughput
+            if (args.save_strategy == "steps" and step % save_every == 0) or (args.save_strategy == "epoch" and end_of_epoch):
+                self._save_checkpoint(model, step)
+            progress.update(1)
+        progress.close()
+        runtime = time.perf_counter() - start
+
+        if self.data.eval is not None and last_eval_step != self.state.global_step:
+            self.evaluate(model)
+        self.model = self.accelerator.unwrap_model(model)
+        self.save_model()
+        training_loss = run_loss.means().get("loss", float("nan"))
+        summary = self._write_summary(runtime, total_pairs, total_tokens, training_loss)
+        return TrainOutput(self.state.global_step, training_loss, summary)
+
+    # ------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Mean DPO metrics over the eval set, prefixed ``eval_``; logged into the history."""
+        if self.data is None or self.data.eval is None:
+            raise ConfigError("no eval data: set eval_dataset or val_size", key="eval_dataset")
+        model = model if model is not None else self.model
+        if self.reference is not None:
+            self.reference.to(self.accelerator.device)
+        model.to(self.accelerator.device)
+        was_training = model.training
+        model.eval()
+        accumulator = MetricAccumulator()
+        start = time.perf_counter()
+        for batch in self._batches(
+            self.data.eval.dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False
+        ):
+            with self.accelerator.autocast():
+                _, sums = self._batch_loss(model, batch)
+            accumulator.add(sums)
+        model.train(was_training)
+        metrics = {f"eval_{key}": value for key, value in accumulator.means().items()}
+        metrics["eval_runtime"] = time.perf_counter() - start
+        record = {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **metrics}
+        self.recorder.log(record)
+        logger.info(
+            "eval at step %d: loss %.4f, accuracy %.3f, margin %.4f",
+            self.state.global_step, metrics["eval_loss"], metrics["eval_rewards/accuracies"], metrics["eval_rewards/margins"],
+        )
+        return metrics
+
+    # ------------------------------------------------------------ save/load
+    def _prepare_output_dir(self) -> None:
+        output_dir = Path(self.args.output_dir)
+        if not self.args.overwrite_output_dir and output_dir.is_dir() and any(output_dir.iterdir()):
+            raise ConfigError(
+                f"output_dir {output_dir} is not empty; set overwrite_output_dir: true or choose another directory",
+                key="overwrite_output_dir",
+            )
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_model(self, output_dir: str | None = None) -> Path:
+        """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
+        target = Path(output_dir or self.args.output_dir)
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.model)
+            _atomic_save_pretrained(model, self.tokenizer, target)
+        return target
+
+    def _save_checkpoint(self, model: nn.Module, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        output_dir = Path(self.args.output_dir)
+        _atomic_save_pretrained(self.accelerator.unwrap_model(model), self.tokenizer, output_dir / f"checkpoint-{step}")
+        limit = self.args.save_total_limit
+        if limit:
+            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            for stale in checkpoints[: max(0, len(checkpoints) - limit)]:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _write_summary(self, runtime: float, pairs: int, tokens: int, training_loss: float) -> dict[str, Any]:
+        strip = lambda record, prefix="": {  # noqa: E731
+            key[len(prefix) :]: value for key, value in record.items() if key.startswith(prefix) and key not in ("step", "epoch")
+        }
+        train_records, eval_records = self.recorder.train_records, self.recorder.eval_records
+        summary = {
+            "train": strip(train_records[-1]) if train_records else {},
+            "eval": strip(eval_records[-1], "eval_") if eval_records else {},
+            "training_loss_mean": training_loss,
+            "global_step": self.state.global_step,
+            "epoch": self.state.epoch,
+            "runtime_seconds": runtime,
+            "pairs_per_second": pairs / runtime if runtime > 0 else 0.0,
+            "tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+            "memory": peak_memory_mb(),
+            "data": self.data.report,
+            "config": self.args.to_dict(),
+        }
+        if self.accelerator.is_main_process:
+            self.recorder.write_summary(summary)
+            self.recorder.write_plot()
+        return summary
+
+
+def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    """``save_pretrained`` into a temporary sibling directory, then move the files in place.
+
+    The weights file is replaced by rename, so a crash leaves either the old or the new weights.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    for item in staging.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(item, target / item.name)
+    staging.rmdir()
