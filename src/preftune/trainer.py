@@ -146,19 +146,17 @@ class DPOTrainer:
         return FrozenReference(self._load_model(ref_model, "ref_model"))
 
     # ------------------------------------------------------------- batching
-    def _batches(self, dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> list[PreferenceBatch]:
+    def _batches(self, dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> list["_LazyBatch"]:
+        """Index groups of ``batch_size`` pairs (shuffled when a seed is given); collated only when used."""
         order = list(range(len(dataset)))
         if shuffle_seed is not None:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
-        starts = range(0, len(order), batch_size)
-        groups = [order[s : s + batch_size] for s in starts]
+        groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         if drop_last and groups and len(groups[-1]) < batch_size:
             groups.pop()
-        return [
-            collate_pairs(dataset.select(indices), pad_token_id=self.tokenizer.pad_token_id) for indices in groups
-        ]
+        return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id) for indices in groups]
 
-    def _epoch_windows(self, epoch: int) -> list[list[PreferenceBatch]]:
+    def _epoch_windows(self, epoch: int) -> list[list["_LazyBatch"]]:
         """The epoch's micro-batches (shuffled by seed + epoch) grouped into accumulation windows."""
         batches = self._batches(
             self.data.train.dataset,
@@ -169,7 +167,7 @@ class DPOTrainer:
         accumulation = self.args.gradient_accumulation_steps
         return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
 
-    def _training_windows(self, total_steps: int) -> Iterator[tuple[int, list[PreferenceBatch], float]]:
+    def _training_windows(self, total_steps: int) -> Iterator[tuple[int, list["_LazyBatch"], float]]:
         """Yield ``(epoch, window, epoch_progress_after_window)`` until ``total_steps`` windows are given."""
         given, epoch = 0, 0
         while given < total_steps:
@@ -261,8 +259,9 @@ class DPOTrainer:
         progress = tqdm(total=total_steps, desc="Training", disable=not self.accelerator.is_main_process)
         last_eval_step = -1
         for step, (epoch, window, epoch_progress) in enumerate(self._training_windows(total_steps), start=1):
-            window_pairs = sum(batch.num_pairs for batch in window)
-            for index, batch in enumerate(window):
+            window_pairs = sum(len(lazy.indices) for lazy in window)
+            for index, lazy in enumerate(window):
+                batch = lazy.collate()
                 sync = index == len(window) - 1
                 with self.accelerator.no_sync(model) if not sync else nullcontext():
                     losses, sums = self._batch_loss(model, batch)
@@ -336,9 +335,10 @@ class DPOTrainer:
         model.eval()
         accumulator = MetricAccumulator()
         start = time.perf_counter()
-        for batch in self._batches(
+        for lazy in self._batches(
             self.data.eval.dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False
         ):
+            batch = lazy.collate()
             with self.accelerator.autocast():
                 _, sums = self._batch_loss(model, batch)
             accumulator.add(sums)
@@ -404,6 +404,18 @@ class DPOTrainer:
             self.recorder.write_summary(summary)
             self.recorder.write_plot()
         return summary
+
+
+@dataclass
+class _LazyBatch:
+    """A micro-batch as row indices into a tokenized dataset; ``collate()`` builds its tensors when needed."""
+
+    dataset: Any
+    indices: list[int]
+    pad_token_id: int
+
+    def collate(self) -> PreferenceBatch:
+        return collate_pairs(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
 
 
 def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
