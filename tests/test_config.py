@@ -84,7 +84,6 @@ NOT_SUPPORTED_YET = {
     "undesirable_weight": 2.0,
     "pref_bco_weight": 0.5,
     "padding_free": True,
-    "prefix_sharing": True,
     "max_tokens_per_batch": 4096,
     "pad_to_multiple_of": 8,
     "resume_from_checkpoint": "out/checkpoint-10",

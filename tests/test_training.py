@@ -104,3 +104,19 @@ def test_typical_trl_script_runs_with_only_the_import_changed(stories_model_dir,
     assert (tmp_path / "trl-style" / "checkpoint-2" / "model.safetensors").exists()
     trainer.save_model(str(tmp_path / "saved"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved") is not None
+
+
+@pytest.mark.parametrize(
+    "speed_mode",
+    [{"prefix_sharing": True}, {"chunked_lm_head": False}, {"prefix_sharing": True, "chunked_lm_head": False}],
+)
+def test_speed_modes_follow_the_plain_paths_loss_trajectory(stories_model_dir, tmp_path, speed_mode):
+    settings = dict(max_steps=3, per_device_train_batch_size=4, adam_epsilon=1.0)
+    plain, _ = train_one_step(stories_model_dir, tmp_path / "plain", **settings)
+    fast, _ = train_one_step(stories_model_dir, tmp_path / "fast", **settings, **speed_mode)
+    expected = [record["loss"] for record in plain.state.log_history]
+    got = [record["loss"] for record in fast.state.log_history]
+    assert len(got) == len(expected) == 3
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), fast.model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

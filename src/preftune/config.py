@@ -302,6 +302,18 @@ class DPOConfig(BaseModel):
         False, "Recompute activations in backward to save memory (TRL defaults to true; preftune to false)."
     )
     disable_dropout: bool = _field(True, "Set every dropout probability in policy and reference models to 0.")
+    prefix_sharing: bool = _field(
+        False,
+        "One sequence per pair, prompt | chosen | rejected: the prompt is computed once; a 4-D mask hides the chosen "
+        "response from the rejected one (Wang & Hegde 2024). Same log-probs as the plain layout.",
+    )
+    chunked_lm_head: bool = _field(
+        True,
+        "Compute label log-probs from the final hidden states chunk by chunk, with a custom backward: no "
+        "batch x length x vocabulary logits tensor. Used for llama, mistral, qwen2 and qwen3 models; other "
+        "model types fall back to full logits.",
+    )
+    lm_head_chunk_size: int = _field(1024, "Tokens per chunk of the chunked LM head.", ge=1)
 
     # ---- Logging, evaluation, saving -------------------------------------------------------------------------------
     logging_steps: float = _field(
@@ -382,9 +394,6 @@ class DPOConfig(BaseModel):
     )
     pref_bco_weight: Any = _later(0.0, "BCO weight mixed into the DPO loss (LLaMA-Factory).", type_name="float")
     padding_free: Any = _later(False, "Pack sequences without padding.", type_name="bool")
-    prefix_sharing: Any = _later(
-        False, "Share the prompt between chosen and rejected in one sequence.", type_name="bool"
-    )
     max_tokens_per_batch: Any = _later(None, "Token-budget batching.", type_name="int or null")
     pad_to_multiple_of: Any = _later(
         None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",

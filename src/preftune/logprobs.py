@@ -1,19 +1,34 @@
-"""Per-sequence completion log-probs from one forward pass over chosen and rejected together.
+"""Per-sequence completion log-probs from one forward pass over a ``PreferenceBatch``.
 
-``log π(y|x) = Σ_t log p(y_t | x, y_<t)`` over completion tokens only (prompt and padding masked),
-in nats. The label log-prob is ``logit[label] − logsumexp(logits)``, computed in chunks of positions,
-so no full-vocabulary log-softmax copy of the logits is ever materialised.
+``log π(y|x) = Σ_t log p(y_t | x, y_<t)`` over completion tokens only (prompt and padding are never scored),
+in nats. The batch's scoring plan says which hidden state predicts which label, so the same code serves the
+plain and the prefix-sharing layouts.
+
+Two ways to get label log-probs:
+- chunked LM head (default, for model types whose causal-LM forward is exactly ``lm_head(hidden)``): the
+  model's output layer is bypassed for the forward, the final hidden states of the scored positions are
+  gathered, and ``chunked_label_logprobs`` projects them onto the vocabulary chunk by chunk with a custom
+  backward — no ``(rows, T, V)`` logits tensor and no log-softmax copy ever exist;
+- full logits (any other model): logits from the first scored position on (``logits_to_keep``), then
+  ``logit[label] − logsumexp`` in chunks of tokens.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from preftune.chunked_head import chunked_label_logprobs
 from preftune.data.collate import PreferenceBatch
+
+# Model types whose ForCausalLM forward computes logits as lm_head(hidden_states[:, slice]) and nothing else
+# (no logit scaling or soft-capping); each is checked against the full-logits path in tests/test_logprobs.py.
+CHUNKED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass
@@ -35,72 +50,114 @@ class PairLogProbs:
     rejected_logits_sum: Tensor
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (most transformers causal LMs do)."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP/accelerate (``.module``) and PEFT (``get_base_model()``) wrappers."""
     inner = model
-    while True:  # unwrap DDP/accelerate (.module) and PEFT (.base_model.model)
+    while True:
         if hasattr(inner, "module") and isinstance(inner.module, nn.Module):
             inner = inner.module
         elif hasattr(inner, "get_base_model") and callable(inner.get_base_model):
             inner = inner.get_base_model()
         else:
-            break
+            return inner
+
+
+def supports_chunked_head(model: nn.Module) -> bool:
+    """Whether the chunked LM head reproduces this model's logits exactly (see ``CHUNKED_HEAD_MODEL_TYPES``)."""
+    inner = unwrap_model(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return model_type in CHUNKED_HEAD_MODEL_TYPES and isinstance(head, nn.Linear)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
 
-def token_logps(logits: Tensor, targets: Tensor, *, chunk_size: int = 128) -> tuple[Tensor, Tensor]:
-    """Log-prob of each target under ``logits`` and the vocabulary-mean logit, position by position.
+@contextmanager
+def _output_layer_bypassed(model: nn.Module) -> Iterator[nn.Linear]:
+    """Make the output layer return its input, so the model's ``logits`` are the final hidden states.
+
+    The forward still goes through the outer module (DDP hooks and autocast stay in place); the layer's
+    weight is used by the caller's chunked projection instead.
+    """
+    head = unwrap_model(model).get_output_embeddings()
+    head.forward = _identity  # an instance attribute shadows Linear.forward
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _identity(hidden: Tensor) -> Tensor:
+    return hidden
+
+
+def token_logps(logits: Tensor, targets: Tensor, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Log-prob of each target under ``logits`` and the vocabulary-mean logit, chunk by chunk of tokens.
 
     Args:
-        logits: ``(N, T, V)`` next-token logits (any float dtype; computed in float32).
-        targets: ``(N, T)`` token ids scored against them.
-        chunk_size: positions per chunk; bounds the float32 temporary to ``N·chunk_size·V``.
+        logits: ``(N, V)`` next-token logits (any float dtype; computed in float32).
+        targets: ``(N,)`` token ids scored against them.
 
     Returns:
-        ``(log_probs, mean_logits)``, each ``(N, T)`` float32.
+        ``(log_probs, mean_logits)``, each ``(N,)`` float32.
     """
     log_probs, mean_logits = [], []
-    for logit_chunk, target_chunk in zip(logits.split(chunk_size, dim=1), targets.split(chunk_size, dim=1)):
+    for logit_chunk, target_chunk in zip(logits.split(chunk_size), targets.split(chunk_size)):
         logit_chunk = logit_chunk.float()
         label_logits = logit_chunk.gather(-1, target_chunk.unsqueeze(-1)).squeeze(-1)
         log_probs.append(label_logits - torch.logsumexp(logit_chunk, dim=-1))
         mean_logits.append(logit_chunk.detach().mean(-1))
-    return torch.cat(log_probs, dim=1), torch.cat(mean_logits, dim=1)
+    if not log_probs:
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(log_probs), torch.cat(mean_logits)
 
 
-def pair_logprobs(model: nn.Module, batch: PreferenceBatch) -> PairLogProbs:
-    """Forward chosen and rejected in one pass and sum completion log-probs per sequence.
+def _forward_kwargs(batch: PreferenceBatch) -> dict:
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    if batch.position_ids is not None:
+        kwargs["position_ids"] = batch.position_ids
+    return kwargs
 
-    Logits are requested only from the first completion position of the batch onward
-    (``logits_to_keep``) when the model supports it; prompt positions before it are never projected
-    onto the vocabulary.
-    """
-    input_ids, completion_mask = batch.input_ids, batch.completion_mask
-    seq_len = input_ids.shape[1]
-    first_completion = int(completion_mask.any(dim=0).nonzero()[0]) if completion_mask.any() else 1
-    first_completion = max(first_completion, 1)  # token 0 has no prediction
-    kwargs = {"input_ids": input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+
+def scored_token_logps(model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Log-prob ``(N,)`` of every scored token of the batch's plan, and its vocabulary-mean logit ``(N,)``."""
+    kwargs = _forward_kwargs(batch)
+    first = int(batch.score_positions.min()) if batch.score_positions.numel() else 0
+    seq_len = batch.input_ids.shape[1]
     if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = seq_len - first_completion + 1
-        logits = model(**kwargs).logits[:, :-1]
+        kwargs["logits_to_keep"] = seq_len - first  # positions before the first scored one are never projected
     else:
-        logits = model(**kwargs).logits[:, first_completion - 1 : -1]
-    targets = input_ids[:, first_completion:]
-    mask = completion_mask[:, first_completion:].to(torch.float32)
-    per_token_logps, per_token_mean_logits = token_logps(logits, targets)
+        first = 0
+    if chunked_head and supports_chunked_head(model):
+        with _output_layer_bypassed(model) as head:
+            hidden = model(**kwargs).logits
+        selected = hidden[batch.score_rows, batch.score_positions - first]
+        return chunked_label_logprobs(selected, head.weight, batch.score_labels, bias=head.bias, chunk_size=chunk_size)
+    logits = model(**kwargs).logits
+    selected = logits[batch.score_rows, batch.score_positions - first]
     del logits
-    logps = (per_token_logps * mask).sum(-1)
-    logits_sum = (per_token_mean_logits * mask).sum(-1)
-    lengths = completion_mask.sum(-1)
+    return token_logps(selected, batch.score_labels, chunk_size=chunk_size)
+
+
+def pair_logprobs(model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024) -> PairLogProbs:
+    """Forward the batch once and sum completion log-probs per sequence (chosen and rejected of each pair)."""
+    logps, mean_logits = scored_token_logps(model, batch, chunked_head=chunked_head, chunk_size=chunk_size)
     n = batch.num_pairs
+    sequences = batch.score_sequences
+    sums = torch.zeros(2 * n, dtype=logps.dtype, device=logps.device).index_add(0, sequences, logps)
+    logits_sums = torch.zeros(2 * n, dtype=torch.float32, device=logps.device).index_add(0, sequences, mean_logits.float())
+    lengths = torch.bincount(sequences, minlength=2 * n)
     return PairLogProbs(
-        chosen_logps=logps[:n],
-        rejected_logps=logps[n:],
+        chosen_logps=sums[:n],
+        rejected_logps=sums[n:],
         chosen_lengths=lengths[:n],
         rejected_lengths=lengths[n:],
-        chosen_logits_sum=logits_sum[:n],
-        rejected_logits_sum=logits_sum[n:],
+        chosen_logits_sum=logits_sums[:n],
+        rejected_logits_sum=logits_sums[n:],
     )

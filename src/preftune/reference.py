@@ -17,8 +17,11 @@ from preftune.logprobs import pair_logprobs
 
 
 class Reference(Protocol):
-    def logps(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
-        """Summed completion log-probs ``(chosen, rejected)`` of shape ``(B,)`` each, without gradients."""
+    def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
+        """Summed completion log-probs ``(chosen, rejected)`` of shape ``(B,)`` each, without gradients.
+
+        ``logprob_options`` are passed to ``pair_logprobs`` (``chunked_head``, ``chunk_size``).
+        """
 
 
 class FrozenReference:
@@ -39,6 +42,6 @@ class FrozenReference:
         return self
 
     @torch.no_grad()
-    def logps(self, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
-        out = pair_logprobs(self.model, batch)
+    def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
+        out = pair_logprobs(self.model, batch, **logprob_options)
         return out.chosen_logps, out.rejected_logps

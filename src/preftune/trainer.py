@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from preftune.config import DPOConfig, interval_to_steps
-from preftune.data.collate import PreferenceBatch, collate_pairs
+from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
 from preftune.data.pipeline import prepare_data
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import pair_logprobs
@@ -154,7 +154,8 @@ class DPOTrainer:
         groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         if drop_last and groups and len(groups[-1]) < batch_size:
             groups.pop()
-        return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id) for indices in groups]
+        collate = collate_shared_prefix if self.args.prefix_sharing else collate_pairs
+        return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id, collate) for indices in groups]
 
     def _epoch_windows(self, epoch: int) -> list[list["_LazyBatch"]]:
         """The epoch's micro-batches (shuffled by seed + epoch) grouped into accumulation windows."""
@@ -183,11 +184,12 @@ class DPOTrainer:
     def _batch_loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-example loss ``(B,)`` for one micro-batch, and its metric sums."""
         batch = batch.to(self.accelerator.device)
-        policy = pair_logprobs(model, batch)
+        head = {"chunked_head": self.args.chunked_lm_head, "chunk_size": self.args.lm_head_chunk_size}
+        policy = pair_logprobs(model, batch, **head)
         ref_chosen = ref_rejected = None
         if self.reference is not None:
             with self.accelerator.autocast():
-                ref_chosen, ref_rejected = self.reference.logps(batch)
+                ref_chosen, ref_rejected = self.reference.logps(batch, **head)
         losses = preference_loss(
             self.args.loss_type,
             policy.chosen_logps,
@@ -413,9 +415,10 @@ class _LazyBatch:
     dataset: Any
     indices: list[int]
     pad_token_id: int
+    collate_fn: Callable[..., PreferenceBatch]
 
     def collate(self) -> PreferenceBatch:
-        return collate_pairs(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
+        return self.collate_fn(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
 
 
 def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
