@@ -1,7 +1,7 @@
 """Per-sequence log-probs equal a naive token-by-token computation, in every layout and head mode.
 
-Modes: plain (2B padded rows) or prefix-shared (one row per pair, 4-D mask), each with the chunked LM head
-or full logits. Values are checked against an unbatched full-log-softmax loop; gradients of every mode are
+Modes: plain (2B padded rows) or prefix-shared (one row per pair, 4-D mask), each padded or padding-free
+(row by row at its own length), each with the chunked LM head or full logits. Values are checked against an unbatched full-log-softmax loop; gradients of every mode are
 checked against the plain full-logits path.
 """
 
@@ -17,7 +17,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from preftune.data.collate import collate_pairs, collate_shared_prefix, shared_prefix_mask
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, pair_logprobs, supports_chunked_head, token_logps
 
-COLLATORS = {"plain": collate_pairs, "shared_prefix": collate_shared_prefix}
+COLLATORS = {
+    "plain": collate_pairs,
+    "shared_prefix": collate_shared_prefix,
+    "plain_padding_free": lambda pairs, **kw: collate_pairs(pairs, **kw).without_padding(),
+    "shared_prefix_padding_free": lambda pairs, **kw: collate_shared_prefix(pairs, **kw).without_padding(),
+}
 MODES = list(itertools.product(COLLATORS, [True, False]))
 
 
@@ -156,3 +161,13 @@ def test_models_outside_the_allowlist_use_full_logits():
     model = tiny_random_model("llama")
     model.config.model_type = "gemma2"  # soft-capped logits: the chunked head must not be used
     assert not supports_chunked_head(model)
+
+
+def test_padding_free_rows_know_their_real_lengths():
+    pairs = random_pairs(500, seed=9)
+    plain = collate_pairs(pairs, pad_token_id=0).without_padding()
+    assert plain.row_lengths == [len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs] + [
+        len(p["prompt_ids"]) + len(p["rejected_ids"]) for p in pairs
+    ]
+    shared = collate_shared_prefix(pairs, pad_token_id=0).without_padding()
+    assert shared.row_lengths == [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]

@@ -108,7 +108,13 @@ def test_typical_trl_script_runs_with_only_the_import_changed(stories_model_dir,
 
 @pytest.mark.parametrize(
     "speed_mode",
-    [{"prefix_sharing": True}, {"chunked_lm_head": False}, {"prefix_sharing": True, "chunked_lm_head": False}],
+    [
+        {"prefix_sharing": True},
+        {"chunked_lm_head": False},
+        {"prefix_sharing": True, "chunked_lm_head": False},
+        {"padding_free": True},
+        {"padding_free": True, "prefix_sharing": True},
+    ],
 )
 def test_speed_modes_follow_the_plain_paths_loss_trajectory(stories_model_dir, tmp_path, speed_mode):
     settings = dict(max_steps=3, per_device_train_batch_size=4, adam_epsilon=1.0)

@@ -307,6 +307,11 @@ class DPOConfig(BaseModel):
         "One sequence per pair, prompt | chosen | rejected: the prompt is computed once; a 4-D mask hides the chosen "
         "response from the rejected one (Wang & Hegde 2024). Same log-probs as the plain layout.",
     )
+    padding_free: bool = _field(
+        False,
+        "Compute no padding: the forward runs row by row, each at its own length (exact; pays off when lengths "
+        "in a batch differ a lot and rows are long enough to keep the matmuls efficient).",
+    )
     chunked_lm_head: bool = _field(
         True,
         "Compute label log-probs from the final hidden states chunk by chunk, with a custom backward: no "
@@ -393,7 +398,6 @@ class DPOConfig(BaseModel):
         1.0, "KTO weight of undesirable examples.", type_name="float", aliases=["kto_rejected_weight"]
     )
     pref_bco_weight: Any = _later(0.0, "BCO weight mixed into the DPO loss (LLaMA-Factory).", type_name="float")
-    padding_free: Any = _later(False, "Pack sequences without padding.", type_name="bool")
     max_tokens_per_batch: Any = _later(None, "Token-budget batching.", type_name="int or null")
     pad_to_multiple_of: Any = _later(
         None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",

@@ -16,7 +16,7 @@ Two ways to get label log-probs:
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -118,38 +118,59 @@ def token_logps(logits: Tensor, targets: Tensor, *, chunk_size: int = 1024) -> t
     return torch.cat(log_probs), torch.cat(mean_logits)
 
 
-def _forward_kwargs(batch: PreferenceBatch) -> dict:
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+def _row_segments(batch: PreferenceBatch) -> list[tuple[slice, int]]:
+    """``(rows, length)`` of each forward: the whole padded batch, or one row at a time without padding."""
+    if batch.row_lengths is None:
+        return [(slice(0, batch.input_ids.shape[0]), batch.input_ids.shape[1])]
+    return [(slice(row, row + 1), length) for row, length in enumerate(batch.row_lengths)]
+
+
+def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int) -> dict:
+    mask = batch.attention_mask[rows]
+    mask = mask[..., :length, :length] if mask.dim() == 4 else mask[:, :length]
+    kwargs = {"input_ids": batch.input_ids[rows, :length], "attention_mask": mask, "use_cache": False}
     if batch.position_ids is not None:
-        kwargs["position_ids"] = batch.position_ids
+        kwargs["position_ids"] = batch.position_ids[rows, :length]
     return kwargs
 
 
-def scored_token_logps(model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Log-prob ``(N,)`` of every scored token of the batch's plan, and its vocabulary-mean logit ``(N,)``."""
-    kwargs = _forward_kwargs(batch)
-    first = int(batch.score_positions.min()) if batch.score_positions.numel() else 0
-    seq_len = batch.input_ids.shape[1]
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = seq_len - first  # positions before the first scored one are never projected
-    else:
-        first = 0
-    if chunked_head and supports_chunked_head(model):
-        with _output_layer_bypassed(model) as head:
-            hidden = model(**kwargs).logits
-        selected = hidden[batch.score_rows, batch.score_positions - first]
-        return chunked_label_logprobs(selected, head.weight, batch.score_labels, bias=head.bias, chunk_size=chunk_size)
-    logits = model(**kwargs).logits
-    selected = logits[batch.score_rows, batch.score_positions - first]
-    del logits
-    return token_logps(selected, batch.score_labels, chunk_size=chunk_size)
+def scored_token_logps(
+    model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-prob of every scored token, its vocabulary-mean logit, and its sequence id, each ``(N,)``.
+
+    Tokens come out grouped by forward segment, so the order may differ from the batch's plan; the
+    sequence ids returned alongside say where each belongs.
+    """
+    use_chunked = chunked_head and supports_chunked_head(model)
+    keep_logits = _accepts_logits_to_keep(model)
+    selected, labels, sequences = [], [], []
+    with _output_layer_bypassed(model) if use_chunked else nullcontext() as head:
+        for rows, length in _row_segments(batch):
+            in_segment = (batch.score_rows >= rows.start) & (batch.score_rows < rows.stop)
+            score_rows = batch.score_rows[in_segment] - rows.start
+            score_positions = batch.score_positions[in_segment]
+            kwargs = _segment_kwargs(batch, rows, length)
+            first = int(score_positions.min()) if keep_logits and score_positions.numel() else 0
+            if keep_logits:
+                kwargs["logits_to_keep"] = length - first  # positions before the first scored one are never projected
+            outputs = model(**kwargs).logits  # hidden states when the output layer is bypassed
+            selected.append(outputs[score_rows, score_positions - first])
+            labels.append(batch.score_labels[in_segment])
+            sequences.append(batch.score_sequences[in_segment])
+            del outputs
+        selected, labels, sequences = torch.cat(selected), torch.cat(labels), torch.cat(sequences)
+        if use_chunked:
+            logps, mean_logits = chunked_label_logprobs(selected, head.weight, labels, bias=head.bias, chunk_size=chunk_size)
+        else:
+            logps, mean_logits = token_logps(selected, labels, chunk_size=chunk_size)
+    return logps, mean_logits, sequences
 
 
 def pair_logprobs(model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024) -> PairLogProbs:
     """Forward the batch once and sum completion log-probs per sequence (chosen and rejected of each pair)."""
-    logps, mean_logits = scored_token_logps(model, batch, chunked_head=chunked_head, chunk_size=chunk_size)
+    logps, mean_logits, sequences = scored_token_logps(model, batch, chunked_head=chunked_head, chunk_size=chunk_size)
     n = batch.num_pairs
-    sequences = batch.score_sequences
     sums = torch.zeros(2 * n, dtype=logps.dtype, device=logps.device).index_add(0, sequences, logps)
     logits_sums = torch.zeros(2 * n, dtype=torch.float32, device=logps.device).index_add(0, sequences, mean_logits.float())
     lengths = torch.bincount(sequences, minlength=2 * n)

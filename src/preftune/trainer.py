@@ -155,7 +155,8 @@ class DPOTrainer:
         if drop_last and groups and len(groups[-1]) < batch_size:
             groups.pop()
         collate = collate_shared_prefix if self.args.prefix_sharing else collate_pairs
-        return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id, collate) for indices in groups]
+        padding_free = self.args.padding_free
+        return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id, collate, padding_free) for indices in groups]
 
     def _epoch_windows(self, epoch: int) -> list[list["_LazyBatch"]]:
         """The epoch's micro-batches (shuffled by seed + epoch) grouped into accumulation windows."""
@@ -416,9 +417,11 @@ class _LazyBatch:
     indices: list[int]
     pad_token_id: int
     collate_fn: Callable[..., PreferenceBatch]
+    padding_free: bool = False
 
     def collate(self) -> PreferenceBatch:
-        return self.collate_fn(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
+        batch = self.collate_fn(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
+        return batch.without_padding() if self.padding_free else batch
 
 
 def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:

@@ -38,6 +38,8 @@ class PreferenceBatch:
         num_tokens: tokens of prompt+chosen and prompt+rejected (the plain layout's count, whatever the
             layout, so tokens/s compares across layouts).
         rows: the B source row ids, for messages that name the rows of a bad batch.
+        row_lengths: real length of each row; with ``padding_free`` the forward runs one row at a time,
+            each cut to its own length, so no padding is ever computed (None: one padded forward).
     """
 
     input_ids: Tensor
@@ -50,6 +52,19 @@ class PreferenceBatch:
     num_pairs: int
     num_tokens: int
     rows: list[int] = field(default_factory=list)
+    row_lengths: list[int] | None = None
+
+    def without_padding(self) -> "PreferenceBatch":
+        """The same batch, marked to be forwarded row by row at each row's own length."""
+        lengths = self.attention_mask.sum(-1).tolist() if self.attention_mask.dim() == 2 else None
+        if lengths is None:  # 4-D mask: real tokens are those the row's last real query may attend to
+            lengths = [int(self._real_length_4d(mask)) for mask in self.attention_mask[:, 0]]
+        return replace(self, row_lengths=[int(n) for n in lengths])
+
+    @staticmethod
+    def _real_length_4d(mask: Tensor) -> int:
+        # Padding rows attend only to themselves (diagonal); a real query attends at least to position 0.
+        return int(mask[:, 0].sum())
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
