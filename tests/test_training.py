@@ -110,6 +110,7 @@ def test_typical_trl_script_runs_with_only_the_import_changed(stories_model_dir,
     "speed_mode",
     [
         {"prefix_sharing": True},
+        {"chunked_lm_head": True, "prefix_sharing": False, "padding_free": False},
         {"chunked_lm_head": False},
         {"prefix_sharing": True, "chunked_lm_head": False},
         {"padding_free": True},
@@ -118,8 +119,12 @@ def test_typical_trl_script_runs_with_only_the_import_changed(stories_model_dir,
 )
 def test_speed_modes_follow_the_plain_paths_loss_trajectory(stories_model_dir, tmp_path, speed_mode):
     settings = dict(max_steps=3, per_device_train_batch_size=4, adam_epsilon=1.0)
-    plain, _ = train_one_step(stories_model_dir, tmp_path / "plain", **settings)
+    plain, _ = train_one_step(
+        stories_model_dir, tmp_path / "plain", **settings, prefix_sharing=False, padding_free=False, chunked_lm_head=False
+    )
+    assert plain.layout.prefix_sharing is False and plain.layout.padding_free is False
     fast, _ = train_one_step(stories_model_dir, tmp_path / "fast", **settings, **speed_mode)
+    assert fast.layout.prefix_sharing == speed_mode.get("prefix_sharing", True)  # auto: on for llama/sdpa
     expected = [record["loss"] for record in plain.state.log_history]
     got = [record["loss"] for record in fast.state.log_history]
     assert len(got) == len(expected) == 3

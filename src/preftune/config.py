@@ -302,15 +302,16 @@ class DPOConfig(BaseModel):
         False, "Recompute activations in backward to save memory (TRL defaults to true; preftune to false)."
     )
     disable_dropout: bool = _field(True, "Set every dropout probability in policy and reference models to 0.")
-    prefix_sharing: bool = _field(
-        False,
+    prefix_sharing: bool | None = _field(
+        None,
         "One sequence per pair, prompt | chosen | rejected: the prompt is computed once; a 4-D mask hides the chosen "
-        "response from the rejected one (Wang & Hegde 2024). Same log-probs as the plain layout.",
+        "response from the rejected one (Wang & Hegde 2024). Same log-probs as the plain layout. `null` (auto): on "
+        "for llama, mistral, qwen2 and qwen3 models with sdpa or eager attention, off otherwise.",
     )
-    padding_free: bool = _field(
-        False,
-        "Compute no padding: the forward runs row by row, each at its own length (exact; pays off when lengths "
-        "in a batch differ a lot and rows are long enough to keep the matmuls efficient).",
+    padding_free: bool | None = _field(
+        None,
+        "Compute no padding: the forward runs row by row, each at its own length (exact). `null` (auto): on where "
+        "prefix sharing is supported (see `prefix_sharing`).",
     )
     chunked_lm_head: bool = _field(
         True,

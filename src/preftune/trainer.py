@@ -30,7 +30,7 @@ from preftune.config import DPOConfig, interval_to_steps
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
 from preftune.data.pipeline import prepare_data
 from preftune.errors import ConfigError, PreftuneError
-from preftune.logprobs import pair_logprobs
+from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, pair_logprobs, unwrap_model
 from preftune.losses import get_loss_spec, preference_loss
 from preftune.metrics import MetricAccumulator, RunRecorder, batch_metric_sums, peak_memory_mb
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
@@ -66,6 +66,34 @@ def _check_supported(args: DPOConfig, peft_config: Any, accelerator: Accelerator
         raise ConfigError("fp16 is not supported on CPU (no fp16 autocast there); use bf16: true or fp32", key="fp16")
     if args.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("bf16 requested but this GPU does not support bfloat16; use fp16 or fp32", key="bf16")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How pairs are laid out for the forward pass (all layouts give the same log-probs)."""
+
+    prefix_sharing: bool
+    padding_free: bool
+
+
+def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
+    """Resolve ``prefix_sharing``/``padding_free``: explicit values win; ``None`` means on where supported.
+
+    Supported: every model is of a type whose 4-D masks and position ids are tested
+    (``CHUNKED_HEAD_MODEL_TYPES``) and uses sdpa or eager attention (flash-attention takes no 4-D mask).
+    """
+    supported = all(
+        getattr(unwrap_model(m).config, "model_type", None) in CHUNKED_HEAD_MODEL_TYPES
+        and getattr(unwrap_model(m).config, "_attn_implementation", None) in ("sdpa", "eager")
+        for m in models
+        if m is not None
+    )
+    if args.prefix_sharing and not supported:
+        logger.warning("prefix_sharing requested for a model without tested 4-D mask support; results may differ")
+    pick = lambda value: supported if value is None else bool(value)  # noqa: E731
+    layout = BatchLayout(prefix_sharing=pick(args.prefix_sharing), padding_free=pick(args.padding_free))
+    logger.info("batch layout: prefix_sharing=%s, padding_free=%s", layout.prefix_sharing, layout.padding_free)
+    return layout
 
 
 class DPOTrainer:
@@ -115,6 +143,7 @@ class DPOTrainer:
         ensure_pad_token(self.tokenizer)
         self.model = self._load_model(model, "model_name_or_path")
         self.reference = self._build_reference(ref_model)
+        self.layout = resolve_layout(self.args, self.model, self.reference.model if self.reference else None)
         if self.args.disable_dropout:
             disable_dropout(self.model)
             if self.reference is not None:
@@ -154,8 +183,8 @@ class DPOTrainer:
         groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         if drop_last and groups and len(groups[-1]) < batch_size:
             groups.pop()
-        collate = collate_shared_prefix if self.args.prefix_sharing else collate_pairs
-        padding_free = self.args.padding_free
+        collate = collate_shared_prefix if self.layout.prefix_sharing else collate_pairs
+        padding_free = self.layout.padding_free
         return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id, collate, padding_free) for indices in groups]
 
     def _epoch_windows(self, epoch: int) -> list[list["_LazyBatch"]]:
