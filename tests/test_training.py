@@ -131,3 +131,14 @@ def test_speed_modes_follow_the_plain_paths_loss_trajectory(stories_model_dir, t
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     for (name, a), (_, b) in zip(plain.model.named_parameters(), fast.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_auto_padding_free_runs_long_rows_one_by_one_and_short_rows_padded():
+    from preftune.data.collate import collate_pairs
+    from preftune.trainer import PADDING_FREE_MIN_MEAN_ROW_TOKENS, padding_free_pays
+
+    long_row = PADDING_FREE_MIN_MEAN_ROW_TOKENS
+    long_pairs = [{"prompt_ids": [1] * long_row, "chosen_ids": [5], "rejected_ids": [6, 7]} for _ in range(2)]
+    short_pairs = [{"prompt_ids": [1, 2], "chosen_ids": [5], "rejected_ids": [6]} for _ in range(2)]
+    assert padding_free_pays(collate_pairs(long_pairs, pad_token_id=0))
+    assert not padding_free_pays(collate_pairs(short_pairs, pad_token_id=0))

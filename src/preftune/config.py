@@ -310,8 +310,9 @@ class DPOConfig(BaseModel):
     )
     padding_free: bool | None = _field(
         None,
-        "Compute no padding: the forward runs row by row, each at its own length (exact). `null` (auto): on where "
-        "prefix sharing is supported (see `prefix_sharing`).",
+        "Compute no padding: the forward runs row by row, each at its own length (exact). `null` (auto): where "
+        "prefix sharing is supported, per batch when its rows average >= 256 tokens (shorter rows run faster "
+        "padded).",
     )
     chunked_lm_head: bool = _field(
         True,

@@ -73,7 +73,7 @@ class BatchLayout:
     """How pairs are laid out for the forward pass (all layouts give the same log-probs)."""
 
     prefix_sharing: bool
-    padding_free: bool
+    padding_free: bool | None  # None: decided per batch (``padding_free_pays``)
 
 
 def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
@@ -90,8 +90,9 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
     )
     if args.prefix_sharing and not supported:
         logger.warning("prefix_sharing requested for a model without tested 4-D mask support; results may differ")
-    pick = lambda value: supported if value is None else bool(value)  # noqa: E731
-    layout = BatchLayout(prefix_sharing=pick(args.prefix_sharing), padding_free=pick(args.padding_free))
+    prefix_sharing = supported if args.prefix_sharing is None else bool(args.prefix_sharing)
+    padding_free = (None if supported else False) if args.padding_free is None else bool(args.padding_free)
+    layout = BatchLayout(prefix_sharing=prefix_sharing, padding_free=padding_free)
     logger.info("batch layout: prefix_sharing=%s, padding_free=%s", layout.prefix_sharing, layout.padding_free)
     return layout
 
@@ -446,11 +447,24 @@ class _LazyBatch:
     indices: list[int]
     pad_token_id: int
     collate_fn: Callable[..., PreferenceBatch]
-    padding_free: bool = False
+    padding_free: bool | None = False
 
     def collate(self) -> PreferenceBatch:
         batch = self.collate_fn(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
-        return batch.without_padding() if self.padding_free else batch
+        padding_free = padding_free_pays(batch) if self.padding_free is None else self.padding_free
+        return batch.without_padding() if padding_free else batch
+
+
+# Below this mean row length, one padded forward beats a loop of short per-row forwards on CPU: the
+# quickstart's ~22-token rows ran 3x slower row by row, while 500-token rows (benchmark case a) ran as fast and
+# used 13 % less memory.
+PADDING_FREE_MIN_MEAN_ROW_TOKENS = 256
+
+
+def padding_free_pays(batch: PreferenceBatch) -> bool:
+    """Auto rule for ``padding_free``: forward row by row when rows are long enough to keep matmuls efficient."""
+    lengths = batch.without_padding().row_lengths
+    return len(lengths) > 1 and sum(lengths) / len(lengths) >= PADDING_FREE_MIN_MEAN_ROW_TOKENS
 
 
 def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
