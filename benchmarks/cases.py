@@ -29,6 +29,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from preftune.data.tokenize import common_prefix_length
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("PREFTUNE_SHARED", REPO_ROOT.parent / "shared"))
 ASSETS = SHARED_DIR / "assets"
@@ -148,15 +150,6 @@ def hh_rows(path: Path = HH_HELPFUL_TEST) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- token lengths
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     bos = tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
@@ -173,7 +166,7 @@ def pair_lengths(tokenizer, row: dict, max_length: int) -> tuple[int, int, int] 
     prompt_ids = _encode(tokenizer, row["prompt"])
     chosen_full = _encode(tokenizer, row["prompt"] + chosen)
     rejected_full = _encode(tokenizer, row["prompt"] + rejected)
-    prompt_len = min(_common_prefix_length(prompt_ids, chosen_full), _common_prefix_length(prompt_ids, rejected_full))
+    prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
     if prompt_len == 0 or prompt_len >= max_length:
         return None
     room = max_length - prompt_len

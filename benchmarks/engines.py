@@ -120,11 +120,12 @@ def _load(model_dir: Path, device: str):
     return load(), load(), tokenizer
 
 
-def _preftune_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_length: int, output_dir: Path):
-    from preftune import DPOConfig, DPOTrainer
-
-    config = DPOConfig(
+def _shared_settings(spec: RunSpec, max_length: int, output_dir: Path) -> dict:
+    """The training settings both engines get, under the key names both DPOConfigs accept."""
+    return dict(
         output_dir=str(output_dir),
+        use_cpu=spec.device == "cpu",
+        bf16=False,
         per_device_train_batch_size=spec.batch_size,
         max_steps=spec.steps,
         learning_rate=spec.learning_rate,
@@ -138,12 +139,18 @@ def _preftune_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_len
         truncation_mode="keep_start",
         logging_steps=1,
         save_strategy="no",
+        seed=spec.seed,
+        gradient_checkpointing=spec.gradient_checkpointing,
+    )
+
+
+def _preftune_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_length: int, output_dir: Path):
+    from preftune import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        **_shared_settings(spec, max_length, output_dir),
         overwrite_cache=True,
         plot_loss=False,
-        seed=spec.seed,
-        bf16=False,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        use_cpu=spec.device == "cpu",
         **{option: True for option in spec.engine.split("+")[1:]},  # variants such as preftune+prefix_sharing
     )
     return DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=rows, processing_class=tokenizer)
@@ -154,26 +161,9 @@ def _trl_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_length: 
     from datasets import Dataset
 
     config = trl.DPOConfig(
-        output_dir=str(output_dir),
-        use_cpu=spec.device == "cpu",
-        bf16=False,
+        **_shared_settings(spec, max_length, output_dir),
         fp16=False,
         report_to=[],
-        per_device_train_batch_size=spec.batch_size,
-        max_steps=spec.steps,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        optim=spec.optim,
-        beta=spec.beta,
-        max_length=max_length,
-        truncation_mode="keep_start",
-        logging_steps=1,
-        save_strategy="no",
-        seed=spec.seed,
-        gradient_checkpointing=spec.gradient_checkpointing,
         precompute_ref_log_probs=precompute,
         train_sampling_strategy="sequential",
     )

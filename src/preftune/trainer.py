@@ -451,8 +451,10 @@ class _LazyBatch:
 
     def collate(self) -> PreferenceBatch:
         batch = self.collate_fn(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
-        padding_free = padding_free_pays(batch) if self.padding_free is None else self.padding_free
-        return batch.without_padding() if padding_free else batch
+        if self.padding_free is False:
+            return batch
+        unpadded = batch.without_padding()
+        return unpadded if self.padding_free or padding_free_pays(unpadded) else batch
 
 
 # Below this mean row length, one padded forward beats a loop of short per-row forwards on CPU: the
@@ -463,7 +465,7 @@ PADDING_FREE_MIN_MEAN_ROW_TOKENS = 256
 
 def padding_free_pays(batch: PreferenceBatch) -> bool:
     """Auto rule for ``padding_free``: forward row by row when rows are long enough to keep matmuls efficient."""
-    lengths = batch.without_padding().row_lengths
+    lengths = batch.row_lengths if batch.row_lengths is not None else batch.without_padding().row_lengths
     return len(lengths) > 1 and sum(lengths) / len(lengths) >= PADDING_FREE_MIN_MEAN_ROW_TOKENS
 
 

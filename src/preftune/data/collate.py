@@ -56,15 +56,11 @@ class PreferenceBatch:
 
     def without_padding(self) -> "PreferenceBatch":
         """The same batch, marked to be forwarded row by row at each row's own length."""
-        lengths = self.attention_mask.sum(-1).tolist() if self.attention_mask.dim() == 2 else None
-        if lengths is None:  # 4-D mask: real tokens are those the row's last real query may attend to
-            lengths = [int(self._real_length_4d(mask)) for mask in self.attention_mask[:, 0]]
-        return replace(self, row_lengths=[int(n) for n in lengths])
-
-    @staticmethod
-    def _real_length_4d(mask: Tensor) -> int:
-        # Padding rows attend only to themselves (diagonal); a real query attends at least to position 0.
-        return int(mask[:, 0].sum())
+        if self.attention_mask.dim() == 2:
+            lengths = self.attention_mask.sum(-1)
+        else:  # 4-D: every real query attends to key 0 (the first prompt token); padding queries only to themselves
+            lengths = self.attention_mask[:, 0, :, 0].sum(-1)
+        return replace(self, row_lengths=[int(n) for n in lengths.tolist()])
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
