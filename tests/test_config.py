@@ -83,7 +83,6 @@ NOT_SUPPORTED_YET = {
     "desirable_weight": 2.0,
     "undesirable_weight": 2.0,
     "pref_bco_weight": 0.5,
-    "max_tokens_per_batch": 4096,
     "pad_to_multiple_of": 8,
     "resume_from_checkpoint": "out/checkpoint-10",
     "quantization_bit": 4,

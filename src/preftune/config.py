@@ -321,6 +321,14 @@ class DPOConfig(BaseModel):
         "model types fall back to full logits.",
     )
     lm_head_chunk_size: int = _field(1024, "Tokens per chunk of the chunked LM head.", ge=1)
+    max_tokens_per_batch: int | None = _field(
+        None,
+        "Token budget per micro-batch (prompt counted once per row with prefix sharing, padding not counted): rows "
+        "are sorted by length once and packed greedily into micro-batches within the budget and within "
+        "`per_device_train_batch_size`/`per_device_eval_batch_size` pairs; each epoch shuffles these micro-batches. A "
+        "pair longer than the budget forms a micro-batch of its own. `null`: batches by pair count only.",
+        ge=1,
+    )
 
     # ---- Logging, evaluation, saving -------------------------------------------------------------------------------
     logging_steps: float = _field(
@@ -400,7 +408,6 @@ class DPOConfig(BaseModel):
         1.0, "KTO weight of undesirable examples.", type_name="float", aliases=["kto_rejected_weight"]
     )
     pref_bco_weight: Any = _later(0.0, "BCO weight mixed into the DPO loss (LLaMA-Factory).", type_name="float")
-    max_tokens_per_batch: Any = _later(None, "Token-budget batching.", type_name="int or null")
     pad_to_multiple_of: Any = _later(
         None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",
         type_name="int or null", accepted=[None, "auto"],

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from preftune.config import DPOConfig, interval_to_steps
+from preftune.data.batching import plan_batches, row_token_counts
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
 from preftune.data.pipeline import prepare_data
 from preftune.errors import ConfigError, PreftuneError
@@ -133,6 +134,7 @@ class DPOTrainer:
         set_seed(self.args.seed)
         self.loss_spec = get_loss_spec(self.args.loss_type)
         self.state = TrainerState()
+        self._token_counts: dict[tuple[int, int], list[int]] = {}  # per dataset, for token-budget batching
 
         model = model if model is not None else self.args.model_name_or_path
         if model is None:
@@ -177,13 +179,18 @@ class DPOTrainer:
 
     # ------------------------------------------------------------- batching
     def _batches(self, dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> list["_LazyBatch"]:
-        """Index groups of ``batch_size`` pairs (shuffled when a seed is given); collated only when used."""
-        order = list(range(len(dataset)))
-        if shuffle_seed is not None:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
-        groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-        if drop_last and groups and len(groups[-1]) < batch_size:
-            groups.pop()
+        """The micro-batches of one pass over ``dataset`` (see ``plan_batches``); collated only when used."""
+        budget = self.args.max_tokens_per_batch
+        token_counts = None
+        if budget:
+            key = (id(dataset), len(dataset))
+            if key not in self._token_counts:
+                self._token_counts[key] = row_token_counts(dataset, prompt_once=self.layout.prefix_sharing)
+            token_counts = self._token_counts[key]
+        groups = plan_batches(
+            len(dataset), batch_size, shuffle_seed=shuffle_seed, drop_last=drop_last, token_counts=token_counts,
+            max_tokens=budget,
+        )
         collate = collate_shared_prefix if self.layout.prefix_sharing else collate_pairs
         padding_free = self.layout.padding_free
         return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id, collate, padding_free) for indices in groups]
@@ -253,7 +260,10 @@ class DPOTrainer:
         """``(total optimizer steps, steps per epoch)``."""
         pairs = len(self.data.train.dataset)
         batch = self.args.per_device_train_batch_size
-        batches = pairs // batch if self.args.dataloader_drop_last else math.ceil(pairs / batch)
+        if self.args.max_tokens_per_batch:
+            batches = len(self._batches(self.data.train.dataset, batch, shuffle_seed=None, drop_last=False))
+        else:
+            batches = pairs // batch if self.args.dataloader_drop_last else math.ceil(pairs / batch)
         if batches == 0:
             raise ConfigError(f"{pairs} training pairs do not fill one batch of {batch}", key="per_device_train_batch_size")
         per_epoch = math.ceil(batches / self.args.gradient_accumulation_steps)
