@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from preftune.config import (
     LATER_LR_SCHEDULERS,
+    SUPPORTED_LOSS_TYPES,
     SUPPORTED_LR_SCHEDULERS,
     DPOConfig,
     config_table_markdown,
@@ -66,22 +67,11 @@ pref_ftx: 0
 
 # Keys of features not implemented yet, each with a value that turns the feature on.
 NOT_SUPPORTED_YET = {
-    "rpo_alpha": 0.5,
     "precompute_ref_log_probs": True,
     "precompute_ref_batch_size": 4,
     "sync_ref_model": True,
     "ref_model_mixup_alpha": 0.9,
     "ref_model_sync_steps": 64,
-    "use_weighting": True,
-    "ld_alpha": 0.5,
-    "loss_weights": [0.5, 0.5],
-    "f_divergence_type": "forward_kl",
-    "f_alpha_divergence_coef": 0.3,
-    "discopop_tau": 0.1,
-    "simpo_gamma": 1.0,
-    "dpop_lambda": 50.0,
-    "desirable_weight": 2.0,
-    "undesirable_weight": 2.0,
     "pref_bco_weight": 0.5,
     "pad_to_multiple_of": 8,
     "resume_from_checkpoint": "out/checkpoint-10",
@@ -388,27 +378,67 @@ def test_experiment_trackers_are_not_supported_yet(value):
         DPOConfig(report_to=value)
 
 
-@pytest.mark.parametrize("value", ["robust", "kto_pair", "simpo", "orpo", "apo_zero"])
-def test_later_loss_types_are_not_supported_yet(value):
-    with pytest.raises(ConfigError, match=f"not supported yet: loss_type={value}"):
-        DPOConfig(loss_type=value)
+def test_kto_pair_is_not_supported_yet():
+    with pytest.raises(ConfigError, match="not supported yet: loss_type=kto_pair"):
+        DPOConfig(loss_type="kto_pair")
 
 
-def test_trl_style_one_element_loss_list_becomes_a_string():
+def test_every_loss_name_the_config_accepts_is_registered_in_losses():
+    from preftune.losses import LOSSES
+
+    assert set(SUPPORTED_LOSS_TYPES) == set(LOSSES)
+
+
+def test_unknown_loss_names_the_closest_one():
+    with pytest.raises(ConfigError, match="unknown loss 'simpoo' \\(did you mean simpo\\?\\)") as info:
+        DPOConfig(loss_type="simpoo")
+    assert info.value.key == "loss_type"
+
+
+def test_trl_style_one_element_loss_list_becomes_a_string_and_longer_lists_stay_lists():
     assert DPOConfig(loss_type=["ipo"]).loss_type == "ipo"
-    with pytest.raises(ConfigError, match="not supported yet"):
-        DPOConfig(loss_type=["sigmoid", "sft"])
+    assert DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2]).loss_type == ["sigmoid", "sft"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "message"),
+    [
+        ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "loss_weights", "loss_weights"),
+        ({"loss_type": "exo_pair"}, "label_smoothing", "exo_pair"),
+        ({"loss_type": "orpo", "ref_model_name_or_path": "some/model"}, "ref_model_name_or_path", "no reference"),
+        ({"loss_type": ["kto", "sigmoid"]}, "loss_type", "kto"),
+        ({"stage": "kto", "loss_type": "ipo"}, "loss_type", "stage kto"),
+        ({"loss_type": []}, "loss_type", "empty list"),
+    ],
+)
+def test_bad_loss_settings_name_the_key(settings, key, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        DPOConfig(**settings)
+    assert info.value.key == key
+
+
+def test_bad_loss_settings_in_a_yaml_file_name_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pref_loss: exo_pair\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file == str(path) and info.value.key == "label_smoothing"
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "pt"])
 def test_other_llama_factory_stages_are_refused(stage):
-    with pytest.raises(ConfigError, match="stage dpo only"):
+    with pytest.raises(ConfigError, match="stages dpo and kto only"):
         DPOConfig(stage=stage)
 
 
-def test_kto_stage_is_not_supported_yet():
-    with pytest.raises(ConfigError, match="not supported yet: stage=kto"):
-        DPOConfig(stage="kto")
+def test_kto_stage_selects_the_kto_loss():
+    assert DPOConfig(stage="kto").loss_type == "kto"
+    assert DPOConfig(stage="kto", kto_chosen_weight=2.0).desirable_weight == 2.0
+
+
+def test_pref_ftx_zero_means_no_nll_term():
+    assert DPOConfig(pref_ftx=0).rpo_alpha is None
+    assert DPOConfig(pref_ftx=0.5).rpo_alpha == 0.5
 
 
 @pytest.mark.parametrize("kind", ["lora", "freeze"])

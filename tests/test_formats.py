@@ -108,10 +108,19 @@ def test_sharegpt_file_given_by_path_reads_like_its_registry_entry(llamafactory_
     assert rows_of(by_path) == rows_of(by_name)
 
 
-def test_kto_dataset_name_is_refused_as_not_supported_yet(llamafactory_dir):
-    with pytest.raises(DataError, match="kto_tag datasets \\(unpaired\\) are not supported yet") as caught:
-        load_preference_data("kto_en_demo", dataset_dir=str(llamafactory_dir))
-    assert "kto_en_demo" in str(caught.value) and "dataset_info.json" in str(caught.value)
+def test_kto_dataset_name_loads_as_unpaired_data(llamafactory_dir):
+    loaded = load_preference_data("kto_en_demo", dataset_dir=str(llamafactory_dir))
+    assert loaded.kind == "unpaired" and loaded.is_conversational and len(loaded.dataset) == 300
+    assert set(loaded.dataset.column_names) == {"prompt", "completion", "label", "row"}
+
+
+def test_registry_entry_with_both_ranking_and_kto_tag_is_refused(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps(TEXT_ROWS), encoding="utf-8")
+    registry = {"both": {"file_name": "rows.json", "ranking": True, "columns": {"kto_tag": "label"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+    with pytest.raises(DataError, match="sets both") as caught:
+        load_preference_data("both", dataset_dir=str(tmp_path))
+    assert "dataset 'both'" in str(caught.value) and "dataset_info.json" in str(caught.value)
 
 
 def test_sft_dataset_name_is_refused_as_not_a_ranking_dataset(llamafactory_dir):

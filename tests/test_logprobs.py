@@ -171,3 +171,94 @@ def test_padding_free_rows_know_their_real_lengths():
     ]
     shared = collate_shared_prefix(pairs, pad_token_id=0).without_padding()
     assert shared.row_lengths == [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
+
+
+# ----------------------------------------------------------------- several negatives, unpaired rows, LD-DPO, WPO
+def _with_negatives(pairs):
+    """Each pair gets three negatives: its rejected, its chosen reversed, and the next pair's rejected."""
+    return [
+        {**pair, "rejected_ids": [pair["rejected_ids"], pair["chosen_ids"][::-1], pairs[(i + 1) % len(pairs)]["rejected_ids"]]}
+        for i, pair in enumerate(pairs)
+    ]
+
+
+@pytest.mark.parametrize("layout, chunked", MODES)
+def test_several_negatives_equal_a_naive_loop_in_every_layout(stories, layout, chunked):
+    examples = _with_negatives(STORY_PAIRS)
+    batch = COLLATORS[layout](examples, pad_token_id=0)
+    assert batch.num_completions == 4
+    with torch.no_grad():
+        out = pair_logprobs(stories, batch, chunked_head=chunked)
+    assert out.rejected_logps.shape == (3, 3) and out.chosen_logps.shape == (3,)
+    for i, example in enumerate(examples):
+        assert out.chosen_logps[i].item() == pytest.approx(
+            naive_completion_logp(stories, example["prompt_ids"], example["chosen_ids"]), abs=1e-5, rel=1e-6
+        )
+        for j, negative in enumerate(example["rejected_ids"]):
+            expected = naive_completion_logp(stories, example["prompt_ids"], negative)
+            assert out.rejected_logps[i, j].item() == pytest.approx(expected, abs=1e-5, rel=1e-6)
+            assert out.rejected_lengths[i, j].item() == len(negative)
+
+
+@pytest.mark.parametrize("layout", list(COLLATORS))
+def test_unpaired_rows_score_their_one_completion(stories, layout):
+    from preftune.logprobs import completion_logprobs
+
+    rows = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"], "row": p["row"]} for p in STORY_PAIRS]
+    batch = COLLATORS[layout](rows, pad_token_id=0)
+    with torch.no_grad():
+        out = completion_logprobs(stories, batch)
+    assert out.logps.shape == (1, 3)
+    for i, row in enumerate(rows):
+        expected = naive_completion_logp(stories, row["prompt_ids"], row["completion_ids"])
+        assert out.logps[0, i].item() == pytest.approx(expected, abs=1e-5, rel=1e-6)
+
+
+def test_mixed_completion_counts_in_one_batch_are_refused():
+    mixed = [STORY_PAIRS[0], _with_negatives(STORY_PAIRS)[1]]
+    with pytest.raises(ValueError, match="same number of completions"):
+        collate_pairs(mixed, pad_token_id=0)
+
+
+def _naive_token_logps(model, prompt_ids, completion_ids):
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        log_softmax = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    rows = log_softmax[len(prompt_ids) - 1 : len(prompt_ids) + len(completion_ids) - 1]
+    logps = rows[torch.arange(len(completion_ids)), torch.tensor(completion_ids)]
+    log_sum_sq = torch.logsumexp(2 * rows, dim=-1)
+    return logps, log_sum_sq
+
+
+@pytest.mark.parametrize("layout, chunked", MODES)
+def test_ld_dpo_weights_the_longer_completions_excess_by_alpha(stories, layout, chunked):
+    alpha = 0.3
+    with torch.no_grad():
+        out = pair_logprobs(stories, COLLATORS[layout](STORY_PAIRS, pad_token_id=0), chunked_head=chunked, ld_alpha=alpha)
+    for i, pair in enumerate(STORY_PAIRS):
+        shared = min(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+        for got, completion in ((out.chosen_logps[i], pair["chosen_ids"]), (out.rejected_logps[i], pair["rejected_ids"])):
+            token_logps_, _ = _naive_token_logps(stories, pair["prompt_ids"], completion)
+            expected = token_logps_[:shared].sum() + alpha * token_logps_[shared:].sum()
+            assert got.item() == pytest.approx(float(expected), abs=1e-5, rel=1e-6)
+
+
+@pytest.mark.parametrize("layout, chunked", MODES)
+def test_wpo_alignment_is_the_mean_of_logp_minus_log_sum_of_squared_probs(stories, layout, chunked):
+    with torch.no_grad():
+        out = pair_logprobs(stories, COLLATORS[layout](STORY_PAIRS, pad_token_id=0), chunked_head=chunked, wpo=True)
+    for i, pair in enumerate(STORY_PAIRS):
+        for got, completion in ((out.chosen_wpo_logps[i], pair["chosen_ids"]), (out.rejected_wpo_logps[i], pair["rejected_ids"])):
+            logps, log_sum_sq = _naive_token_logps(stories, pair["prompt_ids"], completion)
+            assert got.item() == pytest.approx(float((logps - log_sum_sq).mean()), abs=1e-5)
+    assert out.chosen_wpo_logps.requires_grad is False
+
+
+def test_branch_mask_hides_every_earlier_branch():
+    from preftune.data.collate import branch_mask
+
+    mask = branch_mask(prompt_length=1, branch_lengths=[1, 2, 1], total_length=6)
+    # positions: 0 prompt | 1 branch0 | 2,3 branch1 | 4 branch2 | 5 padding
+    assert mask[4].tolist() == [True, False, False, False, True, False]
+    assert mask[3].tolist() == [True, False, True, True, False, False]
+    assert mask[5].tolist() == [False] * 5 + [True]

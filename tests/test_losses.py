@@ -60,10 +60,15 @@ def test_sigmoid_loss_is_ln2_when_policy_equals_reference():
 
 def test_losses_return_one_value_per_example_and_carry_gradients():
     policy_chosen = torch.tensor([-5.0, -6.0], requires_grad=True)
-    for name in LOSSES:
+    paired = [name for name, spec in LOSSES.items() if spec.kind != "unpaired"]
+    assert len(paired) == len(LOSSES) - 1  # only kto is unpaired
+    for name in paired:
+        spec = LOSSES[name]
+        references = (None, None) if spec.reference_free else (torch.tensor([-5.5, -6.0]), torch.tensor([-7.0, -4.5]))
         loss = preference_loss(
-            name, policy_chosen, torch.tensor([-7.0, -4.0]), torch.tensor([-5.5, -6.0]), torch.tensor([-7.0, -4.5]),
+            name, policy_chosen, torch.tensor([-7.0, -4.0]), *references,
             beta=0.2, chosen_lengths=torch.tensor([3, 4]), rejected_lengths=torch.tensor([5, 2]),
+            label_smoothing=0.1 if name == "exo_pair" else 0.0,
         )
         assert loss.shape == (2,)
         (grad,) = torch.autograd.grad(loss.sum(), policy_chosen)

@@ -74,12 +74,13 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, logit_scale, softcap):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, logit_scale, softcap, with_log_sum_sq=False):
         compute_dtype = _compute_dtype(hidden, weight, bias)
         num_rows = hidden.shape[0]
         logps = torch.empty(num_rows, dtype=compute_dtype, device=hidden.device)
         mean_logits = torch.empty_like(logps)
         logsumexp = torch.empty_like(logps)
+        log_sum_sq = torch.empty_like(logps) if with_log_sum_sq else None
         # An enclosing autocast would silently run the matmuls in low precision.
         with torch.autocast(hidden.device.type, enabled=False):
             weight_c = weight.to(compute_dtype)
@@ -99,18 +100,25 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 label_logits = logits.gather(1, labels[start:stop, None]).squeeze(1)
                 row_max = logits.amax(dim=-1)
                 row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-                chunk_lse = logits.sub_(row_max[:, None]).exp_().sum(dim=-1).log_().add_(row_max)
+                shifted_exp = logits.sub_(row_max[:, None]).exp_()
+                log_sum = shifted_exp.sum(dim=-1).log_()
+                chunk_lse = log_sum + row_max
                 logsumexp[start:stop] = chunk_lse
                 logps[start:stop] = label_logits - chunk_lse
+                if with_log_sum_sq:  # log Σ p² = log Σ exp(2(y − m)) − 2 log Σ exp(y − m)
+                    log_sum_sq[start:stop] = torch.linalg.vecdot(shifted_exp, shifted_exp).log_() - 2 * log_sum
             del buffer
         ctx.save_for_backward(hidden, weight, bias, labels, logsumexp)
         ctx.chunk_size, ctx.logit_scale, ctx.softcap = chunk_size, logit_scale, softcap
         ctx.mark_non_differentiable(mean_logits)
+        if with_log_sum_sq:
+            ctx.mark_non_differentiable(log_sum_sq)
+            return logps, mean_logits, log_sum_sq
         return logps, mean_logits
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logps, _grad_mean_logits):
+    def backward(ctx, grad_logps, _grad_mean_logits, _grad_log_sum_sq=None):
         hidden, weight, bias, labels, logsumexp = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         chunk_size, logit_scale, softcap = ctx.chunk_size, ctx.logit_scale, ctx.softcap
@@ -153,7 +161,7 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def chunked_label_logprobs(
@@ -165,7 +173,8 @@ def chunked_label_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     logit_scale: float = 1.0,
     softcap: float | None = None,
-) -> tuple[Tensor, Tensor]:
+    with_log_sum_sq: bool = False,
+) -> tuple[Tensor, ...]:
     """Log-prob of each label and the vocabulary-mean logit, projecting ``chunk_size`` rows at a time.
 
     Args:
@@ -180,13 +189,15 @@ def chunked_label_logprobs(
             copy of ``weight`` when it is not already in the compute dtype.
         logit_scale: multiplies the logits (Cohere's ``logit_scale``); 1.0 for none.
         softcap: ``logits = softcap · tanh(logits / softcap)`` when given (Gemma-2); None for none.
+        with_log_sum_sq: also return ``log Σ_v p_v²`` per row (detached), WPO's alignment term.
 
     Returns:
         ``(logps, mean_logits)``, each ``(N,)`` in the compute dtype: float32, or float64 when an input
         is float64. ``logps`` (nats) carries gradients to ``hidden``, ``weight`` and ``bias`` (each in its
         own dtype; the weight gradient is accumulated in the compute dtype and cast at the end);
         ``mean_logits`` is detached. Logits are computed in the compute dtype (bf16 inputs upcast), and
-        the backward recomputes them chunk by chunk rather than saving them.
+        the backward recomputes them chunk by chunk rather than saving them. With ``with_log_sum_sq`` a
+        third ``(N,)`` tensor, ``log Σ_v p_v²``.
 
     Raises:
         ValueError: on mismatched shapes, non-float inputs, labels out of range or a bad
@@ -229,5 +240,6 @@ def chunked_label_logprobs(
             f"to {int(labels.max())} (remove ignored positions such as -100 before calling)"
         )
     return _ChunkedLabelLogProbs.apply(
-        hidden, weight, bias, labels, chunk_size, float(logit_scale), None if softcap is None else float(softcap)
+        hidden, weight, bias, labels, chunk_size, float(logit_scale), None if softcap is None else float(softcap),
+        bool(with_log_sum_sq),
     )

@@ -57,12 +57,14 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 # Value sets
 
-SUPPORTED_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-# Loss names known from TRL / LLaMA-Factory that later issues will add; they are refused with "not supported yet".
-LATER_LOSS_TYPES = (
-    "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
-    "discopop", "sigmoid_norm", "sft", "orpo", "simpo", "cpo", "kto", "kto_pair", "listwise",
+# Every name registered in preftune.losses.LOSSES (a test keeps the two in sync).
+SUPPORTED_LOSS_TYPES = (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "listwise", "orpo", "simpo", "cpo", "kto",
 )  # fmt: skip
+# Loss names known from TRL / LLaMA-Factory that preftune does not implement; refused with "not supported yet".
+LATER_LOSS_TYPES = ("kto_pair",)
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 # transformers.SchedulerType values (kept in sync by a test). The first group works with transformers.get_scheduler
 # given only warmup and total steps; the second needs lr_scheduler_kwargs or evaluation metrics, which preftune
@@ -76,8 +78,8 @@ LATER_LR_SCHEDULERS = (
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 
-# LLaMA-Factory stages that are not DPO: preftune runs stage dpo only.
-OTHER_STAGES = ("pt", "sft", "rm", "ppo", "kto")
+# LLaMA-Factory stages that are not preference tuning: preftune runs stages dpo and kto only.
+OTHER_STAGES = ("pt", "sft", "rm", "ppo")
 
 # --------------------------------------------------------------------------------------------------------------------
 # Field helpers
@@ -189,8 +191,9 @@ class DPOConfig(BaseModel):
     finetuning_type: Literal["full", "lora", "freeze"] = _field(
         "full", "Which weights are trained (LLaMA-Factory). Only `full` is supported yet; `lora`/`freeze` are refused."
     )
-    stage: Literal["dpo"] = _field(
-        "dpo", "Training stage (LLaMA-Factory). preftune runs stage `dpo` only; other stages are refused."
+    stage: Literal["dpo", "kto"] = _field(
+        "dpo",
+        "Training stage (LLaMA-Factory): `dpo`, or `kto` (the same as `loss_type: kto`). Other stages are refused.",
     )
     do_train: bool = _field(
         True, "Train the model (LLaMA-Factory); `false` skips training. transformers defaults to false but ignores it."
@@ -252,17 +255,53 @@ class DPOConfig(BaseModel):
         aliases=["pref_beta"],
         gt=0,
     )
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = _field(
+    loss_type: str | list[str] = _field(
         "sigmoid",
-        "Preference loss: `sigmoid` (DPO), `hinge` (SLiC), `ipo` (IPO). A one-element list (TRL's form) is accepted.",
+        "Preference loss, or a list of them summed with `loss_weights`. With a reference: `sigmoid` (DPO), `robust`, "
+        "`hinge` (SLiC), `ipo`, `exo_pair`, `nca_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, "
+        "`apo_down`, `discopop`, `sigmoid_norm`, `sft`, `listwise` (several negatives per prompt); without one: "
+        "`orpo`, `simpo`, `cpo`; on unpaired data: `kto`. See the README's loss table for formulas.",
         aliases=["pref_loss"],
+    )
+    loss_weights: list[float] | None = _field(
+        None, "Weight of each loss in a `loss_type` list (`null`: all 1).", aliases=["loss_weight"]
     )
     label_smoothing: float = _field(
         0.0,
-        "Probability that a preference label is flipped (conservative DPO); applies to `sigmoid`. In [0, 0.5).",
+        "Probability that a preference label is flipped: conservative DPO for `sigmoid`, also `robust`, `exo_pair` "
+        "(needs > 0), `aot`, `aot_unpaired`, `simpo`. In [0, 0.5).",
         aliases=["dpo_label_smoothing"],
         ge=0,
         lt=0.5,
+    )
+    f_divergence_type: Literal[F_DIVERGENCE_TYPES] = _field(  # type: ignore[valid-type]
+        "reverse_kl",
+        "f-DPO (Wang et al. 2023): divergence whose f′ maps the log-ratios before the loss: `reverse_kl` (plain DPO), "
+        "`forward_kl`, `js_divergence`, `alpha_divergence`.",
+    )
+    f_alpha_divergence_coef: float = _field(0.5, "α of `alpha_divergence` (TRL 1.16 default 0.5).")
+    rpo_alpha: float | None = _field(
+        None,
+        "RPO: weight α of an NLL term on chosen completions, length-averaged (LLaMA-Factory `pref_ftx`, where 0 means "
+        "off); logged as `nll_loss`.",
+        aliases=["pref_ftx"],
+        ge=0,
+    )
+    dpop_lambda: float | None = _field(
+        None, "DPO-Positive (Smaug) λ: penalise the chosen log-prob falling below the reference's.", ge=0
+    )
+    ld_alpha: float | None = _field(
+        None, "LD-DPO: weight in [0, 1] of the longer completion's tokens beyond the shorter one's length.", ge=0, le=1
+    )
+    use_weighting: bool = _field(False, "WPO: weight each pair by how likely the policy is to sample it.")
+    discopop_tau: float = _field(0.05, "DiscoPOP temperature τ.", gt=0)
+    simpo_gamma: float = _field(0.5, "SimPO target reward margin γ (LLaMA-Factory's name and default).")
+    cpo_alpha: float = _field(1.0, "Weight of the NLL term of `cpo`.", ge=0)
+    desirable_weight: float = _field(
+        1.0, "KTO weight of desirable examples.", aliases=["kto_chosen_weight"], gt=0
+    )
+    undesirable_weight: float = _field(
+        1.0, "KTO weight of undesirable examples.", aliases=["kto_rejected_weight"], gt=0
     )
 
     # ---- Optimisation ----------------------------------------------------------------------------------------------
@@ -380,10 +419,6 @@ class DPOConfig(BaseModel):
     )
 
     # ---- Keys of features not implemented yet (accepted only at their "off" value) ---------------------------------
-    rpo_alpha: Any = _later(
-        None, "RPO: weight of an NLL term on chosen completions (LLaMA-Factory `pref_ftx`, where 0 means off).",
-        type_name="float or null", accepted=[None], aliases=["pref_ftx"],
-    )  # fmt: skip
     precompute_ref_log_probs: Any = _later(
         False, "Compute reference log-probs once before training.", type_name="bool"
     )
@@ -393,20 +428,6 @@ class DPOConfig(BaseModel):
     sync_ref_model: Any = _later(False, "TR-DPO: periodically mix the policy into the reference.", type_name="bool")
     ref_model_mixup_alpha: Any = _later(0.6, "TR-DPO mixing α.", type_name="float")
     ref_model_sync_steps: Any = _later(512, "TR-DPO: steps between reference updates.", type_name="int")
-    use_weighting: Any = _later(False, "WPO weighting of preference pairs.", type_name="bool")
-    ld_alpha: Any = _later(None, "LD-DPO weighting of verbose tokens.", type_name="float or null")
-    loss_weights: Any = _later(None, "Weights for combining several loss types.", type_name="list of float or null")
-    f_divergence_type: Any = _later("reverse_kl", "f-DPO divergence regularizer.", type_name="string")
-    f_alpha_divergence_coef: Any = _later(0.5, "f-DPO α-divergence coefficient (TRL 1.16 default).", type_name="float")
-    discopop_tau: Any = _later(0.05, "DiscoPOP temperature τ.", type_name="float")
-    simpo_gamma: Any = _later(0.5, "SimPO target reward margin γ (LLaMA-Factory).", type_name="float")
-    dpop_lambda: Any = _later(None, "DPO-Positive penalty λ.", type_name="float or null")
-    desirable_weight: Any = _later(
-        1.0, "KTO weight of desirable examples.", type_name="float", aliases=["kto_chosen_weight"]
-    )
-    undesirable_weight: Any = _later(
-        1.0, "KTO weight of undesirable examples.", type_name="float", aliases=["kto_rejected_weight"]
-    )
     pref_bco_weight: Any = _later(0.0, "BCO weight mixed into the DPO loss (LLaMA-Factory).", type_name="float")
     pad_to_multiple_of: Any = _later(
         None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",
@@ -538,6 +559,11 @@ class DPOConfig(BaseModel):
         """Refuse settings that cannot work together; warn about settings that will be ignored."""
         if self.fp16 and self.bf16:
             raise _error("fp16 and bf16 are both true; choose one mixed-precision mode", "fp16")
+        if self.stage == "kto":
+            if "loss_type" in self.model_fields_set and self.loss_type != "kto":
+                raise _error(f"stage kto trains with loss_type kto; got loss_type={self.loss_type}", "loss_type")
+            self.__dict__["loss_type"] = "kto"  # plain assignment would re-run validation
+        self._check_loss_settings()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise _error(
                 f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: nothing to train; "
@@ -559,6 +585,24 @@ class DPOConfig(BaseModel):
                 self.warmup_ratio,
             )
         return self
+
+    def _check_loss_settings(self) -> None:
+        """The loss settings as ``preftune.losses`` validates them (ConfigError naming the key), plus the combinations
+        that involve other keys."""
+        from preftune.losses import LossParams  # imports torch: only when a config is validated
+
+        params = LossParams.from_config(self)
+        try:
+            params.validate()
+        except ConfigError as error:  # re-raised naming the file and the spelling the value came from
+            raise _error(error.message, error.key) from None
+        if not params.needs_reference and self.ref_model_name_or_path:
+            raise _error(
+                f"loss {self.loss_type} uses no reference model, but ref_model_name_or_path is set; remove it",
+                "ref_model_name_or_path",
+            )
+        if self.ld_alpha is not None and params.is_unpaired:
+            raise _error("ld_alpha applies to paired losses, not kto", "ld_alpha")
 
     # ---- Derived values --------------------------------------------------------------------------------------------
 
@@ -676,8 +720,6 @@ def _screen_value(name: str, value: Any) -> Any:
     """Normalise TRL/LLaMA-Factory spellings of a value and refuse values of features not implemented yet."""
     extra = _field_extra(name)
     if extra.get("not_supported"):
-        if name == "rpo_alpha" and _is_same(value, 0) and value == 0:
-            value = None  # LLaMA-Factory's pref_ftx: 0 means no SFT term
         if not _equal_to_any(value, extra["accepted"]):
             hint = f" ({extra['hint']})" if extra.get("hint") else ""
             raise _error(f"not supported yet: {_given_name(name)}{hint}; got {_short_repr(value)}", name)
@@ -687,18 +729,13 @@ def _screen_value(name: str, value: Any) -> Any:
     if isinstance(value, bool) and not _accepts_bool(annotation):
         raise _error(f"got {value!r} (bool); expected {_describe_field(name)}", name)
 
-    if name == "loss_type":
-        if isinstance(value, (list, tuple)):
-            if len(value) != 1:
-                raise _error(f"not supported yet: several loss types at once; got {_short_repr(value)}", name)
-            value = value[0]
-        if isinstance(value, str) and value in LATER_LOSS_TYPES:
-            raise _error(f"not supported yet: loss_type={value}", name)
-    elif name == "stage" and isinstance(value, str) and value != "dpo":
-        if value == "kto":
-            raise _error("not supported yet: stage=kto (preftune runs stage dpo only)", name)
+    if name == "rpo_alpha" and _is_same(value, 0) and value == 0:
+        value = None  # LLaMA-Factory's pref_ftx: 0 means no SFT term
+    elif name == "loss_type":
+        value = _screen_loss_type(value)
+    elif name == "stage" and isinstance(value, str) and value not in ("dpo", "kto"):
         if value in OTHER_STAGES:
-            raise _error(f"preftune runs stage dpo only; got stage={value}", name)
+            raise _error(f"preftune runs stages dpo and kto only; got stage={value}", name)
     elif name == "finetuning_type" and value in ("lora", "freeze"):
         raise _error(f"not supported yet: finetuning_type={value}", name)
     elif name == "report_to" and value is None:
@@ -706,6 +743,23 @@ def _screen_value(name: str, value: Any) -> Any:
     elif name == "torch_dtype" and type(value).__module__ == "torch" and str(value).startswith("torch."):
         value = str(value).removeprefix("torch.")  # DPOConfig(torch_dtype=torch.bfloat16)
     return value
+
+
+def _screen_loss_type(value: Any) -> Any:
+    """A known loss name, or a list of them (a one-element list becomes its name, as TRL accepts)."""
+    names = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not names:
+        raise _error("got an empty list; expected a loss name or a list of them", "loss_type")
+    for name in names:
+        if not isinstance(name, str):
+            raise _error(f"got {_short_repr(name)}; expected a loss name (string)", "loss_type")
+        if name in LATER_LOSS_TYPES:
+            raise _error(f"not supported yet: loss_type={name}", "loss_type")
+        if name not in SUPPORTED_LOSS_TYPES:
+            close = difflib.get_close_matches(name, SUPPORTED_LOSS_TYPES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise _error(f"unknown loss {name!r}{hint}; expected one of {', '.join(SUPPORTED_LOSS_TYPES)}", "loss_type")
+    return names[0] if len(names) == 1 else names
 
 
 def _given_name(name: str) -> str:

@@ -22,6 +22,7 @@ class ConfigError(PreftuneError):
     def __init__(self, message: str, *, key: str | None = None, file: str | None = None):
         self.key = key
         self.file = file
+        self.message = message
         where = ", ".join(part for part in (f"file {file}" if file else "", f"key '{key}'" if key else "") if part)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -33,13 +33,15 @@ CHUNKED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 @dataclass
 class PairLogProbs:
-    """Log-probs of B pairs, each tensor of shape ``(B,)``.
+    """Log-probs of B examples: chosen tensors ``(B,)``, rejected ``(B,)`` (one negative) or ``(B, M)`` (M negatives).
 
     Attributes:
         chosen_logps, rejected_logps: summed completion log-probs (nats); carry gradients in training.
         chosen_lengths, rejected_lengths: completion token counts.
         chosen_logits_sum, rejected_logits_sum: Σ over completion tokens of the vocabulary-mean logit
             (detached; for the ``logits/*`` metrics, which are token-weighted means).
+        chosen_wpo_logps, rejected_wpo_logps: with ``wpo``: mean over completion tokens of
+            ``log p_t − log Σ_v p_v²`` (detached; WPO's weights), else None.
     """
 
     chosen_logps: Tensor
@@ -48,6 +50,32 @@ class PairLogProbs:
     rejected_lengths: Tensor
     chosen_logits_sum: Tensor
     rejected_logits_sum: Tensor
+    chosen_wpo_logps: Tensor | None = None
+    rejected_wpo_logps: Tensor | None = None
+
+
+@dataclass
+class CompletionLogProbs:
+    """Per-completion sums of a batch, each ``(K, B)``: completion k of example i at ``[k, i]``."""
+
+    logps: Tensor
+    lengths: Tensor
+    logits_sum: Tensor
+    wpo_logps: Tensor | None = None
+
+    def as_pairs(self) -> PairLogProbs:
+        """Completion 0 as chosen, the others as rejected: ``(B,)`` for one negative, ``(B, M)`` for several."""
+        split = lambda values: (None, None) if values is None else chosen_and_rejected(values)  # noqa: E731
+        (chosen, rejected), (cl, rl), (cs, rs), (cw, rw) = map(split, (self.logps, self.lengths, self.logits_sum, self.wpo_logps))
+        return PairLogProbs(chosen, rejected, cl, rl, cs, rs, cw, rw)
+
+
+def chosen_and_rejected(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-completion ``(K, B)`` values → chosen ``(B,)`` and rejected ``(B,)`` (K = 2) or ``(B, K − 1)``."""
+    if values.shape[0] < 2:
+        raise ValueError("a pair needs at least two completions per example (chosen and rejected)")
+    rejected = values[1:].T
+    return values[0], rejected[:, 0] if rejected.shape[1] == 1 else rejected
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -96,26 +124,33 @@ def _identity(hidden: Tensor) -> Tensor:
     return hidden
 
 
-def token_logps(logits: Tensor, targets: Tensor, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+def token_logps(
+    logits: Tensor, targets: Tensor, *, chunk_size: int = 1024, with_log_sum_sq: bool = False
+) -> tuple[Tensor, ...]:
     """Log-prob of each target under ``logits`` and the vocabulary-mean logit, chunk by chunk of tokens.
 
     Args:
         logits: ``(N, V)`` next-token logits (any float dtype; computed in float32).
         targets: ``(N,)`` token ids scored against them.
+        with_log_sum_sq: also return ``log Σ_v p_v²`` per token (detached; WPO).
 
     Returns:
-        ``(log_probs, mean_logits)``, each ``(N,)`` float32.
+        ``(log_probs, mean_logits)``, each ``(N,)`` float32, plus ``log_sum_sq`` with ``with_log_sum_sq``.
     """
-    log_probs, mean_logits = [], []
+    log_probs, mean_logits, log_sum_sq = [], [], []
     for logit_chunk, target_chunk in zip(logits.split(chunk_size), targets.split(chunk_size)):
         logit_chunk = logit_chunk.float()
         label_logits = logit_chunk.gather(-1, target_chunk.unsqueeze(-1)).squeeze(-1)
-        log_probs.append(label_logits - torch.logsumexp(logit_chunk, dim=-1))
+        logsumexp = torch.logsumexp(logit_chunk, dim=-1)
+        log_probs.append(label_logits - logsumexp)
         mean_logits.append(logit_chunk.detach().mean(-1))
+        if with_log_sum_sq:
+            log_sum_sq.append((torch.logsumexp(2 * logit_chunk.detach(), dim=-1) - 2 * logsumexp.detach()))
     if not log_probs:
         empty = logits.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(log_probs), torch.cat(mean_logits)
+        return (empty, empty, empty) if with_log_sum_sq else (empty, empty)
+    outputs = (torch.cat(log_probs), torch.cat(mean_logits))
+    return outputs + (torch.cat(log_sum_sq),) if with_log_sum_sq else outputs
 
 
 def _row_segments(batch: PreferenceBatch) -> list[tuple[slice, int]]:
@@ -135,16 +170,16 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int) -> dict:
 
 
 def scored_token_logps(
-    model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-prob of every scored token, its vocabulary-mean logit, and its sequence id, each ``(N,)``.
+    model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024, wpo: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Log-prob of every scored token, its vocabulary-mean logit, its ``log Σ_v p_v²`` (with ``wpo``, else None),
+    and a permutation ``order`` such that entry j belongs to the batch's plan entry ``order[j]``.
 
-    Tokens come out grouped by forward segment, so the order may differ from the batch's plan; the
-    sequence ids returned alongside say where each belongs.
+    Tokens come out grouped by forward segment, so the order may differ from the batch's plan.
     """
     use_chunked = chunked_head and supports_chunked_head(model)
     keep_logits = _accepts_logits_to_keep(model)
-    selected, labels, sequences = [], [], []
+    selected, labels, order = [], [], []
     with _output_layer_bypassed(model) if use_chunked else nullcontext() as head:
         for rows, length in _row_segments(batch):
             in_segment = (batch.score_rows >= rows.start) & (batch.score_rows < rows.stop)
@@ -157,28 +192,69 @@ def scored_token_logps(
             outputs = model(**kwargs).logits  # hidden states when the output layer is bypassed
             selected.append(outputs[score_rows, score_positions - first])
             labels.append(batch.score_labels[in_segment])
-            sequences.append(batch.score_sequences[in_segment])
+            order.append(in_segment.nonzero().squeeze(1))
             del outputs
-        selected, labels, sequences = torch.cat(selected), torch.cat(labels), torch.cat(sequences)
+        selected, labels, order = torch.cat(selected), torch.cat(labels), torch.cat(order)
         if use_chunked:
-            logps, mean_logits = chunked_label_logprobs(selected, head.weight, labels, bias=head.bias, chunk_size=chunk_size)
+            logps, mean_logits, *extra = chunked_label_logprobs(
+                selected, head.weight, labels, bias=head.bias, chunk_size=chunk_size, with_log_sum_sq=wpo
+            )
         else:
-            logps, mean_logits = token_logps(selected, labels, chunk_size=chunk_size)
-    return logps, mean_logits, sequences
+            logps, mean_logits, *extra = token_logps(selected, labels, chunk_size=chunk_size, with_log_sum_sq=wpo)
+    return logps, mean_logits, (extra[0] if wpo else None), order
 
 
-def pair_logprobs(model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024) -> PairLogProbs:
-    """Forward the batch once and sum completion log-probs per sequence (chosen and rejected of each pair)."""
-    logps, mean_logits, sequences = scored_token_logps(model, batch, chunked_head=chunked_head, chunk_size=chunk_size)
+def ld_token_weights(batch: PreferenceBatch, alpha: float) -> Tensor:
+    """LD-DPO weights per plan entry (Liu et al. 2024, "Length Desensitization in DPO"): 1 for the first
+    ``min(|y_w|, |y_l|)`` tokens of each completion of a pair, ``alpha`` for the longer one's excess."""
+    if batch.num_completions != 2:
+        raise ValueError("LD-DPO weighting is defined for pairs (one chosen, one rejected)")
     n = batch.num_pairs
-    sums = torch.zeros(2 * n, dtype=logps.dtype, device=logps.device).index_add(0, sequences, logps)
-    logits_sums = torch.zeros(2 * n, dtype=torch.float32, device=logps.device).index_add(0, sequences, mean_logits.float())
-    lengths = torch.bincount(sequences, minlength=2 * n)
-    return PairLogProbs(
-        chosen_logps=sums[:n],
-        rejected_logps=sums[n:],
-        chosen_lengths=lengths[:n],
-        rejected_lengths=lengths[n:],
-        chosen_logits_sum=logits_sums[:n],
-        rejected_logits_sum=logits_sums[n:],
+    lengths = torch.bincount(batch.score_sequences, minlength=2 * n)
+    shared = torch.minimum(lengths[:n], lengths[n:]).repeat(2)
+    inside = batch.score_offsets < shared[batch.score_sequences]
+    return torch.where(inside, 1.0, float(alpha))
+
+
+def completion_logprobs(
+    model: nn.Module,
+    batch: PreferenceBatch,
+    *,
+    chunked_head: bool = True,
+    chunk_size: int = 1024,
+    ld_alpha: float | None = None,
+    wpo: bool = False,
+) -> CompletionLogProbs:
+    """Forward the batch once and sum log-probs per completion: ``logps[k, i] = Σ_t w_t log p(y_t)`` over the
+    tokens of completion k of example i, with ``w_t = 1`` (or the LD-DPO weights when ``ld_alpha`` is set)."""
+    logps, mean_logits, log_sum_sq, order = scored_token_logps(
+        model, batch, chunked_head=chunked_head, chunk_size=chunk_size, wpo=wpo
     )
+    sequences = batch.score_sequences[order]
+    count = batch.num_completions * batch.num_pairs
+    weighted = logps if ld_alpha is None else logps * ld_token_weights(batch, ld_alpha)[order].to(logps.dtype)
+    sums = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, sequences, weighted)
+    logits_sums = torch.zeros(count, dtype=torch.float32, device=logps.device).index_add(0, sequences, mean_logits.float())
+    lengths = torch.bincount(sequences, minlength=count)
+    wpo_logps = None
+    if wpo:  # WPO eq. 2: mean over the completion of (log p_t − log Σ_v p_v²), no gradient
+        aligned = (logps.detach() - log_sum_sq).float()
+        wpo_logps = torch.zeros(count, dtype=torch.float32, device=logps.device).index_add(0, sequences, aligned)
+        wpo_logps = (wpo_logps / lengths.clamp(min=1)).view(batch.num_completions, -1)
+    shape = (batch.num_completions, batch.num_pairs)
+    return CompletionLogProbs(sums.view(shape), lengths.view(shape), logits_sums.view(shape), wpo_logps)
+
+
+def pair_logprobs(
+    model: nn.Module,
+    batch: PreferenceBatch,
+    *,
+    chunked_head: bool = True,
+    chunk_size: int = 1024,
+    ld_alpha: float | None = None,
+    wpo: bool = False,
+) -> PairLogProbs:
+    """Forward the batch once and sum completion log-probs per sequence (chosen and rejected of each pair)."""
+    return completion_logprobs(
+        model, batch, chunked_head=chunked_head, chunk_size=chunk_size, ld_alpha=ld_alpha, wpo=wpo
+    ).as_pairs()

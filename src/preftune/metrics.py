@@ -38,39 +38,80 @@ PLOTTED_METRICS = (
 )
 
 
+def _mean_over_negatives(values: Tensor) -> Tensor:
+    """``(B,)`` as is; ``(B, M)`` (several negatives) averaged over the M negatives."""
+    return values.mean(dim=1) if values.dim() == 2 else values
+
+
+def pair_metric_sums(
+    per_example_loss: Tensor,
+    policy: PairLogProbs,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    nll: Tensor | None = None,
+    components: dict[str, Tensor] | None = None,
+) -> dict[str, float]:
+    """Sums over the batch's pairs (and tokens, for logits) of each metric; ``MetricAccumulator`` averages them.
+
+    With several negatives (rejected tensors ``(B, M)``), each pair's rejected reward, log-prob and accuracy
+    (chosen reward above that negative's) are averaged over its negatives; logits stay token-weighted over all
+    rejected tokens. Returns the sums plus ``pairs`` and ``count:<metric>`` denominators for token-weighted ones,
+    so that batches of different sizes combine exactly.
+    """
+    with torch.no_grad():
+        chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
+        beats = (chosen[:, None] > rejected).float() if rejected.dim() == 2 else (chosen > rejected).float()
+        sums = {
+            "pairs": float(per_example_loss.numel()),
+            "loss": float(per_example_loss.detach().sum()),
+            "rewards/chosen": float(chosen.sum()),
+            "rewards/rejected": float(_mean_over_negatives(rejected).sum()),
+            "rewards/margins": float((chosen - _mean_over_negatives(rejected)).sum()),
+            "rewards/accuracies": float(_mean_over_negatives(beats).sum()),
+            "logps/chosen": float(policy.chosen_logps.detach().sum()),
+            "logps/rejected": float(_mean_over_negatives(policy.rejected_logps.detach()).sum()),
+            "logits/chosen": float(policy.chosen_logits_sum.sum()),
+            "count:logits/chosen": float(policy.chosen_lengths.sum()),
+            "logits/rejected": float(policy.rejected_logits_sum.sum()),
+            "count:logits/rejected": float(policy.rejected_lengths.sum()),
+        }
+        if nll is not None:
+            sums["nll_loss"] = float(nll.detach().sum())
+        for name, values in (components or {}).items():
+            sums[f"loss/{name}"] = float(values.detach().sum())
+        return sums
+
+
 def batch_metric_sums(
     per_example_loss: Tensor, policy: PairLogProbs, ref_chosen: Tensor | None, ref_rejected: Tensor | None, beta: float
 ) -> dict[str, float]:
-    """Sums over the batch's pairs (and tokens, for logits) of each metric; divide by counts to average.
+    """``pair_metric_sums`` with TRL's rewards ``β·(log π − log π_ref)`` (``β·log π`` without a reference)."""
+    chosen_rewards = beta * (policy.chosen_logps - (ref_chosen if ref_chosen is not None else 0.0))
+    rejected_rewards = beta * (policy.rejected_logps - (ref_rejected if ref_rejected is not None else 0.0))
+    return pair_metric_sums(per_example_loss, policy, chosen_rewards, rejected_rewards)
 
-    Returns a dict with the metric sums plus ``pairs`` and ``chosen_tokens``/``rejected_tokens`` counts,
-    so that batches of different sizes combine exactly (see ``MetricAccumulator``).
-    """
+
+def unpaired_metric_sums(
+    per_example_loss: Tensor, logps: Tensor, rewards: Tensor, labels: Tensor, kl: Tensor
+) -> dict[str, float]:
+    """KTO metrics (TRL's KTO names): ``rewards/chosen`` and ``logps/chosen`` average over desirable rows,
+    ``.../rejected`` over undesirable ones, ``rewards/margins`` is their difference of means (computed from the
+    accumulated means), ``kl`` the batch KL estimate z₀ (averaged over batches, weighted by rows)."""
     with torch.no_grad():
-        chosen_rewards = beta * (policy.chosen_logps - (ref_chosen if ref_chosen is not None else 0.0))
-        rejected_rewards = beta * (policy.rejected_logps - (ref_rejected if ref_rejected is not None else 0.0))
-        return {
-            "pairs": float(per_example_loss.numel()),
-            "chosen_tokens": float(policy.chosen_lengths.sum()),
-            "rejected_tokens": float(policy.rejected_lengths.sum()),
-            "loss": float(per_example_loss.detach().sum()),
-            "rewards/chosen": float(chosen_rewards.sum()),
-            "rewards/rejected": float(rejected_rewards.sum()),
-            "rewards/margins": float((chosen_rewards - rejected_rewards).sum()),
-            "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().sum()),
-            "logps/chosen": float(policy.chosen_logps.detach().sum()),
-            "logps/rejected": float(policy.rejected_logps.detach().sum()),
-            "logits/chosen": float(policy.chosen_logits_sum.sum()),
-            "logits/rejected": float(policy.rejected_logits_sum.sum()),
-        }
-
-
-_TOKEN_WEIGHTED = {"logits/chosen": "chosen_tokens", "logits/rejected": "rejected_tokens"}
-_COUNTS = ("pairs", "chosen_tokens", "rejected_tokens")
+        desirable = labels.bool()
+        rows = float(per_example_loss.numel())
+        sums = {"pairs": rows, "loss": float(per_example_loss.detach().sum()), "kl": float(kl) * rows}
+        for name, mask in (("chosen", desirable), ("rejected", ~desirable)):
+            sums[f"rewards/{name}"] = float(rewards.detach()[mask].sum())
+            sums[f"count:rewards/{name}"] = float(mask.sum())
+            sums[f"logps/{name}"] = float(logps.detach()[mask].sum())
+            sums[f"count:logps/{name}"] = float(mask.sum())
+        return sums
 
 
 class MetricAccumulator:
-    """Adds up ``batch_metric_sums`` and returns means: per pair, or per token for the logits."""
+    """Adds up metric sums and returns means: per pair, or per ``count:<metric>`` where a sum carries one."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
@@ -89,10 +130,13 @@ class MetricAccumulator:
             return {}
         out = {}
         for key, value in self.sums.items():
-            if key in _COUNTS:
+            if key == "pairs" or key.startswith("count:"):
                 continue
-            denominator = self.sums.get(_TOKEN_WEIGHTED[key], 0.0) if key in _TOKEN_WEIGHTED else pairs
-            out[key] = value / denominator if denominator else 0.0
+            denominator = self.sums.get(f"count:{key}", pairs)
+            if denominator:  # a metric over no rows (e.g. no undesirable row in a KTO window) is left out
+                out[key] = value / denominator
+        if "count:rewards/chosen" in self.sums and "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]  # unpaired: difference of means
         return out
 
     def reset(self) -> None:

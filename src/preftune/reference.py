@@ -13,15 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from preftune.data.collate import PreferenceBatch
-from preftune.logprobs import pair_logprobs
+from preftune.logprobs import chosen_and_rejected, completion_logprobs
 
 
 class Reference(Protocol):
-    def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
-        """Summed completion log-probs ``(chosen, rejected)`` of shape ``(B,)`` each, without gradients.
+    def completion_logps(self, batch: PreferenceBatch, **logprob_options) -> Tensor:
+        """Summed log-probs of every completion, ``(K, B)`` (completion k of example i at ``[k, i]``), without
+        gradients. ``logprob_options`` are passed to ``completion_logprobs`` (``chunked_head``, ``chunk_size``,
+        ``ld_alpha``)."""
 
-        ``logprob_options`` are passed to ``pair_logprobs`` (``chunked_head``, ``chunk_size``).
-        """
+    def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
+        """``(chosen, rejected)``: ``(B,)`` and ``(B,)`` (one negative) or ``(B, M)`` (M negatives)."""
 
 
 class FrozenReference:
@@ -42,6 +44,8 @@ class FrozenReference:
         return self
 
     @torch.no_grad()
+    def completion_logps(self, batch: PreferenceBatch, **logprob_options) -> Tensor:
+        return completion_logprobs(self.model, batch, **logprob_options).logps
+
     def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
-        out = pair_logprobs(self.model, batch, **logprob_options)
-        return out.chosen_logps, out.rejected_logps
+        return chosen_and_rejected(self.completion_logps(batch, **logprob_options))

@@ -28,12 +28,12 @@ from transformers import get_scheduler
 
 from preftune.config import DPOConfig, interval_to_steps
 from preftune.data.batching import plan_batches, row_token_counts
-from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
+from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
 from preftune.data.pipeline import prepare_data
 from preftune.errors import ConfigError, PreftuneError
-from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, pair_logprobs, unwrap_model
-from preftune.losses import get_loss_spec, preference_loss
-from preftune.metrics import MetricAccumulator, RunRecorder, batch_metric_sums, peak_memory_mb
+from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
+from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_loss
+from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.reference import FrozenReference
 
@@ -132,7 +132,8 @@ class DPOTrainer:
         )
         _check_supported(self.args, peft_config, self.accelerator)
         set_seed(self.args.seed)
-        self.loss_spec = get_loss_spec(self.args.loss_type)
+        self.loss_params = LossParams.from_config(self.args)
+        self.loss_params.validate()
         self.state = TrainerState()
         self._token_counts: dict[tuple[int, int], list[int]] = {}  # per dataset, for token-budget batching
 
@@ -160,6 +161,8 @@ class DPOTrainer:
             raise ConfigError("no training data: set dataset (or pass train_dataset=)", key="dataset")
         eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
         self.data = prepare_data(self.args, self.tokenizer, train_source, eval_source) if train_source is not None else None
+        if self.data is not None:
+            _check_data_fits_loss(self.args, self.loss_params, self.data)
         self.recorder = RunRecorder(self.args.output_dir, plot=self.args.plot_loss)
         self.state.log_history = self.recorder.history
 
@@ -170,7 +173,12 @@ class DPOTrainer:
         return load_causal_lm(model, dtype=self.args.torch_dtype, trust_remote_code=self.args.trust_remote_code, key=key)
 
     def _build_reference(self, ref_model: nn.Module | str | None) -> FrozenReference | None:
-        if not self.loss_spec.needs_reference:
+        if not self.loss_params.needs_reference:
+            if ref_model is not None:
+                raise ConfigError(
+                    f"loss {self.args.loss_type} uses no reference model, but ref_model was given; leave it out",
+                    key="ref_model",
+                )
             return None
         ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
         if ref_model is None:
@@ -219,27 +227,61 @@ class DPOTrainer:
             epoch += 1
 
     # ------------------------------------------------------------ loss core
-    def _batch_loss(self, model: nn.Module, batch: PreferenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def _batch_loss(self, model: nn.Module, lazy: "_LazyBatch") -> tuple[torch.Tensor, dict[str, float]]:
         """Per-example loss ``(B,)`` for one micro-batch, and its metric sums."""
-        batch = batch.to(self.accelerator.device)
-        head = {"chunked_head": self.args.chunked_lm_head, "chunk_size": self.args.lm_head_chunk_size}
-        policy = pair_logprobs(model, batch, **head)
+        if self.loss_params.is_unpaired:
+            return self._unpaired_batch_loss(model, lazy)
+        batch = lazy.collate().to(self.accelerator.device)
+        options = self._logprob_options()
+        policy = pair_logprobs(model, batch, **options, wpo=self.loss_params.use_weighting)
         ref_chosen = ref_rejected = None
         if self.reference is not None:
             with self.accelerator.autocast():
-                ref_chosen, ref_rejected = self.reference.logps(batch, **head)
-        losses = preference_loss(
-            self.args.loss_type,
-            policy.chosen_logps,
-            policy.rejected_logps,
-            ref_chosen,
-            ref_rejected,
-            beta=self.args.beta,
-            label_smoothing=self.args.label_smoothing,
-            chosen_lengths=policy.chosen_lengths,
-            rejected_lengths=policy.rejected_lengths,
+                ref_chosen, ref_rejected = self.reference.logps(batch, **options)
+        out = compute_preference_loss(
+            self.loss_params,
+            LossInputs(
+                policy_chosen_logps=policy.chosen_logps,
+                policy_rejected_logps=policy.rejected_logps,
+                ref_chosen_logps=ref_chosen,
+                ref_rejected_logps=ref_rejected,
+                chosen_lengths=policy.chosen_lengths,
+                rejected_lengths=policy.rejected_lengths,
+                chosen_wpo_logps=policy.chosen_wpo_logps,
+                rejected_wpo_logps=policy.rejected_wpo_logps,
+            ),
         )
-        return losses, batch_metric_sums(losses, policy, ref_chosen, ref_rejected, self.args.beta)
+        sums = pair_metric_sums(
+            out.per_example, policy, out.chosen_rewards, out.rejected_rewards, nll=out.nll, components=out.components
+        )
+        return out.per_example, sums
+
+    def _unpaired_batch_loss(self, model: nn.Module, lazy: "_LazyBatch") -> tuple[torch.Tensor, dict[str, float]]:
+        """KTO: completions scored with gradients; the KL estimate from mismatched prompt/completion pairs, without."""
+        batch = lazy.collate().to(self.accelerator.device)
+        kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
+        options = self._logprob_options()
+        policy = completion_logprobs(model, batch, **options)
+        with torch.no_grad():
+            policy_kl = completion_logprobs(model, kl_batch, **options).logps[0]
+        with self.accelerator.autocast():
+            ref = self.reference.completion_logps(batch, **options)[0]
+            ref_kl = self.reference.completion_logps(kl_batch, **options)[0]
+        params = self.loss_params
+        losses = kto_loss(
+            policy.logps[0], ref, policy_kl, ref_kl, batch.labels, beta=params.beta,
+            desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight,
+        )
+        kl = (policy_kl - ref_kl).mean().clamp(min=0)
+        rewards = params.beta * (policy.logps[0].detach() - ref)
+        return losses, unpaired_metric_sums(losses, policy.logps[0], rewards, batch.labels, kl)
+
+    def _logprob_options(self) -> dict[str, Any]:
+        return {
+            "chunked_head": self.args.chunked_lm_head,
+            "chunk_size": self.args.lm_head_chunk_size,
+            "ld_alpha": self.args.ld_alpha,
+        }
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """AdamW; no weight decay on biases and normalisation weights (as transformers' Trainer)."""
@@ -304,18 +346,17 @@ class DPOTrainer:
         for step, (epoch, window, epoch_progress) in enumerate(self._training_windows(total_steps), start=1):
             window_pairs = sum(len(lazy.indices) for lazy in window)
             for index, lazy in enumerate(window):
-                batch = lazy.collate()
                 sync = index == len(window) - 1
                 with self.accelerator.no_sync(model) if not sync else nullcontext():
-                    losses, sums = self._batch_loss(model, batch)
+                    losses, sums = self._batch_loss(model, lazy)
                     if not torch.isfinite(losses).all():
-                        raise TrainingError(f"non-finite loss at step {step} on source rows {batch.rows}")
+                        raise TrainingError(f"non-finite loss at step {step} on source rows {lazy.source_rows()}")
                     # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window.
                     self.accelerator.backward(losses.sum() / window_pairs)
                 window_metrics.add(sums)
                 run_loss.add({"pairs": sums["pairs"], "loss": sums["loss"]})
-                window_tokens += batch.num_tokens
-                total_tokens += batch.num_tokens
+                window_tokens += lazy.num_tokens
+                total_tokens += lazy.num_tokens
             total_pairs += window_pairs
             grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             learning_rate = scheduler.get_last_lr()[0]
@@ -334,10 +375,9 @@ class DPOTrainer:
                     tokens_per_second=window_tokens / elapsed if elapsed > 0 else 0.0,
                 )
                 self.recorder.log(record)
+                shown = {"loss": "loss", "margin": "rewards/margins", "acc": "rewards/accuracies", "kl": "kl"}
                 progress.set_postfix(
-                    loss=f"{record['loss']:.4f}",
-                    margin=f"{record['rewards/margins']:.3f}",
-                    acc=f"{record['rewards/accuracies']:.2f}",
+                    {label: f"{record[key]:.4g}" for label, key in shown.items() if key in record},
                     tok_s=f"{record['tokens_per_second']:.0f}",
                 )
                 window_metrics.reset()
@@ -381,9 +421,8 @@ class DPOTrainer:
         for lazy in self._batches(
             self.data.eval.dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False
         ):
-            batch = lazy.collate()
             with self.accelerator.autocast():
-                _, sums = self._batch_loss(model, batch)
+                _, sums = self._batch_loss(model, lazy)
             accumulator.add(sums)
         model.train(was_training)
         metrics = {f"eval_{key}": value for key, value in accumulator.means().items()}
@@ -391,8 +430,8 @@ class DPOTrainer:
         record = {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **metrics}
         self.recorder.log(record)
         logger.info(
-            "eval at step %d: loss %.4f, accuracy %.3f, margin %.4f",
-            self.state.global_step, metrics["eval_loss"], metrics["eval_rewards/accuracies"], metrics["eval_rewards/margins"],
+            "eval at step %d: %s", self.state.global_step,
+            ", ".join(f"{key[5:]} {metrics[key]:.4g}" for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl") if key in metrics),
         )
         return metrics
 
@@ -458,9 +497,25 @@ class _LazyBatch:
     pad_token_id: int
     collate_fn: Callable[..., PreferenceBatch]
     padding_free: bool | None = False
+    num_tokens: int = 0  # the collated batch's ``num_tokens`` (known once collated)
+
+    def examples(self) -> list[dict]:
+        """The tokenized rows, read from the dataset on each call (nothing is kept between micro-batches)."""
+        return list(self.dataset.select(self.indices))
+
+    def source_rows(self) -> list[int]:
+        return [int(example.get("row", index)) for example, index in zip(self.examples(), self.indices)]
 
     def collate(self) -> PreferenceBatch:
-        batch = self.collate_fn(self.dataset.select(self.indices), pad_token_id=self.pad_token_id)
+        batch = self._layout(self.collate_fn(self.examples(), pad_token_id=self.pad_token_id))
+        self.num_tokens = batch.num_tokens
+        return batch
+
+    def collate_mismatched(self, max_length: int | None) -> PreferenceBatch:
+        """KTO's KL batch: each prompt with the previous example's completion (``mismatched_examples``)."""
+        return self._layout(self.collate_fn(mismatched_examples(self.examples(), max_length), pad_token_id=self.pad_token_id))
+
+    def _layout(self, batch: PreferenceBatch) -> PreferenceBatch:
         if self.padding_free is False:
             return batch
         unpadded = batch.without_padding()
@@ -477,6 +532,32 @@ def padding_free_pays(batch: PreferenceBatch) -> bool:
     """Auto rule for ``padding_free``: forward row by row when rows are long enough to keep matmuls efficient."""
     lengths = batch.row_lengths if batch.row_lengths is not None else batch.without_padding().row_lengths
     return len(lengths) > 1 and sum(lengths) / len(lengths) >= PADDING_FREE_MIN_MEAN_ROW_TOKENS
+
+
+def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
+    """Refuse data the loss cannot use: unpaired rows with a paired loss and the reverse, several negatives
+    with LD-DPO, KTO with one row per batch (its KL estimate would pair each prompt with its own completion)."""
+    kind = getattr(data, "kind", "paired")
+    if kind == "unpaired" and not params.is_unpaired:
+        raise ConfigError(
+            f"the data is unpaired (prompt, completion, label), which loss {args.loss_type} cannot use; "
+            "set loss_type: kto, or give paired data (prompt, chosen, rejected)",
+            key="loss_type",
+        )
+    if kind != "unpaired" and params.is_unpaired:
+        raise ConfigError(
+            "loss kto needs unpaired rows (prompt, completion, label: true/false, or LLaMA-Factory's kto_tag); "
+            "the data is paired (prompt, chosen, rejected)",
+            key="loss_type",
+        )
+    if params.is_unpaired and args.per_device_train_batch_size < 2:
+        raise ConfigError(
+            "kto needs per_device_train_batch_size >= 2: its KL estimate pairs each prompt with another row's "
+            "completion from the same batch",
+            key="per_device_train_batch_size",
+        )
+    if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
+        raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")
 
 
 def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:

@@ -8,14 +8,26 @@ The canonical form is TRL's explicit-prompt preference format, in one of two sha
   The prompt is an optional leading system turn, then user/assistant turns alternating from a user turn and
   ending on a user turn; chosen and rejected are one assistant message each.
 
+Several negatives per prompt: a row may give `rejected` as a list of M responses (strings, or message lists beside
+a conversational prompt). A plain string or a list of one is the classic case (M = 1). When the rows carry M >= 2,
+the canonical "rejected" column holds that list of M responses and `LoadedData.num_negatives` is M; every row of a
+dataset must have the same M.
+
+Unpaired data (KTO, `LoadedData.kind == "unpaired"`), TRL's unpaired preference format:
+{"prompt", "completion", "label": bool}, text or conversational (completion = [one assistant message]); label True
+marks a desirable completion. A dataset is all paired or all unpaired.
+
 Each output row also has "row": the 0-based index of its source row in its file (the line index for JSON
 Lines), so later stages can name the row a problem came from. Every other column is dropped.
 
 Recognised row shapes (detected per row by its keys): TRL standard and conversational, explicit (with
 "prompt") and implicit (chosen/rejected carry the whole dialogue; the prompt is their shared beginning, with
-Anthropic HH "\\n\\nHuman: ... \\n\\nAssistant:" text split after the last shared "\\n\\nAssistant:"), and
-LLaMA-Factory alpaca/sharegpt ranking rows, either through a `dataset_info.json` registry or auto-detected in a
-plain file ("instruction" + string chosen/rejected; "conversations"/"messages" + message-object chosen/rejected).
+Anthropic HH "\\n\\nHuman: ... \\n\\nAssistant:" text split after the last shared "\\n\\nAssistant:"), TRL unpaired
+(explicit, or a completion holding the whole conversation whose last turn is the response), and LLaMA-Factory
+alpaca/sharegpt rows, either through a `dataset_info.json` registry or auto-detected in a plain file: ranking rows
+("instruction" + string chosen/rejected; "conversations"/"messages" + message-object chosen/rejected) and kto_tag
+rows (registry `columns: {"kto_tag": ...}`; in a plain file a "label" column: alpaca "instruction" + "output",
+sharegpt "conversations"/"messages" whose last turn is the assistant completion).
 """
 
 from __future__ import annotations
@@ -42,8 +54,9 @@ DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".p
 HH_ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
 
+LABEL_TEXTS = {"true": True, "false": False, "1": True, "0": False}
+
 Message = dict[str, str]
-Canonical = tuple[Any, Any, Any]  # (prompt, chosen, rejected), all str or all message lists
 RowItem = tuple[int, Any]  # (row index, record dict, or an unraised DataError for an unreadable row)
 
 
@@ -52,18 +65,43 @@ class LoadedData:
     """A preference dataset in canonical form.
 
     Attributes:
-        dataset: columns prompt, chosen, rejected (all text, or all message lists) and row (int, 0-based index
-            of the source row in its file).
+        dataset: paired: columns prompt, chosen, rejected (all text, or all message lists; rejected is a list of
+            num_negatives responses when num_negatives >= 2) and row (int, 0-based index of the source row in its
+            file). Unpaired: columns prompt, completion (text, or all message lists), label (bool, True =
+            desirable) and row.
         source: the file path(s) or dataset name(s), for messages.
         skipped_rows: (row, reason) for each row skipped under on_bad_row "skip" or "warn"; the reason is the
             full error message, naming the file.
-        is_conversational: True when prompt/chosen/rejected are message lists.
+        is_conversational: True when prompt and the responses are message lists.
+        kind: "paired" (chosen/rejected) or "unpaired" (completion/label).
+        num_negatives: rejected responses per prompt (M); 1 for classic pairs and for unpaired data.
     """
 
     dataset: datasets.Dataset
     source: str
     skipped_rows: list[tuple[int, str]]
     is_conversational: bool
+    kind: str = "paired"
+    num_negatives: int = 1
+
+
+@dataclass
+class _Example:
+    """One converted, validated row: paired (chosen and a list of one or more rejected) or unpaired."""
+
+    prompt: Any
+    chosen: Any = None
+    rejected: list | None = None
+    completion: Any = None
+    label: bool | None = None
+
+    @property
+    def kind(self) -> str:
+        return "paired" if self.rejected is not None else "unpaired"
+
+    @property
+    def negatives(self) -> int:
+        return len(self.rejected) if self.rejected is not None else 1
 
 
 class _BadRow(Exception):
@@ -96,7 +134,8 @@ def load_preference_data(
               CSV file; a directory written by `datasets.save_to_disk` (a DatasetDict gives `split`); or a
               directory of such data files (read in name order);
             - a dataset name registered in `<dataset_dir>/dataset_info.json` (LLaMA-Factory registry; only
-              `"ranking": true` entries are preference data);
+              `"ranking": true` entries (paired) and entries with a `kto_tag` column (unpaired) are preference
+              data);
             - several of the above, comma-separated or as a list of strings: concatenated, all in the same form;
             - a list of row dicts, or a `datasets.Dataset`;
             - otherwise a Hugging Face Hub dataset id, read with `datasets.load_dataset(id, split=split)`.
@@ -109,8 +148,9 @@ def load_preference_data(
             drops them with a logged warning (the first MAX_LOGGED_BAD_ROWS); both record them in skipped_rows.
 
     Raises:
-        DataError: unreadable or missing source, a bad row under on_bad_row="error", mixed text and
-            conversational sources, or no usable rows.
+        DataError: unreadable or missing source, a bad row under on_bad_row="error" (including a row whose form,
+            kind or number of rejected responses differs from the earlier rows'), sources that differ in form,
+            kind or number of rejected responses, or no usable rows.
         ConfigError: on_bad_row or max_samples out of range.
     """
     _check_options(on_bad_row, max_samples)
@@ -136,8 +176,9 @@ def load_preference_data(
 def canonicalize_records(records: Iterable[dict], *, source: str, on_bad_row: str = "error") -> LoadedData:
     """Convert row dicts (any recognised row shape) into canonical form; row i of the input is "row" i.
 
-    Raises DataError for a bad row (under on_bad_row="error"), for rows mixing text and conversational form,
-    and when no usable rows remain.
+    Raises DataError for a bad row (under on_bad_row="error"; a row whose text/conversational form, paired/unpaired
+    kind or number of rejected responses differs from the earlier rows' is a bad row), and when no usable rows
+    remain.
     """
     _check_options(on_bad_row, None)
     return _canonicalize(enumerate(records), source=source, on_bad_row=on_bad_row, convert=_convert_trl_row)
@@ -171,16 +212,26 @@ def _concatenate(parts: list[LoadedData]) -> LoadedData:
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
+    all_sources = ", ".join(p.source for p in parts)
     for part in parts[1:]:
+        if part.kind != first.kind:
+            raise DataError(f"cannot mix {first.kind} data ({first.source}) with {part.kind} data ({part.source}); "
+                            "expected every source of the same kind", file=all_sources)
+        if part.num_negatives != first.num_negatives:
+            raise DataError(f"cannot mix data with {first.num_negatives} rejected responses per prompt "
+                            f"({first.source}) and data with {part.num_negatives} ({part.source}); expected the "
+                            "same number in every source", file=all_sources)
         if part.is_conversational != first.is_conversational:
             text, chat = (first, part) if part.is_conversational else (part, first)
             raise DataError(f"cannot mix text-form data ({text.source}) with conversational data ({chat.source}); "
-                            "expected every source in the same form", file=", ".join(p.source for p in parts))
+                            "expected every source in the same form", file=all_sources)
     return LoadedData(
         dataset=datasets.concatenate_datasets([part.dataset for part in parts]),
         source=", ".join(part.source for part in parts),
         skipped_rows=[skip for part in parts for skip in part.skipped_rows],
         is_conversational=first.is_conversational,
+        kind=first.kind,
+        num_negatives=first.num_negatives,
     )
 
 
@@ -225,7 +276,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _load_path(path: Path, split: str, on_bad_row: str, limit: int | None,
-               convert: Callable[[Any], Canonical], source: str) -> LoadedData:
+               convert: Callable[[Any], _Example], source: str) -> LoadedData:
     """A data file, a save_to_disk directory, or a directory of data files (read in name order)."""
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -360,22 +411,19 @@ def _iter_records(dataset: datasets.Dataset) -> Iterator[RowItem]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, convert: Callable[[Any], Canonical],
+def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, convert: Callable[[Any], _Example],
                   limit: int | None = None) -> LoadedData:
     examples: list[dict[str, Any]] = []
     skipped: list[tuple[int, str]] = []
-    conversational: bool | None = None
+    first: _Example | None = None  # the first good row decides form, kind and number of rejected responses
     identical = 0
     for row, item in rows:
         try:
             if isinstance(item, DataError):
                 raise item
-            prompt, chosen, rejected = _convert_guarded(convert, item, source, row)
-            row_is_conversational = isinstance(prompt, list)
-            if conversational is not None and row_is_conversational != conversational:
-                this, first = ("conversational", "text") if row_is_conversational else ("text", "conversational")
-                raise DataError(f"row is in {this} form but earlier rows are {first}; expected one form per dataset",
-                                file=source, row=row, field="prompt")
+            example = _convert_guarded(convert, item, source, row)
+            if first is not None:
+                _check_like_first(example, first, source, row)
         except DataError as err:
             if on_bad_row == "error":
                 raise
@@ -383,9 +431,10 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
             if on_bad_row == "warn" and len(skipped) <= MAX_LOGGED_BAD_ROWS:
                 logger.warning("skipping bad row: %s", err)
             continue
-        conversational = row_is_conversational
-        identical += chosen == rejected
-        examples.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": row})
+        if first is None:
+            first = example
+        identical += example.kind == "paired" and example.chosen in example.rejected
+        examples.append(_canonical_row(example, row))
         if limit is not None and len(examples) >= limit:
             break
 
@@ -395,15 +444,41 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
         logger.log(logging.WARNING if on_bad_row == "warn" else logging.INFO,
                    "%s: skipped %d bad rows%s", source, len(skipped), more)
     if identical:
-        logger.warning("%s: %d rows have chosen identical to rejected; they carry no preference", source, identical)
-    if not examples:
+        logger.warning("%s: %d rows have chosen identical to a rejected response; they carry no preference",
+                       source, identical)
+    if first is None:
         detail = f"all {len(skipped)} rows were skipped as bad" if skipped else "the source has no rows"
         raise DataError(f"no usable rows ({detail})", file=source)
     return LoadedData(dataset=datasets.Dataset.from_list(examples), source=source, skipped_rows=skipped,
-                      is_conversational=bool(conversational))
+                      is_conversational=isinstance(first.prompt, list), kind=first.kind,
+                      num_negatives=first.negatives)
 
 
-def _convert_guarded(convert: Callable[[Any], Canonical], record: Any, source: str, row: int) -> Canonical:
+def _canonical_row(example: _Example, row: int) -> dict[str, Any]:
+    """The output columns; a single rejected response is stored bare (the classic pair), several as a list."""
+    if example.kind == "unpaired":
+        return {"prompt": example.prompt, "completion": example.completion, "label": example.label, "row": row}
+    rejected = example.rejected[0] if example.negatives == 1 else example.rejected
+    return {"prompt": example.prompt, "chosen": example.chosen, "rejected": rejected, "row": row}
+
+
+def _check_like_first(example: _Example, first: _Example, source: str, row: int) -> None:
+    """A row must match the first good row in kind, number of rejected responses and text/conversational form."""
+    if example.kind != first.kind:
+        shapes = {"paired": "paired (chosen + rejected)", "unpaired": "unpaired (completion + label)"}
+        raise DataError(f"row is {shapes[example.kind]} but earlier rows are {shapes[first.kind]}; expected one kind "
+                        "per dataset", file=source, row=row, field="chosen" if example.kind == "paired" else "label")
+    if example.negatives != first.negatives:
+        raise DataError(f"row has {example.negatives} rejected responses but earlier rows have {first.negatives}; "
+                        "expected the same number in every row", file=source, row=row, field="rejected")
+    row_is_conversational = isinstance(example.prompt, list)
+    if row_is_conversational != isinstance(first.prompt, list):
+        this, other = ("conversational", "text") if row_is_conversational else ("text", "conversational")
+        raise DataError(f"row is in {this} form but earlier rows are {other}; expected one form per dataset",
+                        file=source, row=row, field="prompt")
+
+
+def _convert_guarded(convert: Callable[[Any], _Example], record: Any, source: str, row: int) -> _Example:
     """Run a row converter; any failure on odd input becomes a DataError naming file and row."""
     try:
         if not isinstance(record, dict):
@@ -415,46 +490,112 @@ def _convert_guarded(convert: Callable[[Any], Canonical], record: Any, source: s
         raise DataError(f"cannot read row ({type(err).__name__}: {err})", file=source, row=row) from None
 
 
-def _convert_trl_row(record: dict) -> Canonical:
-    """Any recognised row shape to (prompt, chosen, rejected), validated."""
-    if record.get("prompt") is None:
-        if isinstance(record.get("chosen"), dict) and ("conversations" in record or "messages" in record):
-            messages_column = "conversations" if "conversations" in record else "messages"
-            return _convert_sharegpt(record, _sharegpt_columns_for(record, messages_column))
-        if "instruction" in record and isinstance(record.get("chosen"), str):
-            return _convert_alpaca(record, _LlamaFactoryColumns(
-                system="system" if "system" in record else None, history="history" if "history" in record else None))
-    chosen, rejected = _required(record, "chosen"), _required(record, "rejected")
+def _convert_trl_row(record: dict) -> _Example:
+    """Any recognised row shape to a validated _Example."""
+    detected = _detected_llamafactory_columns(record)
+    if detected is not None:
+        return _llamafactory_converter(detected)(record)
+    if _is_unpaired(record):
+        return _convert_unpaired_row(record)
+    chosen = _required(record, "chosen")
+    raw_rejected = _required(record, "rejected")
+    rejected = _rejected_responses(raw_rejected, "rejected")
     prompt = record.get("prompt")
 
     if prompt is None or (isinstance(prompt, str) and isinstance(chosen, list)):
         # implicit prompt (a string prompt beside full conversations repeats their first turn: ignore it)
-        if isinstance(chosen, str) and isinstance(rejected, str):
+        if isinstance(chosen, str) and all(isinstance(text, str) for text in rejected):
             prompt, chosen, rejected = _split_implicit_text(chosen, rejected)
-        elif isinstance(chosen, list) and isinstance(rejected, list):
+        elif isinstance(chosen, list) and all(isinstance(messages, list) for messages in rejected):
             prompt, chosen, rejected = _split_implicit_conversation(chosen, rejected)
         else:
-            raise _BadRow(f"chosen is {_kind(chosen)} and rejected is {_kind(rejected)}; expected both strings "
+            raise _BadRow(f"chosen is {_kind(chosen)} and rejected is {_kind(raw_rejected)}; expected both strings "
                           "or both message lists", field="rejected")
         return _validated(prompt, chosen, rejected)
 
     if isinstance(prompt, list):
-        chosen = _as_assistant_turn(chosen, "chosen")
-        rejected = _as_assistant_turn(rejected, "rejected")
+        chosen = _as_assistant_turn(chosen)
+        rejected = [_as_assistant_turn(response) for response in rejected]
     elif not isinstance(prompt, str):
         raise _BadRow(f"prompt is {_kind(prompt)}; expected a string or a list of messages", field="prompt")
     return _validated(prompt, chosen, rejected)
 
 
-def _required(record: dict, field: str) -> Any:
+def _detected_llamafactory_columns(record: dict) -> _LlamaFactoryColumns | None:
+    """Columns for a LLaMA-Factory row found in a plain file (no registry), or None for TRL rows."""
+    if record.get("prompt") is not None:
+        return None
+    messages_column = next((name for name in ("conversations", "messages") if name in record), None)
+    unpaired = record.get("label") is not None and record.get("chosen") is None
+    if messages_column and (isinstance(record.get("chosen"), dict) or unpaired):
+        return _sharegpt_columns_for(record, messages_column, kto_tag="label" if unpaired else None)
+    has_system, has_history = "system" in record, "history" in record
+    if "instruction" in record and isinstance(record.get("chosen"), str):
+        return _LlamaFactoryColumns(system="system" if has_system else None,
+                                    history="history" if has_history else None)
+    if "instruction" in record and unpaired and "output" in record:
+        return _LlamaFactoryColumns(system="system" if has_system else None,
+                                    history="history" if has_history else None, kto_tag="label")
+    return None
+
+
+def _is_unpaired(record: dict) -> bool:
+    """TRL unpaired rows carry completion/label instead of chosen/rejected."""
+    no_pair = record.get("chosen") is None and record.get("rejected") is None
+    return no_pair and (record.get("completion") is not None or record.get("label") is not None)
+
+
+def _convert_unpaired_row(record: dict) -> _Example:
+    """TRL unpaired row: prompt + completion + label; a completion holding the whole conversation (several
+    messages, no separate message-list prompt) splits into prompt = all but its last turn, completion = last turn."""
+    completion = _required(record, "completion")
+    prompt = record.get("prompt")
+    if isinstance(completion, list) and len(completion) > 1 and not isinstance(prompt, list):
+        prompt, completion = completion[:-1], completion[-1:]
+    if prompt is None:
+        _required(record, "prompt", what="field")
+    if isinstance(prompt, list):
+        completion = _as_assistant_turn(completion)
+    elif not isinstance(prompt, str):
+        raise _BadRow(f"prompt is {_kind(prompt)}; expected a string or a list of messages", field="prompt")
+    return _validated_unpaired(prompt, completion, _coerced_label(record.get("label"), "label"))
+
+
+def _coerced_label(value: Any, field: str) -> bool:
+    """A KTO label as bool: a bool, "true"/"false" in any case, or 0/1 (also as the strings "0"/"1", as CSV
+    cells are). True marks a desirable completion."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_TEXTS:
+        return LABEL_TEXTS[value.strip().lower()]
+    if value is None:
+        raise _BadRow("missing; expected a boolean label (true = desirable, false = undesirable)", field=field)
+    raise _BadRow(f"is {value!r:.40}; expected a boolean label (true/false, 'true'/'false' in any case, or 0/1)",
+                  field=field)
+
+
+def _required(record: dict, field: str, what: str = "response") -> Any:
     value = record.get(field)
     if value is None:
         present = ", ".join(map(str, record)) or "none"
-        raise _BadRow(f"missing; expected a '{field}' response (fields present: {present})", field=field)
+        raise _BadRow(f"missing; expected a '{field}' {what} (fields present: {present})", field=field)
     return value
 
 
-def _as_assistant_turn(value: Any, field: str) -> Any:
+def _rejected_responses(value: Any, field: str) -> list:
+    """`rejected` as a list of responses: a list holding strings or lists (message lists) is several responses;
+    anything else (a string, a message object, a message list) is one."""
+    if isinstance(value, list):
+        if not value:
+            raise _BadRow("is an empty list; expected a response, or a non-empty list of responses", field=field)
+        if not all(isinstance(item, dict) for item in value):
+            return list(value)
+    return [value]
+
+
+def _as_assistant_turn(value: Any) -> Any:
     """Beside a conversational prompt, a bare string or a single message object means one assistant turn."""
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
@@ -467,23 +608,48 @@ def _kind(value: Any) -> str:
     return "a message list" if isinstance(value, list) else f"of type {type(value).__name__}"
 
 
-def _validated(prompt: Any, chosen: Any, rejected: Any) -> Canonical:
+def _validated(prompt: Any, chosen: Any, rejected: list) -> _Example:
+    """A paired row: text (all strings) or conversational (message-list prompt, one-message responses)."""
     if isinstance(prompt, str):
-        return _validated_text(prompt, chosen, rejected)
-    return (_validated_messages(prompt, "prompt"),
-            _validated_response(chosen, "chosen"),
-            _validated_response(rejected, "rejected"))
+        _validated_prompt_text(prompt)
+        return _Example(prompt=prompt, chosen=_validated_text_response(chosen, "chosen"),
+                        rejected=_each_rejected(rejected, _validated_text_response))
+    return _Example(prompt=_validated_messages(prompt, "prompt"), chosen=_validated_response(chosen, "chosen"),
+                    rejected=_each_rejected(rejected, _validated_response))
 
 
-def _validated_text(prompt: str, chosen: Any, rejected: Any) -> Canonical:
+def _validated_unpaired(prompt: Any, completion: Any, label: bool) -> _Example:
+    if isinstance(prompt, str):
+        _validated_prompt_text(prompt)
+        return _Example(prompt=prompt, completion=_validated_text_response(completion, "completion"), label=label)
+    return _Example(prompt=_validated_messages(prompt, "prompt"),
+                    completion=_validated_response(completion, "completion"), label=label)
+
+
+def _each_rejected(responses: list, validate: Callable[[Any, str], Any]) -> list:
+    """Validate each rejected response; with several, a problem names the response's 0-based index."""
+    if len(responses) == 1:
+        return [validate(responses[0], "rejected")]
+    checked = []
+    for index, response in enumerate(responses):
+        try:
+            checked.append(validate(response, "rejected"))
+        except _BadRow as bad:
+            raise _BadRow(f"response {index} {bad.reason}", field=bad.field) from None
+    return checked
+
+
+def _validated_prompt_text(prompt: str) -> None:
     if not prompt.strip():
         raise _BadRow("prompt is empty; expected non-empty prompt text", field="prompt")
-    for field, value in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, str):
-            raise _BadRow(f"is {_kind(value)}; expected a string (the prompt is text)", field=field)
-        if not value.strip():
-            raise _BadRow("is empty (whitespace only); expected a non-empty response", field=field)
-    return prompt, chosen, rejected
+
+
+def _validated_text_response(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _BadRow(f"is {_kind(value)}; expected a string (the prompt is text)", field=field)
+    if not value.strip():
+        raise _BadRow("is empty (whitespace only); expected a non-empty response", field=field)
+    return value
 
 
 def _validated_message(message: Any, field: str, index: int) -> Message:
@@ -516,7 +682,8 @@ def _validated_messages(messages: Any, field: str) -> list[Message]:
 def _validated_response(messages: Any, field: str) -> list[Message]:
     if not isinstance(messages, list) or len(messages) != 1:
         count = f"{len(messages)} messages" if isinstance(messages, list) else _kind(messages)
-        raise _BadRow(f"is {count}; expected exactly one assistant message", field=field)
+        hint = " (several rejected responses: a list of message lists)" if field == "rejected" else ""
+        raise _BadRow(f"is {count}; expected exactly one assistant message{hint}", field=field)
     message = _validated_message(messages[0], field, 0)
     if message["role"] != "assistant":
         raise _BadRow(f"has role '{message['role']}'; expected 'assistant'", field=field)
@@ -534,15 +701,16 @@ def _is_hh_dialogue(text: str) -> bool:
     return text.lstrip().startswith("Human:") and HH_ASSISTANT in text
 
 
-def _split_implicit_text(chosen: str, rejected: str) -> Canonical:
-    """Split two full texts into (shared prompt, chosen response, rejected response).
+def _split_implicit_text(chosen: str, rejected: list[str]) -> tuple[str, str, list[str]]:
+    """Split full texts into (shared prompt, chosen response, rejected responses).
 
-    Anthropic HH dialogues split right after the last "\\n\\nAssistant:" they share, so each response starts
+    Anthropic HH dialogues split right after the last "\\n\\nAssistant:" they all share, so each response starts
     after the marker (usually with a space). Other texts split at the end of their longest common prefix, backed
     off to a whitespace boundary, with the whitespace going to the responses (as TRL's extract_prompt does).
     """
-    shared = os.path.commonprefix([chosen, rejected])
-    if _is_hh_dialogue(chosen) and _is_hh_dialogue(rejected):
+    texts = [chosen, *rejected]
+    shared = os.path.commonprefix(texts)
+    if all(_is_hh_dialogue(text) for text in texts):
         marker = shared.rfind(HH_ASSISTANT)
         if marker < 0:
             raise _BadRow("chosen and rejected dialogues differ before the first '\\n\\nAssistant:'; expected them to "
@@ -550,7 +718,7 @@ def _split_implicit_text(chosen: str, rejected: str) -> Canonical:
         end = marker + len(HH_ASSISTANT)
     else:
         end = len(shared)
-        at_boundary = all(end == len(text) or text[end].isspace() for text in (chosen, rejected))
+        at_boundary = all(end == len(text) or text[end].isspace() for text in texts)
         if not at_boundary:
             while end > 0 and not shared[end - 1].isspace():
                 end -= 1
@@ -559,20 +727,21 @@ def _split_implicit_text(chosen: str, rejected: str) -> Canonical:
         if end == 0:
             raise _BadRow("chosen and rejected share no leading words, so no prompt can be extracted; expected an "
                           "explicit 'prompt' field or texts that begin with the same prompt", field="prompt")
-    return chosen[:end], chosen[end:], rejected[end:]
+    return chosen[:end], chosen[end:], [text[end:] for text in rejected]
 
 
-def _split_implicit_conversation(chosen: list, rejected: list) -> Canonical:
-    """Prompt = the longest shared run of messages, backed off to end on a user turn; the rest are the responses."""
+def _split_implicit_conversation(chosen: list, rejected: list[list]) -> tuple[list, list, list[list]]:
+    """Prompt = the longest run of messages all conversations share, backed off to end on a user turn; the rest
+    are the responses."""
     end = 0
-    while end < min(len(chosen), len(rejected)) and chosen[end] == rejected[end]:
+    while end < min(len(chosen), *map(len, rejected)) and all(other[end] == chosen[end] for other in rejected):
         end += 1
     while end > 0 and not (isinstance(chosen[end - 1], dict) and chosen[end - 1].get("role") == "user"):
         end -= 1
     if end == 0:
         raise _BadRow("chosen and rejected conversations share no user turn; expected them to begin with the same "
                       "prompt messages, or an explicit 'prompt' field", field="prompt")
-    return chosen[:end], chosen[end:], rejected[end:]
+    return chosen[:end], chosen[end:], [other[end:] for other in rejected]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -582,11 +751,14 @@ def _split_implicit_conversation(chosen: list, rejected: list) -> Canonical:
 
 @dataclass(frozen=True)
 class _LlamaFactoryColumns:
-    """Column names and sharegpt tags of one registry entry (LLaMA-Factory's defaults)."""
+    """Column names and sharegpt tags of one registry entry (LLaMA-Factory's defaults); kto_tag names the label
+    column of unpaired data (None for ranking data), response the alpaca completion column of unpaired data."""
 
     formatting: str = "alpaca"
     prompt: str | None = "instruction"
     query: str | None = "input"
+    response: str = "output"
+    kto_tag: str | None = None
     history: str | None = None
     system: str | None = None
     messages: str = "conversations"
@@ -607,26 +779,27 @@ class _LlamaFactoryColumns:
         if isinstance(columns, dict):
             # As in LLaMA-Factory, a "columns" block replaces the alpaca prompt/query defaults.
             values.update(prompt=columns.get("prompt"), query=columns.get("query"), history=columns.get("history"),
-                          system=columns.get("system"))
-            for key in ("messages", "chosen", "rejected"):
+                          system=columns.get("system"), kto_tag=columns.get("kto_tag"))
+            for key in ("messages", "chosen", "rejected", "response"):
                 if columns.get(key):
                     values[key] = columns[key]
         tags = entry.get("tags")
         if isinstance(tags, dict):
-            names = {f.name for f in fields(cls) if f.name.endswith("_tag")}
+            names = {f.name for f in fields(cls) if f.name.endswith("_tag") and f.name != "kto_tag"}
             values.update({key: value for key, value in tags.items() if key in names and value})
         return cls(**values)
 
 
-def _sharegpt_columns_for(record: dict, messages_column: str) -> _LlamaFactoryColumns:
+def _sharegpt_columns_for(record: dict, messages_column: str, kto_tag: str | None = None) -> _LlamaFactoryColumns:
     """Tags for an auto-detected sharegpt row: "from"/"value" style, or "role"/"content" style."""
     messages = record.get(messages_column)
     first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
     if "role" in first or (isinstance(record.get("chosen"), dict) and "role" in record["chosen"]):
         return _LlamaFactoryColumns(formatting="sharegpt", messages=messages_column, role_tag="role",
-                                    content_tag="content", user_tag="user", assistant_tag="assistant")
+                                    content_tag="content", user_tag="user", assistant_tag="assistant",
+                                    kto_tag=kto_tag)
     return _LlamaFactoryColumns(formatting="sharegpt", messages=messages_column,
-                                system="system" if "system" in record else None)
+                                system="system" if "system" in record else None, kto_tag=kto_tag)
 
 
 def _read_registry(dataset_dir: str | None) -> tuple[dict | None, str | None]:
@@ -647,17 +820,18 @@ def _read_registry(dataset_dir: str | None) -> tuple[dict | None, str | None]:
 
 def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_dir: str | None, split: str,
                      on_bad_row: str, limit: int | None) -> LoadedData:
-    """A LLaMA-Factory registry entry: a ranking dataset from "file_name" (file or folder) or "hf_hub_url"."""
+    """A LLaMA-Factory registry entry from "file_name" (file or folder) or "hf_hub_url": a ranking dataset
+    (paired) or a dataset with a kto_tag column (unpaired)."""
     where = f"dataset '{name}'"
     if not isinstance(entry, dict):
         raise DataError(f"{where}: entry is not an object", file=registry_path)
-    if not entry.get("ranking"):
-        if isinstance(entry.get("columns"), dict) and "kto_tag" in entry["columns"]:
-            raise DataError(f"{where}: kto_tag datasets (unpaired) are not supported yet; expected a preference "
-                            "(ranking) dataset with chosen and rejected responses", file=registry_path)
-        raise DataError(f"{where}: not a preference (ranking) dataset; expected \"ranking\": true with chosen and "
-                        "rejected columns", file=registry_path)
     columns = _LlamaFactoryColumns.from_entry(entry)
+    if entry.get("ranking") and columns.kto_tag:
+        raise DataError(f"{where}: sets both \"ranking\": true and a kto_tag column; expected one of them (ranking: "
+                        "chosen/rejected pairs; kto_tag: unpaired completions with a label)", file=registry_path)
+    if not entry.get("ranking") and not columns.kto_tag:
+        raise DataError(f"{where}: not a preference (ranking) dataset; expected \"ranking\": true with chosen and "
+                        "rejected columns, or a kto_tag column (unpaired data)", file=registry_path)
     if columns.formatting not in ("alpaca", "sharegpt"):
         raise DataError(f"{where}: formatting '{columns.formatting}' is not supported; expected alpaca or sharegpt",
                         file=registry_path)
@@ -684,15 +858,37 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
                     f"(entry has {', '.join(entry)})", file=registry_path)
 
 
-def _llamafactory_converter(columns: _LlamaFactoryColumns) -> Callable[[dict], Canonical]:
+def _llamafactory_converter(columns: _LlamaFactoryColumns) -> Callable[[dict], _Example]:
     """The row converter for a registry entry."""
     if columns.formatting == "sharegpt":
         return lambda record: _convert_sharegpt(record, columns)
     return lambda record: _convert_alpaca(record, columns)
 
 
-def _convert_alpaca(record: dict, columns: _LlamaFactoryColumns) -> Canonical:
-    """Alpaca ranking row: [system], history pairs, then user = instruction + "\\n" + input; chosen/rejected strings."""
+def _convert_alpaca(record: dict, columns: _LlamaFactoryColumns) -> _Example:
+    """Alpaca row: prompt = [system], history pairs, then user = instruction + "\\n" + input. Ranking: chosen a
+    string, rejected a string or a list of strings. kto_tag: the completion is the response column (a string)."""
+    prompt = _alpaca_prompt(record, columns)
+    prompt_field = columns.prompt or "instruction"
+    if columns.kto_tag:
+        completion = _required(record, columns.response)
+        if not isinstance(completion, str):
+            raise _BadRow(f"is {_kind(completion)}; expected a string response (alpaca format)", field=columns.response)
+        label = _coerced_label(record.get(columns.kto_tag), columns.kto_tag)
+        renames = {"prompt": prompt_field, "completion": columns.response}
+        return _renamed_fields(renames, lambda: _validated_unpaired(prompt, _assistant(completion), label))
+    chosen = _required(record, columns.chosen)
+    rejected = _rejected_responses(_required(record, columns.rejected), columns.rejected)
+    for column, values in ((columns.chosen, [chosen]), (columns.rejected, rejected)):
+        for value in values:
+            if not isinstance(value, str):
+                raise _BadRow(f"is {_kind(value)}; expected a string response (alpaca ranking format)", field=column)
+    renames = {"prompt": prompt_field, "chosen": columns.chosen, "rejected": columns.rejected}
+    return _renamed_fields(renames, lambda: _validated(prompt, _assistant(chosen),
+                                                       [_assistant(response) for response in rejected]))
+
+
+def _alpaca_prompt(record: dict, columns: _LlamaFactoryColumns) -> list[Message]:
     prompt: list[Message] = []
     system = record.get(columns.system) if columns.system else None
     if system:
@@ -713,17 +909,45 @@ def _convert_alpaca(record: dict, columns: _LlamaFactoryColumns) -> Canonical:
     if not all(isinstance(part, str) for part in parts):
         raise _BadRow("is not text; expected a string instruction", field=columns.prompt)
     prompt.append({"role": "user", "content": "\n".join(parts)})
-    chosen = _required(record, columns.chosen)
-    rejected = _required(record, columns.rejected)
-    for column, value in ((columns.chosen, chosen), (columns.rejected, rejected)):
-        if not isinstance(value, str):
-            raise _BadRow(f"is {_kind(value)}; expected a string response (alpaca ranking format)", field=column)
-    return _renamed_fields(columns, prompt, [{"role": "assistant", "content": chosen}],
-                           [{"role": "assistant", "content": rejected}], prompt_field=columns.prompt or "instruction")
+    return prompt
 
 
-def _convert_sharegpt(record: dict, columns: _LlamaFactoryColumns) -> Canonical:
-    """Sharegpt ranking row: [system] + user/assistant turns ending on user; chosen/rejected message objects."""
+def _assistant(content: str) -> list[Message]:
+    return [{"role": "assistant", "content": content}]
+
+
+def _convert_sharegpt(record: dict, columns: _LlamaFactoryColumns) -> _Example:
+    """Sharegpt row. Ranking: [system] + user/assistant turns ending on user; chosen a message object, rejected
+    one or a list of them (one per rejected response). kto_tag: the turns end on the assistant completion;
+    everything before is the prompt."""
+    turns = _sharegpt_turns(record, columns)
+    if columns.kto_tag:
+        if turns[-1]["role"] != "assistant":
+            raise _BadRow(f"ends on a {turns[-1]['role']} turn; expected the last turn to be the assistant "
+                          "completion (kto_tag data)", field=columns.messages)
+        label = _coerced_label(record.get(columns.kto_tag), columns.kto_tag)
+        renames = {"prompt": columns.messages, "completion": columns.messages}
+        return _renamed_fields(renames, lambda: _validated_unpaired(turns[:-1], turns[-1:], label))
+    chosen = _sharegpt_response(_required(record, columns.chosen), columns, columns.chosen)
+    responses = _required(record, columns.rejected)
+    if isinstance(responses, list):  # a list of message objects: one per rejected response
+        if not responses:
+            raise _BadRow("is an empty list; expected a message object, or a non-empty list of them",
+                          field=columns.rejected)
+    else:
+        responses = [responses]
+    rejected = []
+    for index, value in enumerate(responses):
+        try:
+            rejected.append(_sharegpt_response(value, columns, columns.rejected))
+        except _BadRow as bad:
+            raise (_BadRow(f"response {index} {bad.reason}", field=bad.field) if len(responses) > 1 else bad) from None
+    renames = {"prompt": columns.messages, "chosen": columns.chosen, "rejected": columns.rejected}
+    return _renamed_fields(renames, lambda: _validated(turns, chosen, rejected))
+
+
+def _sharegpt_turns(record: dict, columns: _LlamaFactoryColumns) -> list[Message]:
+    """The messages column (plus a system column) as role/content messages; tool turns are refused."""
     messages = record.get(columns.messages)
     if not isinstance(messages, list) or not messages:
         raise _BadRow(f"is {_kind(messages)}; expected a non-empty list of turns", field=columns.messages)
@@ -731,14 +955,14 @@ def _convert_sharegpt(record: dict, columns: _LlamaFactoryColumns) -> Canonical:
         if not isinstance(message, dict) or columns.role_tag not in message or columns.content_tag not in message:
             raise _BadRow(f"turn {index} is {message!r:.80}; expected an object with '{columns.role_tag}' and "
                           f"'{columns.content_tag}'", field=columns.messages)
-    prompt: list[Message] = []
+    turns: list[Message] = []
     if messages[0][columns.role_tag] == columns.system_tag:
         system = messages[0][columns.content_tag]
         messages = messages[1:]
     else:
         system = record.get(columns.system) if columns.system else None
     if system:
-        prompt.append({"role": "system", "content": system})
+        turns.append({"role": "system", "content": system})
     tag_roles = {columns.user_tag: "user", columns.assistant_tag: "assistant"}
     for message in messages:
         tag = message[columns.role_tag]
@@ -748,25 +972,26 @@ def _convert_sharegpt(record: dict, columns: _LlamaFactoryColumns) -> Canonical:
         if tag not in tag_roles:
             raise _BadRow(f"has a turn tagged {tag!r}; expected '{columns.user_tag}' or '{columns.assistant_tag}' "
                           f"(and '{columns.system_tag}' only first)", field=columns.messages)
-        prompt.append({"role": tag_roles[tag], "content": message[columns.content_tag]})
-    responses = []
-    for column in (columns.chosen, columns.rejected):
-        value = _required(record, column)
-        if not isinstance(value, dict) or columns.content_tag not in value:
-            raise _BadRow(f"is {_kind(value)}; expected a message object {{'{columns.role_tag}': "
-                          f"'{columns.assistant_tag}', '{columns.content_tag}': ...}}", field=column)
-        tag = value.get(columns.role_tag, columns.assistant_tag)
-        if tag != columns.assistant_tag:
-            raise _BadRow(f"has role {tag!r}; expected '{columns.assistant_tag}'", field=column)
-        responses.append([{"role": "assistant", "content": value[columns.content_tag]}])
-    return _renamed_fields(columns, prompt, *responses, prompt_field=columns.messages)
+        turns.append({"role": tag_roles[tag], "content": message[columns.content_tag]})
+    if not turns:
+        raise _BadRow("holds only a system turn; expected user and assistant turns", field=columns.messages)
+    return turns
 
 
-def _renamed_fields(columns: _LlamaFactoryColumns, prompt: list, chosen: list, rejected: list,
-                    prompt_field: str) -> Canonical:
-    """Validate canonical messages, reporting problems under the source file's own column names."""
-    renames = {"prompt": prompt_field, "chosen": columns.chosen, "rejected": columns.rejected}
+def _sharegpt_response(value: Any, columns: _LlamaFactoryColumns, column: str) -> list[Message]:
+    """A chosen/rejected message object as a one-message assistant response."""
+    if not isinstance(value, dict) or columns.content_tag not in value:
+        raise _BadRow(f"is {_kind(value)}; expected a message object {{'{columns.role_tag}': "
+                      f"'{columns.assistant_tag}', '{columns.content_tag}': ...}}", field=column)
+    tag = value.get(columns.role_tag, columns.assistant_tag)
+    if tag != columns.assistant_tag:
+        raise _BadRow(f"has role {tag!r}; expected '{columns.assistant_tag}'", field=column)
+    return _assistant(value[columns.content_tag])
+
+
+def _renamed_fields(renames: dict[str, str], build: Callable[[], _Example]) -> _Example:
+    """Run a canonical validation, reporting problems under the source file's own column names."""
     try:
-        return _validated(prompt, chosen, rejected)
+        return build()
     except _BadRow as bad:
         raise _BadRow(bad.reason, field=renames.get(bad.field, bad.field)) from None

@@ -1,11 +1,22 @@
-"""Tokenize preference pairs into prompt / chosen / rejected token ids.
+"""Tokenize preference data into prompt / completion token ids.
 
-Input: a `datasets.Dataset` in TRL's explicit-prompt form with an int "row" column, either text
+Input: a `datasets.Dataset` in the canonical form of `preftune.data.formats` with an int "row" column, either text
 (`prompt`, `chosen`, `rejected` are strings) or conversational (`prompt` is a list of {role, content} messages ending
-with a user turn; `chosen` / `rejected` are lists holding the assistant message).
+with a user turn; `chosen` / `rejected` are lists holding the assistant message). Two further kinds:
 
-Output: one shared `prompt_ids` and two completions `chosen_ids` / `rejected_ids` per pair, so that
-`prompt_ids + chosen_ids` is the tokenized prompt+chosen sequence (and likewise for rejected).
+- several negatives: `rejected` is a list of M >= 2 responses (strings, or message lists); every row has the same M.
+- unpaired (KTO): columns `prompt`, `completion` (a string, or a list holding the assistant message) and `label`
+  (bool) instead of chosen/rejected.
+
+Output: one shared `prompt_ids` and the completions per row, so that `prompt_ids + chosen_ids` is the tokenized
+prompt+chosen sequence (and likewise for each rejected response, or for the unpaired completion):
+
+- pairs: `chosen_ids` and `rejected_ids` (list[int]);
+- M negatives: `chosen_ids` (list[int]) and `rejected_ids` (list[list[int]], M lists);
+- unpaired: `completion_ids` (list[int]) and `label` (bool).
+
+Every rule below is stated for a pair; with M negatives or an unpaired completion it applies the same way to the
+M + 1 (or the one) completions sharing the row's prompt.
 
 How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differences listed below):
 
@@ -19,19 +30,19 @@ How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differenc
   tokenized with `add_special_tokens=False` so the sequence never starts with two BOS. Differs from TRL, whose
   conversational path never adds special tokens (a ChatML template on a Llama tokenizer gets no BOS there) and whose
   text path doubles a BOS written into the prompt.
-- Prefix rule: the prompt's length is the common prefix of `prompt_ids` with BOTH full sequences; the completions
+- Prefix rule: the prompt's length is the common prefix of `prompt_ids` with ALL full sequences; the completions
   are what follows it. Normally that is all of `prompt_ids`; when a token merges across the prompt/completion
   boundary (GPT-2: "walk" + "ing" -> " walking") or the template renders the prompt differently, the prompt is cut
   back to the common prefix and the pair is counted in `prefix_mismatch` (same rule as TRL).
 - Truncation, `max_length` = prompt + one completion, in tokens:
   - keep_start: a pair whose prompt has `>= max_length` tokens is dropped (no room); otherwise each completion's end
     is cut to fit. Same as TRL.
-  - keep_end: both completions keep ALL their tokens and share ONE prompt whose start is cut by
-    `len(prompt) + max(len(chosen), len(rejected)) - max_length`; when that leaves no prompt token (the longer
+  - keep_end: all completions keep ALL their tokens and share ONE prompt whose start is cut by
+    `len(prompt) + max(len(chosen), len(rejected)) - max_length`; when that leaves no prompt token (the longest
     completion alone fills `max_length`), the pair is dropped. Differs from TRL, which cuts each prompt+completion
     sequence separately, so there chosen and rejected can see different prompt starts.
   - `max_length=None`: nothing is cut.
-- Dropped as "no room" (counted by source row id): a pair whose final prompt or either final completion is empty.
+- Dropped as "no room" (counted by source row id): a pair whose final prompt or any final completion is empty.
   Besides the truncation cases above this drops pairs whose prompt tokenizes to nothing (an empty prompt with a
   tokenizer that adds no BOS, or a boundary merge at its first token): the first completion token would have no
   context to be predicted from. TRL keeps those pairs.
@@ -55,21 +66,19 @@ logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 OUTPUT_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "row"]
+UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 
 # Bump when the tokenization logic changes, so that caches written by an older version are not reused.
-_TOKENIZE_VERSION = 1
+# 2: several rejected responses per prompt, unpaired data; the cache key names the kind and M.
+_TOKENIZE_VERSION = 2
 
-_MAPPED_FEATURES = datasets.Features(
-    {
-        "prompt_ids": datasets.List(datasets.Value("int32")),
-        "chosen_ids": datasets.List(datasets.Value("int32")),
-        "rejected_ids": datasets.List(datasets.Value("int32")),
-        "prefix_mismatch": datasets.Value("bool"),
-        "truncated": datasets.Value("bool"),
-        "no_room": datasets.Value("bool"),
-        "row": datasets.Value("int64"),
-    }
-)
+_IDS = datasets.List(datasets.Value("int32"))
+_FLAG_FEATURES = {
+    "prefix_mismatch": datasets.Value("bool"),
+    "truncated": datasets.Value("bool"),
+    "no_room": datasets.Value("bool"),
+    "row": datasets.Value("int64"),
+}
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class TokenizeSettings:
 
 @dataclass
 class TokenizationStats:
-    """What happened to the pairs.
+    """What happened to the pairs (for unpaired data: to the prompt/completion rows).
 
     Attributes:
         rows_in: pairs read.
@@ -129,10 +138,21 @@ class TokenizationStats:
 
 @dataclass
 class TokenizedData:
-    """The tokenized pairs: `dataset` has columns prompt_ids, chosen_ids, rejected_ids (list[int]) and row."""
+    """The tokenized data.
+
+    Attributes:
+        dataset: paired: columns prompt_ids, chosen_ids (list[int]), rejected_ids (list[int]; list[list[int]] of
+            num_negatives lists when num_negatives >= 2) and row. Unpaired: prompt_ids, completion_ids (list[int]),
+            label (bool) and row.
+        stats: what happened to the rows.
+        kind: "paired" or "unpaired".
+        num_negatives: rejected responses per prompt (M); 1 for classic pairs and for unpaired data.
+    """
 
     dataset: datasets.Dataset
     stats: TokenizationStats
+    kind: str = "paired"
+    num_negatives: int = 1
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
@@ -197,55 +217,51 @@ def _chat_template_for(tokenizer, settings: TokenizeSettings) -> str:
     return template
 
 
-def _full_sequences(example: dict, tokenizer, settings: TokenizeSettings) -> tuple[list[int], list[int], list[int]]:
-    """(prompt_ids, prompt+chosen ids, prompt+rejected ids) before the prefix rule and truncation."""
+def _full_sequences(
+    example: dict, completions: list[tuple[str, object]], tokenizer, settings: TokenizeSettings
+) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, [prompt+completion ids for each completion]) before the prefix rule and truncation.
+
+    `completions` are (field name for errors, completion) pairs: strings for a text prompt, one-message lists for a
+    conversational one.
+    """
     row = example.get("row")
-    for field in ("prompt", "chosen", "rejected"):
-        if field not in example or example[field] is None:
+    prompt = example.get("prompt")
+    for field, value in [("prompt", prompt), *completions]:
+        if value is None:
             raise DataError("missing value", row=row, field=field)
 
     if _is_conversational(example):
         template = _chat_template_for(tokenizer, settings)
-        for field in ("prompt", "chosen", "rejected"):
-            _check_messages(example[field], row, field)
-        prompt = list(example["prompt"])
+        for field, value in [("prompt", prompt), *completions]:
+            _check_messages(value, row, field)
+        prompt = list(prompt)
         prompt_text = _render(tokenizer, prompt, template, add_generation_prompt=True, row=row)
-        chosen_text = _render(tokenizer, prompt + list(example["chosen"]), template, False, row)
-        rejected_text = _render(tokenizer, prompt + list(example["rejected"]), template, False, row)
-        return _encode(tokenizer, prompt_text), _encode(tokenizer, chosen_text), _encode(tokenizer, rejected_text)
+        full_texts = [_render(tokenizer, prompt + list(value), template, False, row) for _, value in completions]
+        return _encode(tokenizer, prompt_text), [_encode(tokenizer, text) for text in full_texts]
 
-    for field in ("prompt", "chosen", "rejected"):
-        if not isinstance(example[field], str):
+    for field, value in [("prompt", prompt), *completions]:
+        if not isinstance(value, str):
             raise DataError(
-                f"expected a string (text pair) like 'prompt', got {type(example[field]).__name__}",
-                row=row,
-                field=field,
+                f"expected a string (text pair) like 'prompt', got {type(value).__name__}", row=row, field=field
             )
-    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
     eos = tokenizer.eos_token
     if settings.add_eos and eos:
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-    return _encode(tokenizer, prompt), _encode(tokenizer, prompt + chosen), _encode(tokenizer, prompt + rejected)
+        completions = [(field, value if value.endswith(eos) else value + eos) for field, value in completions]
+    return _encode(tokenizer, prompt), [_encode(tokenizer, prompt + value) for _, value in completions]
 
 
-def tokenize_pair(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
-    """Tokenize one preference pair (text or conversational form; see the module docstring for the rules).
+def _split_and_truncate(
+    prompt_ids: list[int], full_ids: list[list[int]], settings: TokenizeSettings
+) -> tuple[list[int], list[list[int]], dict]:
+    """Apply the prefix rule and truncation to one prompt shared by several completions (module docstring).
 
-    Returns:
-        {"prompt_ids", "chosen_ids", "rejected_ids": list[int], "prefix_mismatch", "truncated", "no_room": bool}.
-        When `no_room` is True the pair must be dropped and the three id lists are empty.
-
-    Raises:
-        DataError: a field is missing or has the wrong shape (row from example["row"]), or the chat template
-            rejects the conversation.
-        ConfigError: conversational data without any chat template, or a template that is not valid Jinja.
+    Returns (prompt, completions, flags) with flags {"prefix_mismatch", "truncated", "no_room"}; when no_room the
+    prompt and every completion are empty.
     """
-    prompt_ids, chosen_full, rejected_full = _full_sequences(example, tokenizer, settings)
-
-    prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
+    prompt_len = min(common_prefix_length(prompt_ids, full) for full in full_ids)
     prefix_mismatch = prompt_len < len(prompt_ids)
-    prompt, chosen, rejected = prompt_ids[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:]
+    prompt, completions = prompt_ids[:prompt_len], [full[prompt_len:] for full in full_ids]
 
     truncated = False
     max_length = settings.max_length
@@ -255,24 +271,83 @@ def tokenize_pair(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
                 prompt = []
             else:
                 room = max_length - len(prompt)
-                truncated = len(chosen) > room or len(rejected) > room
-                chosen, rejected = chosen[:room], rejected[:room]
+                truncated = any(len(completion) > room for completion in completions)
+                completions = [completion[:room] for completion in completions]
         else:  # keep_end: one shared prompt, cut at its start; completions kept whole
-            cut = max(0, len(prompt) + max(len(chosen), len(rejected)) - max_length)
+            cut = max(0, len(prompt) + max(map(len, completions)) - max_length)
             truncated = cut > 0
             prompt = prompt[cut:]
 
-    no_room = not prompt or not chosen or not rejected
+    no_room = not prompt or not all(completions)
     if no_room:
-        prompt, chosen, rejected, truncated = [], [], [], False
+        prompt, completions, truncated = [], [[] for _ in completions], False
+    return prompt, completions, {"prefix_mismatch": prefix_mismatch, "truncated": truncated, "no_room": no_room}
+
+
+def rejected_responses(example: dict) -> list:
+    """The rejected responses of a canonical example as a list: a list of strings or of message lists holds
+    several; a string or a message list (a list of message dicts) is one.
+
+    Raises:
+        DataError: rejected is missing or an empty list.
+    """
+    rejected = example.get("rejected")
+    row = example.get("row")
+    if rejected is None:
+        raise DataError("missing value", row=row, field="rejected")
+    if isinstance(rejected, list):
+        if not rejected:
+            raise DataError("is an empty list; expected at least one rejected response", row=row, field="rejected")
+        if not any(isinstance(item, dict) for item in rejected):
+            return list(rejected)
+    return [rejected]
+
+
+def tokenize_pair(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
+    """Tokenize one preference row (text or conversational form; see the module docstring for the rules).
+
+    `example["rejected"]` is one response, or a list of M responses (see `rejected_responses`); the prompt is shared
+    by chosen and every rejected response.
+
+    Returns:
+        {"prompt_ids", "chosen_ids": list[int], "rejected_ids": list[int] for one response (a list of one counts as
+        one), list[list[int]] (M lists) for M >= 2, "prefix_mismatch", "truncated", "no_room": bool}.
+        When `no_room` is True the row must be dropped and every id list is empty.
+
+    Raises:
+        DataError: a field is missing or has the wrong shape (row from example["row"]), or the chat template
+            rejects the conversation.
+        ConfigError: conversational data without any chat template, or a template that is not valid Jinja.
+    """
+    rejected = rejected_responses(example)
+    completions = [("chosen", example.get("chosen"))] + [("rejected", response) for response in rejected]
+    prompt_ids, full_ids = _full_sequences(example, completions, tokenizer, settings)
+    prompt, (chosen, *rejected_ids), flags = _split_and_truncate(prompt_ids, full_ids, settings)
     return {
         "prompt_ids": prompt,
         "chosen_ids": chosen,
-        "rejected_ids": rejected,
-        "prefix_mismatch": prefix_mismatch,
-        "truncated": truncated,
-        "no_room": no_room,
+        "rejected_ids": rejected_ids if len(rejected_ids) > 1 else rejected_ids[0],
+        **flags,
     }
+
+
+def tokenize_unpaired(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
+    """Tokenize one unpaired row {"prompt", "completion", "label": bool} (same rules as a pair, one completion).
+
+    Returns:
+        {"prompt_ids", "completion_ids": list[int], "label": bool, "prefix_mismatch", "truncated", "no_room": bool};
+        when `no_room` is True the row must be dropped and both id lists are empty.
+
+    Raises:
+        DataError: a field is missing or has the wrong shape, or the label is not a bool.
+        ConfigError: as for `tokenize_pair`.
+    """
+    label = example.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"expected a bool label, got {label!r:.40}", row=example.get("row"), field="label")
+    prompt_ids, full_ids = _full_sequences(example, [("completion", example.get("completion"))], tokenizer, settings)
+    prompt, (completion,), flags = _split_and_truncate(prompt_ids, full_ids, settings)
+    return {"prompt_ids": prompt, "completion_ids": completion, "label": label, **flags}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -296,20 +371,69 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hasher.hexdigest()
 
 
+def data_kind(dataset: datasets.Dataset) -> tuple[str, int]:
+    """(kind, M) of a canonical dataset: "unpaired" when it has completion and label columns and no chosen,
+    else "paired" with M = the number of rejected responses in its first row (1 when empty).
+
+    Raises:
+        DataError: a column the kind needs is missing (field = the first missing column).
+    """
+    columns = dataset.column_names
+    kind = "unpaired" if {"completion", "label"} <= set(columns) and "chosen" not in columns else "paired"
+    needed = ("prompt", "completion", "label") if kind == "unpaired" else ("prompt", "chosen", "rejected")
+    missing = [column for column in needed if column not in columns]
+    if missing:
+        raise DataError(
+            f"the dataset lacks column(s) {', '.join(missing)}; expected prompt, chosen, rejected (and row), or "
+            "prompt, completion, label (and row) for unpaired data",
+            field=missing[0],
+        )
+    if kind == "unpaired" or len(dataset) == 0:
+        return kind, 1
+    return kind, len(rejected_responses(dataset[0]))
+
+
 def tokenization_fingerprint(dataset: datasets.Dataset, tokenizer, settings: TokenizeSettings) -> str:
-    """sha256 (64 hex chars) of the dataset's fingerprint, the tokenizer and the settings: the cache key."""
+    """sha256 (64 hex chars) of the dataset's fingerprint, its kind and M, the tokenizer and the settings: the
+    cache key."""
+    kind, num_negatives = data_kind(dataset)
     key = {
         "version": _TOKENIZE_VERSION,
         "dataset": dataset._fingerprint,
+        "kind": kind,
+        "num_negatives": num_negatives,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": asdict(settings),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _tokenize_row(example: dict, index: int, tokenizer, settings: TokenizeSettings) -> dict:
-    output = tokenize_pair(example, tokenizer, settings)
-    output["row"] = example["row"] if example.get("row") is not None else index
+def _mapped_features(kind: str, num_negatives: int) -> datasets.Features:
+    if kind == "unpaired":
+        columns = {"prompt_ids": _IDS, "completion_ids": _IDS, "label": datasets.Value("bool")}
+    else:
+        rejected = datasets.List(_IDS) if num_negatives > 1 else _IDS
+        columns = {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejected_ids": rejected}
+    return datasets.Features({**columns, **_FLAG_FEATURES})
+
+
+def _tokenize_row(
+    example: dict, index: int, tokenizer, settings: TokenizeSettings, kind: str, num_negatives: int
+) -> dict:
+    row = example["row"] if example.get("row") is not None else index
+    if kind == "unpaired":
+        output = tokenize_unpaired(example, tokenizer, settings)
+    else:
+        count = len(rejected_responses(example))
+        if count != num_negatives:
+            raise DataError(
+                f"has {count} rejected responses but the first row has {num_negatives}; expected the same number "
+                "in every row",
+                row=row,
+                field="rejected",
+            )
+        output = tokenize_pair(example, tokenizer, settings)
+    output["row"] = row
     return output
 
 
@@ -321,23 +445,23 @@ def tokenize_dataset(
     cache_dir: str | None = None,
     desc: str = "Tokenizing",
 ) -> TokenizedData:
-    """Tokenize every pair of `dataset` (see the module docstring), drop the pairs without room, count what happened.
+    """Tokenize every row of `dataset` (see the module docstring), drop the rows without room, count what happened.
+
+    The kind comes from the columns and M from the first row (`data_kind`); every row must have that M.
 
     With `cache_dir`, the tokenized table is written to `<cache_dir>/tokenized-<fingerprint>.arrow`, the fingerprint
-    covering the dataset's own fingerprint, the tokenizer (vocabulary, normalizer, special tokens, chat template) and
-    `settings`: rerunning on the same inputs loads that file, and any change writes a new one. A dataset without a
-    "row" column gets its 0-based index as row id.
+    covering the dataset's own fingerprint, its kind and M, the tokenizer (vocabulary, normalizer, special tokens,
+    chat template) and `settings`: rerunning on the same inputs loads that file, and any change writes a new one. A
+    dataset without a "row" column gets its 0-based index as row id.
 
     Returns:
-        TokenizedData whose dataset has only the columns prompt_ids, chosen_ids, rejected_ids, row.
-    """
-    missing = [column for column in ("prompt", "chosen", "rejected") if column not in dataset.column_names]
-    if missing:
-        raise DataError(
-            f"the dataset lacks column(s) {', '.join(missing)}; expected prompt, chosen, rejected (and row)",
-            field=missing[0],
-        )
+        TokenizedData whose dataset has only the columns OUTPUT_COLUMNS (paired; rejected_ids holds M lists when
+        M >= 2) or UNPAIRED_OUTPUT_COLUMNS (unpaired), with kind and num_negatives set.
 
+    Raises:
+        DataError: a missing column, a bad row, or a row whose number of rejected responses differs from the first.
+    """
+    kind, num_negatives = data_kind(dataset)
     fingerprint = tokenization_fingerprint(dataset, tokenizer, settings)
     map_kwargs = {}
     if cache_dir is not None:
@@ -348,9 +472,9 @@ def tokenize_dataset(
     mapped = dataset.map(
         _tokenize_row,
         with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+        fn_kwargs={"tokenizer": tokenizer, "settings": settings, "kind": kind, "num_negatives": num_negatives},
         remove_columns=list(dataset.column_names),
-        features=_MAPPED_FEATURES,
+        features=_mapped_features(kind, num_negatives),
         new_fingerprint=fingerprint,
         desc=desc,
         **map_kwargs,
@@ -368,28 +492,34 @@ def tokenize_dataset(
     )
 
     result = mapped if not dropped else mapped.select(kept, keep_in_memory=True)
-    result = result.select_columns(OUTPUT_COLUMNS)
+    result = result.select_columns(UNPAIRED_OUTPUT_COLUMNS if kind == "unpaired" else OUTPUT_COLUMNS)
+    _log_stats(stats, settings, "rows" if kind == "unpaired" else "pairs")
+    return TokenizedData(dataset=result, stats=stats, kind=kind, num_negatives=num_negatives)
 
+
+def _log_stats(stats: TokenizationStats, settings: TokenizeSettings, unit: str) -> None:
     if stats.prefix_mismatch:
         logger.warning(
-            "%d of %d pairs: the tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge "
+            "%d of %d %s: the tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge "
             "across the boundary, or the chat template renders the prompt differently); their prompt was cut back "
             "to the tokens both agree on and the completion starts there.",
             stats.prefix_mismatch,
             stats.rows_out,
+            unit,
         )
-    if dropped:
+    if stats.dropped_no_room:
+        dropped = stats.dropped_no_room
         shown = ", ".join(str(row) for row in dropped[:10]) + (", ..." if len(dropped) > 10 else "")
         logger.warning(
-            "dropped %d of %d pairs with no room for a response (max_length=%s, truncation_mode=%s): rows %s",
+            "dropped %d of %d %s with no room for a response (max_length=%s, truncation_mode=%s): rows %s",
             len(dropped),
             stats.rows_in,
+            unit,
             settings.max_length,
             settings.truncation_mode,
             shown,
         )
     if stats.truncated:
         logger.info(
-            "truncated %d of %d kept pairs to max_length=%s", stats.truncated, stats.rows_out, settings.max_length
+            "truncated %d of %d kept %s to max_length=%s", stats.truncated, stats.rows_out, unit, settings.max_length
         )
-    return TokenizedData(dataset=result, stats=stats)
