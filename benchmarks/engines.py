@@ -49,7 +49,7 @@ class RunSpec:
     beta: float = 0.1
     seed: int = 0
     device: str = "cpu"
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"
     gradient_checkpointing: bool = False
     output_dir: str | None = None
 

@@ -82,7 +82,6 @@ NOT_SUPPORTED_YET = {
     "flash_attn": "fa2",
     "push_to_hub": True,
     "hub_model_id": "me/model",
-    "torch_compile": True,
     "gradient_checkpointing_kwargs": {"use_reentrant": False},
     "model_init_kwargs": {"device_map": "auto"},
     "lr_scheduler_kwargs": {"num_cycles": 2},

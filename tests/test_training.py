@@ -141,3 +141,33 @@ def test_auto_padding_free_runs_long_rows_one_by_one_and_short_rows_padded():
     short_pairs = [{"prompt_ids": [1, 2], "chosen_ids": [5], "rejected_ids": [6]} for _ in range(2)]
     assert padding_free_pays(collate_pairs(long_pairs, pad_token_id=0))
     assert not padding_free_pays(collate_pairs(short_pairs, pad_token_id=0))
+
+
+@pytest.mark.parametrize("optim, fused", [("adamw_torch_fused", True), ("adamw_torch", None)])
+def test_optim_selects_the_fused_kernel_or_the_default_with_the_same_updates(stories_model_dir, tmp_path, optim, fused):
+    trainer, _ = train_one_step(stories_model_dir, tmp_path / optim, max_steps=2, optim=optim)
+    reference, _ = train_one_step(stories_model_dir, tmp_path / "default", max_steps=2)  # default: fused
+    assert reference.model is not trainer.model
+    losses = [record["loss"] for record in trainer.state.log_history]
+    assert losses == pytest.approx([record["loss"] for record in reference.state.log_history], rel=1e-5)
+    for (name, a), (_, b) in zip(reference.model.named_parameters(), trainer.model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_optimizer_is_fused_by_default(stories_model_dir, tmp_path):
+    trainer = DPOTrainer(model=str(stories_model_dir), args=make_config(tmp_path), train_dataset=STORY_PAIRS)
+    assert trainer._optimizer(trainer.model).defaults["fused"] is True
+    trainer = DPOTrainer(model=str(stories_model_dir), args=make_config(tmp_path / "b", optim="adamw_torch"), train_dataset=STORY_PAIRS)
+    assert not trainer._optimizer(trainer.model).defaults["fused"]
+
+
+def test_torch_compile_follows_the_eager_loss_trajectory(stories_model_dir, tmp_path):
+    """The compiled body (one-off compilation: about a minute on 2 CPU cores) gives eager's losses and weights."""
+    settings = dict(max_steps=3, per_device_train_batch_size=4, adam_epsilon=1.0)
+    eager, _ = train_one_step(stories_model_dir, tmp_path / "eager", **settings)
+    compiled, _ = train_one_step(stories_model_dir, tmp_path / "compiled", **settings, torch_compile=True)
+    assert compiled.model.model._compiled_call_impl is not None  # the body really is compiled
+    got = [record["loss"] for record in compiled.state.log_history]
+    assert got == pytest.approx([record["loss"] for record in eager.state.log_history], rel=1e-5, abs=1e-6)
+    for (name, a), (_, b) in zip(eager.model.named_parameters(), compiled.model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

@@ -3,7 +3,7 @@
 ``DPOConfig`` takes TRL's ``DPOConfig`` / transformers ``TrainingArguments`` keyword names (``beta``,
 ``loss_type``, ``learning_rate``, ...) and also LLaMA-Factory's names as aliases (``pref_beta``, ``pref_loss``,
 ``cutoff_len``, ...), so an existing TRL script or LLaMA-Factory YAML runs with few or no edits. Defaults follow
-TRL 1.16 except where noted in a field's description (``bf16``, ``gradient_checkpointing``, ``optim``,
+TRL 1.16 except where noted in a field's description (``bf16``, ``gradient_checkpointing``,
 ``output_dir``, ``overwrite_output_dir``).
 
 Every way of building a config reports problems as :class:`~preftune.errors.ConfigError` naming the key, the
@@ -311,9 +311,10 @@ class DPOConfig(BaseModel):
     adam_beta2: float = _field(0.999, "AdamW β2.", ge=0, lt=1)
     adam_epsilon: float = _field(1e-8, "AdamW ε.", ge=0)
     optim: str = _field(
-        "adamw_torch",
-        "Optimizer: `adamw_torch`, `adamw_torch_fused` or `adamw_hf` (an alias of `adamw_torch`). TRL 1.16 defaults "
-        "to `adamw_torch_fused`; preftune defaults to `adamw_torch`, which runs everywhere.",
+        "adamw_torch_fused",
+        "Optimizer: `adamw_torch_fused` (TRL 1.16's default: torch's fused AdamW kernel, on CPU too; about 4x faster "
+        "than the per-tensor loop for a 20 M model), `adamw_torch` (torch's AdamW, default implementation) or "
+        "`adamw_hf` (an alias of `adamw_torch`). Where the fused kernel is unavailable it falls back, with a warning.",
     )
     per_device_train_batch_size: int = _field(8, "Preference pairs per device per micro-batch in training.", ge=1)
     per_device_eval_batch_size: int = _field(8, "Preference pairs per device per batch in evaluation.", ge=1)
@@ -360,6 +361,12 @@ class DPOConfig(BaseModel):
         "model types fall back to full logits.",
     )
     lm_head_chunk_size: int = _field(1024, "Tokens per chunk of the chunked LM head.", ge=1)
+    torch_compile: bool = _field(
+        False,
+        "Compile the transformer body of policy and reference with `torch.compile(dynamic=True)` (the LM head stays "
+        "eager: it is the chunked head's). Costs a one-off compilation (tens of seconds on CPU, needs a C++ "
+        "compiler there); then each step runs faster (see the README's benchmark).",
+    )
     max_tokens_per_batch: int | None = _field(
         None,
         "Token budget per micro-batch (prompt counted once per row with prefix sharing, padding not counted): rows "
@@ -441,7 +448,6 @@ class DPOConfig(BaseModel):
     flash_attn: Any = _later("auto", "Attention implementation (LLaMA-Factory).", type_name="string")
     push_to_hub: Any = _later(False, "Upload the model to the Hugging Face Hub.", type_name="bool")
     hub_model_id: Any = _later(None, "Hub repository to push to.", type_name="string or null")
-    torch_compile: Any = _later(False, "Compile the model with `torch.compile`.", type_name="bool")
     gradient_checkpointing_kwargs: Any = _later(
         None, "Extra arguments for gradient checkpointing.", type_name="dict or null", accepted=[None, {}]
     )

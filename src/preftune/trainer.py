@@ -155,6 +155,10 @@ class DPOTrainer:
         if self.args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+        if self.args.torch_compile:
+            for module in (self.model, self.reference.model if self.reference else None):
+                if module is not None:
+                    compile_body(module)
 
         train_source = train_dataset if train_dataset is not None else self.args.dataset
         if train_source is None and self.args.do_train:
@@ -294,9 +298,13 @@ class DPOTrainer:
             {"params": decay, "weight_decay": self.args.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(
-            groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
-        )
+        settings = dict(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        if self.args.optim == "adamw_torch_fused":
+            try:
+                return torch.optim.AdamW(groups, fused=True, **settings)
+            except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel
+                logger.warning("fused AdamW unavailable (%s); using the default implementation", error)
+        return torch.optim.AdamW(groups, **settings)
 
     def _total_steps(self) -> tuple[int, int]:
         """``(total optimizer steps, steps per epoch)``."""
@@ -532,6 +540,19 @@ def padding_free_pays(batch: PreferenceBatch) -> bool:
     """Auto rule for ``padding_free``: forward row by row when rows are long enough to keep matmuls efficient."""
     lengths = batch.row_lengths if batch.row_lengths is not None else batch.without_padding().row_lengths
     return len(lengths) > 1 and sum(lengths) / len(lengths) >= PADDING_FREE_MIN_MEAN_ROW_TOKENS
+
+
+def compile_body(model: nn.Module) -> None:
+    """``torch.compile`` the transformer body in place (``Module.compile``: parameter names and saving unchanged).
+
+    Only the body: the output layer is bypassed by the chunked LM head, and shapes vary from batch to batch,
+    hence ``dynamic=True``.
+    """
+    inner = unwrap_model(model)
+    body = getattr(inner, "base_model", None)
+    if body is None or body is inner:
+        raise ConfigError(f"torch_compile: cannot find the transformer body of {type(inner).__name__}", key="torch_compile")
+    body.compile(dynamic=True)
 
 
 def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
