@@ -59,7 +59,7 @@ class StepClock:
 
     Uses public PyTorch hooks only: a global optimizer step post-hook (fires for any ``torch.optim`` optimizer,
     also under accelerate's wrapper) and a forward pre-hook on the policy that counts the real tokens (``attention_mask``
-    ones; the diagonal of a 4-D boolean mask) of forwards run with gradients enabled: the policy's training forwards
+    ones; in a 4-D boolean mask, the queries that see the row's first token) of forwards run with gradients enabled: the policy's training forwards
     (the reference runs without gradients).
     """
 
@@ -86,8 +86,9 @@ class StepClock:
         elif mask is not None and mask.dim() == 2:
             self._pending_tokens += int(mask.sum())
         elif mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
-            # (rows, 1, T, T) "may attend" mask: a real token attends to itself, padding does not
-            self._pending_tokens += int(mask.diagonal(dim1=-2, dim2=-1).sum())
+            # (rows, 1, T, T) "may attend" mask: every real token of a causal row sees the row's first token;
+            # padding sees only itself (never key 0, which is always a real token)
+            self._pending_tokens += int(mask[..., 0].sum())
         else:
             self._pending_tokens = None  # a mask layout this clock cannot read: the batch check says "unknown"
         return None
@@ -186,6 +187,27 @@ def batch_check(fed: list, plain: list[int], shared_prefix: list[int]) -> str:
     return "DIFFER"
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux: ``5`` into ``/proc/self/clear_refs`` resets VmHWM), so
+    that the peak of the training phase alone can be read; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water_rss_mib() -> float | None:
+    """VmHWM, the peak resident set size since the last reset (MiB), from ``/proc/self/status``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def _finite_or_none(value) -> float | None:
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
@@ -218,6 +240,7 @@ def run_engine(spec: RunSpec) -> dict:
     set_up = time.perf_counter()
 
     peak_rss_before_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_reset = reset_peak_rss()
     clock = StepClock(policy, synchronize_cuda=spec.device.startswith("cuda"))
     train_start = time.perf_counter()
     try:
@@ -272,6 +295,7 @@ def run_engine(spec: RunSpec) -> dict:
         "warmup_seconds": (clock.step_ends[spec.warmup - 1] - train_start) if spec.warmup else 0.0,
         "peak_rss_before_train_mib": peak_rss_before_train,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "train_peak_rss_mib": high_water_rss_mib() if peak_reset else None,
         "peak_cuda_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if spec.device.startswith("cuda") else None,
         "first_loss": _finite_or_none(losses[0][1]) if losses else None,
         "final_loss": _finite_or_none(losses[-1][1]) if losses else None,

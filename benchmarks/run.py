@@ -42,6 +42,7 @@ SUMMARY_METRICS = (
     "tokens_per_second",
     "useful_flops_per_second",
     "peak_rss_mib",
+    "train_peak_rss_mib",
     "peak_cuda_allocated_mib",
     "setup_seconds",
     "train_seconds",
@@ -170,7 +171,7 @@ def format_table(case: str, meta: dict, summary: dict, settings: dict) -> str:
         f"batch {settings['batch_size']}; device {settings['device']}, torch threads {settings['torch_threads']}; "
         f"medians of {settings['repeats']} interleaved repeats",
         f"  matmul ceiling (fp32 2048^3, best of 10, median over repeats): {_fmt(ceiling and ceiling / 1e9, '.1f')} GFLOP/s",
-        "  engine            pairs/s  spread   tokens/s  useful GFLOP/s  %ceiling  peak MiB   setup s  loss@1   loss@end  batches",
+        "  engine            pairs/s  spread   tokens/s  useful GFLOP/s  %ceiling  peak MiB  train MiB  setup s  loss@1   loss@end  batches",
     ]
     for engine, m in summary["engines"].items():
         memory = m["peak_cuda_allocated_mib"] if m.get("peak_cuda_allocated_mib") else m["peak_rss_mib"]
@@ -178,6 +179,7 @@ def format_table(case: str, meta: dict, summary: dict, settings: dict) -> str:
             f"  {engine:<16} {_fmt(m['pairs_per_second'], '8.2f')}  {_fmt(100 * m['pairs_per_second_spread'], '5.1f')}%  "
             f"{_fmt(m['tokens_per_second'], '9.0f')}  {_fmt(m['useful_flops_per_second'] and m['useful_flops_per_second'] / 1e9, '14.2f')}  "
             f"{_fmt(m['share_of_matmul_ceiling'] and 100 * m['share_of_matmul_ceiling'], '7.1f')}%  {_fmt(memory, '8.0f')}  "
+            f"{_fmt(m.get('train_peak_rss_mib'), '9.0f')}  "
             f"{_fmt(m['setup_seconds'], '8.2f')}  {_fmt(m['first_loss'], '.4f')}   {_fmt(m['final_loss'], '.4f')}    "
             f"{m['batch_check']}"
         )

@@ -67,15 +67,9 @@ pref_ftx: 0
 
 # Keys of features not implemented yet, each with a value that turns the feature on.
 NOT_SUPPORTED_YET = {
-    "precompute_ref_log_probs": True,
-    "precompute_ref_batch_size": 4,
-    "sync_ref_model": True,
-    "ref_model_mixup_alpha": 0.9,
-    "ref_model_sync_steps": 64,
     "pref_bco_weight": 0.5,
     "pad_to_multiple_of": 8,
     "resume_from_checkpoint": "out/checkpoint-10",
-    "quantization_bit": 4,
     "deepspeed": "ds_z3_config.json",
     "fsdp": "full_shard",
     "nproc": 2,
@@ -440,10 +434,25 @@ def test_pref_ftx_zero_means_no_nll_term():
     assert DPOConfig(pref_ftx=0.5).rpo_alpha == 0.5
 
 
-@pytest.mark.parametrize("kind", ["lora", "freeze"])
-def test_lora_and_freeze_are_not_supported_yet(kind):
-    with pytest.raises(ConfigError, match=f"not supported yet: finetuning_type={kind}"):
-        DPOConfig(finetuning_type=kind)
+def test_freeze_is_not_supported_yet_and_lora_is():
+    with pytest.raises(ConfigError, match="not supported yet: finetuning_type=freeze"):
+        DPOConfig(finetuning_type="freeze")
+    assert DPOConfig(finetuning_type="lora", lora_rank=64, lora_target="all").lora_rank == 64
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"loss_type": "kto", "precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+        ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "sync_ref_model"),
+        ({"sync_ref_model": True, "finetuning_type": "lora"}, "sync_ref_model"),
+        ({"sync_ref_model": True, "loss_type": "simpo"}, "sync_ref_model"),
+    ],
+)
+def test_reference_settings_that_cannot_work_together_name_the_key(settings, key):
+    with pytest.raises(ConfigError) as info:
+        DPOConfig(**settings)
+    assert info.value.key == key
 
 
 def test_lora_settings_with_full_finetuning_only_warn(caplog):
@@ -509,8 +518,8 @@ def test_assignment_is_validated():
     assert config.beta == 0.5
     with pytest.raises(ConfigError, match="key 'beta'"):
         config.beta = -1.0
-    with pytest.raises(ConfigError, match="not supported yet: sync_ref_model"):
-        config.sync_ref_model = True
+    with pytest.raises(ConfigError, match="not supported yet: push_to_hub"):
+        config.push_to_hub = True
 
 
 def test_torch_dtype_objects_are_accepted_and_resolved():

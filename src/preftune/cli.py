@@ -46,6 +46,14 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from preftune.adapters import export_merged
+
+    path = export_merged(args.adapter, args.output, base_model=args.base_model, dtype=args.dtype)
+    print(f"merged model written to {path}")
+    return 0
+
+
 def _config_keys(args: argparse.Namespace) -> int:
     from preftune.config import config_table_markdown
 
@@ -66,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart = commands.add_parser("quickstart", help="offline demo: build a tiny model and data, train DPO with eval")
     quickstart.add_argument("--output-dir", default="output/quickstart", help="where the model, data and outputs go")
     quickstart.set_defaults(run=_quickstart)
+
+    export = commands.add_parser(
+        "export", help="merge a LoRA adapter into its base model and save a full model",
+        description="Merge a LoRA adapter (a training output_dir or checkpoint) into its base model; the result loads "
+        "with AutoModelForCausalLM.from_pretrained.",
+    )
+    export.add_argument("adapter", help="directory with adapter_config.json and adapter_model.safetensors")
+    export.add_argument("output", help="directory for the merged model (written only if the export succeeds)")
+    export.add_argument("--base-model", default=None, help="base model path (default: the adapter's base_model_name_or_path)")
+    export.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="dtype of the saved weights")
+    export.set_defaults(run=_export)
 
     keys = commands.add_parser("config-keys", help="print the table of config keys (Markdown)")
     keys.set_defaults(run=_config_keys)

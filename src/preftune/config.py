@@ -189,7 +189,9 @@ class DPOConfig(BaseModel):
         aliases=["dtype"],
     )
     finetuning_type: Literal["full", "lora", "freeze"] = _field(
-        "full", "Which weights are trained (LLaMA-Factory). Only `full` is supported yet; `lora`/`freeze` are refused."
+        "full",
+        "Which weights are trained (LLaMA-Factory): `full`, or `lora` (a LoRA adapter via peft; the reference is then "
+        "the same model with the adapter disabled). `freeze` is refused (not supported yet).",
     )
     stage: Literal["dpo", "kto"] = _field(
         "dpo",
@@ -416,32 +418,46 @@ class DPOConfig(BaseModel):
         True, "Accepted for TRL compatibility and has no effect: preftune keeps only the columns it needs."
     )
     dataloader_drop_last: bool = _field(False, "Drop the last incomplete training batch of each epoch.")
-    lora_rank: int = _field(8, "LoRA rank (only with `finetuning_type: lora`, not supported yet).", ge=1)
+    lora_rank: int = _field(8, "LoRA rank (only with `finetuning_type: lora`).", ge=1)
     lora_alpha: int | None = _field(
         None, "LoRA scaling α; `null` uses 2 × `lora_rank` (only with `finetuning_type: lora`).", ge=1
     )
     lora_dropout: float = _field(0.0, "LoRA dropout (only with `finetuning_type: lora`).", ge=0, lt=1)
     lora_target: str | list[str] = _field(
-        "all", "Modules LoRA adapts: `all` linear layers or a list of names (only with `finetuning_type: lora`)."
+        "all",
+        "Modules LoRA adapts: `all` linear layers but the LM head, a list of names, or a comma-separated string "
+        "(only with `finetuning_type: lora`).",
     )
+    quantization_bit: int | None = _field(
+        None,
+        "Load the base model quantized to 4 or 8 bits for QLoRA (LLaMA-Factory). Needs bitsandbytes and a CUDA GPU; "
+        "refused with a clear message otherwise.",
+    )
+    precompute_ref_log_probs: bool = _field(
+        False,
+        "Compute the reference log-probs of every train and eval row in one pass before training and keep no "
+        "reference model in memory while training. Stored in a cache keyed by the reference weights, the tokenized "
+        "data and the settings (under `$PREFTUNE_CACHE`); a rerun with the same inputs reuses it.",
+    )
+    precompute_ref_batch_size: int | None = _field(
+        None, "Pairs per batch of the precompute pass; `null` uses `per_device_eval_batch_size`.", ge=1
+    )
+    sync_ref_model: bool = _field(
+        False,
+        "TR-DPO (Gorbatovski et al. 2024): every `ref_model_sync_steps` steps the reference becomes "
+        "α·policy + (1 − α)·reference, α = `ref_model_mixup_alpha`. Needs a separate reference model (not with "
+        "precomputed log-probs or a LoRA adapter-disabled reference).",
+    )
+    ref_model_mixup_alpha: float = _field(0.6, "TR-DPO mixing α (1: hard copy of the policy).", gt=0, le=1)
+    ref_model_sync_steps: int = _field(512, "TR-DPO: optimizer steps between reference updates.", ge=1)
 
     # ---- Keys of features not implemented yet (accepted only at their "off" value) ---------------------------------
-    precompute_ref_log_probs: Any = _later(
-        False, "Compute reference log-probs once before training.", type_name="bool"
-    )
-    precompute_ref_batch_size: Any = _later(
-        None, "Batch size for precomputing reference log-probs.", type_name="int or null"
-    )
-    sync_ref_model: Any = _later(False, "TR-DPO: periodically mix the policy into the reference.", type_name="bool")
-    ref_model_mixup_alpha: Any = _later(0.6, "TR-DPO mixing α.", type_name="float")
-    ref_model_sync_steps: Any = _later(512, "TR-DPO: steps between reference updates.", type_name="int")
     pref_bco_weight: Any = _later(0.0, "BCO weight mixed into the DPO loss (LLaMA-Factory).", type_name="float")
     pad_to_multiple_of: Any = _later(
         None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",
         type_name="int or null", accepted=[None, "auto"],
     )  # fmt: skip
     resume_from_checkpoint: Any = _later(None, "Resume training from a checkpoint folder.", type_name="string or null")
-    quantization_bit: Any = _later(None, "Load the model quantized (LLaMA-Factory).", type_name="int or null")
     deepspeed: Any = _later(None, "DeepSpeed config.", type_name="string, dict or null")
     fsdp: Any = _later(None, "FSDP sharding options.", type_name="string or null", accepted=[None, "", []])
     nproc: Any = _later(None, "Number of training processes.", type_name="int or null")
@@ -609,6 +625,21 @@ class DPOConfig(BaseModel):
             )
         if self.ld_alpha is not None and params.is_unpaired:
             raise _error("ld_alpha applies to paired losses, not kto", "ld_alpha")
+        if self.precompute_ref_log_probs and params.is_unpaired:
+            raise _error(
+                "kto's KL estimate pairs rows of each batch on the fly, so its reference log-probs cannot be precomputed",
+                "precompute_ref_log_probs",
+            )
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise _error("sync_ref_model updates the reference, so its log-probs cannot be precomputed", "sync_ref_model")
+        if self.sync_ref_model and self.finetuning_type == "lora":
+            raise _error(
+                "sync_ref_model needs a separate reference model; with finetuning_type lora the reference is the base "
+                "model with the adapter disabled",
+                "sync_ref_model",
+            )
+        if self.sync_ref_model and not params.needs_reference:
+            raise _error(f"sync_ref_model needs a reference model; loss {self.loss_type} uses none", "sync_ref_model")
 
     # ---- Derived values --------------------------------------------------------------------------------------------
 
@@ -742,7 +773,7 @@ def _screen_value(name: str, value: Any) -> Any:
     elif name == "stage" and isinstance(value, str) and value not in ("dpo", "kto"):
         if value in OTHER_STAGES:
             raise _error(f"preftune runs stages dpo and kto only; got stage={value}", name)
-    elif name == "finetuning_type" and value in ("lora", "freeze"):
+    elif name == "finetuning_type" and value == "freeze":
         raise _error(f"not supported yet: finetuning_type={value}", name)
     elif name == "report_to" and value is None:
         value = "none"  # transformers' older default

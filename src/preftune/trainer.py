@@ -8,10 +8,11 @@ accumulate gradients over micro-batches, clip, step, log, evaluate and save.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
-from contextlib import nullcontext
 import os
+from contextlib import nullcontext
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,24 @@ from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pai
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_loss
 from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
-from preftune.reference import FrozenReference
+from preftune.adapters import (
+    apply_lora,
+    check_quantization,
+    is_peft_model,
+    lora_config_from_args,
+    merge_and_save,
+    save_adapter,
+)
+from preftune.data.pipeline import default_cache_dir
+from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
+from preftune.reference import (
+    AdapterCopyReference,
+    AdapterDisabledReference,
+    FrozenReference,
+    Reference,
+    build_reference,
+    sync_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +77,11 @@ class TrainerState:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _check_supported(args: DPOConfig, peft_config: Any, accelerator: Accelerator) -> None:
+def _check_supported(args: DPOConfig, accelerator: Accelerator) -> None:
     """Fail fast on settings that cannot work here."""
-    if peft_config is not None:
-        raise ConfigError("not supported yet: peft_config (LoRA arrives with the reference/LoRA issue)", key="peft_config")
+    check_quantization(args.quantization_bit, accelerator.device.type)
+    if args.quantization_bit is not None:  # bitsandbytes and a GPU are there, but quantized loading is not built yet
+        raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_bit")
     if args.fp16 and accelerator.device.type == "cpu":
         raise ConfigError("fp16 is not supported on CPU (no fp16 autocast there); use bf16: true or fp32", key="fp16")
     if args.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -108,7 +127,8 @@ class DPOTrainer:
         train_dataset, eval_dataset: a ``datasets.Dataset``, a list of dicts, a file path or a registered
             dataset name (default: ``args.dataset`` / ``args.eval_dataset``).
         processing_class (alias ``tokenizer``): the tokenizer (default: loaded from the model path).
-        peft_config: LoRA configuration (not supported yet).
+        peft_config: a peft ``LoraConfig`` (or set ``finetuning_type: lora``); the reference is then the policy with
+            its adapter disabled, unless a ``ref_model`` is given.
     """
 
     def __init__(
@@ -130,7 +150,7 @@ class DPOTrainer:
             mixed_precision="bf16" if self.args.bf16 else ("fp16" if self.args.fp16 else "no"),
             cpu=self.args.use_cpu,
         )
-        _check_supported(self.args, peft_config, self.accelerator)
+        _check_supported(self.args, self.accelerator)
         set_seed(self.args.seed)
         self.loss_params = LossParams.from_config(self.args)
         self.loss_params.validate()
@@ -145,20 +165,7 @@ class DPOTrainer:
             source = self.args.tokenizer_name_or_path or (model if isinstance(model, str) else model.name_or_path)
             self.tokenizer = load_tokenizer(source, trust_remote_code=self.args.trust_remote_code)
         ensure_pad_token(self.tokenizer)
-        self.model = self._load_model(model, "model_name_or_path")
-        self.reference = self._build_reference(ref_model)
-        self.layout = resolve_layout(self.args, self.model, self.reference.model if self.reference else None)
-        if self.args.disable_dropout:
-            disable_dropout(self.model)
-            if self.reference is not None:
-                disable_dropout(self.reference.model)
-        if self.args.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-            self.model.config.use_cache = False
-        if self.args.torch_compile:
-            for module in (self.model, self.reference.model if self.reference else None):
-                if module is not None:
-                    compile_body(module)
+        self._setup_models(model, ref_model, peft_config)
 
         train_source = train_dataset if train_dataset is not None else self.args.dataset
         if train_source is None and self.args.do_train:
@@ -167,6 +174,8 @@ class DPOTrainer:
         self.data = prepare_data(self.args, self.tokenizer, train_source, eval_source) if train_source is not None else None
         if self.data is not None:
             _check_data_fits_loss(self.args, self.loss_params, self.data)
+            if self.args.precompute_ref_log_probs and self.reference is not None:
+                self._precompute_reference()
         self.recorder = RunRecorder(self.args.output_dir, plot=self.args.plot_loss)
         self.state.log_history = self.recorder.history
 
@@ -176,7 +185,38 @@ class DPOTrainer:
             return model
         return load_causal_lm(model, dtype=self.args.torch_dtype, trust_remote_code=self.args.trust_remote_code, key=key)
 
-    def _build_reference(self, ref_model: nn.Module | str | None) -> FrozenReference | None:
+    def _setup_models(self, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any) -> None:
+        """Policy (with a LoRA adapter when asked), reference, layout, dropout, checkpointing, compilation."""
+        self.model = self._load_model(model, "model_name_or_path")
+        if peft_config is None and self.args.finetuning_type == "lora":
+            peft_config = lora_config_from_args(self.args)
+        if peft_config is not None or is_peft_model(self.model):
+            self.model = apply_lora(self.model, peft_config)
+        self.reference = self._build_reference(ref_model)
+        if self.args.sync_ref_model and not isinstance(self.reference, FrozenReference):
+            raise ConfigError(
+                "sync_ref_model needs a separate reference model, not a LoRA adapter-disabled or adapter-copy reference",
+                key="sync_ref_model",
+            )
+        reference_model = self.reference.model if self.reference is not None else None
+        self.layout = resolve_layout(self.args, self.model, reference_model)
+        distinct = [m for m in (self.model, reference_model) if m is not None]
+        distinct = [m for i, m in enumerate(distinct) if all(m is not other for other in distinct[:i])]
+        if self.args.disable_dropout:
+            for module in distinct:
+                disable_dropout(module)
+        if self.args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+            if is_peft_model(self.model):  # frozen embeddings: checkpointed blocks need inputs that require grad
+                self.model.enable_input_require_grads()
+        if self.args.torch_compile:
+            for module in distinct:
+                compile_body(module)
+
+    def _build_reference(self, ref_model: nn.Module | str | None) -> Reference | None:
+        """None for reference-free losses; else a given model, the policy with its adapter disabled (LoRA), a
+        frozen copy of an already-trained adapter, or a frozen copy of the policy as loaded (``build_reference``)."""
         if not self.loss_params.needs_reference:
             if ref_model is not None:
                 raise ConfigError(
@@ -185,9 +225,44 @@ class DPOTrainer:
                 )
             return None
         ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
-        if ref_model is None:
-            return FrozenReference.copy_of(self.model)
-        return FrozenReference(self._load_model(ref_model, "ref_model"))
+        loaded = self._load_model(ref_model, "ref_model") if ref_model is not None else None
+        return build_reference(self.model, loaded)
+
+    def _precompute_reference(self) -> None:
+        """Score every train/eval row with the reference once (or read the cache), attach the values as a column,
+        then drop the reference: no reference model is held while training."""
+        reference = self.reference.to(self.accelerator.device)
+        options = self._logprob_options()
+        model_config = getattr(unwrap_model(reference.model), "config", None)
+        key_parts = {  # everything besides the weights and the tokens that changes the values
+            "reference": _reference_fingerprint(reference, self.model),
+            "model_config": model_config.to_json_string() if model_config is not None else None,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "ld_alpha": self.args.ld_alpha,
+            "chunked_lm_head": self.args.chunked_lm_head,
+        }
+        collate = collate_shared_prefix if self.layout.prefix_sharing else collate_pairs
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+
+        def score(batch: PreferenceBatch) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return reference.completion_logps(batch, **options)
+
+        for split in ("train", "eval"):
+            tokenized = getattr(self.data, split)
+            if tokenized is None:
+                continue
+            result = precompute_reference_logps(
+                score, tokenized.dataset, collate_fn=collate, pad_token_id=self.tokenizer.pad_token_id,
+                batch_size=batch_size, cache_dir=default_cache_dir().parent / "reference", key_parts=key_parts,
+                desc=f"Reference log-probs ({split})", device=self.accelerator.device,
+                overwrite=self.args.overwrite_cache,
+            )
+            tokenized.dataset = attach_reference_logps(tokenized.dataset, result.values)
+            self.data.report[split]["reference_logps"] = {"cache_file": str(result.path), "reused": result.reused}
+        self.reference = PrecomputedReference()
+        del reference
+        gc.collect()
 
     # ------------------------------------------------------------- batching
     def _batches(self, dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> list["_LazyBatch"]:
@@ -371,6 +446,8 @@ class DPOTrainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
+                sync_reference(self.reference, self.accelerator.unwrap_model(model), args.ref_model_mixup_alpha)
             self.state.global_step, self.state.epoch = step, epoch_progress
             end_of_epoch = epoch_progress == epoch + 1
 
@@ -457,15 +534,23 @@ class DPOTrainer:
         """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
         target = Path(output_dir or self.args.output_dir)
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
-            _atomic_save_pretrained(model, self.tokenizer, target)
+            _save_weights(self.accelerator.unwrap_model(self.model), self.tokenizer, target)
+        return target
+
+    def merge_and_save(self, output_dir: str) -> Path:
+        """Write the policy with its LoRA adapter merged in: a full model ``AutoModelForCausalLM`` loads."""
+        if not is_peft_model(self.model):
+            raise ConfigError("merge_and_save needs a LoRA policy (finetuning_type: lora or peft_config)", key="finetuning_type")
+        target = Path(output_dir)
+        if self.accelerator.is_main_process:
+            merge_and_save(self.accelerator.unwrap_model(self.model), self.tokenizer, target)
         return target
 
     def _save_checkpoint(self, model: nn.Module, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
         output_dir = Path(self.args.output_dir)
-        _atomic_save_pretrained(self.accelerator.unwrap_model(model), self.tokenizer, output_dir / f"checkpoint-{step}")
+        _save_weights(self.accelerator.unwrap_model(model), self.tokenizer, output_dir / f"checkpoint-{step}")
         limit = self.args.save_total_limit
         if limit:
             checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
@@ -555,6 +640,16 @@ def compile_body(model: nn.Module) -> None:
     body.compile(dynamic=True)
 
 
+def _reference_fingerprint(reference: Reference, policy: nn.Module) -> str:
+    """What the reference's log-probs depend on: its weights (for an adapter-disabled reference, the base weights;
+    for an adapter copy, the base and the frozen "ref" adapter)."""
+    if isinstance(reference, AdapterDisabledReference):
+        return reference_fingerprint(policy, exclude=lambda name: "lora_" in name)
+    if isinstance(reference, AdapterCopyReference):
+        return reference_fingerprint(policy, exclude=lambda name: "lora_" in name and ".ref." not in name)
+    return reference_fingerprint(reference.model)
+
+
 def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
     """Refuse data the loss cannot use: unpaired rows with a paired loss and the reverse, several negatives
     with LD-DPO, KTO with one row per batch (its KL estimate would pair each prompt with its own completion)."""
@@ -579,6 +674,14 @@ def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> Non
         )
     if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
         raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")
+
+
+def _save_weights(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    """The trainable weights: the LoRA adapter (only the trained one, not a frozen reference copy) or the model."""
+    if is_peft_model(model):
+        save_adapter(model, tokenizer, target)
+    else:
+        _atomic_save_pretrained(model, tokenizer, target)
 
 
 def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:

@@ -49,6 +49,8 @@ class PreferenceBatch:
             each cut to its own length, so no padding is ever computed (None: one padded forward).
         num_completions: K, completions per example (2 for a pair, M + 1 with M negatives, 1 unpaired).
         labels: ``(B,)`` bool, desirable or not, for unpaired (KTO) examples; None otherwise.
+        ref_logps: ``(K, B)`` precomputed reference log-probs of every completion when the examples carry a
+            ``ref_logps`` column (``precompute_ref_log_probs``); None otherwise.
     """
 
     input_ids: Tensor
@@ -65,6 +67,7 @@ class PreferenceBatch:
     row_lengths: list[int] | None = None
     num_completions: int = 2
     labels: Tensor | None = None
+    ref_logps: Tensor | None = None
 
     def without_padding(self) -> "PreferenceBatch":
         """The same batch, marked to be forwarded row by row at each row's own length."""
@@ -87,6 +90,7 @@ class PreferenceBatch:
             score_sequences=move(self.score_sequences),
             score_offsets=move(self.score_offsets),
             labels=move(self.labels),
+            ref_logps=move(self.ref_logps),
         )
 
 
@@ -165,6 +169,13 @@ def _labels(examples: Sequence[dict]) -> Tensor | None:
     return torch.tensor([bool(ex["label"]) for ex in examples]) if "label" in examples[0] else None
 
 
+def _ref_logps(examples: Sequence[dict]) -> Tensor | None:
+    """``(K, B)`` from each example's precomputed ``ref_logps`` (K floats), or None when there are none."""
+    if "ref_logps" not in examples[0]:
+        return None
+    return torch.tensor([list(ex["ref_logps"]) for ex in examples], dtype=torch.float32).T.contiguous()
+
+
 def mismatched_examples(examples: Sequence[dict], max_length: int | None = None) -> list[dict]:
     """KTO's KL examples: prompt i with the completion of example i − 1 (mod B) of the same batch, as TRL pairs
     them; each completion cut to fit ``max_length`` with its new prompt (at least one token is kept)."""
@@ -201,6 +212,7 @@ def collate_pairs(examples: Sequence[dict], *, pad_token_id: int, pad_to_multipl
         rows=_rows(examples),
         num_completions=k_count,
         labels=_labels(examples),
+        ref_logps=_ref_logps(examples),
         **plan.tensors(),
     )
 
@@ -257,5 +269,6 @@ def collate_shared_prefix(examples: Sequence[dict], *, pad_token_id: int, pad_to
         rows=_rows(examples),
         num_completions=len(completions[0]),
         labels=_labels(examples),
+        ref_logps=_ref_logps(examples),
         **plan.tensors(),
     )
