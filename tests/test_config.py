@@ -69,7 +69,6 @@ pref_ftx: 0
 NOT_SUPPORTED_YET = {
     "pref_bco_weight": 0.5,
     "pad_to_multiple_of": 8,
-    "resume_from_checkpoint": "out/checkpoint-10",
     "deepspeed": "ds_z3_config.json",
     "fsdp": "full_shard",
     "nproc": 2,

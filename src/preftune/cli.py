@@ -61,6 +61,35 @@ def _config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    """Report problem rows of a data file or of a config's dataset/eval_dataset; exit 0 even when rows fail."""
+    import json
+
+    from preftune.data.validate import check_target, write_clean
+
+    checked = check_target(args.target, dataset_dir=args.dataset_dir, min_chars=args.min_chars,
+                           max_similarity=args.max_similarity, max_length=args.max_length, tokenizer=args.tokenizer,
+                           template=args.template)
+    if args.json:
+        print(json.dumps({split: data.report.to_dict() for split, data in checked.items()}, indent=2,
+                         ensure_ascii=False))
+    else:
+        print("\n\n".join(f"[{split}] {data.report.format_table()}" for split, data in checked.items()))
+    if args.fix:
+        for split, data in checked.items():
+            path = args.fix if split == "train" else _eval_fix_path(args.fix)
+            written = write_clean(data, path)
+            print(f"wrote {written} of {data.report.rows_read} {split} rows to {path}",
+                  file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _eval_fix_path(path: str) -> str:
+    """out.jsonl -> out.eval.jsonl (where --fix writes the cleaned eval_dataset of a config)."""
+    stem, dot, suffix = path.rpartition(".")
+    return f"{stem}.eval.{suffix}" if dot else f"{path}.eval"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preftune", description="Preference tuning (DPO) for Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -85,6 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base-model", default=None, help="base model path (default: the adapter's base_model_name_or_path)")
     export.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="dtype of the saved weights")
     export.set_defaults(run=_export)
+
+    data = commands.add_parser("data", help="data tools (preftune data check)")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser(
+        "check", help="report problem rows of a dataset (a data file, a registered name, or a config's dataset)",
+        description="Read a preference dataset as training would and report, per rule, how many rows fail, the first "
+        "example rows and why. Exits 0 with a report (even when rows fail), 2 when the input cannot be read.",
+    )
+    check.add_argument("target", help="a config YAML (checks its dataset and eval_dataset) or a data file / dataset name")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--fix", metavar="OUT.jsonl", default=None,
+                       help="write the rows without problems as TRL JSON Lines (a config's eval set goes to OUT.eval.jsonl)")
+    check.add_argument("--max-similarity", type=float, default=None, help="flag chosen/rejected more similar than this (0-1; default 0.9)")
+    check.add_argument("--min-chars", type=int, default=None, help="flag responses shorter than this many characters (default 1: empty ones)")
+    check.add_argument("--max-length", type=int, default=None, help="flag prompts longer than this many tokens (needs a tokenizer; default: the config's max_length)")
+    check.add_argument("--tokenizer", default=None, help="tokenizer for --max-length (default: the config's tokenizer or model)")
+    check.add_argument("--template", default=None, help="chat template name for conversational prompts (default: the config's template)")
+    check.add_argument("--dataset-dir", default=None, help="folder of dataset_info.json and relative data paths (default: the config's)")
+    check.set_defaults(run=_data_check)
 
     keys = commands.add_parser("config-keys", help="print the table of config keys (Markdown)")
     keys.set_defaults(run=_config_keys)

@@ -412,6 +412,17 @@ class DPOConfig(BaseModel):
     save_only_model: bool = _field(
         False, "Checkpoints hold the model only, without optimizer and scheduler state (so they cannot resume)."
     )
+    resume_from_checkpoint: str | None = _field(
+        None,
+        "Resume from a checkpoint folder, or `latest` (the newest intact `checkpoint-N` in `output_dir`; a damaged one "
+        "is skipped with a warning). Weights, optimizer, scheduler, RNG states, data position and metrics continue "
+        "exactly where the checkpoint left off.",
+    )
+    nonfinite_loss: Literal["stop", "skip"] = _field(
+        "stop",
+        "On a non-finite loss or gradient: `stop` with a message naming the step and the batch's rows, or `skip` the "
+        "update (counted in `summary.json`). No checkpoint with non-finite weights is ever written.",
+    )
     ddp_timeout: int = _field(1800, "Timeout in seconds for distributed-process collectives.", ge=1)
     use_cpu: bool = _field(False, "Run on CPU even when an accelerator is available.")
     remove_unused_columns: bool = _field(
@@ -457,7 +468,6 @@ class DPOConfig(BaseModel):
         None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",
         type_name="int or null", accepted=[None, "auto"],
     )  # fmt: skip
-    resume_from_checkpoint: Any = _later(None, "Resume training from a checkpoint folder.", type_name="string or null")
     deepspeed: Any = _later(None, "DeepSpeed config.", type_name="string, dict or null")
     fsdp: Any = _later(None, "FSDP sharding options.", type_name="string or null", accepted=[None, "", []])
     nproc: Any = _later(None, "Number of training processes.", type_name="int or null")
@@ -979,6 +989,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError as error:
             problem = getattr(error, "problem", None) or str(error)
             raise ConfigError(f"value {text!r} is not valid YAML: {problem} (from a command-line override)", key=key)
+        except (ValueError, TypeError, RecursionError) as error:  # e.g. `!!float x`; a value nested too deeply
+            raise ConfigError(f"value {_short_repr(text)} is not valid YAML ({type(error).__name__}: {error}) "
+                              "(from a command-line override)", key=key) from None
         result[key] = value
     return result
 

@@ -190,6 +190,12 @@ class RunRecorder:
         self.history.append({key: _json_safe(value) for key, value in record.items()})
         self._write_history()
 
+    def restore(self, history: list[dict[str, Any]]) -> None:
+        """Continue from a checkpoint's history: records logged after it (by the interrupted run) are dropped, so
+        the files hold every step exactly once."""
+        self.history[:] = history
+        self._write_history()
+
     @property
     def train_records(self) -> list[dict[str, Any]]:
         return [r for r in self.history if "loss" in r]

@@ -12,9 +12,9 @@ import gc
 import logging
 import math
 import os
-from contextlib import nullcontext
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -23,28 +23,30 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from preftune.config import DPOConfig, interval_to_steps
-from preftune.data.batching import plan_batches, row_token_counts
-from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
-from preftune.data.pipeline import prepare_data
-from preftune.errors import ConfigError, PreftuneError
-from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
-from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_loss
-from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
-from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.adapters import (
     apply_lora,
     check_quantization,
     is_peft_model,
     lora_config_from_args,
     merge_and_save,
+    peft_model_of,
     save_adapter,
 )
-from preftune.data.pipeline import default_cache_dir
+from preftune.checkpoint import prune_checkpoints, read_checkpoint, resolve_resume_path, restore_rng_states, write_checkpoint
+from preftune.config import DPOConfig, interval_to_steps
+from preftune.data.batching import plan_batches, row_token_counts
+from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
+from preftune.data.pipeline import default_cache_dir, prepare_data
+from preftune.errors import CheckpointError, ConfigError, PreftuneError
+from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
+from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_loss
+from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
+from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
 from preftune.reference import (
     AdapterCopyReference,
@@ -411,6 +413,8 @@ class DPOTrainer:
 
         optimizer = self._optimizer(self.model)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        run = _RunTotals()
+        start_step = self._resume(args.resume_from_checkpoint, optimizer, scheduler, run) if args.resume_from_checkpoint else 0
         model, optimizer = self.accelerator.prepare(self.model, optimizer)
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
@@ -421,29 +425,39 @@ class DPOTrainer:
             args.gradient_accumulation_steps, args.loss_type, args.beta,
         )
 
-        window_metrics, run_loss = MetricAccumulator(), MetricAccumulator()
-        window_tokens, window_start = 0, time.perf_counter()
-        start, total_pairs, total_tokens = time.perf_counter(), 0, 0
-        progress = tqdm(total=total_steps, desc="Training", disable=not self.accelerator.is_main_process)
-        last_eval_step = -1
+        start = window_start = time.perf_counter()
+        progress = tqdm(total=total_steps, initial=start_step, desc="Training", disable=not self.accelerator.is_main_process)
         for step, (epoch, window, epoch_progress) in enumerate(self._training_windows(total_steps), start=1):
+            if step <= start_step:  # resuming: batches are a function of seed and epoch, so skip to the position
+                continue
             window_pairs = sum(len(lazy.indices) for lazy in window)
+            step_sums, problem = [], None
             for index, lazy in enumerate(window):
                 sync = index == len(window) - 1
                 with self.accelerator.no_sync(model) if not sync else nullcontext():
                     losses, sums = self._batch_loss(model, lazy)
                     if not torch.isfinite(losses).all():
-                        raise TrainingError(f"non-finite loss at step {step} on source rows {lazy.source_rows()}")
+                        problem = f"non-finite loss at step {step} on source rows {lazy.source_rows()}"
+                        break
                     # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window.
                     self.accelerator.backward(losses.sum() / window_pairs)
-                window_metrics.add(sums)
-                run_loss.add({"pairs": sums["pairs"], "loss": sums["loss"]})
-                window_tokens += lazy.num_tokens
-                total_tokens += lazy.num_tokens
-            total_pairs += window_pairs
-            grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                step_sums.append((sums, lazy.num_tokens))
+            # max_grad_norm 0 disables clipping; the norm is still measured (an infinite bound scales nothing).
+            grad_norm = float("nan")
+            if problem is None:
+                grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
+                if not math.isfinite(grad_norm):
+                    rows = [row for lazy in window for row in lazy.source_rows()]
+                    problem = f"non-finite gradient norm at step {step} (source rows {rows})"
             learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if problem is None:
+                optimizer.step()
+                run.add_step(step_sums, window_pairs)
+            elif args.nonfinite_loss == "stop":
+                raise TrainingError(f"{problem}; nothing was updated (set nonfinite_loss: skip to skip such steps)")
+            else:
+                logger.warning("%s: update skipped (nonfinite_loss: skip)", problem)
+                run.skipped_steps.append(step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
@@ -453,11 +467,11 @@ class DPOTrainer:
 
             if step % logging_every == 0 or step == total_steps or (step == 1 and args.logging_first_step):
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "epoch": round(epoch_progress, 4), **window_metrics.means()}
+                record = {"step": step, "epoch": round(epoch_progress, 4), **run.window.means()}
                 record.update(
-                    grad_norm=float(grad_norm),
+                    grad_norm=grad_norm,
                     learning_rate=learning_rate,
-                    tokens_per_second=window_tokens / elapsed if elapsed > 0 else 0.0,
+                    tokens_per_second=run.window_tokens / elapsed if elapsed > 0 else 0.0,
                 )
                 self.recorder.log(record)
                 shown = {"loss": "loss", "margin": "rewards/margins", "acc": "rewards/accuracies", "kl": "kl"}
@@ -465,29 +479,46 @@ class DPOTrainer:
                     {label: f"{record[key]:.4g}" for label, key in shown.items() if key in record},
                     tok_s=f"{record['tokens_per_second']:.0f}",
                 )
-                window_metrics.reset()
-                window_tokens, window_start = 0, time.perf_counter()
+                run.reset_window()
+                window_start = time.perf_counter()
 
             if self.data.eval is not None and (
                 (args.eval_strategy == "steps" and step % eval_every == 0)
                 or (args.eval_strategy == "epoch" and end_of_epoch)
             ):
                 self.evaluate(model)
-                last_eval_step = step
+                run.last_eval_step = step
                 window_start = time.perf_counter()  # eval time is not training throughput
             if (args.save_strategy == "steps" and step % save_every == 0) or (args.save_strategy == "epoch" and end_of_epoch):
-                self._save_checkpoint(model, step)
+                self._save_checkpoint(model, step, optimizer, scheduler, run)
             progress.update(1)
         progress.close()
         runtime = time.perf_counter() - start
 
-        if self.data.eval is not None and last_eval_step != self.state.global_step:
+        if self.data.eval is not None and run.last_eval_step != self.state.global_step:
             self.evaluate(model)
         self.model = self.accelerator.unwrap_model(model)
         self.save_model()
-        training_loss = run_loss.means().get("loss", float("nan"))
-        summary = self._write_summary(runtime, total_pairs, total_tokens, training_loss)
+        training_loss = run.run_loss.means().get("loss", float("nan"))
+        summary = self._write_summary(runtime, run, training_loss)
         return TrainOutput(self.state.global_step, training_loss, summary)
+
+    def _resume(self, spec: str, optimizer: torch.optim.Optimizer, scheduler: Any, run: "_RunTotals") -> int:
+        """Load a checkpoint's weights, optimizer, scheduler, RNG states, totals and history; return its step."""
+        path = resolve_resume_path(spec, Path(self.args.output_dir))
+        saved = read_checkpoint(path)
+        if saved["optimizer"] is None or saved["scheduler"] is None:
+            raise CheckpointError(f"{path} holds no optimizer/scheduler state (saved with save_only_model): cannot resume")
+        _load_weights(self.model, path)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["trainer_state"]
+        run.load(state["totals"])
+        self.recorder.restore(state["log_history"])
+        self.state.global_step, self.state.epoch = state["global_step"], state["epoch"]
+        restore_rng_states(saved["rng"])
+        logger.info("resumed from %s at step %d", path, self.state.global_step)
+        return self.state.global_step
 
     # ------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -522,13 +553,21 @@ class DPOTrainer:
 
     # ------------------------------------------------------------ save/load
     def _prepare_output_dir(self) -> None:
+        """Create ``output_dir`` and check it is writable now, not at the first checkpoint hours later."""
         output_dir = Path(self.args.output_dir)
-        if not self.args.overwrite_output_dir and output_dir.is_dir() and any(output_dir.iterdir()):
+        resuming = bool(self.args.resume_from_checkpoint)
+        if not self.args.overwrite_output_dir and not resuming and output_dir.is_dir() and any(output_dir.iterdir()):
             raise ConfigError(
                 f"output_dir {output_dir} is not empty; set overwrite_output_dir: true or choose another directory",
                 key="overwrite_output_dir",
             )
-        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".preftune-write-test-{os.getpid()}"
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"output_dir {output_dir} is not writable: {error}", key="output_dir") from error
 
     def save_model(self, output_dir: str | None = None) -> Path:
         """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
@@ -546,18 +585,32 @@ class DPOTrainer:
             merge_and_save(self.accelerator.unwrap_model(self.model), self.tokenizer, target)
         return target
 
-    def _save_checkpoint(self, model: nn.Module, step: int) -> None:
+    def _save_checkpoint(self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: "_RunTotals") -> None:
+        """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``); never one with non-finite weights."""
         if not self.accelerator.is_main_process:
             return
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not all(torch.isfinite(p).all() for p in unwrapped.parameters() if p.requires_grad):
+            logger.error("step %d: the weights hold non-finite values; checkpoint not written", step)
+            return
         output_dir = Path(self.args.output_dir)
-        _save_weights(self.accelerator.unwrap_model(model), self.tokenizer, output_dir / f"checkpoint-{step}")
-        limit = self.args.save_total_limit
-        if limit:
-            checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-            for stale in checkpoints[: max(0, len(checkpoints) - limit)]:
-                shutil.rmtree(stale, ignore_errors=True)
+        trainer_state = {
+            "global_step": step,
+            "epoch": self.state.epoch,
+            "totals": run.to_dict(),
+            "log_history": self.recorder.history,
+            "config": self.args.to_dict(),
+        }
+        target = write_checkpoint(
+            output_dir / f"checkpoint-{step}",
+            save_weights=lambda directory: _save_weights(unwrapped, self.tokenizer, directory),
+            trainer_state=trainer_state,
+            optimizer_state=None if self.args.save_only_model else optimizer.state_dict(),
+            scheduler_state=None if self.args.save_only_model else scheduler.state_dict(),
+        )
+        prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target)
 
-    def _write_summary(self, runtime: float, pairs: int, tokens: int, training_loss: float) -> dict[str, Any]:
+    def _write_summary(self, runtime: float, run: "_RunTotals", training_loss: float) -> dict[str, Any]:
         strip = lambda record, prefix="": {  # noqa: E731
             key[len(prefix) :]: value for key, value in record.items() if key.startswith(prefix) and key not in ("step", "epoch")
         }
@@ -569,8 +622,10 @@ class DPOTrainer:
             "global_step": self.state.global_step,
             "epoch": self.state.epoch,
             "runtime_seconds": runtime,
-            "pairs_per_second": pairs / runtime if runtime > 0 else 0.0,
-            "tokens_per_second": tokens / runtime if runtime > 0 else 0.0,
+            "pairs_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
+            "tokens_per_second": run.session_tokens / runtime if runtime > 0 else 0.0,
+            "total_pairs": run.total_pairs,
+            "skipped_nonfinite_steps": {"count": len(run.skipped_steps), "steps": run.skipped_steps[:100]},
             "memory": peak_memory_mb(),
             "data": self.data.report,
             "config": self.args.to_dict(),
@@ -579,6 +634,48 @@ class DPOTrainer:
             self.recorder.write_summary(summary)
             self.recorder.write_plot()
         return summary
+
+
+@dataclass
+class _RunTotals:
+    """The loop's running totals, saved in checkpoints so that a resumed run continues them exactly."""
+
+    window: MetricAccumulator = field(default_factory=MetricAccumulator)  # metrics since the last log
+    run_loss: MetricAccumulator = field(default_factory=MetricAccumulator)  # loss over the whole run
+    window_tokens: int = 0
+    total_pairs: int = 0
+    total_tokens: int = 0
+    last_eval_step: int = -1
+    skipped_steps: list[int] = field(default_factory=list)
+    session_pairs: int = 0  # this process only (for pairs/s), not checkpointed
+    session_tokens: int = 0
+
+    def add_step(self, step_sums: list[tuple[dict[str, float], int]], pairs: int) -> None:
+        for sums, tokens in step_sums:
+            self.window.add(sums)
+            self.run_loss.add({"pairs": sums["pairs"], "loss": sums["loss"]})
+            self.window_tokens += tokens
+            self.total_tokens += tokens
+            self.session_tokens += tokens
+        self.total_pairs += pairs
+        self.session_pairs += pairs
+
+    def reset_window(self) -> None:
+        self.window.reset()
+        self.window_tokens = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window": dict(self.window.sums), "run_loss": dict(self.run_loss.sums), "window_tokens": self.window_tokens,
+            "total_pairs": self.total_pairs, "total_tokens": self.total_tokens, "last_eval_step": self.last_eval_step,
+            "skipped_steps": list(self.skipped_steps),
+        }
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.window.sums.update(saved["window"])
+        self.run_loss.sums.update(saved["run_loss"])
+        self.window_tokens, self.total_pairs, self.total_tokens = saved["window_tokens"], saved["total_pairs"], saved["total_tokens"]
+        self.last_eval_step, self.skipped_steps = saved["last_eval_step"], list(saved["skipped_steps"])
 
 
 @dataclass
@@ -674,6 +771,30 @@ def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> Non
         )
     if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
         raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")
+
+
+def _load_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Load a checkpoint's trainable weights into ``model`` in place (a LoRA adapter, or every model weight)."""
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(peft_model_of(model), load_file(str(checkpoint / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{checkpoint}: adapter weights that this model does not have: {result.unexpected_keys[:5]}")
+        return
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{checkpoint}: no model*.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for name, p in model.named_parameters() if name in state}
+    untied_missing = [name for name in missing if model.get_parameter(name).data_ptr() not in loaded] if missing else []
+    if unexpected or untied_missing:
+        raise CheckpointError(
+            f"{checkpoint}: weights do not fit this model (missing {untied_missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def _save_weights(model: nn.Module, tokenizer: Any, target: Path) -> None:

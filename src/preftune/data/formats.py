@@ -54,6 +54,9 @@ DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".p
 HH_ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
 
+# json.loads recurses once per nesting level, so a deeper value raises RecursionError instead of JSONDecodeError.
+TOO_DEEP = "nests lists/objects too deeply to read (Python's JSON reader stops near 1,000 levels)"
+
 LABEL_TEXTS = {"true": True, "false": False, "1": True, "0": False}
 
 Message = dict[str, str]
@@ -329,11 +332,11 @@ def _iter_file(path: Path, source: str) -> Iterator[RowItem]:
 
 
 def _read_text(path: Path, source: str) -> str:
-    try:
+    try:  # utf-8-sig: a leading byte-order mark (as some Windows editors write) is dropped, not a JSON error
         if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
                 return handle.read()
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, EOFError) as err:
         raise DataError(f"cannot read file ({type(err).__name__}: {err}); expected UTF-8 text, "
                         "gzip-compressed when the name ends in .gz", file=source) from None
@@ -341,7 +344,8 @@ def _read_text(path: Path, source: str) -> str:
 
 def _iter_jsonl(path: Path, source: str, text: str | None = None) -> Iterator[RowItem]:
     text = _read_text(path, source) if text is None else text
-    for line_index, line in enumerate(text.splitlines()):
+    # Only "\n" ends a line: str.splitlines() would also split at U+2028, U+0085, ... which JSON allows in strings.
+    for line_index, line in enumerate(text.split("\n")):
         if not line.strip():
             continue
         try:
@@ -349,6 +353,9 @@ def _iter_jsonl(path: Path, source: str, text: str | None = None) -> Iterator[Ro
         except json.JSONDecodeError as err:
             yield line_index, DataError(f"line {line_index + 1} is not valid JSON ({err.msg} at column {err.colno}); "
                                         "expected one JSON object per line", file=source, row=line_index)
+        except RecursionError:
+            yield line_index, DataError(f"line {line_index + 1} {TOO_DEEP}; expected one JSON object per line",
+                                        file=source, row=line_index)
 
 
 def _iter_json(path: Path, source: str) -> Iterator[RowItem]:
@@ -360,6 +367,8 @@ def _iter_json(path: Path, source: str) -> Iterator[RowItem]:
             yield from _iter_jsonl(path, source, text)
             return
         raise DataError(f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})", file=source) from None
+    except RecursionError:
+        raise DataError(f"the document {TOO_DEEP}; expected a JSON list of row objects", file=source) from None
     if not isinstance(document, list):
         kind = "object" if isinstance(document, dict) else type(document).__name__
         keys = f" with keys {', '.join(list(document)[:5])}" if isinstance(document, dict) else ""
@@ -639,14 +648,26 @@ def _each_rejected(responses: list, validate: Callable[[Any, str], Any]) -> list
     return checked
 
 
+def _encodable(text: str, field: str) -> str:
+    """Refuse a lone surrogate (JSON allows the escape "\\ud800"; Arrow cannot store it), else return `text`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _BadRow(f"holds a lone surrogate {text[err.start]!r} at character {err.start}; expected valid Unicode "
+                      "text", field=field) from None
+    return text
+
+
 def _validated_prompt_text(prompt: str) -> None:
     if not prompt.strip():
         raise _BadRow("prompt is empty; expected non-empty prompt text", field="prompt")
+    _encodable(prompt, "prompt")
 
 
 def _validated_text_response(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise _BadRow(f"is {_kind(value)}; expected a string (the prompt is text)", field=field)
+    _encodable(value, field)
     if not value.strip():
         raise _BadRow("is empty (whitespace only); expected a non-empty response", field=field)
     return value
@@ -660,7 +681,7 @@ def _validated_message(message: Any, field: str, index: int) -> Message:
         raise _BadRow(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}", field=field)
     if not isinstance(content, str):
         raise _BadRow(f"message {index} content is {_kind(content)}; expected a string", field=field)
-    return {"role": role, "content": content}
+    return {"role": role, "content": _encodable(content, field)}
 
 
 def _validated_messages(messages: Any, field: str) -> list[Message]:
@@ -837,9 +858,13 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
                         file=registry_path)
     if entry.get("num_samples"):
         logger.warning("%s: num_samples is ignored; use max_samples to truncate", where)
+    _check_column_names(entry, where, registry_path)
     convert = _llamafactory_converter(columns)
 
     if "file_name" in entry:
+        if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+            raise DataError(f"{where}: file_name is {entry['file_name']!r:.80}; expected a file or folder name "
+                            "(a non-empty string)", file=registry_path)
         path = Path(dataset_dir or ".") / entry["file_name"]
         if not path.exists():
             raise DataError(f"{where}: file not found; expected it at {path}", file=str(path))
@@ -856,6 +881,18 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
                              on_bad_row=on_bad_row, convert=convert, limit=limit)
     raise DataError(f"{where}: only 'file_name' and 'hf_hub_url' entries are supported "
                     f"(entry has {', '.join(entry)})", file=registry_path)
+
+
+def _check_column_names(entry: dict, where: str, registry_path: str | None) -> None:
+    """The registry's "columns" and "tags" values name columns and role tags, so each must be a string (or null)."""
+    for block in ("columns", "tags"):
+        values = entry.get(block)
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{where}: {block}.{key} is {value!r:.80}; expected a column or tag name (a string)",
+                                file=registry_path)
 
 
 def _llamafactory_converter(columns: _LlamaFactoryColumns) -> Callable[[dict], _Example]:
@@ -955,6 +992,9 @@ def _sharegpt_turns(record: dict, columns: _LlamaFactoryColumns) -> list[Message
         if not isinstance(message, dict) or columns.role_tag not in message or columns.content_tag not in message:
             raise _BadRow(f"turn {index} is {message!r:.80}; expected an object with '{columns.role_tag}' and "
                           f"'{columns.content_tag}'", field=columns.messages)
+        if not isinstance(message[columns.role_tag], str):
+            raise _BadRow(f"turn {index} has '{columns.role_tag}' {message[columns.role_tag]!r:.80}; expected a "
+                          f"string such as '{columns.user_tag}'", field=columns.messages)
     turns: list[Message] = []
     if messages[0][columns.role_tag] == columns.system_tag:
         system = messages[0][columns.content_tag]

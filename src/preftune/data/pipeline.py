@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from preftune.data.formats import LoadedData, load_preference_data
 from preftune.data.templates import get_template, resolve_chat_template
 from preftune.data.tokenize import TokenizedData, TokenizeSettings, tokenize_dataset
-from preftune.errors import ConfigError
+from preftune.data.validate import CHEAP_RULES, RULES, find_problems
+from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +71,54 @@ def _check_eval_matches_train(train: LoadedData, eval_: LoadedData) -> None:
         )
 
 
-def _split_report(loaded: LoadedData, skipped: list[tuple[int, str]], tokenized: TokenizedData) -> dict[str, Any]:
+def _apply_cheap_checks(loaded: LoadedData, on_bad_row: str) -> tuple[LoadedData, list[dict[str, Any]]]:
+    """Run the cheap data checks (validate.CHEAP_RULES: identical pairs, empty responses, exact duplicates).
+
+    on_bad_row "error" raises DataError naming the file, the first failing row and its rule; "skip" drops the
+    failing rows; "warn" logs their counts and keeps them. Exact duplicates alone never stop a run: they are
+    well-formed rows and common in published sets (LLaMA-Factory's dpo_en_demo has 5), so under "error" they are
+    kept with a warning. Returns the (possibly smaller) data and one {"row", "rule"} entry per failing row (its
+    first failing rule), in row order.
+    """
+    problems = find_problems(loaded, rules=CHEAP_RULES)
+    failing: dict[int, str] = {}
+    for rule in CHEAP_RULES:
+        for position in problems[rule]:
+            failing.setdefault(position, rule)
+    if not failing:
+        return loaded, []
+    rows = loaded.dataset.with_format("arrow")["row"].to_pylist()
+    fatal = [position for position, rule in failing.items() if rule != "duplicate"]
+    if on_bad_row == "error" and fatal:
+        position = min(fatal)
+        raise DataError(f"fails the data check '{failing[position]}': {RULES[failing[position]]}; remove such rows "
+                        "(`preftune data check <data> --fix clean.jsonl`) or set on_bad_row: skip (drop them) or warn "
+                        "(keep them)", file=loaded.source, row=rows[position])
+    entries = [{"row": rows[position], "rule": failing[position]} for position in sorted(failing)]
+    counts = ", ".join(f"{rule}: {count}" for rule, count in Counter(failing.values()).items())
+    if on_bad_row != "skip":
+        logger.warning("%s: %d rows fail the data checks (%s); keeping them (on_bad_row: %s)", loaded.source,
+                       len(failing), counts, on_bad_row)
+        return loaded, entries
+    if len(failing) == len(loaded.dataset):
+        raise DataError(f"no usable rows: all {len(failing)} rows fail the data checks ({counts})", file=loaded.source)
+    logger.info("%s: dropping %d rows that fail the data checks (%s)", loaded.source, len(failing), counts)
+    kept = [position for position in range(len(loaded.dataset)) if position not in failing]
+    return replace(loaded, dataset=loaded.dataset.select(kept)), entries
+
+
+def _split_report(loaded: LoadedData, skipped: list[tuple[int, str]], tokenized: TokenizedData,
+                  failed: list[dict[str, Any]], dropped_failed: bool) -> dict[str, Any]:
     report = {
         "source": loaded.source,
         "kind": tokenized.kind,
         "num_negatives": tokenized.num_negatives,
-        "rows_read": len(loaded.dataset) + len(skipped),
+        "rows_read": len(loaded.dataset) + len(skipped) + (len(failed) if dropped_failed else 0),
         "rows_skipped_bad": len(skipped),
         "skipped_rows": [{"row": row, "reason": reason} for row, reason in skipped[:100]],
+        "rows_failed_checks": len(failed),
+        "failed_checks": dict(Counter(entry["rule"] for entry in failed)),
+        "failed_check_rows": failed[:100],
         "pairs_used": len(tokenized.dataset),
         "rows_dropped_no_room": len(tokenized.stats.dropped_no_room),
         "dropped_no_room_rows": list(tokenized.stats.dropped_no_room[:100]),
@@ -109,16 +151,25 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
     truncated, prefix mismatches; "pairs_*" count rows for unpaired data) and, for unpaired data, the desirable
     and undesirable counts of the rows used.
 
+    The cheap data checks (identical chosen/rejected, empty responses, exact duplicates; ``preftune.data.validate``)
+    run on the rows read, under ``config.on_bad_row``: "error" raises DataError naming file, row and check (exact
+    duplicates only warn); "skip" drops the rows; "warn" keeps them with a warning. ``report[split]`` then has
+    ``rows_failed_checks`` (rows flagged), ``failed_checks`` ({check: rows}) and ``failed_check_rows`` (the first 100
+    {"row", "rule"}).
+
     Raises:
         ConfigError: eval data of another kind or number of rejected responses than the train data (key
             "eval_dataset"), a bad val_size, or a split with no row that fits max_length.
-        DataError: unreadable data or bad rows (see ``load_preference_data``).
+        DataError: unreadable data or bad rows (see ``load_preference_data``), a row failing a data check under
+            on_bad_row "error", or no row left after dropping them.
     """
     read = lambda source: load_preference_data(  # noqa: E731
         source, dataset_dir=config.dataset_dir, max_samples=config.max_samples, on_bad_row=config.on_bad_row
     )
-    train_loaded = read(train_source)
-    eval_loaded = read(eval_source) if eval_source is not None else None
+    train_loaded, train_failed = _apply_cheap_checks(read(train_source), config.on_bad_row)
+    eval_loaded, eval_failed = (_apply_cheap_checks(read(eval_source), config.on_bad_row) if eval_source is not None
+                                else (None, []))
+    failed = {"train": train_failed, "eval": eval_failed}
     if eval_loaded is not None:
         _check_eval_matches_train(train_loaded, eval_loaded)
     skipped = {"train": list(train_loaded.skipped_rows), "eval": list(eval_loaded.skipped_rows) if eval_loaded else []}
@@ -146,7 +197,7 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
             )
 
     report = {
-        split: _split_report(loaded, skipped[split], tokenized[split])
+        split: _split_report(loaded, skipped[split], tokenized[split], failed[split], config.on_bad_row == "skip")
         for split, loaded in (("train", train_loaded), ("eval", eval_loaded))
         if loaded is not None
     }

@@ -1,0 +1,242 @@
+"""Checkpoints that resume exactly, written so that a crash at any moment leaves the old or the new one whole.
+
+A checkpoint ``checkpoint-N/`` holds the trainable weights (model or LoRA adapter, safetensors), the optimizer
+state (tensors in ``optimizer.safetensors``, the rest as JSON), the scheduler state, the RNG states of python,
+numpy and torch (JSON), and ``trainer_state.json``: the step, the data position (the step count: batches are a
+deterministic function of seed and epoch), the metric history so far and the running sums of the current logging
+window. Nothing is pickled, so loading a checkpoint runs no code.
+
+Writing: everything goes into a hidden staging directory next to the target, each file fsynced, then
+``manifest.json`` (size and sha256 of every file) last, then the directory is renamed into place (atomic on POSIX)
+and the parent fsynced. Reading verifies the manifest first, so a truncated or altered file is detected; ``latest``
+falls back to the newest intact checkpoint with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from preftune.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+RNG_FILE = "rng_state.json"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------- state pieces
+def optimizer_state_to_files(state_dict: dict, directory: Path) -> None:
+    """``optimizer.state_dict()`` as safetensors (every tensor) plus JSON (param groups, non-tensor values)."""
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    save_file(tensors, str(directory / OPTIMIZER_TENSORS))
+    _write_json(directory / OPTIMIZER_META, {"param_groups": state_dict["param_groups"], "scalars": scalars})
+
+
+def optimizer_state_from_files(directory: Path) -> dict:
+    meta = _read_json(directory / OPTIMIZER_META)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(str(directory / OPTIMIZER_TENSORS)).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_states() -> dict[str, Any]:
+    """python, numpy and torch (CPU and every CUDA device) generator states, as JSON-able values."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = [state.tolist() for state in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def write_checkpoint(
+    target: Path,
+    *,
+    save_weights: Callable[[Path], None],
+    trainer_state: dict[str, Any],
+    optimizer_state: dict | None = None,
+    scheduler_state: dict | None = None,
+) -> Path:
+    """Write a checkpoint into ``target`` atomically (see the module docstring); returns ``target``.
+
+    Raises CheckpointError (naming the directory) when it cannot be written, e.g. a full disk; the staging
+    directory is removed and any previous checkpoint is left as it was.
+    """
+    target = Path(target)
+    staging = target.parent / f".{target.name}.staging-{os.getpid()}"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_weights(staging)
+        if optimizer_state is not None:
+            optimizer_state_to_files(optimizer_state, staging)
+        if scheduler_state is not None:
+            _write_json(staging / SCHEDULER_FILE, scheduler_state)
+        _write_json(staging / RNG_FILE, rng_states())
+        _write_json(staging / STATE_FILE, trainer_state)
+        _write_json(staging / MANIFEST_FILE, _manifest(staging))
+        for path in staging.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        _fsync_directory(staging)
+        if target.exists():  # the same step saved again (e.g. after a resume): swap, never leave a half state
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.rename(target, old)
+            os.rename(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+        _fsync_directory(target.parent)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {target}: {error}") from error
+    return target
+
+
+def prune_checkpoints(output_dir: Path, keep: int, newest: Path) -> None:
+    """Delete the oldest ``checkpoint-N`` folders beyond ``keep``; ``newest`` (just written) is never deleted."""
+    if not keep:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for stale in checkpoints[: max(0, len(checkpoints) - keep)]:
+        if stale.resolve() != Path(newest).resolve():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file listed in the manifest is there with its size and sha256; else what is wrong."""
+    path = Path(path)
+    try:
+        manifest = _read_json(path / MANIFEST_FILE)
+    except (OSError, ValueError) as error:
+        return f"no readable {MANIFEST_FILE} ({error})"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["size"] or _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its recorded size and checksum (truncated or altered)"
+    return None
+
+
+def resolve_resume_path(spec: str, output_dir: Path) -> Path:
+    """The checkpoint to resume from: ``latest`` → the newest intact one in ``output_dir``; else the given path,
+    which must be intact. Raises CheckpointError otherwise."""
+    if spec != "latest":
+        path = Path(spec)
+        problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
+        if problem:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        return path
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning("skipping damaged checkpoint %s: %s; trying the previous one", path, problem)
+    raise CheckpointError(f"resume_from_checkpoint: latest, but {output_dir} holds no intact checkpoint-N folder")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """``{"trainer_state", "optimizer" (or None), "scheduler" (or None), "rng"}`` of an intact checkpoint."""
+    path = Path(path)
+    try:
+        return {
+            "trainer_state": _read_json(path / STATE_FILE),
+            "optimizer": optimizer_state_from_files(path) if (path / OPTIMIZER_TENSORS).exists() else None,
+            "scheduler": _read_json(path / SCHEDULER_FILE) if (path / SCHEDULER_FILE).exists() else None,
+            "rng": _read_json(path / RNG_FILE),
+        }
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, allow_nan=True), encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
