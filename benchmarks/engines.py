@@ -18,6 +18,7 @@ reference precompute happen before it and are reported separately (``load_second
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -238,6 +239,8 @@ def run_engine(spec: RunSpec) -> dict:
             spec, policy, reference, tokenizer, rows, max_length, output_dir, precompute=spec.engine == "trl-precompute"
         )
     set_up = time.perf_counter()
+    del reference  # from here on only the trainer decides whether a reference model stays in memory
+    gc.collect()
 
     peak_rss_before_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     peak_reset = reset_peak_rss()
