@@ -25,18 +25,11 @@ from preftune.ref_cache import (
 )
 from preftune.reference import FrozenReference
 
+from test_training import STORY_PAIRS as _TRAINING_PAIRS
+
 COLLATORS = {"plain": collate_pairs, "shared_prefix": collate_shared_prefix}
 
-STORY_PAIRS = [  # prompts and completions of different lengths, so batches pad
-    {"prompt": "Once upon a time, there was a little girl named Lily.", "chosen": " She loved to play outside.",
-     "rejected": " The dog ran away and hid."},
-    {"prompt": "Tom had a red ball.", "chosen": " He was happy.", "rejected": " It was sad and cold."},
-    {"prompt": "The cat sat on the mat. It was", "chosen": " warm and soft.", "rejected": " very big and loud."},
-    {"prompt": "One day, Sue went to the park.", "chosen": " She saw a bird.", "rejected": " Bob."},
-    {"prompt": "Ben wanted to bake a cake.", "chosen": " His mom helped him.", "rejected": " The oven was broken."},
-    {"prompt": "The sun was shining.", "chosen": " The kids played in the garden.", "rejected": " It rained."},
-    {"prompt": "Max found a shiny stone.", "chosen": " He gave it to his friend.", "rejected": " He threw it away."},
-]
+STORY_PAIRS = _TRAINING_PAIRS[:7]  # prompts and completions of different lengths, so batches pad
 
 
 def with_negatives(pairs):

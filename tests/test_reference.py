@@ -21,15 +21,7 @@ from preftune.reference import (
     check_reference_compatible,
     sync_reference,
 )
-
-STORY_PAIRS = [  # real story text (stories260K ids), as in tests/test_logprobs.py
-    {"prompt_ids": [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426],
-     "chosen_ids": [338, 401, 396, 267, 337, 410, 408, 419, 292, 411, 426, 2],
-     "rejected_ids": [291, 400, 428, 352, 303, 261, 424, 283, 269, 270, 292, 426, 2], "row": 0},
-    {"prompt_ids": [1, 274, 287, 381, 261, 352, 266, 268, 388, 426],
-     "chosen_ids": [346, 286, 393, 426], "rejected_ids": [359, 413, 286, 296, 418, 269, 280, 414, 341, 426], "row": 1},
-    {"prompt_ids": [1, 346], "chosen_ids": [286, 393, 426], "rejected_ids": [286], "row": 2},
-]
+from test_logprobs import STORY_PAIRS  # real story text (stories260K ids), 3 pairs
 
 
 @pytest.fixture(autouse=True)

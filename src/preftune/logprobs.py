@@ -245,16 +245,6 @@ def completion_logprobs(
     return CompletionLogProbs(sums.view(shape), lengths.view(shape), logits_sums.view(shape), wpo_logps)
 
 
-def pair_logprobs(
-    model: nn.Module,
-    batch: PreferenceBatch,
-    *,
-    chunked_head: bool = True,
-    chunk_size: int = 1024,
-    ld_alpha: float | None = None,
-    wpo: bool = False,
-) -> PairLogProbs:
-    """Forward the batch once and sum completion log-probs per sequence (chosen and rejected of each pair)."""
-    return completion_logprobs(
-        model, batch, chunked_head=chunked_head, chunk_size=chunk_size, ld_alpha=ld_alpha, wpo=wpo
-    ).as_pairs()
+def pair_logprobs(model: nn.Module, batch: PreferenceBatch, **options) -> PairLogProbs:
+    """``completion_logprobs`` (same ``options``) as chosen and rejected of each pair."""
+    return completion_logprobs(model, batch, **options).as_pairs()

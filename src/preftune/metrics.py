@@ -83,15 +83,6 @@ def pair_metric_sums(
         return sums
 
 
-def batch_metric_sums(
-    per_example_loss: Tensor, policy: PairLogProbs, ref_chosen: Tensor | None, ref_rejected: Tensor | None, beta: float
-) -> dict[str, float]:
-    """``pair_metric_sums`` with TRL's rewards ``β·(log π − log π_ref)`` (``β·log π`` without a reference)."""
-    chosen_rewards = beta * (policy.chosen_logps - (ref_chosen if ref_chosen is not None else 0.0))
-    rejected_rewards = beta * (policy.rejected_logps - (ref_rejected if ref_rejected is not None else 0.0))
-    return pair_metric_sums(per_example_loss, policy, chosen_rewards, rejected_rewards)
-
-
 def unpaired_metric_sums(
     per_example_loss: Tensor, logps: Tensor, rewards: Tensor, labels: Tensor, kl: Tensor
 ) -> dict[str, float]:
