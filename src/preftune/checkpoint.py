@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from preftune.errors import CheckpointError
@@ -100,8 +101,12 @@ def write_checkpoint(
     trainer_state: dict[str, Any],
     optimizer_state: dict | None = None,
     scheduler_state: dict | None = None,
+    rank_rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint into ``target`` atomically (see the module docstring); returns ``target``.
+
+    ``rank_rng_states`` (several processes): every process's ``rng_states()``, by rank; rank 0's go to
+    ``rng_state.json`` as in a one-process run, rank r's to ``rng_state_rank<r>.json``. Default: this process's.
 
     Raises CheckpointError (naming the directory) when it cannot be written, e.g. a full disk; the staging
     directory is removed and any previous checkpoint is left as it was.
@@ -116,7 +121,8 @@ def write_checkpoint(
             optimizer_state_to_files(optimizer_state, staging)
         if scheduler_state is not None:
             _write_json(staging / SCHEDULER_FILE, scheduler_state)
-        _write_json(staging / RNG_FILE, rng_states())
+        for rank, states in enumerate(rank_rng_states or [rng_states()]):
+            _write_json(staging / _rng_file(rank), states)
         _write_json(staging / STATE_FILE, trainer_state)
         _write_json(staging / MANIFEST_FILE, _manifest(staging))
         for path in staging.rglob("*"):
@@ -126,14 +132,25 @@ def write_checkpoint(
         if target.exists():  # the same step saved again (e.g. after a resume): swap, never leave a half state
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.rename(target, old)
-            os.rename(staging, target)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                os.rename(old, target)  # put the previous checkpoint back before reporting the failure
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, target)
         _fsync_directory(target.parent)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {target}: {error}") from error
+        if not isinstance(error, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+            raise
+        kept = [path.name for path in list_checkpoints(target.parent) if verify_checkpoint(path) is None]
+        previous = f"the intact checkpoints ({', '.join(kept)}) are untouched" if kept else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {target}: {error}; {previous}. Free space (or fix permissions) and resume "
+            "with resume_from_checkpoint: latest"
+        ) from error
     return target
 
 
@@ -153,7 +170,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := _CHECKPOINT_NAME.match(p.name)) and p.is_dir() and not p.is_symlink()  # a link may lead outside
+    ]
     return [path for _, path in sorted(found)]
 
 
@@ -164,8 +185,14 @@ def verify_checkpoint(path: Path) -> str | None:
         manifest = _read_json(path / MANIFEST_FILE)
     except (OSError, ValueError) as error:
         return f"no readable {MANIFEST_FILE} ({error})"
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST_FILE} is not a JSON object"
     for name, expected in manifest.items():
         file = path / name
+        if not _stays_inside(path, name):
+            return f"{MANIFEST_FILE} names {name!r}, a path outside the checkpoint"
+        if not isinstance(expected, dict) or not {"size", "sha256"} <= expected.keys():
+            return f"{MANIFEST_FILE} entry {name!r} lacks size and sha256"
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != expected["size"] or _sha256(file) != expected["sha256"]:
@@ -190,21 +217,40 @@ def resolve_resume_path(spec: str, output_dir: Path) -> Path:
     raise CheckpointError(f"resume_from_checkpoint: latest, but {output_dir} holds no intact checkpoint-N folder")
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """``{"trainer_state", "optimizer" (or None), "scheduler" (or None), "rng"}`` of an intact checkpoint."""
+def read_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
+    """``{"trainer_state", "optimizer" (or None), "scheduler" (or None), "rng"}`` of an intact checkpoint; ``rng``
+    holds the RNG states of process ``rank``."""
     path = Path(path)
     try:
         return {
             "trainer_state": _read_json(path / STATE_FILE),
             "optimizer": optimizer_state_from_files(path) if (path / OPTIMIZER_TENSORS).exists() else None,
             "scheduler": _read_json(path / SCHEDULER_FILE) if (path / SCHEDULER_FILE).exists() else None,
-            "rng": _read_json(path / RNG_FILE),
+            "rng": _read_json(path / _rng_file(rank)),
         }
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _rng_file(rank: int) -> str:
+    return RNG_FILE if rank == 0 else f"rng_state_rank{rank}.json"
+
+
+def _stays_inside(directory: Path, name: str) -> bool:
+    """True when ``directory/name`` is a plain relative path inside ``directory``: no absolute path, no ``..``,
+    no symbolic link on the way (a crafted manifest must not make us read files elsewhere)."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        return False
+    current = directory
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            return False
+    return True
+
+
 def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return {
         str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": _sha256(path)}

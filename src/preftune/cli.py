@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     except PreftuneError as error:
         print(f"preftune: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, permissions, a vanished file: the message names the path
+        if args.verbose:
+            raise
+        print(f"preftune: error: {error} (run with -v for the traceback)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130
