@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dataset-dir", default=None, help="folder of dataset_info.json and relative data paths (default: the config's)")
     check.set_defaults(run=_data_check)
 
+    from preftune.labeling.cli import add_commands as add_label_commands
+
+    add_label_commands(commands)
     keys = commands.add_parser("config-keys", help="print the table of config keys (Markdown)")
     keys.set_defaults(run=_config_keys)
     return parser
