@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from preftune.diagnostics import DisplacementDetector, DisplacementFinding, run_diagnostics
 from preftune.logprobs import PairLogProbs
 
 logger = logging.getLogger(__name__)
@@ -170,22 +171,41 @@ class RunRecorder:
     Files: ``log_history.json`` (list of records), ``training_metrics.csv`` (one row per training log),
     ``training_curves.png`` and ``summary.json``. History files are rewritten (atomically) at every log,
     so an interrupted run still leaves readable files.
+
+    Every training record also goes through a ``DisplacementDetector`` (``preftune.diagnostics``): it logs one
+    warning when ``logps/chosen`` and ``logps/rejected`` fall together; ``diagnostics()`` returns its finding and the
+    grad-norm spikes for ``summary.json``, and the plot shades the span on the log-prob panels.
     """
+
+    warns = True  # whether this recorder's detector logs its warning (a subclass for replica processes: False)
 
     def __init__(self, output_dir: str | Path, *, plot: bool = True) -> None:
         self.output_dir = Path(output_dir)
         self.plot = plot
         self.history: list[dict[str, Any]] = []
+        self.displacement = DisplacementDetector(warn=self.warns)
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append({key: _json_safe(value) for key, value in record.items()})
+        self.displacement.update(record)
         self._write_history()
 
     def restore(self, history: list[dict[str, Any]]) -> None:
         """Continue from a checkpoint's history: records logged after it (by the interrupted run) are dropped, so
-        the files hold every step exactly once."""
+        the files hold every step exactly once. The detector replays the history silently; a finding in it is
+        logged again once, as a reminder."""
         self.history[:] = history
+        self.displacement = DisplacementDetector(self.displacement.settings, warn=False)
+        for record in history:
+            self.displacement.update(record)
+        self.displacement.warn = self.warns
+        if self.warns and self.displacement.finding is not None:
+            logger.warning("(before the resumed checkpoint) %s", self.displacement.finding.message())
         self._write_history()
+
+    def diagnostics(self) -> dict[str, Any]:
+        """``summary.json["diagnostics"]``: likelihood displacement (or None) and grad-norm spikes."""
+        return run_diagnostics(self.history, self.displacement.finding)
 
     @property
     def train_records(self) -> list[dict[str, Any]]:
@@ -220,7 +240,7 @@ class RunRecorder:
         if not self.plot or not self.train_records:
             return None
         path = self.output_dir / "training_curves.png"
-        plot_curves(self.train_records, self.eval_records, path)
+        plot_curves(self.train_records, self.eval_records, path, displacement=self.displacement.finding)
         return path
 
 
@@ -234,8 +254,11 @@ def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], l
     return steps, values
 
 
-def plot_curves(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> None:
-    """One panel per metric in ``PLOTTED_METRICS``: training curve, eval points where present."""
+def plot_curves(
+    train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, *, displacement: DisplacementFinding | None = None
+) -> None:
+    """One panel per metric in ``PLOTTED_METRICS``: training curve, eval points where present; a likelihood
+    displacement's step range is shaded (red) on the ``logps/*`` panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,10 +273,13 @@ def plot_curves(train: list[dict[str, Any]], evals: list[dict[str, Any]], path: 
         eval_steps, eval_values = _series(evals, f"eval_{key}")
         if eval_values:
             axis.plot(eval_steps, eval_values, "o-", label="eval", color="tab:orange")
+        if displacement is not None and key.startswith("logps/"):
+            axis.axvspan(displacement.start_step, displacement.end_step, color="tab:red", alpha=0.15,
+                         label="likelihood displacement")
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        if eval_values:
+        if eval_values or (displacement is not None and key.startswith("logps/")):
             axis.legend(fontsize=8)
     for axis in list(axes.flat)[len(PLOTTED_METRICS) :]:
         axis.axis("off")

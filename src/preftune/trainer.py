@@ -630,6 +630,7 @@ class DPOTrainer:
             "data": self.data.report,
             "config": self.args.to_dict(),
         }
+        summary["diagnostics"] = self.recorder.diagnostics()  # likelihood displacement, grad-norm spikes
         if self.accelerator.is_main_process:
             self.recorder.write_summary(summary)
             self.recorder.write_plot()
