@@ -278,6 +278,58 @@ def test_backward_saves_no_rows_by_vocab_tensor():
     assert chunked_saved == max(weight.numel(), hidden.numel())  # only inputs and (N,) vectors
 
 
+def test_the_kept_softmax_is_one_chunk_and_is_released_after_backward():
+    """Without a softcap the forward keeps P of one (full) chunk for the backward, in a ctx attribute (not a saved
+    tensor, so the probe above cannot see it): held until backward, then dropped."""
+    import gc
+    import weakref
+
+    hidden, weight, bias, labels, upstream = make_inputs(rows=ROWS, seed=10)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    logps, _ = chunked_label_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], chunk_size=64)
+    start, kept = logps.grad_fn.kept
+    assert tuple(kept.shape) == (64, VOCAB) and start == ROWS - 64  # the last chunk, full size
+    expected = torch.softmax(hidden.detach()[start:] @ weight.detach().T + bias.detach(), dim=-1)
+    assert torch.allclose(kept, expected, rtol=1e-5, atol=1e-9)
+    alive = weakref.ref(kept)
+    del kept
+    (logps * upstream).sum().backward()
+    gc.collect()
+    assert logps.grad_fn.kept is None and alive() is None
+
+
+def test_nothing_is_kept_without_gradients():
+    hidden, weight, bias, labels, _ = make_inputs(rows=ROWS, seed=11)
+    logps, _ = chunked_label_logprobs(hidden, weight, labels, bias=bias, chunk_size=64)
+    assert logps.grad_fn is None
+    with torch.no_grad():
+        frozen, _ = chunked_label_logprobs(hidden.requires_grad_(), weight, labels, bias=bias, chunk_size=64)
+    assert torch.equal(frozen, logps)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 64, 300, 1024])
+def test_a_second_backward_with_retained_graph_gives_the_same_gradients(chunk_size):
+    hidden, weight, bias, labels, upstream = make_inputs(rows=ROWS, seed=12)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    logps, _ = chunked_label_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], chunk_size=chunk_size)
+    first = torch.autograd.grad((logps * upstream).sum(), leaves, retain_graph=True)  # from the kept chunk
+    second = torch.autograd.grad((logps * upstream).sum(), leaves)  # every chunk recomputed
+    for kept_path, recomputed in zip(first, second):
+        assert_close_relative(kept_path, recomputed, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows, chunk_size", [(0, 4), (3, 4), (4, 4), (9, 4), (1000, 1024), (2049, 1024)])
+def test_chunk_bounds_cover_every_row_once_with_a_full_last_chunk(rows, chunk_size):
+    from preftune.chunked_head import _chunk_bounds
+
+    bounds = _chunk_bounds(rows, chunk_size)
+    covered = [row for start, stop in bounds for row in range(start, stop)]
+    assert covered == list(range(rows))
+    assert all(0 < stop - start <= chunk_size for start, stop in bounds)
+    if rows:
+        assert bounds[-1][1] - bounds[-1][0] == min(rows, chunk_size)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -8,7 +8,10 @@ a vocabulary of 32k–50k entries. We only need, per scored position,
 and, as a metric, the vocabulary-mean logit. :func:`chunked_label_logprobs` computes both from the
 hidden states and the output embedding, ``chunk_size`` rows at a time, and its backward recomputes
 each chunk's logits instead of saving them, so the extra memory is ``O(chunk_size · V)`` in the forward
-and in the backward, never ``O(N · V)``.
+and in the backward, never ``O(N · V)``. One chunk is not recomputed: when gradients are needed, the forward
+keeps the softmax of its last (full) chunk in the ``chunk_size · V`` buffer it needs anyway, and the backward
+starts from it and then reuses the same buffer for the other chunks. Batches of at most ``chunk_size`` scored
+positions therefore never project twice, at no extra peak memory.
 
 The logits are those of a Hugging Face causal-LM head::
 
@@ -60,8 +63,43 @@ def _chunk_logits(
     return out
 
 
+SOFTMAX_ROW_BLOCK = 16
+"""Rows per block of the softmax passes (max, subtract, exp, sum) over a chunk's ``(C, V)`` logits. A block of
+16 × 32k float32 logits (2 MiB) stays in cache across the four passes, where a whole 128 MiB chunk is read from
+memory four times."""
+
+
+def _exp_shifted_rows_(logits: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """In place, block of rows by block: ``logits ← exp(logits − m)``.
+
+    Without ``shift``, ``m`` is the row max (0 where it is not finite) and the result is ``(m, Σ_v exp(logits − m))``;
+    with ``shift`` (e.g. the logsumexp, turning logits into probabilities) ``m = shift`` and the result ``(m, None)``.
+    """
+    rows = logits.shape[0]
+    row_shift = torch.empty(rows, dtype=logits.dtype, device=logits.device) if shift is None else shift
+    row_sum = torch.empty_like(row_shift) if shift is None else None
+    for start in range(0, rows, SOFTMAX_ROW_BLOCK):
+        stop = start + SOFTMAX_ROW_BLOCK
+        block = logits[start:stop]
+        if shift is None:
+            block_max = block.amax(dim=-1)
+            row_shift[start:stop] = torch.where(torch.isfinite(block_max), block_max, 0.0)
+        block.sub_(row_shift[start:stop, None]).exp_()
+        if row_sum is not None:
+            torch.sum(block, dim=-1, out=row_sum[start:stop])
+    return row_shift, row_sum
+
+
+def _chunk_bounds(num_rows: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each chunk, the partial one first, so that the last chunk (the one whose softmax is
+    kept for the backward) is a full one."""
+    first = num_rows % chunk_size or min(chunk_size, num_rows)
+    return [(0, first)] * bool(num_rows) + [(start, start + chunk_size) for start in range(first, num_rows, chunk_size)]
+
+
 class _ChunkedLabelLogProbs(torch.autograd.Function):
-    """Forward saves hidden, weight, bias, labels and the per-row logsumexp; backward recomputes logits.
+    """Forward saves hidden, weight, bias, labels and the per-row logsumexp (and, with gradients needed and no
+    softcap, the softmax ``P`` of the last chunk); backward recomputes the other chunks' logits.
 
     With ``z`` the pre-cap logits, ``y`` the final ones, ``P = softmax(y)``, ``s = dy/dz`` (1 without a
     softcap, ``1 − (y/c)²`` with one) and ``g`` the upstream gradient of each row's log-prob::
@@ -81,6 +119,8 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         mean_logits = torch.empty_like(logps)
         logsumexp = torch.empty_like(logps)
         log_sum_sq = torch.empty_like(logps) if with_log_sum_sq else None
+        bounds = _chunk_bounds(num_rows, chunk_size)
+        keep_last = softcap is None and any(ctx.needs_input_grad[:3]) and bool(bounds)
         # An enclosing autocast would silently run the matmuls in low precision.
         with torch.autocast(hidden.device.type, enabled=False):
             weight_c = weight.to(compute_dtype)
@@ -89,8 +129,7 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 mean_weight = weight_c.mean(dim=0)
                 mean_bias = 0.0 if bias_c is None else bias_c.mean()
             buffer = torch.empty(min(chunk_size, num_rows), weight.shape[0], dtype=compute_dtype, device=hidden.device)
-            for start in range(0, num_rows, chunk_size):
-                stop = min(start + chunk_size, num_rows)
+            for start, stop in bounds:
                 hidden_chunk = hidden[start:stop].to(compute_dtype)
                 logits = _chunk_logits(buffer[: stop - start], hidden_chunk, weight_c, bias_c, logit_scale, softcap)
                 if softcap is None:
@@ -98,16 +137,19 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 else:
                     mean_logits[start:stop] = logits.mean(dim=-1)
                 label_logits = logits.gather(1, labels[start:stop, None]).squeeze(1)
-                row_max = logits.amax(dim=-1)
-                row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-                shifted_exp = logits.sub_(row_max[:, None]).exp_()
-                log_sum = shifted_exp.sum(dim=-1).log_()
+                row_max, row_sum = _exp_shifted_rows_(logits)
+                shifted_exp, log_sum = logits, row_sum.log_()
                 chunk_lse = log_sum + row_max
                 logsumexp[start:stop] = chunk_lse
                 logps[start:stop] = label_logits - chunk_lse
                 if with_log_sum_sq:  # log Σ p² = log Σ exp(2(y − m)) − 2 log Σ exp(y − m)
                     log_sum_sq[start:stop] = torch.linalg.vecdot(shifted_exp, shifted_exp).log_() - 2 * log_sum
+            if keep_last:  # the buffer holds exp(y − max) of the last chunk: make it P = exp(y − logsumexp)
+                shifted_exp.mul_(torch.exp(-log_sum)[:, None])
+                ctx.kept = (start, shifted_exp)
             del buffer
+        if not keep_last:
+            ctx.kept = None
         ctx.save_for_backward(hidden, weight, bias, labels, logsumexp)
         ctx.chunk_size, ctx.logit_scale, ctx.softcap = chunk_size, logit_scale, softcap
         ctx.mark_non_differentiable(mean_logits)
@@ -129,23 +171,31 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=compute_dtype, device=device) if need_bias else None
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes every chunk
         with torch.autocast(device.type, enabled=False):
             weight_c = weight.to(compute_dtype)
             bias_c = None if bias is None else bias.to(compute_dtype)
             rows_in_chunk = min(chunk_size, num_rows)
-            buffer = torch.empty(rows_in_chunk, vocab_size, dtype=compute_dtype, device=device)
+            if kept is not None:  # the kept chunk first; its buffer then serves the recomputed ones
+                buffer = kept[1]
+                bounds = [(kept[0], kept[0] + buffer.shape[0])] + _chunk_bounds(num_rows, chunk_size)[:-1]
+            else:
+                buffer = torch.empty(rows_in_chunk, vocab_size, dtype=compute_dtype, device=device)
+                bounds = _chunk_bounds(num_rows, chunk_size)
             slope_buffer = None if softcap is None else torch.empty_like(buffer)
             all_rows = torch.arange(rows_in_chunk, device=device)
-            for start in range(0, num_rows, chunk_size):
-                stop = min(start + chunk_size, num_rows)
+            for index, (start, stop) in enumerate(bounds):
                 rows, chunk_labels = all_rows[: stop - start], labels[start:stop]
                 hidden_chunk = hidden[start:stop].to(compute_dtype)
                 row_scale = grad_logps[start:stop].to(compute_dtype) * logit_scale  # g' = g · logit_scale
-                logits = _chunk_logits(buffer[: stop - start], hidden_chunk, weight_c, bias_c, logit_scale, softcap)
-                if softcap is None:
-                    label_slope = torch.ones_like(row_scale)
-                    scaled = logits.sub_(logsumexp[start:stop, None]).exp_()  # M = P − onehot
+                if kept is not None and index == 0:
+                    scaled, label_slope = buffer, torch.ones_like(row_scale)  # P, kept by the forward
+                elif softcap is None:
+                    logits = _chunk_logits(buffer[: stop - start], hidden_chunk, weight_c, bias_c, logit_scale, softcap)
+                    _exp_shifted_rows_(logits, shift=logsumexp[start:stop])  # M = P − onehot
+                    scaled, label_slope = logits, torch.ones_like(row_scale)
                 else:  # s = 1 − (y / c)², taken before the buffer is overwritten with P
+                    logits = _chunk_logits(buffer[: stop - start], hidden_chunk, weight_c, bias_c, logit_scale, softcap)
                     slope = torch.div(logits, softcap, out=slope_buffer[: stop - start]).square_().neg_().add_(1.0)
                     label_slope = slope[rows, chunk_labels]
                     scaled = logits.sub_(logsumexp[start:stop, None]).exp_().mul_(slope)  # M = P∘s − onehot∘s

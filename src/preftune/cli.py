@@ -22,10 +22,21 @@ def _configure_logging(verbose: bool) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from preftune.config import load_config
+    from preftune.distributed import relaunch, should_relaunch
+
+    overrides = [*args.overrides, *([f"nproc={args.nproc}"] if getattr(args, "nproc", None) else [])]
+    config = load_config(args.config, overrides)
+    if should_relaunch(config.nproc):  # the same command as config.nproc processes under torchrun
+        return relaunch(config.nproc, [*(["-v"] if args.verbose else []), "train", args.config, *overrides])
     from preftune.trainer import DPOTrainer
 
-    config = load_config(args.config, args.overrides)
     trainer = DPOTrainer(args=config)
+    if not trainer.accelerator.is_main_process:  # replicas (several processes) run the same calls, print nothing
+        if config.do_train:
+            trainer.train()
+        elif config.do_eval:
+            trainer.evaluate()
+        return 0
     if config.do_train:
         result = trainer.train()
         eval_metrics = result.metrics.get("eval", {})
@@ -98,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train from a YAML config", description="Train from a YAML config; key=value arguments override it.")
     train.add_argument("config", help="YAML config file (TRL or LLaMA-Factory key names)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. max_steps=10 beta=0.2")
+    train.add_argument("--nproc", type=int, default=None, metavar="N", help="train with N processes (re-launches under torchrun)")
     train.set_defaults(run=_train)
 
     quickstart = commands.add_parser("quickstart", help="offline demo: build a tiny model and data, train DPO with eval")

@@ -37,11 +37,27 @@ from preftune.adapters import (
     peft_model_of,
     save_adapter,
 )
-from preftune.checkpoint import prune_checkpoints, read_checkpoint, resolve_resume_path, restore_rng_states, write_checkpoint
+from preftune.checkpoint import (
+    prune_checkpoints,
+    read_checkpoint,
+    resolve_resume_path,
+    restore_rng_states,
+    rng_states,
+    write_checkpoint,
+)
 from preftune.config import DPOConfig, interval_to_steps
+from preftune.cpu_memory import keep_freed_memory
 from preftune.data.batching import plan_batches, row_token_counts
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
 from preftune.data.pipeline import default_cache_dir, prepare_data
+from preftune.distributed import (
+    build_accelerator,
+    check_distributed_settings,
+    full_state_dict,
+    gather_objects,
+    rank_share,
+    shard_model,
+)
 from preftune.errors import CheckpointError, ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_loss
@@ -148,12 +164,18 @@ class DPOTrainer:
         # accelerate keeps one process-wide state; a second trainer in the same process (tests, notebooks)
         # may ask for another precision. The distributed (partial) state is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.accelerator = Accelerator(
-            mixed_precision="bf16" if self.args.bf16 else ("fp16" if self.args.fp16 else "no"),
-            cpu=self.args.use_cpu,
-        )
+        self.accelerator = build_accelerator(self.args)
+        self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.fsdp = self.args.fsdp if self.world_size > 1 else None  # FSDP2 options, with several processes only
+        if self.args.fsdp and not self.fsdp:
+            logger.warning("fsdp: %s ignored: this run has one process", self.args.fsdp)
         _check_supported(self.args, self.accelerator)
-        set_seed(self.args.seed)
+        check_distributed_settings(self.args, self.accelerator)
+        if not self.accelerator.is_main_process:  # replicas log warnings and errors only
+            logging.getLogger("preftune").setLevel(logging.WARNING)
+        if self.args.keep_freed_cpu_memory and self.accelerator.device.type == "cpu":
+            keep_freed_memory()
+        set_seed(self.args.seed)  # the same seed on every process (see preftune.distributed)
         self.loss_params = LossParams.from_config(self.args)
         self.loss_params.validate()
         self.state = TrainerState()
@@ -173,12 +195,14 @@ class DPOTrainer:
         if train_source is None and self.args.do_train:
             raise ConfigError("no training data: set dataset (or pass train_dataset=)", key="dataset")
         eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
-        self.data = prepare_data(self.args, self.tokenizer, train_source, eval_source) if train_source is not None else None
-        if self.data is not None:
-            _check_data_fits_loss(self.args, self.loss_params, self.data)
-            if self.args.precompute_ref_log_probs and self.reference is not None:
-                self._precompute_reference()
-        self.recorder = RunRecorder(self.args.output_dir, plot=self.args.plot_loss)
+        with self.accelerator.local_main_process_first():  # each machine's main process fills its caches first
+            self.data = prepare_data(self.args, self.tokenizer, train_source, eval_source) if train_source is not None else None
+            if self.data is not None:
+                _check_data_fits_loss(self.args, self.loss_params, self.data)
+                if self.args.precompute_ref_log_probs and self.reference is not None:
+                    self._precompute_reference()
+        recorder = RunRecorder if self.accelerator.is_main_process else _ReplicaRecorder
+        self.recorder = recorder(self.args.output_dir, plot=self.args.plot_loss)
         self.state.log_history = self.recorder.history
 
     # ----------------------------------------------------------------- setup
@@ -202,6 +226,8 @@ class DPOTrainer:
             )
         reference_model = self.reference.model if self.reference is not None else None
         self.layout = resolve_layout(self.args, self.model, reference_model)
+        if self.fsdp and self.layout.padding_free is None:  # under FSDP every process must run the same forwards
+            self.layout = BatchLayout(prefix_sharing=self.layout.prefix_sharing, padding_free=False)
         distinct = [m for m in (self.model, reference_model) if m is not None]
         distinct = [m for i, m in enumerate(distinct) if all(m is not other for other in distinct[:i])]
         if self.args.disable_dropout:
@@ -258,7 +284,7 @@ class DPOTrainer:
                 score, tokenized.dataset, collate_fn=collate, pad_token_id=self.tokenizer.pad_token_id,
                 batch_size=batch_size, cache_dir=default_cache_dir().parent / "reference", key_parts=key_parts,
                 desc=f"Reference log-probs ({split})", device=self.accelerator.device,
-                overwrite=self.args.overwrite_cache,
+                overwrite=self.args.overwrite_cache and self.accelerator.is_local_main_process,  # others reuse it
             )
             tokenized.dataset = attach_reference_logps(tokenized.dataset, result.values)
             self.data.report[split]["reference_logps"] = {"cache_file": str(result.path), "reused": result.reused}
@@ -285,15 +311,16 @@ class DPOTrainer:
         return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id, collate, padding_free) for indices in groups]
 
     def _epoch_windows(self, epoch: int) -> list[list["_LazyBatch"]]:
-        """The epoch's micro-batches (shuffled by seed + epoch) grouped into accumulation windows."""
+        """The epoch's micro-batches (shuffled by seed + epoch) grouped into the windows of one optimizer step each:
+        ``gradient_accumulation_steps`` x processes micro-batches; every process takes its ``rank_share``."""
         batches = self._batches(
             self.data.train.dataset,
             self.args.per_device_train_batch_size,
             shuffle_seed=self.args.seed + epoch,
             drop_last=self.args.dataloader_drop_last,
         )
-        accumulation = self.args.gradient_accumulation_steps
-        return [batches[i : i + accumulation] for i in range(0, len(batches), accumulation)]
+        per_step = self.args.gradient_accumulation_steps * self.world_size
+        return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
 
     def _training_windows(self, total_steps: int) -> Iterator[tuple[int, list["_LazyBatch"], float]]:
         """Yield ``(epoch, window, epoch_progress_after_window)`` until ``total_steps`` windows are given."""
@@ -314,11 +341,11 @@ class DPOTrainer:
             return self._unpaired_batch_loss(model, lazy)
         batch = lazy.collate().to(self.accelerator.device)
         options = self._logprob_options()
-        policy = pair_logprobs(model, batch, **options, wpo=self.loss_params.use_weighting)
         ref_chosen = ref_rejected = None
-        if self.reference is not None:
+        if self.reference is not None:  # first: the policy's head keeps a softmax chunk until its backward
             with self.accelerator.autocast():
                 ref_chosen, ref_rejected = self.reference.logps(batch, **options)
+        policy = pair_logprobs(model, batch, **options, wpo=self.loss_params.use_weighting)
         out = compute_preference_loss(
             self.loss_params,
             LossInputs(
@@ -393,7 +420,7 @@ class DPOTrainer:
             batches = pairs // batch if self.args.dataloader_drop_last else math.ceil(pairs / batch)
         if batches == 0:
             raise ConfigError(f"{pairs} training pairs do not fill one batch of {batch}", key="per_device_train_batch_size")
-        per_epoch = math.ceil(batches / self.args.gradient_accumulation_steps)
+        per_epoch = math.ceil(batches / (self.args.gradient_accumulation_steps * self.world_size))
         if self.args.max_steps > 0:
             return self.args.max_steps, per_epoch
         return max(1, math.ceil(self.args.num_train_epochs * per_epoch)), per_epoch
@@ -411,11 +438,16 @@ class DPOTrainer:
         save_every = interval_to_steps(args.save_steps, total_steps)
         warmup = args.resolved_warmup_steps(total_steps)
 
+        if self.fsdp:  # FSDP2 replaces the parameters by shards in place: before the optimizer takes them
+            shard_model(self.model.to(self.accelerator.device), self.fsdp, self.accelerator.mixed_precision)
         optimizer = self._optimizer(self.model)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
         run = _RunTotals()
         start_step = self._resume(args.resume_from_checkpoint, optimizer, scheduler, run) if args.resume_from_checkpoint else 0
-        model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        if self.fsdp:  # sharded already; accelerate would wrap it in DDP on top
+            model, optimizer = self.model, self.accelerator.prepare(optimizer)
+        else:
+            model, optimizer = self.accelerator.prepare(self.model, optimizer)
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
         model.train()
@@ -430,22 +462,34 @@ class DPOTrainer:
         for step, (epoch, window, epoch_progress) in enumerate(self._training_windows(total_steps), start=1):
             if step <= start_step:  # resuming: batches are a function of seed and epoch, so skip to the position
                 continue
-            window_pairs = sum(len(lazy.indices) for lazy in window)
+            window_pairs = sum(len(lazy.indices) for lazy in window)  # over all processes
+            share = rank_share(window, self.rank, self.world_size)
             step_sums, problem = [], None
-            for index, lazy in enumerate(window):
-                sync = index == len(window) - 1
+            for index, lazy in enumerate(share):
+                sync = index == len(share) - 1
                 with self.accelerator.no_sync(model) if not sync else nullcontext():
+                    if lazy is None:  # a stand-in (the window ran out before this process's share): zero gradient
+                        losses, _ = self._batch_loss(model, window[0])
+                        self.accelerator.backward(losses.sum() * 0.0)
+                        continue
                     losses, sums = self._batch_loss(model, lazy)
                     if not torch.isfinite(losses).all():
-                        problem = f"non-finite loss at step {step} on source rows {lazy.source_rows()}"
-                        break
-                    # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window.
-                    self.accelerator.backward(losses.sum() / window_pairs)
+                        problem = problem or f"non-finite loss at step {step} on source rows {lazy.source_rows()}"
+                        if self.world_size == 1:
+                            break  # with several processes every one goes on, so that the collectives stay in step
+                    # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window. DDP
+                    # averages gradients over processes, hence the factor world_size.
+                    self.accelerator.backward(losses.sum() * self.world_size / window_pairs)
                 step_sums.append((sums, lazy.num_tokens))
+            if self.world_size > 1:  # every process gets the step's metric sums (in window order) and any problem
+                gathered = gather_objects((step_sums, problem))
+                step_sums = [entry for sums_of_rank, _ in gathered for entry in sums_of_rank]
+                problem = next((found for _, found in gathered if found is not None), None)
             # max_grad_norm 0 disables clipping; the norm is still measured (an infinite bound scales nothing).
             grad_norm = float("nan")
             if problem is None:
-                grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf")))
+                norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
                 if not math.isfinite(grad_norm):
                     rows = [row for lazy in window for row in lazy.source_rows()]
                     problem = f"non-finite gradient norm at step {step} (source rows {rows})"
@@ -501,14 +545,22 @@ class DPOTrainer:
         self.save_model()
         training_loss = run.run_loss.means().get("loss", float("nan"))
         summary = self._write_summary(runtime, run, training_loss)
+        self.accelerator.wait_for_everyone()  # the replicas wait until the main process has written the outputs
         return TrainOutput(self.state.global_step, training_loss, summary)
 
     def _resume(self, spec: str, optimizer: torch.optim.Optimizer, scheduler: Any, run: "_RunTotals") -> int:
         """Load a checkpoint's weights, optimizer, scheduler, RNG states, totals and history; return its step."""
         path = resolve_resume_path(spec, Path(self.args.output_dir))
-        saved = read_checkpoint(path)
+        saved = read_checkpoint(path, rank=self.rank)
         if saved["optimizer"] is None or saved["scheduler"] is None:
             raise CheckpointError(f"{path} holds no optimizer/scheduler state (saved with save_only_model): cannot resume")
+        saved_world_size = saved["trainer_state"].get("world_size", 1)
+        if saved_world_size != self.world_size:
+            raise CheckpointError(
+                f"{path} was written by a run of {saved_world_size} process(es), this run has {self.world_size}: "
+                "the global batch (per_device_train_batch_size x processes x gradient_accumulation_steps) and the data "
+                "position would differ; resume with the same number of processes"
+            )
         _load_weights(self.model, path)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -532,13 +584,20 @@ class DPOTrainer:
         model.to(self.accelerator.device)
         was_training = model.training
         model.eval()
+        forward_model = self.accelerator.unwrap_model(model)  # no DDP collectives in a forward without backward
         accumulator = MetricAccumulator()
         start = time.perf_counter()
-        for lazy in self._batches(
-            self.data.eval.dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False
-        ):
+        batches = self._batches(self.data.eval.dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False)
+        batch_sums = []
+        for lazy in rank_share(batches, self.rank, self.world_size):  # each process its contiguous share
             with self.accelerator.autocast():
-                _, sums = self._batch_loss(model, lazy)
+                if lazy is not None:
+                    batch_sums.append(self._batch_loss(forward_model, lazy)[1])
+                elif self.fsdp:  # a stand-in forward: FSDP gathers parameters in every process's forward
+                    self._batch_loss(forward_model, batches[0])
+        if self.world_size > 1:  # every process gets all sums, in batch order
+            batch_sums = [sums for sums_of_rank in gather_objects(batch_sums) for sums in sums_of_rank]
+        for sums in batch_sums:
             accumulator.add(sums)
         model.train(was_training)
         metrics = {f"eval_{key}": value for key, value in accumulator.means().items()}
@@ -561,6 +620,7 @@ class DPOTrainer:
                 f"output_dir {output_dir} is not empty; set overwrite_output_dir: true or choose another directory",
                 key="overwrite_output_dir",
             )
+        self.accelerator.wait_for_everyone()  # every process has looked before any writes its probe
         probe = output_dir / f".preftune-write-test-{os.getpid()}"
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -572,8 +632,9 @@ class DPOTrainer:
     def save_model(self, output_dir: str | None = None) -> Path:
         """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
         target = Path(output_dir or self.args.output_dir)
+        state_dict = full_state_dict(self.model) if self.fsdp else None  # FSDP: every process gathers its shards
         if self.accelerator.is_main_process:
-            _save_weights(self.accelerator.unwrap_model(self.model), self.tokenizer, target)
+            _save_weights(self.accelerator.unwrap_model(self.model), self.tokenizer, target, state_dict)
         return target
 
     def merge_and_save(self, output_dir: str) -> Path:
@@ -586,9 +647,16 @@ class DPOTrainer:
         return target
 
     def _save_checkpoint(self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: "_RunTotals") -> None:
-        """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``); never one with non-finite weights."""
-        if not self.accelerator.is_main_process:
-            return
+        """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``) by the main process, with every
+        process's RNG states; never one with non-finite weights. The other processes wait until it is written."""
+        per_rank_rng = gather_objects(rng_states()) if self.world_size > 1 else None
+        if self.accelerator.is_main_process:
+            self._write_checkpoint(model, step, optimizer, scheduler, run, per_rank_rng)
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(
+        self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: "_RunTotals", per_rank_rng: list | None
+    ) -> None:
         unwrapped = self.accelerator.unwrap_model(model)
         if not all(torch.isfinite(p).all() for p in unwrapped.parameters() if p.requires_grad):
             logger.error("step %d: the weights hold non-finite values; checkpoint not written", step)
@@ -600,6 +668,7 @@ class DPOTrainer:
             "totals": run.to_dict(),
             "log_history": self.recorder.history,
             "config": self.args.to_dict(),
+            "world_size": self.world_size,
         }
         target = write_checkpoint(
             output_dir / f"checkpoint-{step}",
@@ -607,6 +676,7 @@ class DPOTrainer:
             trainer_state=trainer_state,
             optimizer_state=None if self.args.save_only_model else optimizer.state_dict(),
             scheduler_state=None if self.args.save_only_model else scheduler.state_dict(),
+            rank_rng_states=per_rank_rng,
         )
         prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target)
 
@@ -625,6 +695,7 @@ class DPOTrainer:
             "pairs_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
             "tokens_per_second": run.session_tokens / runtime if runtime > 0 else 0.0,
             "total_pairs": run.total_pairs,
+            "num_processes": self.world_size,
             "skipped_nonfinite_steps": {"count": len(run.skipped_steps), "steps": run.skipped_steps[:100]},
             "memory": peak_memory_mb(),
             "data": self.data.report,
@@ -635,6 +706,21 @@ class DPOTrainer:
             self.recorder.write_summary(summary)
             self.recorder.write_plot()
         return summary
+
+
+class _ReplicaRecorder(RunRecorder):
+    """The history of a process other than the main one: kept in memory (for ``train()``'s result), never written."""
+
+    warns = False  # the main process logs the likelihood-displacement warning
+
+    def _write_history(self) -> None:
+        return None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        return None
+
+    def write_plot(self) -> None:
+        return None
 
 
 @dataclass
@@ -798,15 +884,16 @@ def _load_weights(model: nn.Module, checkpoint: Path) -> None:
         )
 
 
-def _save_weights(model: nn.Module, tokenizer: Any, target: Path) -> None:
-    """The trainable weights: the LoRA adapter (only the trained one, not a frozen reference copy) or the model."""
+def _save_weights(model: nn.Module, tokenizer: Any, target: Path, state_dict: dict | None = None) -> None:
+    """The trainable weights: the LoRA adapter (only the trained one, not a frozen reference copy) or the model
+    (``state_dict``: its whole weights when the model is sharded)."""
     if is_peft_model(model):
         save_adapter(model, tokenizer, target)
     else:
-        _atomic_save_pretrained(model, tokenizer, target)
+        _atomic_save_pretrained(model, tokenizer, target, state_dict)
 
 
-def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> None:
+def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path, state_dict: dict | None = None) -> None:
     """``save_pretrained`` into a temporary sibling directory, then move the files in place.
 
     The weights file is replaced by rename, so a crash leaves either the old or the new weights.
@@ -814,7 +901,7 @@ def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path) -> N
     target.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.saving"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     for item in staging.iterdir():
