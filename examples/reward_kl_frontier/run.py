@@ -195,7 +195,7 @@ def _agreement(points: list[dict]) -> list[str]:
     lines = []
     for beta in sorted({p["beta"] for p in points}):
         by_engine = {p["engine"]: p for p in points if p["beta"] == beta}
-        if set(by_engine) != {"preftune", "trl"}:
+        if not {"preftune", "trl"} <= set(by_engine):
             continue
         ours, theirs = by_engine["preftune"], by_engine["trl"]
         verdicts = []
