@@ -75,14 +75,23 @@ def test_the_deepspeed_key_points_to_ddp():
 @pytest.mark.parametrize("settings, key", [
     ({"fsdp": "full_shard offload"}, "fsdp"),
     ({"fsdp": "full_shard shard_grad_op"}, "fsdp"),
-    ({"fsdp": "full_shard", "finetuning_type": "lora"}, "finetuning_type"),
-    ({"fsdp": "full_shard"}, "save_strategy"),  # checkpoints would need sharded optimizer states
-    ({"fsdp": "full_shard", "save_strategy": "no", "padding_free": True}, "padding_free"),
+    ({"fsdp": "full_shard", "padding_free": True}, "padding_free"),
+    ({"fsdp": "full_shard", "sync_ref_model": True}, "sync_ref_model"),
 ])
 def test_fsdp_options_it_cannot_run_are_refused(settings, key):
     with pytest.raises(ConfigError) as info:
         DPOConfig(**settings)
     assert info.value.key == key
+
+
+EXAMPLES = REPO_ROOT / "examples" / "distributed"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in EXAMPLES.glob("*.yaml") if not path.name.startswith("accelerate")))
+def test_example_configs_load_and_show_their_launch_commands(name):
+    config = load_config(EXAMPLES / name)
+    assert config.output_dir.startswith("output/distributed/")
+    assert f"examples/distributed/{name}" in (EXAMPLES / name).read_text()  # the launch command in its header
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -215,3 +224,50 @@ def test_fsdp_two_processes_match_one_process(stories_model_dir, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"))
     for name, value in one.model.named_parameters():
         torch.testing.assert_close(reloaded.get_parameter(name), value.detach(), atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_with_a_checkpoint_matches_one_process_and_resumes(stories_model_dir, tmp_path):
+    """FSDP2 over a LoRA policy (the reference: the sharded policy with its adapter disabled): the one-process run's
+    history and adapter; its checkpoint (whole adapter and optimizer state, keyed by parameter name) resumes under
+    FSDP to the same end, and loads in a one-process run too."""
+    config = _write_config(tmp_path, stories_model_dir, "two", fsdp="full_shard", finetuning_type="lora", lora_rank=4,
+                           eval_steps=3, save_strategy="steps", save_steps=2, max_steps=4)
+    _run_two_processes(config, cache=tmp_path / "cache")
+    two = tmp_path / "two"
+    one = _train_one_process(config, f"output_dir={tmp_path / 'one'}", "gradient_accumulation_steps=2")
+    history = json.loads((two / "log_history.json").read_text())
+    _assert_same_history(one.state.log_history, history)
+    adapter = "adapter_model.safetensors"
+    expected = load_file(str(tmp_path / "one" / adapter))
+    assert any(bool(value.abs().sum()) for name, value in expected.items() if "lora_B" in name)
+    _assert_same_weights(expected, load_file(str(two / adapter)))
+
+    checkpoint = two / "checkpoint-2"
+    optimizer = read_checkpoint(checkpoint)["optimizer"]
+    assert optimizer["state"] and all("lora_" in name for name in optimizer["state"])  # keyed by parameter name
+    _assert_same_weights(load_file(str(tmp_path / "one" / "checkpoint-2" / adapter)), load_file(str(checkpoint / adapter)))
+    resumed = tmp_path / "resumed"
+    _run_two_processes(config, f"output_dir={resumed}", f"resume_from_checkpoint={checkpoint}", cache=tmp_path / "cache")
+    _assert_same_history(history, json.loads((resumed / "log_history.json").read_text()))
+    _assert_same_weights(load_file(str(two / adapter)), load_file(str(resumed / adapter)))
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_of_a_full_model_resumes_exactly(stories_model_dir, tmp_path):
+    """Full fine-tuning under FSDP with a separate (sharded) reference: killed after its checkpoint at step 2 (here:
+    a run of 2 steps), resumed to step 4, it ends as the uninterrupted run."""
+    config = _write_config(tmp_path, stories_model_dir, "full", fsdp="full_shard", save_strategy="steps", save_steps=2,
+                           max_steps=4, eval_strategy="no")
+    run = _run_two_processes(config, cache=tmp_path / "cache")
+    assert "5 decoder layers and the reference model sharded over 2 processes" in run.stderr
+    full = tmp_path / "full"
+    assert "model.embed_tokens.weight" in read_checkpoint(full / "checkpoint-2")["optimizer"]["state"]
+    resumed = tmp_path / "resumed"
+    _run_two_processes(config, f"output_dir={resumed}", f"resume_from_checkpoint={full / 'checkpoint-2'}",
+                       cache=tmp_path / "cache")
+    _assert_same_history(json.loads((full / "log_history.json").read_text()),
+                         json.loads((resumed / "log_history.json").read_text()))
+    initial = load_file(str(stories_model_dir / "model.safetensors"))
+    _assert_same_weights(load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors")),
+                         initial=initial)

@@ -111,14 +111,15 @@ def apply_lora(model: nn.Module, peft_config: PeftConfig) -> PeftModel:
 
 
 # ------------------------------------------------------------------------------------------------------ saving
-def save_adapter(model: PeftModel, tokenizer: Any, output_dir: str | os.PathLike) -> Path:
+def save_adapter(model: PeftModel, tokenizer: Any, output_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write the active adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and the tokenizer to
-    ``output_dir``, atomically. Other adapters of the model (e.g. a reference copy) are not saved."""
+    ``output_dir``, atomically. Other adapters of the model (e.g. a reference copy) are not saved. ``state_dict``:
+    the whole model's weights when the model is sharded (FSDP), else they are read from the model."""
     model = require_peft_model(model, "save_adapter")
     adapter = model.active_adapter
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging, selected_adapters=[adapter], safe_serialization=True)
+        model.save_pretrained(staging, selected_adapters=[adapter], safe_serialization=True, state_dict=state_dict)
         nested = staging / adapter  # peft writes adapters not named "default" into a subfolder
         if adapter != "default" and nested.is_dir():
             for item in nested.iterdir():

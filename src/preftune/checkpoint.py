@@ -44,7 +44,8 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 # ----------------------------------------------------------------------------------------------- state pieces
 def optimizer_state_to_files(state_dict: dict, directory: Path) -> None:
-    """``optimizer.state_dict()`` as safetensors (every tensor) plus JSON (param groups, non-tensor values)."""
+    """``optimizer.state_dict()`` as safetensors (every tensor) plus JSON (param groups, non-tensor values). Its
+    parameters are keyed by index (one process, DDP) or by parameter name (FSDP's whole state)."""
     tensors, scalars = {}, {}
     for index, values in state_dict["state"].items():
         for name, value in values.items():
@@ -59,13 +60,10 @@ def optimizer_state_to_files(state_dict: dict, directory: Path) -> None:
 
 def optimizer_state_from_files(directory: Path) -> dict:
     meta = _read_json(directory / OPTIMIZER_META)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(str(directory / OPTIMIZER_TENSORS)).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+    state: dict[int | str, dict[str, Any]] = {}
+    for key, value in [*load_file(str(directory / OPTIMIZER_TENSORS)).items(), *meta["scalars"].items()]:
+        parameter, name = key.rsplit(".", 1)  # a parameter index or name, then the state's name (exp_avg, step)
+        state.setdefault(int(parameter) if parameter.isdigit() else parameter, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -437,9 +437,10 @@ class DPOConfig(BaseModel):
         None,
         "FSDP2 (torch `fully_shard`) with several processes: `full_shard` (parameters, gradients and optimizer states "
         "sharded; each decoder layer and then the whole model) or `shard_grad_op` (parameters kept gathered between "
-        "forward and backward); `auto_wrap` is accepted (the wrapping is always per decoder layer). Full fine-tuning "
-        "only, without checkpoints yet (`save_strategy: no`; the final model is saved whole); ignored with one "
-        "process.",
+        "forward and backward); `auto_wrap` is accepted (the wrapping is always per decoder layer). Full or LoRA; a "
+        "separate reference model is sharded too. Checkpoints and the final model hold the whole weights and "
+        "optimizer state (the files of a one-process run). Not with `padding_free` or `sync_ref_model`; ignored with "
+        "one process.",
     )
     nproc: int | None = _field(
         None,
@@ -692,20 +693,16 @@ class DPOConfig(BaseModel):
             raise _error(f"sync_ref_model needs a reference model; loss {self.loss_type} uses none", "sync_ref_model")
 
     def _check_fsdp_settings(self) -> None:
-        """What FSDP cannot do yet: a LoRA adapter, checkpoints (sharded optimizer states), TR-DPO's reference update
-        (it reads sharded policy weights) and padding-free batches (processes must run equal numbers of forwards)."""
+        """What FSDP cannot do: TR-DPO's reference update (it mixes sharded policy weights into the reference) and
+        padding-free batches (under FSDP every process must run the same number of forwards)."""
         if not self.fsdp:
             return
-        refused = {
-            "finetuning_type": self.finetuning_type == "lora",
-            "save_strategy": self.save_strategy != "no",
-            "resume_from_checkpoint": bool(self.resume_from_checkpoint),
-            "sync_ref_model": self.sync_ref_model,
-            "padding_free": bool(self.padding_free),
-        }
-        for key, on in refused.items():
-            if on:
-                raise _error(f"not supported yet: fsdp with {key}={getattr(self, key)!r}", key)
+        if self.sync_ref_model:
+            raise _error("fsdp cannot run sync_ref_model: the reference update reads the policy's whole weights, which "
+                         "FSDP keeps sharded; train with DDP (leave fsdp out)", "sync_ref_model")
+        if self.padding_free:
+            raise _error("fsdp cannot run padding_free batches: under FSDP every process must run the same number of "
+                         "forwards; set padding_free: false (or leave it out)", "padding_free")
 
     # ---- Derived values --------------------------------------------------------------------------------------------
 

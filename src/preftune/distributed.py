@@ -20,8 +20,11 @@ RNG state, only on ``seed + epoch``. Checkpoints keep each process's RNG states 
 Only the main process writes files; the others wait at a barrier.
 
 FSDP (``fsdp: full_shard``): the same split and scaling, with the model sharded by FSDP2 (``shard_model``) instead
-of wrapped in DDP; every process then runs the same forwards (stand-ins in evaluation too, no padding-free
-batches), since each forward gathers parameters from all processes.
+of wrapped in DDP (a separate frozen reference model is sharded too; a LoRA policy is sharded with its adapter);
+every process then runs the same forwards (stand-ins in evaluation too, no padding-free batches), since each forward
+gathers parameters from all processes. Checkpoints hold the whole weights and the whole optimizer state (keyed by
+parameter name), gathered on the main process: a checkpoint is the same files as a one-process run's, and resuming
+loads the weights before sharding and gives every process its shards of the optimizer state.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T | None]
     return share + [None] * (per_rank - len(share))
 
 
-def shard_model(model: nn.Module, fsdp: str, mixed_precision: str = "no") -> nn.Module:
+def shard_model(model: nn.Module, fsdp: str, mixed_precision: str = "no", role: str = "the model") -> nn.Module:
     """Shard ``model`` in place with FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder layer, then the whole
     model (embeddings, final norm, LM head). ``full_shard`` reshards each layer's parameters after its forward;
     ``shard_grad_op`` keeps them gathered until the backward. Gradients are averaged over processes
@@ -147,7 +150,7 @@ def shard_model(model: nn.Module, fsdp: str, mixed_precision: str = "no") -> nn.
     # The root keeps its parameters gathered from forward to backward (FSDP's default for the root): the chunked LM
     # head uses the output layer's weight after the forward returns.
     fully_shard(model, mp_policy=policy)
-    logger.info("FSDP2 (%s): %d decoder layers and the model sharded over %d processes", fsdp, len(layers),
+    logger.info("FSDP2 (%s): %d decoder layers and %s sharded over %d processes", fsdp, len(layers), role,
                 torch.distributed.get_world_size())
     return model
 
@@ -167,6 +170,21 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     return {name: value for name, value in state.items() if name in names}
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state of an FSDP-sharded model, keyed by parameter name, on the CPU of the main process
+    (the others get an empty dict; a collective: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Give every process its shards of a whole optimizer state saved by ``full_optimizer_state`` (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def gather_objects(value: T) -> list[T]:

@@ -53,8 +53,10 @@ from preftune.data.pipeline import default_cache_dir, prepare_data
 from preftune.distributed import (
     build_accelerator,
     check_distributed_settings,
+    full_optimizer_state,
     full_state_dict,
     gather_objects,
+    load_full_optimizer_state,
     rank_share,
     shard_model,
 )
@@ -438,12 +440,13 @@ class DPOTrainer:
         save_every = interval_to_steps(args.save_steps, total_steps)
         warmup = args.resolved_warmup_steps(total_steps)
 
-        if self.fsdp:  # FSDP2 replaces the parameters by shards in place: before the optimizer takes them
-            shard_model(self.model.to(self.accelerator.device), self.fsdp, self.accelerator.mixed_precision)
+        saved = self._read_resume_checkpoint(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        if self.fsdp:  # FSDP2 replaces the parameters by shards in place: after the weights are loaded, before the
+            self._shard_models()  # optimizer takes them
         optimizer = self._optimizer(self.model)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
         run = _RunTotals()
-        start_step = self._resume(args.resume_from_checkpoint, optimizer, scheduler, run) if args.resume_from_checkpoint else 0
+        start_step = self._restore_training_state(saved, optimizer, scheduler, run) if saved is not None else 0
         if self.fsdp:  # sharded already; accelerate would wrap it in DDP on top
             model, optimizer = self.model, self.accelerator.prepare(optimizer)
         else:
@@ -548,8 +551,16 @@ class DPOTrainer:
         self.accelerator.wait_for_everyone()  # the replicas wait until the main process has written the outputs
         return TrainOutput(self.state.global_step, training_loss, summary)
 
-    def _resume(self, spec: str, optimizer: torch.optim.Optimizer, scheduler: Any, run: "_RunTotals") -> int:
-        """Load a checkpoint's weights, optimizer, scheduler, RNG states, totals and history; return its step."""
+    def _shard_models(self) -> None:
+        """FSDP2: shard the policy, and a separate frozen reference model too (forward-only, no optimizer)."""
+        device, precision = self.accelerator.device, self.accelerator.mixed_precision
+        shard_model(self.model.to(device), self.fsdp, precision)
+        if isinstance(self.reference, FrozenReference):
+            shard_model(self.reference.model.to(device), self.fsdp, precision, role="the reference model")
+
+    def _read_resume_checkpoint(self, spec: str) -> dict[str, Any]:
+        """Check the checkpoint ``spec`` names and load its weights into the (not yet sharded) model; return the rest
+        of it (``read_checkpoint``) for ``_restore_training_state``."""
         path = resolve_resume_path(spec, Path(self.args.output_dir))
         saved = read_checkpoint(path, rank=self.rank)
         if saved["optimizer"] is None or saved["scheduler"] is None:
@@ -562,14 +573,23 @@ class DPOTrainer:
                 "position would differ; resume with the same number of processes"
             )
         _load_weights(self.model, path)
-        optimizer.load_state_dict(saved["optimizer"])
+        saved["path"] = path
+        return saved
+
+    def _restore_training_state(self, saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                                run: "_RunTotals") -> int:
+        """Load a checkpoint's optimizer, scheduler, RNG states, totals and history; return its step."""
+        if self.fsdp:  # the whole optimizer state, keyed by parameter name: every process takes its shards
+            load_full_optimizer_state(self.model, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["trainer_state"]
         run.load(state["totals"])
         self.recorder.restore(state["log_history"])
         self.state.global_step, self.state.epoch = state["global_step"], state["epoch"]
         restore_rng_states(saved["rng"])
-        logger.info("resumed from %s at step %d", path, self.state.global_step)
+        logger.info("resumed from %s at step %d", saved["path"], self.state.global_step)
         return self.state.global_step
 
     # ------------------------------------------------------------- evaluate
@@ -650,15 +670,24 @@ class DPOTrainer:
         """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``) by the main process, with every
         process's RNG states; never one with non-finite weights. The other processes wait until it is written."""
         per_rank_rng = gather_objects(rng_states()) if self.world_size > 1 else None
+        weights = optimizer_state = None
+        if self.fsdp:  # collectives: every process gathers its shards; the main process gets the whole state
+            weights = full_state_dict(model)
+            optimizer_state = None if self.args.save_only_model else full_optimizer_state(model, optimizer)
+        elif not self.args.save_only_model:
+            optimizer_state = optimizer.state_dict()
         if self.accelerator.is_main_process:
-            self._write_checkpoint(model, step, optimizer, scheduler, run, per_rank_rng)
+            self._write_checkpoint(model, step, optimizer_state, scheduler, run, per_rank_rng, weights)
         self.accelerator.wait_for_everyone()
 
     def _write_checkpoint(
-        self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: "_RunTotals", per_rank_rng: list | None
+        self, model: nn.Module, step: int, optimizer_state: dict | None, scheduler: Any, run: "_RunTotals",
+        per_rank_rng: list | None, weights: dict[str, torch.Tensor] | None,
     ) -> None:
+        """``weights``: the whole model's state dict when it is sharded (else read from the model)."""
         unwrapped = self.accelerator.unwrap_model(model)
-        if not all(torch.isfinite(p).all() for p in unwrapped.parameters() if p.requires_grad):
+        trainable = weights.values() if weights is not None else (p for p in unwrapped.parameters() if p.requires_grad)
+        if not all(torch.isfinite(value).all() for value in trainable):
             logger.error("step %d: the weights hold non-finite values; checkpoint not written", step)
             return
         output_dir = Path(self.args.output_dir)
@@ -672,9 +701,9 @@ class DPOTrainer:
         }
         target = write_checkpoint(
             output_dir / f"checkpoint-{step}",
-            save_weights=lambda directory: _save_weights(unwrapped, self.tokenizer, directory),
+            save_weights=lambda directory: _save_weights(unwrapped, self.tokenizer, directory, weights),
             trainer_state=trainer_state,
-            optimizer_state=None if self.args.save_only_model else optimizer.state_dict(),
+            optimizer_state=optimizer_state,
             scheduler_state=None if self.args.save_only_model else scheduler.state_dict(),
             rank_rng_states=per_rank_rng,
         )
@@ -888,7 +917,7 @@ def _save_weights(model: nn.Module, tokenizer: Any, target: Path, state_dict: di
     """The trainable weights: the LoRA adapter (only the trained one, not a frozen reference copy) or the model
     (``state_dict``: its whole weights when the model is sharded)."""
     if is_peft_model(model):
-        save_adapter(model, tokenizer, target)
+        save_adapter(model, tokenizer, target, state_dict)
     else:
         _atomic_save_pretrained(model, tokenizer, target, state_dict)
 
