@@ -173,3 +173,13 @@ def test_unknown_config_key_suggests_the_closest(tmp_path, hh_config):
 def test_missing_model_directory_is_named(tmp_path, hh_config):
     config = write_yaml(tmp_path / "cfg.yaml", {**hh_config, "model_name_or_path": str(tmp_path / "no-model")})
     _assert_one_line_error(run_cli("train", str(config), cwd=tmp_path), "no-model", "model_name_or_path")
+
+
+def test_overrides_may_follow_the_nproc_option():
+    """`preftune train cfg.yaml --nproc 2 beta=0.2`: the overrides after an option still reach the config."""
+    from preftune.cli import parse_args
+
+    args = parse_args(["train", "cfg.yaml", "max_steps=3", "--nproc", "2", "beta=0.2"])
+    assert (args.config, args.overrides, args.nproc) == ("cfg.yaml", ["max_steps=3", "beta=0.2"], 2)
+    with pytest.raises(SystemExit):  # anything else is still refused
+        parse_args(["train", "cfg.yaml", "--nproc", "2", "--bogus"])

@@ -69,7 +69,6 @@ pref_ftx: 0
 NOT_SUPPORTED_YET = {
     "pref_bco_weight": 0.5,
     "pad_to_multiple_of": 8,
-    "deepspeed": "ds_z3_config.json",
     "flash_attn": "fa2",
     "push_to_hub": True,
     "hub_model_id": "me/model",

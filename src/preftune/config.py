@@ -442,6 +442,15 @@ class DPOConfig(BaseModel):
         "optimizer state (the files of a one-process run). Not with `padding_free` or `sync_ref_model`; ignored with "
         "one process.",
     )
+    deepspeed: str | dict[str, Any] | None = _field(
+        None,
+        "DeepSpeed ZeRO with several processes: a DeepSpeed JSON config file (or a dict), as in transformers and "
+        "LLaMA-Factory; stages 0-3 with optimizer/parameter offload. `\"auto\"` values are filled from this config "
+        "(batch, accumulation, clipping, precision, bucket sizes); `optimizer`/`scheduler` sections are refused "
+        "(preftune builds AdamW and the schedule). Checkpoints hold the whole weights and optimizer state (the files "
+        "of an FSDP run) and resume with the same number of processes. Not with `fsdp`, `padding_free`, `sync_ref_model` or "
+        "`nonfinite_loss: skip`; ignored with one process. Needs `pip install deepspeed`.",
+    )
     nproc: int | None = _field(
         None,
         "Training processes (one per device). `preftune train` re-launches itself under torchrun with this many; "
@@ -493,10 +502,6 @@ class DPOConfig(BaseModel):
         None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",
         type_name="int or null", accepted=[None, "auto"],
     )  # fmt: skip
-    deepspeed: Any = _later(
-        None, "DeepSpeed config.", type_name="string, dict or null",
-        hint="several processes train with DDP: `preftune train --nproc N`, torchrun or `accelerate launch`",
-    )
     flash_attn: Any = _later("auto", "Attention implementation (LLaMA-Factory).", type_name="string")
     push_to_hub: Any = _later(False, "Upload the model to the Hugging Face Hub.", type_name="bool")
     hub_model_id: Any = _later(None, "Hub repository to push to.", type_name="string or null")
@@ -626,6 +631,19 @@ class DPOConfig(BaseModel):
             raise _error("fsdp: expected one of full_shard, shard_grad_op (and optionally auto_wrap)", "fsdp")
         return " ".join(words)
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_config(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        """The file is read now, so that a missing or malformed one is named at load time, not after set-up."""
+        if value is not None:
+            from preftune.zero import read_deepspeed_config
+
+            try:
+                read_deepspeed_config(value)
+            except ConfigError as error:
+                raise _error(error.message, "deepspeed") from None
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> DPOConfig:
         """Refuse settings that cannot work together; warn about settings that will be ignored."""
@@ -637,6 +655,7 @@ class DPOConfig(BaseModel):
             self.__dict__["loss_type"] = "kto"  # plain assignment would re-run validation
         self._check_loss_settings()
         self._check_fsdp_settings()
+        self._check_deepspeed_settings()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise _error(
                 f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: nothing to train; "
@@ -703,6 +722,23 @@ class DPOConfig(BaseModel):
         if self.padding_free:
             raise _error("fsdp cannot run padding_free batches: under FSDP every process must run the same number of "
                          "forwards; set padding_free: false (or leave it out)", "padding_free")
+
+    def _check_deepspeed_settings(self) -> None:
+        """What preftune does not run under DeepSpeed, and why."""
+        if self.deepspeed is None:
+            return
+        refused = {
+            "fsdp": (bool(self.fsdp), "choose one of fsdp and deepspeed"),
+            "padding_free": (bool(self.padding_free), "under ZeRO every process must run the same forwards; set "
+                             "padding_free: false (or leave it out)"),
+            "sync_ref_model": (self.sync_ref_model, "the reference update reads the policy's whole weights, which "
+                               "ZeRO partitions; train with DDP (leave deepspeed out)"),
+            "nonfinite_loss": (self.nonfinite_loss == "skip", "DeepSpeed reduces the gradients during the backward, "
+                               "before a skip could drop them; use nonfinite_loss: stop"),
+        }
+        for key, (on, reason) in refused.items():
+            if on:
+                raise _error(f"deepspeed cannot run with {key}={getattr(self, key)!r}: {reason}", key)
 
     # ---- Derived values --------------------------------------------------------------------------------------------
 

@@ -76,7 +76,8 @@ def build_accelerator(args: Any) -> Accelerator:
     frequencies) are constants that never need syncing. Gradients are the only thing DDP communicates.
     """
     instead = {
-        "deepspeed": "train with DDP (`deepspeed` is not supported yet)",
+        "deepspeed": "set `deepspeed: <DeepSpeed JSON config>` in the preftune config instead (preftune drives "
+                     "DeepSpeed's engine itself)",
         "fsdp": "set `fsdp: full_shard` in the preftune config instead",
     }
     selected = (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", "deepspeed"), ("ACCELERATE_USE_FSDP", "FSDP", "fsdp"))
@@ -118,7 +119,8 @@ def check_distributed_settings(args: Any, accelerator: Accelerator) -> None:
     if processes > 1 and distributed_type not in ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU"):
         raise ConfigError(
             f"this run has {processes} processes under accelerate's {distributed_type} mode; preftune runs DDP (plain "
-            "`accelerate launch` / torchrun) and FSDP through its own `fsdp` key, not accelerate's FSDP or DeepSpeed",
+            "`accelerate launch` / torchrun), FSDP and DeepSpeed through its own `fsdp` and `deepspeed` keys, not "
+            "accelerate's FSDP or DeepSpeed plugins",
             key={"FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(distributed_type),
         )
 

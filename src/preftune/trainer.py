@@ -74,6 +74,17 @@ from preftune.reference import (
     build_reference,
     sync_reference,
 )
+from preftune.zero import (
+    initialize_policy,
+    initialize_reference,
+    load_whole_optimizer_state,
+    read_deepspeed_config,
+    resolve_deepspeed_config,
+    start_deepspeed,
+    whole_optimizer_state,
+    whole_state_dict,
+    zero_stage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +182,14 @@ class DPOTrainer:
         self.fsdp = self.args.fsdp if self.world_size > 1 else None  # FSDP2 options, with several processes only
         if self.args.fsdp and not self.fsdp:
             logger.warning("fsdp: %s ignored: this run has one process", self.args.fsdp)
+        # DeepSpeed ZeRO (preftune.zero), with several processes only: the engine is made in train()
+        self.deepspeed = read_deepspeed_config(self.args.deepspeed) if self.args.deepspeed and self.world_size > 1 else None
+        if self.args.deepspeed and not self.deepspeed:
+            logger.warning("deepspeed ignored: this run has one process")
+        self.zero_stage = zero_stage(self.deepspeed) if self.deepspeed else None
+        # Parameters partitioned across processes: every forward is a collective, so all processes run the same ones.
+        self.lockstep_forwards = bool(self.fsdp) or self.zero_stage == 3
+        self._engine = None  # the DeepSpeedEngine while training under DeepSpeed
         _check_supported(self.args, self.accelerator)
         check_distributed_settings(self.args, self.accelerator)
         if not self.accelerator.is_main_process:  # replicas log warnings and errors only
@@ -228,7 +247,7 @@ class DPOTrainer:
             )
         reference_model = self.reference.model if self.reference is not None else None
         self.layout = resolve_layout(self.args, self.model, reference_model)
-        if self.fsdp and self.layout.padding_free is None:  # under FSDP every process must run the same forwards
+        if (self.fsdp or self.deepspeed) and self.layout.padding_free is None:  # every process runs the same forwards
             self.layout = BatchLayout(prefix_sharing=self.layout.prefix_sharing, padding_free=False)
         distinct = [m for m in (self.model, reference_model) if m is not None]
         distinct = [m for i, m in enumerate(distinct) if all(m is not other for other in distinct[:i])]
@@ -387,8 +406,8 @@ class DPOTrainer:
         return losses, unpaired_metric_sums(losses, policy.logps[0], rewards, batch.labels, kl)
 
     def _logprob_options(self) -> dict[str, Any]:
-        return {
-            "chunked_head": self.args.chunked_lm_head,
+        return {  # ZeRO-3 keeps no whole output weight for the chunked head: the model's forward projects
+            "chunked_head": self.args.chunked_lm_head and self.zero_stage != 3,
             "chunk_size": self.args.lm_head_chunk_size,
             "ld_alpha": self.args.ld_alpha,
         }
@@ -400,9 +419,10 @@ class DPOTrainer:
             if not parameter.requires_grad:
                 continue
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-        groups = [
-            {"params": decay, "weight_decay": self.args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+        groups = [  # no empty group: DeepSpeed's ZeRO-3 drops them, and the schedule must see the same groups
+            group
+            for group in ({"params": decay, "weight_decay": self.args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if group["params"]
         ]
         settings = dict(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
         if self.args.optim == "adamw_torch_fused":
@@ -446,12 +466,14 @@ class DPOTrainer:
         optimizer = self._optimizer(self.model)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
         run = _RunTotals()
+        if self.deepspeed:  # DeepSpeed's engine drives the optimizer (preftune.zero); its state is loaded into the engine
+            model = self._start_deepspeed(optimizer)
         start_step = self._restore_training_state(saved, optimizer, scheduler, run) if saved is not None else 0
         if self.fsdp:  # sharded already; accelerate would wrap it in DDP on top
             model, optimizer = self.model, self.accelerator.prepare(optimizer)
-        else:
+        elif not self.deepspeed:
             model, optimizer = self.accelerator.prepare(self.model, optimizer)
-        if self.reference is not None:
+        if self.reference is not None and self.zero_stage != 3:
             self.reference.to(self.accelerator.device)
         model.train()
         logger.info(
@@ -470,10 +492,10 @@ class DPOTrainer:
             step_sums, problem = [], None
             for index, lazy in enumerate(share):
                 sync = index == len(share) - 1
-                with self.accelerator.no_sync(model) if not sync else nullcontext():
+                with self.accelerator.no_sync(model) if not sync and not self.deepspeed else nullcontext():
                     if lazy is None:  # a stand-in (the window ran out before this process's share): zero gradient
                         losses, _ = self._batch_loss(model, window[0])
-                        self.accelerator.backward(losses.sum() * 0.0)
+                        self._backward(model, losses.sum() * 0.0, sync)
                         continue
                     losses, sums = self._batch_loss(model, lazy)
                     if not torch.isfinite(losses).all():
@@ -482,7 +504,7 @@ class DPOTrainer:
                             break  # with several processes every one goes on, so that the collectives stay in step
                     # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window. DDP
                     # averages gradients over processes, hence the factor world_size.
-                    self.accelerator.backward(losses.sum() * self.world_size / window_pairs)
+                    self._backward(model, losses.sum() * self.world_size / window_pairs, sync)
                 step_sums.append((sums, lazy.num_tokens))
             if self.world_size > 1:  # every process gets the step's metric sums (in window order) and any problem
                 gathered = gather_objects((step_sums, problem))
@@ -490,7 +512,9 @@ class DPOTrainer:
                 problem = next((found for _, found in gathered if found is not None), None)
             # max_grad_norm 0 disables clipping; the norm is still measured (an infinite bound scales nothing).
             grad_norm = float("nan")
-            if problem is None:
+            if self.deepspeed and problem is None:  # DeepSpeed clips, steps and zeroes the gradients in one call
+                grad_norm = self._deepspeed_step(model, step, window)
+            elif problem is None:
                 norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
                 if not math.isfinite(grad_norm):
@@ -498,7 +522,8 @@ class DPOTrainer:
                     problem = f"non-finite gradient norm at step {step} (source rows {rows})"
             learning_rate = scheduler.get_last_lr()[0]
             if problem is None:
-                optimizer.step()
+                if not self.deepspeed:
+                    optimizer.step()
                 run.add_step(step_sums, window_pairs)
             elif args.nonfinite_loss == "stop":
                 raise TrainingError(f"{problem}; nothing was updated (set nonfinite_loss: skip to skip such steps)")
@@ -506,7 +531,8 @@ class DPOTrainer:
                 logger.warning("%s: update skipped (nonfinite_loss: skip)", problem)
                 run.skipped_steps.append(step)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not self.deepspeed:  # DeepSpeed's step zeroes its own gradients
+                optimizer.zero_grad(set_to_none=True)
             if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
                 sync_reference(self.reference, self.accelerator.unwrap_model(model), args.ref_model_mixup_alpha)
             self.state.global_step, self.state.epoch = step, epoch_progress
@@ -544,12 +570,65 @@ class DPOTrainer:
 
         if self.data.eval is not None and run.last_eval_step != self.state.global_step:
             self.evaluate(model)
-        self.model = self.accelerator.unwrap_model(model)
+        self.model = self._unwrap(model)
         self.save_model()
         training_loss = run.run_loss.means().get("loss", float("nan"))
         summary = self._write_summary(runtime, run, training_loss)
         self.accelerator.wait_for_everyone()  # the replicas wait until the main process has written the outputs
         return TrainOutput(self.state.global_step, training_loss, summary)
+
+    def _start_deepspeed(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The policy's DeepSpeed engine over ``optimizer``; under stage 3 a separate reference is partitioned too."""
+        start_deepspeed()
+        hidden_size = getattr(unwrap_model(self.model).config, "hidden_size", None)
+        config = resolve_deepspeed_config(self.deepspeed, self.args, self.world_size, hidden_size)
+        self._engine = initialize_policy(self.model.to(self.accelerator.device), optimizer, config)
+        if self.zero_stage == 3 and isinstance(self.reference, FrozenReference):
+            self.reference.model = initialize_reference(self.reference.model.to(self.accelerator.device), config)
+        return self._engine
+
+    def _backward(self, model: nn.Module, loss: torch.Tensor, boundary: bool) -> None:
+        """One micro-batch's backward; ``boundary``: the last of this process's optimizer step (DeepSpeed reduces
+        the gradients then; DDP's reduction is switched by ``no_sync`` around the call)."""
+        if self.deepspeed:
+            model.set_gradient_accumulation_boundary(boundary)
+            model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
+    def _deepspeed_step(self, engine: Any, step: int, window: list["_LazyBatch"]) -> float:
+        """``engine.step()`` (clipping to ``gradient_clipping`` = max_grad_norm, the update, zeroed gradients); the
+        gradient norm before clipping. DeepSpeed measures it only within its step, so a non-finite norm stops the
+        run after that step, before anything is written."""
+        engine.step()
+        grad_norm = float(engine.get_global_grad_norm())
+        if not math.isfinite(grad_norm):
+            rows = [row for lazy in window for row in lazy.source_rows()]
+            raise TrainingError(
+                f"non-finite gradient norm at step {step} (source rows {rows}) under DeepSpeed; stopped, no checkpoint "
+                "written after it"
+            )
+        return grad_norm
+
+    def _unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if self.deepspeed and model is self._engine else self.accelerator.unwrap_model(model)
+
+    def _whole_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole weights when the model is sharded or partitioned (a collective: every process calls it), on the
+        main process; None when every process holds them (read them from the model)."""
+        if self.fsdp:
+            return full_state_dict(model)
+        if self.deepspeed and self._engine is not None:
+            return whole_state_dict(self._engine)
+        return None
+
+    def _parallelism(self) -> str:
+        """How the processes share the work: ``single``, ``ddp``, ``fsdp <options>`` or ``deepspeed zero-<stage>``."""
+        if self.world_size == 1:
+            return "single"
+        if self.fsdp:
+            return f"fsdp {self.fsdp}"
+        return f"deepspeed zero-{self.zero_stage}" if self.deepspeed else "ddp"
 
     def _shard_models(self) -> None:
         """FSDP2: shard the policy, and a separate frozen reference model too (forward-only, no optimizer)."""
@@ -581,6 +660,8 @@ class DPOTrainer:
         """Load a checkpoint's optimizer, scheduler, RNG states, totals and history; return its step."""
         if self.fsdp:  # the whole optimizer state, keyed by parameter name: every process takes its shards
             load_full_optimizer_state(self.model, optimizer, saved["optimizer"])
+        elif self.deepspeed:  # the same, into DeepSpeed's partitions
+            load_whole_optimizer_state(self._engine, saved["optimizer"])
         else:
             optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -604,7 +685,7 @@ class DPOTrainer:
         model.to(self.accelerator.device)
         was_training = model.training
         model.eval()
-        forward_model = self.accelerator.unwrap_model(model)  # no DDP collectives in a forward without backward
+        forward_model = self._unwrap(model)  # no DDP collectives in a forward without backward
         accumulator = MetricAccumulator()
         start = time.perf_counter()
         batches = self._batches(self.data.eval.dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False)
@@ -613,7 +694,7 @@ class DPOTrainer:
             with self.accelerator.autocast():
                 if lazy is not None:
                     batch_sums.append(self._batch_loss(forward_model, lazy)[1])
-                elif self.fsdp:  # a stand-in forward: FSDP gathers parameters in every process's forward
+                elif self.lockstep_forwards:  # a stand-in forward: each forward gathers parameters from every process
                     self._batch_loss(forward_model, batches[0])
         if self.world_size > 1:  # every process gets all sums, in batch order
             batch_sums = [sums for sums_of_rank in gather_objects(batch_sums) for sums in sums_of_rank]
@@ -652,15 +733,20 @@ class DPOTrainer:
     def save_model(self, output_dir: str | None = None) -> Path:
         """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
         target = Path(output_dir or self.args.output_dir)
-        state_dict = full_state_dict(self.model) if self.fsdp else None  # FSDP: every process gathers its shards
+        state_dict = self._whole_weights(self.model)  # FSDP, ZeRO: every process gathers its shards
         if self.accelerator.is_main_process:
-            _save_weights(self.accelerator.unwrap_model(self.model), self.tokenizer, target, state_dict)
+            _save_weights(self._unwrap(self.model), self.tokenizer, target, state_dict)
         return target
 
     def merge_and_save(self, output_dir: str) -> Path:
         """Write the policy with its LoRA adapter merged in: a full model ``AutoModelForCausalLM`` loads."""
         if not is_peft_model(self.model):
             raise ConfigError("merge_and_save needs a LoRA policy (finetuning_type: lora or peft_config)", key="finetuning_type")
+        if self.lockstep_forwards:
+            raise ConfigError(
+                "merge_and_save: the model is sharded across processes (FSDP or ZeRO-3); merge the saved adapter with "
+                "`preftune export` instead", key="fsdp" if self.fsdp else "deepspeed",
+            )
         target = Path(output_dir)
         if self.accelerator.is_main_process:
             merge_and_save(self.accelerator.unwrap_model(self.model), self.tokenizer, target)
@@ -670,22 +756,27 @@ class DPOTrainer:
         """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``) by the main process, with every
         process's RNG states; never one with non-finite weights. The other processes wait until it is written."""
         per_rank_rng = gather_objects(rng_states()) if self.world_size > 1 else None
-        weights = optimizer_state = None
-        if self.fsdp:  # collectives: every process gathers its shards; the main process gets the whole state
-            weights = full_state_dict(model)
-            optimizer_state = None if self.args.save_only_model else full_optimizer_state(model, optimizer)
-        elif not self.args.save_only_model:
-            optimizer_state = optimizer.state_dict()
+        weights = self._whole_weights(model)  # FSDP, ZeRO: every process gathers its shards
+        optimizer_state = None if self.args.save_only_model else self._whole_optimizer_state(model, optimizer)
         if self.accelerator.is_main_process:
             self._write_checkpoint(model, step, optimizer_state, scheduler, run, per_rank_rng, weights)
         self.accelerator.wait_for_everyone()
+
+    def _whole_optimizer_state(self, model: nn.Module, optimizer: Any) -> dict | None:
+        """The optimizer's whole state (a collective under FSDP and DeepSpeed, where it is keyed by parameter name
+        and complete on the main process only)."""
+        if self.fsdp:
+            return full_optimizer_state(model, optimizer)
+        if self.deepspeed:  # gathered from DeepSpeed's partitions
+            return whole_optimizer_state(self._engine)
+        return optimizer.state_dict()
 
     def _write_checkpoint(
         self, model: nn.Module, step: int, optimizer_state: dict | None, scheduler: Any, run: "_RunTotals",
         per_rank_rng: list | None, weights: dict[str, torch.Tensor] | None,
     ) -> None:
         """``weights``: the whole model's state dict when it is sharded (else read from the model)."""
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = self._unwrap(model)
         trainable = weights.values() if weights is not None else (p for p in unwrapped.parameters() if p.requires_grad)
         if not all(torch.isfinite(value).all() for value in trainable):
             logger.error("step %d: the weights hold non-finite values; checkpoint not written", step)
@@ -704,7 +795,7 @@ class DPOTrainer:
             save_weights=lambda directory: _save_weights(unwrapped, self.tokenizer, directory, weights),
             trainer_state=trainer_state,
             optimizer_state=optimizer_state,
-            scheduler_state=None if self.args.save_only_model else scheduler.state_dict(),
+            scheduler_state=None if optimizer_state is None else scheduler.state_dict(),
             rank_rng_states=per_rank_rng,
         )
         prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target)
@@ -725,6 +816,7 @@ class DPOTrainer:
             "tokens_per_second": run.session_tokens / runtime if runtime > 0 else 0.0,
             "total_pairs": run.total_pairs,
             "num_processes": self.world_size,
+            "parallelism": self._parallelism(),
             "skipped_nonfinite_steps": {"count": len(run.skipped_steps), "steps": run.skipped_steps[:100]},
             "memory": peak_memory_mb(),
             "data": self.data.report,
