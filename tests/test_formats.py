@@ -441,3 +441,13 @@ def test_csv_cells_stay_text_even_when_they_look_like_numbers(tmp_path):
     path = tmp_path / "numbers.csv"
     path.write_text('prompt,chosen,rejected\n"2+2=",4,"five\nor six"\n', encoding="utf-8")
     assert rows_of(load_preference_data(str(path))) == [{"prompt": "2+2=", "chosen": "4", "rejected": "five\nor six"}]
+
+
+def test_a_file_name_too_long_for_the_os_is_a_data_error_not_an_os_error(tmp_path):
+    """Found by the fuzz test: Python 3.11's Path.exists() raises ENAMETOOLONG instead of answering False."""
+    long_name = "x" * 5000 + ".jsonl"
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"fuzzed": {"file_name": long_name, "ranking": True}}))
+    with pytest.raises(DataError, match="dataset 'fuzzed': file not found"):
+        load_preference_data("fuzzed", dataset_dir=str(tmp_path))
+    with pytest.raises(DataError):
+        load_preference_data(str(tmp_path / long_name))

@@ -39,23 +39,21 @@ from preftune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Keys whose "auto" preftune fills, and the preftune config key each comes from (for error messages).
+# Sections of a DeepSpeed config that preftune does not take, and why.
 _SECTIONS_REFUSED = {
     "optimizer": "preftune builds AdamW from learning_rate, adam_beta1/2, adam_epsilon and weight_decay",
     "scheduler": "preftune builds the schedule from lr_scheduler_type, warmup_steps/warmup_ratio",
 }
 
 
-def read_deepspeed_config(value: str | os.PathLike | dict, *, base_dir: Path | None = None) -> dict[str, Any]:
-    """The DeepSpeed config a ``deepspeed:`` value names: a dict as given, or a JSON file (relative paths from
-    ``base_dir``, else the working directory). ConfigError (key ``deepspeed``) naming the file when it cannot be read,
-    is not a JSON object, or holds a section preftune does not take."""
+def read_deepspeed_config(value: str | os.PathLike | dict) -> dict[str, Any]:
+    """The DeepSpeed config a ``deepspeed:`` value names: a dict as given, or a JSON file (a relative path from the
+    working directory). ConfigError (key ``deepspeed``) naming the file when it cannot be read, is not a JSON object,
+    or holds a section preftune does not take."""
     if isinstance(value, dict):
         config, source = copy.deepcopy(value), "the deepspeed dict"
     else:
         path = Path(value)
-        if not path.is_absolute() and base_dir is not None and not path.exists():
-            path = base_dir / path
         source = str(path)
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
@@ -174,11 +172,13 @@ def initialize_policy(model: nn.Module, optimizer: torch.optim.Optimizer, config
 
 
 def initialize_reference(model: nn.Module, config: dict[str, Any]) -> nn.Module:
-    """A frozen reference partitioned as the policy (stage 3): a forward-only engine; returns its module (frozen)."""
+    """A frozen reference partitioned as the policy (stage 3, its parameter offload included): a forward-only engine
+    (as TRL makes its reference under ZeRO-3); returns its module, frozen."""
     import deepspeed
 
     inference = {key: value for key, value in config.items() if not key.startswith("zero_force")}
-    inference["zero_optimization"] = {"stage": 3}
+    zero = config.get("zero_optimization", {})
+    inference["zero_optimization"] = {key: value for key, value in zero.items() if key != "offload_optimizer"}
     engine, _, _, _ = deepspeed.initialize(model=model, config=inference)
     module = engine.module
     module.eval()

@@ -261,14 +261,22 @@ def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, l
                          convert=_convert_trl_row, limit=limit)
 
 
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False also for a name the OS cannot look up (too long, say: Python 3.11 raises there)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _resolve_path(name: str, dataset_dir: str | None) -> tuple[Path | None, list[str]]:
     """The existing path `name` refers to (dataset_dir first for relative names) and the places looked."""
     candidate = Path(os.path.expanduser(name))
     if candidate.is_absolute():
-        return (candidate if candidate.exists() else None), [str(candidate)]
+        return (candidate if _exists(candidate) else None), [str(candidate)]
     places = ([Path(dataset_dir) / candidate] if dataset_dir else []) + [Path.cwd() / candidate]
     for place in places:
-        if place.exists():
+        if _exists(place):
             return place, [str(p) for p in places]
     return None, [str(p) for p in places]
 
@@ -866,7 +874,7 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
             raise DataError(f"{where}: file_name is {entry['file_name']!r:.80}; expected a file or folder name "
                             "(a non-empty string)", file=registry_path)
         path = Path(dataset_dir or ".") / entry["file_name"]
-        if not path.exists():
+        if not _exists(path):
             raise DataError(f"{where}: file not found; expected it at {path}", file=str(path))
         return _load_path(path, split, on_bad_row, limit, convert=convert, source=f"{path} (dataset '{name}')")
     if "hf_hub_url" in entry:
