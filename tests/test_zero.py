@@ -189,6 +189,21 @@ def test_zero3_with_offload_two_processes_match_one_process_and_resume(stories_m
 
 
 @pytest.mark.slow
+def test_zero2_bf16_saves_fp32_master_weights_and_resumes_exactly(stories_model_dir, tmp_path):
+    """bf16: DeepSpeed runs the model in 16 bits from fp32 master weights; the saved weights are the masters (fp32),
+    which are set back from the model's fp32 weights at start and at resume, so a resumed run ends as the whole one."""
+    pytest.importorskip("deepspeed")
+    config = _write_config(tmp_path, stories_model_dir, "two", deepspeed={"zero_optimization": {"stage": 2}}, bf16=True,
+                           eval_strategy="no", save_strategy="steps", save_steps=2, max_steps=4)
+    _run_two_processes(config, cache=tmp_path / "cache")
+    weights = load_file(str(tmp_path / "two" / "checkpoint-2" / "model.safetensors"))
+    assert {value.dtype for value in weights.values()} == {torch.float32}
+    # fp32 masters, not bf16 values widened: some weights are not representable in bfloat16
+    assert any(not torch.equal(value, value.bfloat16().float()) for value in weights.values())
+    _assert_resumes_exactly(config, tmp_path, 2)
+
+
+@pytest.mark.slow
 def test_zero3_lora_two_processes_match_one_process(stories_model_dir, tmp_path):
     """ZeRO-3 over a LoRA policy: the reference is the partitioned policy with its adapter disabled."""
     _deepspeed_run(stories_model_dir, tmp_path, {"zero_optimization": {"stage": 3}}, finetuning_type="lora",

@@ -163,10 +163,23 @@ def start_deepspeed(backend: str | None = None) -> Any:
 
 
 def initialize_policy(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
-    """The policy's ``DeepSpeedEngine`` over preftune's optimizer (the engine holds it as a ZeRO optimizer)."""
-    import deepspeed
+    """The policy's ``DeepSpeedEngine`` over preftune's optimizer (the engine holds it as a ZeRO optimizer).
 
+    With bf16/fp16 DeepSpeed casts the model to 16 bits and copies its fp32 master weights from the cast; the masters
+    are then set back to the model's fp32 weights, so that training starts (or resumes) from them exactly."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    sixteen_bit = any(config.get(precision, {}).get("enabled") for precision in ("bf16", "fp16"))
+    masters = {
+        name: param.detach().to("cpu", torch.float32, copy=True)
+        for name, param in model.named_parameters()
+        if sixteen_bit and param.requires_grad
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    for name, param in engine.module.named_parameters():
+        if name in masters:
+            safe_set_full_fp32_param(param, masters.pop(name).to(param.device))
     logger.info("DeepSpeed ZeRO stage %d over %d processes", zero_stage(config), torch.distributed.get_world_size())
     return engine
 
@@ -187,15 +200,28 @@ def initialize_reference(model: nn.Module, config: dict[str, Any]) -> nn.Module:
 
 
 def whole_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """The whole weights of the engine's model on the main process (a collective under stage 3: every process calls
-    it); names as ``named_parameters``/``named_buffers`` give them (a tied weight once)."""
+    """The whole weights of the engine's model on the main process (a collective: every process calls it); names as
+    ``named_parameters``/``named_buffers`` give them (a tied weight once).
+
+    With bf16/fp16 the model DeepSpeed runs holds 16-bit copies; the trained weights are the fp32 master weights
+    (``safe_get_full_fp32_param``), which are what is saved, so that a checkpoint resumes exactly and the result
+    matches a run without DeepSpeed (whose weights stay fp32 under autocast)."""
     module = engine.module
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathers in the parameters' dtype (fp32 stays fp32)
     else:
         state = module.state_dict()
+    state = state or {}
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                master = safe_get_full_fp32_param(param)
+                if name in state:  # the main process
+                    state[name] = master
     names = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
-    return {name: value.detach().cpu() for name, value in (state or {}).items() if name in names}
+    return {name: value.detach().cpu() for name, value in state.items() if name in names}
 
 
 # ----------------------------------------------------------------------------------------- optimizer state
