@@ -93,14 +93,14 @@ def resolve_deepspeed_config(raw: dict[str, Any], args: Any, world_size: int, hi
             key="deepspeed",
         )
     config["gradient_accumulation_steps"] = 1  # the trainer's own boundaries (engine.set_gradient_accumulation_boundary)
-    if config.get("train_batch_size", "auto") not in ("auto", args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps):
+    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    if config.get("train_batch_size", "auto") not in ("auto", global_batch):
         raise ConfigError(
             f"deepspeed: train_batch_size {config['train_batch_size']} is not per_device_train_batch_size x processes "
-            f"x gradient_accumulation_steps = {args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps}; "
-            "set it to \"auto\"",
+            f"x gradient_accumulation_steps = {global_batch}; set it to \"auto\"",
             key="deepspeed",
         )
-    config["train_batch_size"] = args.per_device_train_batch_size * world_size
+    config["train_batch_size"] = args.per_device_train_batch_size * world_size  # one micro-batch per process
     _settle(config, "gradient_clipping", float(args.max_grad_norm), "max_grad_norm")
     for precision, on in (("bf16", bool(args.bf16)), ("fp16", bool(args.fp16))):
         section = config.setdefault(precision, {})
