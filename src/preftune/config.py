@@ -448,8 +448,8 @@ class DPOConfig(BaseModel):
         "LLaMA-Factory; stages 0-3 with optimizer/parameter offload. `\"auto\"` values are filled from this config "
         "(batch, accumulation, clipping, precision, bucket sizes); `optimizer`/`scheduler` sections are refused "
         "(preftune builds AdamW and the schedule). Checkpoints hold the whole weights and optimizer state (the files "
-        "of an FSDP run) and resume with the same number of processes. Not with `fsdp`, `padding_free`, `sync_ref_model` or "
-        "`nonfinite_loss: skip`; ignored with one process. Needs `pip install deepspeed`.",
+        "of an FSDP run) and resume with the same number of processes. Not with `fsdp`, `padding_free`, "
+        "`sync_ref_model` or `nonfinite_loss: skip`; ignored with one process. Needs `pip install deepspeed`.",
     )
     nproc: int | None = _field(
         None,
@@ -654,8 +654,7 @@ class DPOConfig(BaseModel):
                 raise _error(f"stage kto trains with loss_type kto; got loss_type={self.loss_type}", "loss_type")
             self.__dict__["loss_type"] = "kto"  # plain assignment would re-run validation
         self._check_loss_settings()
-        self._check_fsdp_settings()
-        self._check_deepspeed_settings()
+        self._check_sharding_settings()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise _error(
                 f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: nothing to train; "
@@ -711,34 +710,24 @@ class DPOConfig(BaseModel):
         if self.sync_ref_model and not params.needs_reference:
             raise _error(f"sync_ref_model needs a reference model; loss {self.loss_type} uses none", "sync_ref_model")
 
-    def _check_fsdp_settings(self) -> None:
-        """What FSDP cannot do: TR-DPO's reference update (it mixes sharded policy weights into the reference) and
-        padding-free batches (under FSDP every process must run the same number of forwards)."""
-        if not self.fsdp:
-            return
-        if self.sync_ref_model:
-            raise _error("fsdp cannot run sync_ref_model: the reference update reads the policy's whole weights, which "
-                         "FSDP keeps sharded; train with DDP (leave fsdp out)", "sync_ref_model")
-        if self.padding_free:
-            raise _error("fsdp cannot run padding_free batches: under FSDP every process must run the same number of "
-                         "forwards; set padding_free: false (or leave it out)", "padding_free")
-
-    def _check_deepspeed_settings(self) -> None:
-        """What preftune does not run under DeepSpeed, and why."""
-        if self.deepspeed is None:
-            return
-        refused = {
-            "fsdp": (bool(self.fsdp), "choose one of fsdp and deepspeed"),
-            "padding_free": (bool(self.padding_free), "under ZeRO every process must run the same forwards; set "
-                             "padding_free: false (or leave it out)"),
-            "sync_ref_model": (self.sync_ref_model, "the reference update reads the policy's whole weights, which "
-                               "ZeRO partitions; train with DDP (leave deepspeed out)"),
-            "nonfinite_loss": (self.nonfinite_loss == "skip", "DeepSpeed reduces the gradients during the backward, "
-                               "before a skip could drop them; use nonfinite_loss: stop"),
-        }
-        for key, (on, reason) in refused.items():
-            if on:
-                raise _error(f"deepspeed cannot run with {key}={getattr(self, key)!r}: {reason}", key)
+    def _check_sharding_settings(self) -> None:
+        """What preftune does not run with FSDP or DeepSpeed, and why (ConfigError naming the key)."""
+        for engine, on in (("fsdp", bool(self.fsdp)), ("deepspeed", self.deepspeed is not None)):
+            if not on:
+                continue
+            partitions = "FSDP shards" if engine == "fsdp" else "ZeRO partitions"
+            refused = {
+                "fsdp": (engine == "deepspeed" and bool(self.fsdp), "choose one of fsdp and deepspeed"),
+                "padding_free": (bool(self.padding_free), f"under {engine} every process must run the same forwards; "
+                                 "set padding_free: false (or leave it out)"),
+                "sync_ref_model": (self.sync_ref_model, f"the reference update reads the policy's whole weights, which "
+                                   f"{partitions}; train with DDP (leave {engine} out)"),
+                "nonfinite_loss": (engine == "deepspeed" and self.nonfinite_loss == "skip", "DeepSpeed reduces the "
+                                   "gradients during the backward, before a skip could drop them; use nonfinite_loss: stop"),
+            }
+            for key, (refuse, reason) in refused.items():
+                if refuse:
+                    raise _error(f"{engine} cannot run with {key}={getattr(self, key)!r}: {reason}", key)
 
     # ---- Derived values --------------------------------------------------------------------------------------------
 

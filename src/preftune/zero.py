@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preftune.errors import ConfigError
+from preftune.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,11 @@ def load_whole_optimizer_state(engine: Any, saved: dict[str, Any]) -> None:
     states are created first (AdamW creates them lazily at its first step), then overwritten fragment by fragment."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    names = {name for name, param in engine.module.named_parameters() if param.requires_grad}
+    if names != set(saved["state"]):
+        raise CheckpointError(
+            f"the saved optimizer state is for other parameters ({len(saved['state'])} saved, {len(names)} trainable here)"
+        )
     base = engine.optimizer.optimizer
     step = float(next(iter(saved["state"].values()))["step"])
     fused = any(group.get("fused") for group in base.param_groups)
@@ -262,9 +267,6 @@ def load_whole_optimizer_state(engine: Any, saved: dict[str, Any]) -> None:
             state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
         state["step"] = torch.tensor(step, dtype=torch.float32, device=flat.device if fused else "cpu")
     _link_optimizer_states(engine)
-    names = {name for name, param in engine.module.named_parameters() if param.requires_grad}
-    if names != set(saved["state"]):
-        raise ValueError(f"the saved optimizer state is for other parameters ({len(saved['state'])} saved, {len(names)} here)")
     for name, param in engine.module.named_parameters():
         if param.requires_grad:
             for key in _ADAM_STATES:
