@@ -78,7 +78,8 @@ def test_training_with_a_token_budget_uses_budgeted_batches(stories_model_dir, t
     )
     trainer = DPOTrainer(model=str(stories_model_dir), args=args, train_dataset=STORY_PAIRS)
     counts = row_token_counts(trainer.data.train.dataset, prompt_once=True)
-    batches = trainer._batches(trainer.data.train.dataset, 8, shuffle_seed=0, drop_last=False)
+    batches = trainer.batch_maker.batches(trainer.data.train.dataset, 8, shuffle_seed=0, drop_last=False,
+                                          max_tokens=60, token_counts=counts)
     assert len(batches) > 1
     for lazy in batches:
         assert sum(counts[i] for i in lazy.indices) <= 60 or len(lazy.indices) == 1
@@ -95,7 +96,9 @@ def test_token_budget_with_accumulation_gives_the_whole_epoch_gradient(stories_m
         stories_model_dir, tmp_path / "budget", per_device_train_batch_size=8, max_tokens_per_batch=40,
         gradient_accumulation_steps=8,
     )
-    micro_batches = budget._batches(budget.data.train.dataset, 8, shuffle_seed=0, drop_last=False)
+    counts = row_token_counts(budget.data.train.dataset, prompt_once=budget.layout.prefix_sharing)
+    micro_batches = budget.batch_maker.batches(budget.data.train.dataset, 8, shuffle_seed=0, drop_last=False,
+                                               max_tokens=40, token_counts=counts)
     assert 1 < len(micro_batches) <= 8  # several budgeted micro-batches, all in the one accumulation window
     assert budget.state.log_history[0]["loss"] == pytest.approx(whole.state.log_history[0]["loss"], abs=1e-6)
     for (name, a), (_, b) in zip(whole.model.named_parameters(), budget.model.named_parameters()):

@@ -24,7 +24,7 @@ from preftune.errors import CheckpointError, ConfigError
 from conftest import REPO_ROOT
 from test_training import STORY_PAIRS
 
-TIMING_KEYS = {"tokens_per_second", "eval_runtime"}
+TIMING_KEYS = {"tokens_per_second", "eval_runtime", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 EVAL_PAIRS = STORY_PAIRS[:5]
 # 10 pairs in micro-batches of 2 (one step: 2 per process): the third step's window has one micro-batch for 2
 # processes, so one process runs a zero-weight stand-in.

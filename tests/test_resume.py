@@ -24,7 +24,7 @@ from preftune.errors import CheckpointError
 from conftest import REPO_ROOT
 from test_training import STORY_PAIRS, make_config
 
-TIMING_KEYS = {"tokens_per_second", "eval_runtime"}
+TIMING_KEYS = {"tokens_per_second", "eval_runtime", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 
 
 def _write_run_config(tmp_path: Path, model_dir: Path, name: str, seed: int, **overrides) -> Path:
@@ -136,11 +136,11 @@ def _poison_step(trainer: DPOTrainer, bad_step: int) -> None:
     per_step = trainer.args.gradient_accumulation_steps
 
     def batch_loss(model, lazy):
-        losses, sums = original(model, lazy)
+        result = original(model, lazy)
         calls["n"] += 1
         if model.training and (calls["n"] - 1) // per_step + 1 == bad_step:
-            losses = losses * float("nan")
-        return losses, sums
+            result = result._replace(losses=result.losses * float("nan"))
+        return result
 
     trainer._batch_loss = batch_loss
 

@@ -124,8 +124,8 @@ def test_speed_modes_follow_the_plain_paths_loss_trajectory(stories_model_dir, t
     assert plain.layout.prefix_sharing is False and plain.layout.padding_free is False
     fast, _ = train_one_step(stories_model_dir, tmp_path / "fast", **settings, **speed_mode)
     assert fast.layout.prefix_sharing == speed_mode.get("prefix_sharing", True)  # auto: on for llama/sdpa
-    expected = [record["loss"] for record in plain.state.log_history]
-    got = [record["loss"] for record in fast.state.log_history]
+    expected = [record["loss"] for record in plain.recorder.train_records]
+    got = [record["loss"] for record in fast.recorder.train_records]
     assert len(got) == len(expected) == 3
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     for (name, a), (_, b) in zip(plain.model.named_parameters(), fast.model.named_parameters()):
@@ -134,7 +134,7 @@ def test_speed_modes_follow_the_plain_paths_loss_trajectory(stories_model_dir, t
 
 def test_auto_padding_free_runs_long_rows_one_by_one_and_short_rows_padded():
     from preftune.data.collate import collate_pairs
-    from preftune.trainer import PADDING_FREE_MIN_MEAN_ROW_TOKENS, padding_free_pays
+    from preftune.batches import PADDING_FREE_MIN_MEAN_ROW_TOKENS, padding_free_pays
 
     long_row = PADDING_FREE_MIN_MEAN_ROW_TOKENS
     long_pairs = [{"prompt_ids": [1] * long_row, "chosen_ids": [5], "rejected_ids": [6, 7]} for _ in range(2)]
@@ -148,8 +148,8 @@ def test_optim_selects_the_fused_kernel_or_the_default_with_the_same_updates(sto
     trainer, _ = train_one_step(stories_model_dir, tmp_path / optim, max_steps=2, optim=optim)
     reference, _ = train_one_step(stories_model_dir, tmp_path / "default", max_steps=2)  # default: fused
     assert reference.model is not trainer.model
-    losses = [record["loss"] for record in trainer.state.log_history]
-    assert losses == pytest.approx([record["loss"] for record in reference.state.log_history], rel=1e-5)
+    losses = [record["loss"] for record in trainer.recorder.train_records]
+    assert losses == pytest.approx([record["loss"] for record in reference.recorder.train_records], rel=1e-5)
     for (name, a), (_, b) in zip(reference.model.named_parameters(), trainer.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -167,7 +167,7 @@ def test_torch_compile_follows_the_eager_loss_trajectory(stories_model_dir, tmp_
     eager, _ = train_one_step(stories_model_dir, tmp_path / "eager", **settings)
     compiled, _ = train_one_step(stories_model_dir, tmp_path / "compiled", **settings, torch_compile=True)
     assert compiled.model.model._compiled_call_impl is not None  # the body really is compiled
-    got = [record["loss"] for record in compiled.state.log_history]
-    assert got == pytest.approx([record["loss"] for record in eager.state.log_history], rel=1e-5, abs=1e-6)
+    got = [record["loss"] for record in compiled.recorder.train_records]
+    assert got == pytest.approx([record["loss"] for record in eager.recorder.train_records], rel=1e-5, abs=1e-6)
     for (name, a), (_, b) in zip(eager.model.named_parameters(), compiled.model.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

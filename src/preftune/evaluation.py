@@ -474,6 +474,8 @@ def _config_for(target: Path):
         try:
             saved = json.loads(summary.read_text(encoding="utf-8")).get("config") or {}
             return DPOConfig(**saved), target
+        except ConfigError:
+            raise  # a saved config preftune refuses is named, not replaced by defaults
         except (ValueError, TypeError, AttributeError, OSError) as error:
             logger.warning("%s: cannot use the saved config (%s); using the defaults (beta 0.1)", summary, error)
     return DPOConfig(), target

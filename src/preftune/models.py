@@ -33,23 +33,38 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def load_causal_lm(
-    name_or_path: str, *, dtype: str | None = None, trust_remote_code: bool = False, key: str = "model_name_or_path"
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    key: str = "model_name_or_path",
+    **init_kwargs,
 ) -> PreTrainedModel:
-    """Load a causal LM from safetensors weights only (no pickle), in ``dtype`` (None = float32 as stored)."""
+    """Load a causal LM from safetensors weights only (no pickle), in ``dtype`` (None = float32 as stored; a name or a
+    ``torch.dtype``); ``init_kwargs`` (e.g. ``revision``, ``attn_implementation``) go to ``from_pretrained``."""
     if Path(name_or_path).exists() and not Path(name_or_path).is_dir():
         raise ConfigError(f"'{name_or_path}' is a file; expected a model directory or hub id", key=key)
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path,
-            dtype=_DTYPES[dtype] if dtype else torch.float32,
+            dtype=_resolve_dtype(dtype),
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            **init_kwargs,
         )
     except (OSError, ValueError, EnvironmentError) as error:
         raise ConfigError(
             f"cannot load a causal LM from '{name_or_path}' (safetensors weights expected): {_first_line(error)}",
             key=key,
         ) from None
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return _DTYPES[str(dtype).removeprefix("torch.")]
 
 
 def disable_dropout(model: nn.Module) -> None:

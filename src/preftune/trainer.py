@@ -3,12 +3,14 @@
 Flow: config → data → batches → log-probs → loss → optimizer step → metrics/checkpoints.
 ``DPOTrainer.__init__`` validates the configuration and sets up tokenizer, models and data;
 ``train()`` reads top to bottom: build optimizer and schedule, then for each optimizer step
-accumulate gradients over micro-batches, clip, step, log, evaluate and save.
+accumulate gradients over micro-batches, clip, step, then log, evaluate and save as the callbacks' ``TrainerControl``
+says (``preftune.callbacks``: the schedule is the first callback; transformers' callbacks and trackers follow).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import os
@@ -17,8 +19,9 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -26,7 +29,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import EvalPrediction, get_scheduler
 
 from preftune.adapters import (
     apply_lora,
@@ -37,6 +40,8 @@ from preftune.adapters import (
     peft_model_of,
     save_adapter,
 )
+from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows, padding_free_pays
+from preftune.callbacks import TrainerCallback, TrainerControl, TrainerState, build_callback_handler
 from preftune.checkpoint import (
     prune_checkpoints,
     read_checkpoint,
@@ -47,9 +52,8 @@ from preftune.checkpoint import (
 )
 from preftune.config import DPOConfig, interval_to_steps
 from preftune.cpu_memory import keep_freed_memory
-from preftune.data.batching import plan_batches, row_token_counts
-from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
-from preftune.data.pipeline import default_cache_dir, prepare_data
+from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
+from preftune.data.pipeline import PreparedData, default_cache_dir, eval_key, prepare_data, prepare_rows
 from preftune.distributed import (
     build_accelerator,
     check_distributed_settings,
@@ -88,6 +92,9 @@ from preftune.zero import (
 
 logger = logging.getLogger(__name__)
 
+# Tags added to the model card metadata (``model.add_model_tags``); TRL adds "trl" and "dpo" for the same API.
+MODEL_TAGS = ("trl", "dpo", "preftune")
+
 
 class TrainingError(PreftuneError):
     """Training cannot go on (e.g. a non-finite loss)."""
@@ -101,11 +108,13 @@ class TrainOutput(NamedTuple):
     metrics: dict[str, Any]
 
 
-@dataclass
-class TrainerState:
-    global_step: int = 0
-    epoch: float = 0.0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
+class BatchLoss(NamedTuple):
+    """One micro-batch's result: per-example loss ``(B,)``, its metric sums, and the per-example rewards of each
+    completion ``(B, K)`` (chosen first; detached) for ``compute_metrics`` (None for unpaired data)."""
+
+    losses: torch.Tensor
+    sums: dict[str, float]
+    rewards: torch.Tensor | None = None
 
 
 def _check_supported(args: DPOConfig, accelerator: Accelerator) -> None:
@@ -149,15 +158,24 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
 
 
 class DPOTrainer:
-    """Direct Preference Optimization, with TRL's constructor and methods.
+    """Direct Preference Optimization, with the constructor, attributes and methods of TRL's ``DPOTrainer``.
 
     Args:
-        model: a loaded causal LM, or a path/hub id (default: ``args.model_name_or_path``).
-        ref_model: the frozen reference, loaded or a path; default: a frozen copy of ``model`` as loaded.
-        args: a ``DPOConfig``.
-        train_dataset, eval_dataset: a ``datasets.Dataset``, a list of dicts, a file path or a registered
-            dataset name (default: ``args.dataset`` / ``args.eval_dataset``).
+        model: a loaded causal LM, or a path/hub id (default: ``args.model_name_or_path``); loaded with
+            ``args.model_init_kwargs`` and ``quantization_config``.
+        ref_model: the frozen reference, loaded or a path; default: a frozen copy of ``model`` as loaded (with LoRA:
+            the policy with its adapter disabled).
+        args: a ``DPOConfig`` (default, as TRL: ``DPOConfig(output_dir="<model name>-DPO")``).
+        data_collator: not supported (preftune lays out its own batches); must be None.
+        train_dataset: a ``datasets.Dataset``, a ``datasets.IterableDataset`` (streamed; needs ``max_steps``), a list
+            of dicts, a file path or a registered dataset name (default: ``args.dataset``).
+        eval_dataset: the same kinds, or a dict / ``DatasetDict`` of named sets (metrics ``eval_<name>_*``).
         processing_class (alias ``tokenizer``): the tokenizer (default: loaded from the model path).
+        compute_metrics: ``fn(EvalPrediction) -> dict`` called after each evaluation; predictions are the rewards
+            ``(pairs, 1 + negatives)`` (chosen first) and label_ids the index of the preferred column (0).
+        callbacks: ``transformers.TrainerCallback`` instances or classes (after the trackers of ``args.report_to``).
+        optimizers: ``(optimizer, lr_scheduler)``; None builds AdamW and the ``lr_scheduler_type`` schedule.
+        quantization_config: a ``BitsAndBytesConfig`` for a model given by path (QLoRA; needs bitsandbytes and CUDA).
         peft_config: a peft ``LoraConfig`` (or set ``finetuning_type: lora``); the reference is then the policy with
             its adapter disabled, unless a ``ref_model`` is given.
     """
@@ -167,13 +185,28 @@ class DPOTrainer:
         model: nn.Module | str | None = None,
         ref_model: nn.Module | str | None = None,
         args: DPOConfig | None = None,
+        data_collator: Any = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
-        tokenizer: Any = None,
+        compute_metrics: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
         peft_config: Any = None,
+        *,
+        tokenizer: Any = None,
     ) -> None:
-        self.args = args if args is not None else DPOConfig()
+        self.args = args if args is not None else _default_args(model)
+        if data_collator is not None:
+            raise ConfigError("data_collator is not supported: preftune lays out its own batches (prefix sharing, "
+                              "padding-free); leave it out", key="data_collator")
+        if ref_model is not None and ref_model is model and isinstance(model, nn.Module):
+            raise ConfigError("model and ref_model are the same object; leave ref_model out and a frozen copy of the "
+                              "model is used", key="ref_model")
+        train_source = train_dataset if train_dataset is not None else self.args.dataset
+        if train_source is None and self.args.do_train:
+            raise ConfigError("`train_dataset` is required: pass train_dataset= or set dataset", key="dataset")
         # accelerate keeps one process-wide state; a second trainer in the same process (tests, notebooks)
         # may ask for another precision. The distributed (partial) state is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -199,42 +232,139 @@ class DPOTrainer:
         set_seed(self.args.seed)  # the same seed on every process (see preftune.distributed)
         self.loss_params = LossParams.from_config(self.args)
         self.loss_params.validate()
-        self.state = TrainerState()
-        self._token_counts: dict[tuple[int, int], list[int]] = {}  # per dataset, for token-budget batching
+        self.state = TrainerState(
+            is_local_process_zero=self.accelerator.is_local_main_process,
+            is_world_process_zero=self.accelerator.is_main_process,
+        )
+        self.control = TrainerControl()
+        self.compute_metrics = compute_metrics
+        self.optimizer, self.lr_scheduler = optimizers
+        self._resumed_at_step = 0
+        self._windows: PlannedWindows | StreamingWindows | None = None
 
         model = model if model is not None else self.args.model_name_or_path
         if model is None:
             raise ConfigError("no model given: set model_name_or_path", key="model_name_or_path")
+        if quantization_config is not None and isinstance(model, nn.Module):
+            raise ConfigError("quantization_config applies to a model loaded from a path; the model given is already "
+                              "loaded", key="quantization_config")
         self.tokenizer = processing_class if processing_class is not None else tokenizer
         if self.tokenizer is None:
             source = self.args.tokenizer_name_or_path or (model if isinstance(model, str) else model.name_or_path)
             self.tokenizer = load_tokenizer(source, trust_remote_code=self.args.trust_remote_code)
         ensure_pad_token(self.tokenizer)
-        self._setup_models(model, ref_model, peft_config)
+        self._setup_models(model, ref_model, peft_config, quantization_config)
+        self.batch_maker = BatchMaker(self.tokenizer.pad_token_id, self.layout.prefix_sharing, self.layout.padding_free)
 
-        train_source = train_dataset if train_dataset is not None else self.args.dataset
-        if train_source is None and self.args.do_train:
-            raise ConfigError("no training data: set dataset (or pass train_dataset=)", key="dataset")
         eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
+        self.stream = train_source if _is_stream(train_source) else None
         with self.accelerator.local_main_process_first():  # each machine's main process fills its caches first
-            self.data = prepare_data(self.args, self.tokenizer, train_source, eval_source) if train_source is not None else None
-            if self.data is not None:
+            self.data = self._prepare_data(None if self.stream is not None else train_source, eval_source)
+            if self.stream is not None:
+                self._check_stream(self.stream)
+            if self.data.train is not None or self.data.eval_sets:
                 _check_data_fits_loss(self.args, self.loss_params, self.data)
                 if self.args.precompute_ref_log_probs and self.reference is not None:
                     self._precompute_reference()
         recorder = RunRecorder if self.accelerator.is_main_process else _ReplicaRecorder
         self.recorder = recorder(self.args.output_dir, plot=self.args.plot_loss)
         self.state.log_history = self.recorder.history
+        self.callback_handler = build_callback_handler(
+            self.args, callbacks, model=self.model, processing_class=self.tokenizer
+        )
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # ------------------------------------------------------- TRL's attributes
+    @property
+    def processing_class(self) -> Any:
+        """The tokenizer (TRL's name for it)."""
+        return self.tokenizer
+
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The separate frozen reference model; None when there is none (reference-free losses, LoRA's
+        adapter-disabled reference, precomputed reference log-probs), as in TRL."""
+        return self.reference.model if isinstance(self.reference, FrozenReference) else None
+
+    @property
+    def train_dataset(self) -> Any:
+        """The tokenized training rows (columns prompt_ids, chosen_ids, rejected_ids, ...); a stream as given."""
+        if self.stream is not None:
+            return self.stream
+        return self.data.train.dataset if self.data.train is not None else None
+
+    @property
+    def eval_dataset(self) -> Any:
+        """The tokenized eval rows; a dict of them for named eval sets; None without eval data."""
+        sets = self.data.eval_sets
+        if not sets:
+            return None
+        if list(sets) == [None]:
+            return sets[None].dataset
+        return {name: data.dataset for name, data in sets.items()}
+
+    def add_callback(self, callback: TrainerCallback | type) -> None:
+        """Add a callback (an instance or a class) after the others, as transformers' Trainer does."""
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: TrainerCallback | type) -> TrainerCallback | None:
+        """Remove a callback (an instance, or the first of a class) and return it."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: TrainerCallback | type) -> None:
+        """Remove a callback (an instance, or the first of a class)."""
+        self.callback_handler.remove_callback(callback)
+
+    def is_world_process_zero(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def is_local_process_zero(self) -> bool:
+        return self.accelerator.is_local_main_process
+
+    def end(self) -> None:
+        """Finish the trackers and the distributed process group (transformers' ``Trainer.end``); call it last."""
+        self.accelerator.end_training()
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any) -> Any:
+        """Upload ``output_dir`` to the Hub repository ``hub_model_id`` (default: the folder's name).
+
+        Raises ConfigError when the Hub cannot be reached (offline mode or no network), in one line.
+        """
+        from huggingface_hub import HfApi, constants
+
+        folder = Path(self.args.output_dir)
+        repo_id = getattr(self.args, "hub_model_id", None) or folder.name
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(f"push_to_hub: the Hugging Face Hub is not reachable (HF_HUB_OFFLINE is set); the model "
+                              f"stays in {folder}", key="push_to_hub")
+        try:
+            api = HfApi(token=getattr(self.args, "hub_token", None))
+            api.create_repo(repo_id, private=bool(getattr(self.args, "hub_private_repo", False)), exist_ok=True)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        except Exception as error:  # network and authentication errors alike: one line, the files stay local
+            text = str(error).strip().splitlines()
+            raise ConfigError(f"push_to_hub to {repo_id} failed ({type(error).__name__}: "
+                              f"{text[0] if text else ''}); the model stays in {folder}", key="push_to_hub") from None
 
     # ----------------------------------------------------------------- setup
-    def _load_model(self, model: nn.Module | str, key: str) -> nn.Module:
+    def _load_model(self, model: nn.Module | str, key: str, quantization_config: Any = None) -> nn.Module:
+        """A model given as a path, loaded with ``model_init_kwargs`` (TRL's ``DPOConfig.model_init_kwargs``)."""
         if isinstance(model, nn.Module):
+            if getattr(self.args, "model_init_kwargs", None) and key == "model_name_or_path":
+                logger.warning("model_init_kwargs ignored: the model given is already loaded")
             return model
-        return load_causal_lm(model, dtype=self.args.torch_dtype, trust_remote_code=self.args.trust_remote_code, key=key)
+        init_kwargs = dict(getattr(self.args, "model_init_kwargs", None) or {})
+        if quantization_config is not None:
+            check_quantization(4, self.accelerator.device.type)  # bitsandbytes and CUDA, or a clear error
+            raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_config")
+        dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", None)) or self.args.torch_dtype
+        trust_remote_code = init_kwargs.pop("trust_remote_code", self.args.trust_remote_code)
+        return load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code, key=key, **init_kwargs)
 
-    def _setup_models(self, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any) -> None:
+    def _setup_models(self, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any,
+                      quantization_config: Any = None) -> None:
         """Policy (with a LoRA adapter when asked), reference, layout, dropout, checkpointing, compilation."""
-        self.model = self._load_model(model, "model_name_or_path")
+        self.model = self._load_model(model, "model_name_or_path", quantization_config)
         if peft_config is None and self.args.finetuning_type == "lora":
             peft_config = lora_config_from_args(self.args)
         if peft_config is not None or is_peft_model(self.model):
@@ -254,8 +384,12 @@ class DPOTrainer:
         if self.args.disable_dropout:
             for module in distinct:
                 disable_dropout(module)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(list(MODEL_TAGS))
         if self.args.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=getattr(self.args, "gradient_checkpointing_kwargs", None)
+            )
             self.model.config.use_cache = False
             if is_peft_model(self.model):  # frozen embeddings: checkpointed blocks need inputs that require grad
                 self.model.enable_input_require_grads()
@@ -274,6 +408,7 @@ class DPOTrainer:
                 )
             return None
         ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
+        self._initial_reference_is_policy = ref_model is None and not is_peft_model(self.model)
         loaded = self._load_model(ref_model, "ref_model") if ref_model is not None else None
         return build_reference(self.model, loaded)
 
@@ -281,6 +416,17 @@ class DPOTrainer:
         """Score every train/eval row with the reference once (or read the cache), attach the values as a column,
         then drop the reference: no reference model is held while training."""
         reference = self.reference.to(self.accelerator.device)
+        splits = {"train": self.data.train, **{eval_key(name): data for name, data in self.data.eval_sets.items()}}
+        for split, tokenized in splits.items():
+            if tokenized is not None:
+                self.data.report[split]["reference_logps"] = self._attach_reference_logps(tokenized, reference, split)
+        self.reference = PrecomputedReference()
+        del reference
+        gc.collect()
+
+    def _attach_reference_logps(self, tokenized: Any, reference: Reference, split: str) -> dict[str, Any]:
+        """Score ``tokenized``'s rows with ``reference`` (or read them from the cache) and attach them as the
+        ``ref_logps`` column in place; returns where the values are cached and whether the cache was reused."""
         options = self._logprob_options()
         model_config = getattr(unwrap_model(reference.model), "config", None)
         key_parts = {  # everything besides the weights and the tokens that changes the values
@@ -297,67 +443,75 @@ class DPOTrainer:
             with self.accelerator.autocast():
                 return reference.completion_logps(batch, **options)
 
-        for split in ("train", "eval"):
-            tokenized = getattr(self.data, split)
-            if tokenized is None:
-                continue
-            result = precompute_reference_logps(
-                score, tokenized.dataset, collate_fn=collate, pad_token_id=self.tokenizer.pad_token_id,
-                batch_size=batch_size, cache_dir=default_cache_dir().parent / "reference", key_parts=key_parts,
-                desc=f"Reference log-probs ({split})", device=self.accelerator.device,
-                overwrite=self.args.overwrite_cache and self.accelerator.is_local_main_process,  # others reuse it
-            )
-            tokenized.dataset = attach_reference_logps(tokenized.dataset, result.values)
-            self.data.report[split]["reference_logps"] = {"cache_file": str(result.path), "reused": result.reused}
-        self.reference = PrecomputedReference()
-        del reference
-        gc.collect()
-
-    # ------------------------------------------------------------- batching
-    def _batches(self, dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> list["_LazyBatch"]:
-        """The micro-batches of one pass over ``dataset`` (see ``plan_batches``); collated only when used."""
-        budget = self.args.max_tokens_per_batch
-        token_counts = None
-        if budget:
-            key = (id(dataset), len(dataset))
-            if key not in self._token_counts:
-                self._token_counts[key] = row_token_counts(dataset, prompt_once=self.layout.prefix_sharing)
-            token_counts = self._token_counts[key]
-        groups = plan_batches(
-            len(dataset), batch_size, shuffle_seed=shuffle_seed, drop_last=drop_last, token_counts=token_counts,
-            max_tokens=budget,
+        result = precompute_reference_logps(
+            score, tokenized.dataset, collate_fn=collate, pad_token_id=self.tokenizer.pad_token_id,
+            batch_size=batch_size, cache_dir=default_cache_dir().parent / "reference", key_parts=key_parts,
+            desc=f"Reference log-probs ({split})", device=self.accelerator.device,
+            overwrite=self.args.overwrite_cache and self.accelerator.is_local_main_process,  # others reuse it
         )
-        collate = collate_shared_prefix if self.layout.prefix_sharing else collate_pairs
-        padding_free = self.layout.padding_free
-        return [_LazyBatch(dataset, indices, self.tokenizer.pad_token_id, collate, padding_free) for indices in groups]
+        tokenized.dataset = attach_reference_logps(tokenized.dataset, result.values)
+        return {"cache_file": str(result.path), "reused": result.reused}
 
-    def _epoch_windows(self, epoch: int) -> list[list["_LazyBatch"]]:
-        """The epoch's micro-batches (shuffled by seed + epoch) grouped into the windows of one optimizer step each:
-        ``gradient_accumulation_steps`` x processes micro-batches; every process takes its ``rank_share``."""
-        batches = self._batches(
-            self.data.train.dataset,
-            self.args.per_device_train_batch_size,
-            shuffle_seed=self.args.seed + epoch,
-            drop_last=self.args.dataloader_drop_last,
+    def _reference_for_new_data(self) -> Reference:
+        """The reference to score data that arrives after set-up (``evaluate(eval_dataset=...)``) when its log-probs
+        are precomputed: the policy itself while it is still untouched (full fine-tuning, no step taken) or with its
+        adapter disabled (LoRA); otherwise ConfigError (a ValueError), as TRL raises."""
+        if is_peft_model(self.model):
+            return AdapterDisabledReference(self.model)
+        if self.state.global_step == 0 and self._initial_reference_is_policy:
+            return FrozenReference(self.model)
+        raise ConfigError(
+            "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has started (or "
+            "with a separate reference model): with precompute_ref_log_probs the reference model is not kept in "
+            "memory. Give this dataset as eval_dataset at initialization, or set precompute_ref_log_probs: false",
+            key="precompute_ref_log_probs",
         )
+
+    # ------------------------------------------------------------- data
+    def _prepare_data(self, train_source: Any, eval_source: Any) -> PreparedData:
+        """Read and tokenize the train and eval data (``prepare_data``); a streamed eval set is read whole first."""
+        if self.args.precompute_ref_log_probs and _is_stream(eval_source, nested=True):
+            raise _stream_precompute_error()
+        eval_source = _materialized(eval_source)
+        if train_source is None and eval_source is None:
+            return PreparedData(train=None, eval=None)
+        return prepare_data(self.args, self.tokenizer, train_source, eval_source)
+
+    def _check_stream(self, stream: Any) -> None:
+        """A streamed training set: needs max_steps, cannot have its log-probs precomputed, and its first rows must
+        suit the loss (read and tokenized once here; training reads the stream from its start)."""
+        if self.args.precompute_ref_log_probs:
+            raise _stream_precompute_error()
+        if self.args.max_steps <= 0:
+            raise ConfigError("a streamed train_dataset (datasets.IterableDataset) has no length: set max_steps > 0",
+                              key="max_steps")
+        first_rows = list(itertools.islice(iter(stream), self.args.per_device_train_batch_size))
+        if not first_rows:
+            raise ConfigError("the streamed train_dataset has no rows", key="dataset")
+        sample, _ = prepare_rows(self.args, self.tokenizer, first_rows, source="streamed train_dataset", first_row=0)
+        _check_data_fits_loss(self.args, self.loss_params, sample)
+        if not self.data.eval_sets:
+            self.data.kind, self.data.num_negatives = sample.kind, sample.num_negatives
+        elif (sample.kind, sample.num_negatives) != (self.data.kind, self.data.num_negatives):
+            raise ConfigError("the eval data is not of the streamed train data's kind", key="eval_dataset")
+
+    def _training_windows(self) -> PlannedWindows | StreamingWindows:
+        """The source of the loop's windows: planned over the tokenized train set, or read from the stream."""
         per_step = self.args.gradient_accumulation_steps * self.world_size
-        return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
-
-    def _training_windows(self, total_steps: int) -> Iterator[tuple[int, list["_LazyBatch"], float]]:
-        """Yield ``(epoch, window, epoch_progress_after_window)`` until ``total_steps`` windows are given."""
-        given, epoch = 0, 0
-        while given < total_steps:
-            windows = self._epoch_windows(epoch)
-            for index, window in enumerate(windows):
-                if given == total_steps:
-                    return
-                given += 1
-                yield epoch, window, epoch + (index + 1) / len(windows)
-            epoch += 1
+        batch_size = self.args.per_device_train_batch_size
+        if self.stream is not None:
+            prepare = lambda rows, first_row: prepare_rows(  # noqa: E731
+                self.args, self.tokenizer, rows, source="streamed train_dataset", first_row=first_row
+            )
+            return StreamingWindows(self.stream, self.batch_maker, batch_size=batch_size, per_step=per_step,
+                                    drop_last=self.args.dataloader_drop_last, prepare=prepare)
+        return PlannedWindows(self.data.train.dataset, self.batch_maker, batch_size=batch_size, per_step=per_step,
+                              seed=self.args.seed, drop_last=self.args.dataloader_drop_last,
+                              max_tokens=self.args.max_tokens_per_batch)
 
     # ------------------------------------------------------------ loss core
-    def _batch_loss(self, model: nn.Module, lazy: "_LazyBatch") -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-example loss ``(B,)`` for one micro-batch, and its metric sums."""
+    def _batch_loss(self, model: nn.Module, lazy: LazyBatch) -> BatchLoss:
+        """Per-example loss ``(B,)`` for one micro-batch, its metric sums and rewards."""
         if self.loss_params.is_unpaired:
             return self._unpaired_batch_loss(model, lazy)
         batch = lazy.collate().to(self.accelerator.device)
@@ -383,9 +537,11 @@ class DPOTrainer:
         sums = pair_metric_sums(
             out.per_example, policy, out.chosen_rewards, out.rejected_rewards, nll=out.nll, components=out.components
         )
-        return out.per_example, sums
+        rejected = out.rejected_rewards if out.rejected_rewards.dim() == 2 else out.rejected_rewards.unsqueeze(1)
+        rewards = torch.cat([out.chosen_rewards.unsqueeze(1), rejected], dim=1).detach()
+        return BatchLoss(out.per_example, sums, rewards)
 
-    def _unpaired_batch_loss(self, model: nn.Module, lazy: "_LazyBatch") -> tuple[torch.Tensor, dict[str, float]]:
+    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch) -> BatchLoss:
         """KTO: completions scored with gradients; the KL estimate from mismatched prompt/completion pairs, without."""
         batch = lazy.collate().to(self.accelerator.device)
         kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
@@ -403,7 +559,7 @@ class DPOTrainer:
         )
         kl = (policy_kl - ref_kl).mean().clamp(min=0)
         rewards = params.beta * (policy.logps[0].detach() - ref)
-        return losses, unpaired_metric_sums(losses, policy.logps[0], rewards, batch.labels, kl)
+        return BatchLoss(losses, unpaired_metric_sums(losses, policy.logps[0], rewards, batch.labels, kl))
 
     def _logprob_options(self) -> dict[str, Any]:
         return {  # ZeRO-3 keeps no whole output weight for the chunked head: the model's forward projects
@@ -432,39 +588,44 @@ class DPOTrainer:
                 logger.warning("fused AdamW unavailable (%s); using the default implementation", error)
         return torch.optim.AdamW(groups, **settings)
 
-    def _total_steps(self) -> tuple[int, int]:
-        """``(total optimizer steps, steps per epoch)``."""
-        pairs = len(self.data.train.dataset)
-        batch = self.args.per_device_train_batch_size
-        if self.args.max_tokens_per_batch:
-            batches = len(self._batches(self.data.train.dataset, batch, shuffle_seed=None, drop_last=False))
-        else:
-            batches = pairs // batch if self.args.dataloader_drop_last else math.ceil(pairs / batch)
-        if batches == 0:
-            raise ConfigError(f"{pairs} training pairs do not fill one batch of {batch}", key="per_device_train_batch_size")
-        per_epoch = math.ceil(batches / (self.args.gradient_accumulation_steps * self.world_size))
+    def _total_steps(self, windows: PlannedWindows | StreamingWindows) -> tuple[int, int | None]:
+        """``(total optimizer steps, steps per epoch)``; a stream has no steps per epoch (None)."""
+        if windows.streaming:
+            return self.args.max_steps, None
+        per_epoch = windows.steps_per_epoch()
+        if per_epoch == 0:
+            raise ConfigError(f"{windows.num_rows} training pairs do not fill one batch of "
+                              f"{self.args.per_device_train_batch_size}", key="per_device_train_batch_size")
         if self.args.max_steps > 0:
             return self.args.max_steps, per_epoch
         return max(1, math.ceil(self.args.num_train_epochs * per_epoch)), per_epoch
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> TrainOutput:
-        """Run the training loop; write metrics files, checkpoints and the final model into ``output_dir``."""
-        if self.data is None:
-            raise ConfigError("no training data: set dataset (or pass train_dataset=)", key="dataset")
-        args = self.args
-        self._prepare_output_dir()
-        total_steps, steps_per_epoch = self._total_steps()
-        logging_every = interval_to_steps(args.logging_steps, total_steps)
-        eval_every = interval_to_steps(args.resolved_eval_steps, total_steps)
-        save_every = interval_to_steps(args.save_steps, total_steps)
-        warmup = args.resolved_warmup_steps(total_steps)
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> TrainOutput:
+        """Run the training loop; write metrics files, checkpoints and the final model into ``output_dir``.
 
-        saved = self._read_resume_checkpoint(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        ``resume_from_checkpoint``: a checkpoint folder, True (the newest in ``output_dir``, as ``latest``) or None
+        (``args.resume_from_checkpoint``). ``trial`` and ``ignore_keys_for_eval`` are accepted for transformers'
+        signature and unused.
+        """
+        if self.data.train is None and self.stream is None:
+            raise ConfigError("no training data: set dataset (or pass train_dataset=)", key="dataset")
+        args, handler = self.args, self.callback_handler
+        resume = _resume_spec(resume_from_checkpoint, args.resume_from_checkpoint)
+        self._prepare_output_dir(resuming=resume is not None)
+        windows = self._windows = self._training_windows()
+        total_steps, steps_per_epoch = self._total_steps(windows)
+        self._set_schedule(total_steps, steps_per_epoch)
+
+        saved = self._read_resume_checkpoint(resume) if resume is not None else None
         if self.fsdp:  # FSDP2 replaces the parameters by shards in place: after the weights are loaded, before the
             self._shard_models()  # optimizer takes them
-        optimizer = self._optimizer(self.model)
-        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        optimizer = self.optimizer if self.optimizer is not None else self._optimizer(self.model)
+        scheduler = self.lr_scheduler if self.lr_scheduler is not None else get_scheduler(
+            args.lr_scheduler_type, optimizer, num_warmup_steps=args.resolved_warmup_steps(total_steps),
+            num_training_steps=total_steps, scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {},
+        )
         run = _RunTotals()
         if self.deepspeed:  # DeepSpeed's engine drives the optimizer (preftune.zero); its state is loaded into the engine
             model = self._start_deepspeed(optimizer)
@@ -473,20 +634,30 @@ class DPOTrainer:
             model, optimizer = self.model, self.accelerator.prepare(optimizer)
         elif not self.deepspeed:
             model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.optimizer, self.lr_scheduler = optimizer, scheduler
+        handler.model, handler.optimizer, handler.lr_scheduler = self.model, optimizer, scheduler
         if self.reference is not None and self.zero_stage != 3:
             self.reference.to(self.accelerator.device)
         model.train()
         logger.info(
-            "training: %d pairs, %d steps (%d per epoch), batch %d x accumulation %d, loss %s, beta %g",
-            len(self.data.train.dataset), total_steps, steps_per_epoch, args.per_device_train_batch_size,
-            args.gradient_accumulation_steps, args.loss_type, args.beta,
+            "training: %s, %d steps (%s per epoch), batch %d x accumulation %d, loss %s, beta %g",
+            "a stream" if self.stream is not None else f"{len(self.data.train.dataset)} pairs", total_steps,
+            steps_per_epoch, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.loss_type, args.beta,
         )
 
+        self.control = handler.on_train_begin(args, self.state, self.control)
+        if getattr(args, "eval_on_start", False) and start_step == 0:
+            self._evaluate_sets(model, run)
         start = window_start = time.perf_counter()
         progress = tqdm(total=total_steps, initial=start_step, desc="Training", disable=not self.accelerator.is_main_process)
-        for step, (epoch, window, epoch_progress) in enumerate(self._training_windows(total_steps), start=1):
+        current_epoch = None
+        for step, (epoch, window, epoch_progress) in enumerate(windows.windows(total_steps), start=1):
             if step <= start_step:  # resuming: batches are a function of seed and epoch, so skip to the position
                 continue
+            if epoch != current_epoch:
+                current_epoch = epoch
+                self.control = handler.on_epoch_begin(args, self.state, self.control)
+            self.control = handler.on_step_begin(args, self.state, self.control)
             window_pairs = sum(len(lazy.indices) for lazy in window)  # over all processes
             share = rank_share(window, self.rank, self.world_size)
             step_sums, problem = [], None
@@ -494,10 +665,9 @@ class DPOTrainer:
                 sync = index == len(share) - 1
                 with self.accelerator.no_sync(model) if not sync and not self.deepspeed else nullcontext():
                     if lazy is None:  # a stand-in (the window ran out before this process's share): zero gradient
-                        losses, _ = self._batch_loss(model, window[0])
-                        self._backward(model, losses.sum() * 0.0, sync)
+                        self._backward(model, self._batch_loss(model, window[0]).losses.sum() * 0.0, sync)
                         continue
-                    losses, sums = self._batch_loss(model, lazy)
+                    losses, sums, _ = self._batch_loss(model, lazy)
                     if not torch.isfinite(losses).all():
                         problem = problem or f"non-finite loss at step {step} on source rows {lazy.source_rows()}"
                         if self.world_size == 1:
@@ -506,10 +676,13 @@ class DPOTrainer:
                     # averages gradients over processes, hence the factor world_size.
                     self._backward(model, losses.sum() * self.world_size / window_pairs, sync)
                 step_sums.append((sums, lazy.num_tokens))
+                if not sync:
+                    self.control = handler.on_substep_end(args, self.state, self.control)
             if self.world_size > 1:  # every process gets the step's metric sums (in window order) and any problem
                 gathered = gather_objects((step_sums, problem))
                 step_sums = [entry for sums_of_rank, _ in gathered for entry in sums_of_rank]
                 problem = next((found for _, found in gathered if found is not None), None)
+            self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
             # max_grad_norm 0 disables clipping; the norm is still measured (an infinite bound scales nothing).
             grad_norm = float("nan")
             if self.deepspeed and problem is None:  # DeepSpeed clips, steps and zeroes the gradients in one call
@@ -530,23 +703,23 @@ class DPOTrainer:
             else:
                 logger.warning("%s: update skipped (nonfinite_loss: skip)", problem)
                 run.skipped_steps.append(step)
+            self.control = handler.on_optimizer_step(args, self.state, self.control)
             scheduler.step()
             if not self.deepspeed:  # DeepSpeed's step zeroes its own gradients
                 optimizer.zero_grad(set_to_none=True)
             if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
                 sync_reference(self.reference, self.accelerator.unwrap_model(model), args.ref_model_mixup_alpha)
+            self._empty_device_cache(step)
             self.state.global_step, self.state.epoch = step, epoch_progress
-            end_of_epoch = epoch_progress == epoch + 1
+            self.state.num_input_tokens_seen = run.total_tokens
 
-            if step % logging_every == 0 or step == total_steps or (step == 1 and args.logging_first_step):
+            self.control = handler.on_step_end(args, self.state, self.control)
+            if epoch_progress == epoch + 1 and not windows.streaming:
+                self.control = handler.on_epoch_end(args, self.state, self.control)
+            if self.control.should_log:
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, "epoch": round(epoch_progress, 4), **run.window.means()}
-                record.update(
-                    grad_norm=grad_norm,
-                    learning_rate=learning_rate,
-                    tokens_per_second=run.window_tokens / elapsed if elapsed > 0 else 0.0,
-                )
-                self.recorder.log(record)
+                record = self._training_record(run, grad_norm, learning_rate, elapsed)
+                self.log(record)
                 shown = {"loss": "loss", "margin": "rewards/margins", "acc": "rewards/accuracies", "kl": "kl"}
                 progress.set_postfix(
                     {label: f"{record[key]:.4g}" for label, key in shown.items() if key in record},
@@ -554,28 +727,79 @@ class DPOTrainer:
                 )
                 run.reset_window()
                 window_start = time.perf_counter()
-
-            if self.data.eval is not None and (
-                (args.eval_strategy == "steps" and step % eval_every == 0)
-                or (args.eval_strategy == "epoch" and end_of_epoch)
-            ):
-                self.evaluate(model)
-                run.last_eval_step = step
+            if self.control.should_evaluate and self.data.eval_sets:
+                self._evaluate_sets(model, run)
                 window_start = time.perf_counter()  # eval time is not training throughput
-            if (args.save_strategy == "steps" and step % save_every == 0) or (args.save_strategy == "epoch" and end_of_epoch):
+            if self.control.should_save:
                 self._save_checkpoint(model, step, optimizer, scheduler, run)
+                self.control = handler.on_save(args, self.state, self.control)
             progress.update(1)
+            if self.control.should_training_stop:
+                break
         progress.close()
         runtime = time.perf_counter() - start
 
-        if self.data.eval is not None and run.last_eval_step != self.state.global_step:
-            self.evaluate(model)
+        if self.data.eval_sets and run.last_eval_step != self.state.global_step:
+            self._evaluate_sets(model, run)
         self.model = self._unwrap(model)
+        handler.model = self.model
+        self._load_best_model()
         self.save_model()
         training_loss = run.run_loss.means().get("loss", float("nan"))
+        self.log(self._train_summary_record(runtime, run, training_loss, total_steps))
         summary = self._write_summary(runtime, run, training_loss)
+        self.control = handler.on_train_end(args, self.state, self.control)
         self.accelerator.wait_for_everyone()  # the replicas wait until the main process has written the outputs
         return TrainOutput(self.state.global_step, training_loss, summary)
+
+    def _set_schedule(self, total_steps: int, steps_per_epoch: int | None) -> None:
+        """The run's length and intervals in whole steps, where the schedule callback reads them (as in
+        transformers' ``TrainerState``)."""
+        args, state = self.args, self.state
+        state.max_steps = total_steps
+        state.num_train_epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else 1
+        state.logging_steps = interval_to_steps(args.logging_steps, total_steps)
+        state.eval_steps = interval_to_steps(args.resolved_eval_steps, total_steps)
+        state.save_steps = interval_to_steps(args.save_steps, total_steps)
+        state.train_batch_size = args.per_device_train_batch_size
+
+    def _training_record(self, run: "_RunTotals", grad_norm: float, learning_rate: float, elapsed: float) -> dict:
+        """The metrics of the steps since the last log (means over their pairs) with the step's norm and rate."""
+        record = {**run.window.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
+                  "tokens_per_second": run.window_tokens / elapsed if elapsed > 0 else 0.0}
+        if getattr(self.args, "include_num_input_tokens_seen", False) not in (False, None, "no"):
+            record["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        return record
+
+    def _train_summary_record(self, runtime: float, run: "_RunTotals", training_loss: float, total_steps: int) -> dict:
+        """The record transformers' Trainer logs when training ends: ``train_runtime``, ``train_samples_per_second``
+        (pairs), ``train_steps_per_second``, ``total_flos`` (6 x non-embedding parameters x tokens trained on, the
+        estimate transformers uses) and ``train_loss`` (the mean loss of the run)."""
+        steps = self.state.global_step - (self._resumed_at_step or 0)
+        parameters = unwrap_model(self.model).num_parameters(exclude_embeddings=True) if hasattr(
+            unwrap_model(self.model), "num_parameters") else 0
+        self.state.total_flos = 6.0 * parameters * run.total_tokens
+        return {
+            "train_runtime": runtime,
+            "train_samples_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
+            "train_steps_per_second": steps / runtime if runtime > 0 else 0.0,
+            "total_flos": self.state.total_flos,
+            "train_loss": training_loss,
+        }
+
+    def log(self, logs: dict[str, Any], start_time: float | None = None) -> None:
+        """Record ``logs`` at the current step (history files, ``state.log_history``) and pass them to the callbacks'
+        ``on_log`` (trackers), as transformers' ``Trainer.log`` does."""
+        record = {"step": self.state.global_step, "epoch": round(self.state.epoch or 0.0, 4), **logs}
+        self.recorder.log(record)
+        shown = {key: value for key, value in record.items() if key != "step"}
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=shown)
+
+    def _empty_device_cache(self, step: int) -> None:
+        """``torch_empty_cache_steps``: return the accelerator's cached memory every N steps (nothing to do on CPU)."""
+        every = getattr(self.args, "torch_empty_cache_steps", None)
+        if every and step % every == 0 and self.accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _start_deepspeed(self, optimizer: torch.optim.Optimizer) -> Any:
         """The policy's DeepSpeed engine over ``optimizer``; under stage 3 a separate reference is partitioned too."""
@@ -596,7 +820,7 @@ class DPOTrainer:
         else:
             self.accelerator.backward(loss)
 
-    def _deepspeed_step(self, engine: Any, step: int, window: list["_LazyBatch"]) -> float:
+    def _deepspeed_step(self, engine: Any, step: int, window: list[LazyBatch]) -> float:
         """``engine.step()`` (clipping to ``gradient_clipping`` = max_grad_norm, the update, zeroed gradients); the
         gradient norm before clipping. DeepSpeed measures it only within its step, so a non-finite norm stops the
         run after that step, before anything is written."""
@@ -669,17 +893,61 @@ class DPOTrainer:
         run.load(state["totals"])
         self.recorder.restore(state["log_history"])
         self.state.global_step, self.state.epoch = state["global_step"], state["epoch"]
+        self._resumed_at_step = self.state.global_step
         restore_rng_states(saved["rng"])
         logger.info("resumed from %s at step %d", saved["path"], self.state.global_step)
         return self.state.global_step
 
     # ------------------------------------------------------------- evaluate
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean DPO metrics over the eval set(s), logged into the history and passed to the callbacks.
+
+        ``eval_dataset``: None evaluates the sets given at set-up; otherwise any source ``DPOTrainer`` takes (a
+        dataset, a stream, a file, ...) or a dict / ``DatasetDict`` of named sets, prepared as at set-up. Metrics of
+        one set are named ``<metric_key_prefix>_<metric>``, of a named set ``<metric_key_prefix>_<name>_<metric>``.
+        ``ignore_keys`` is accepted for transformers' signature and unused.
+        """
+        sets = self.data.eval_sets
+        if eval_dataset is not None:
+            sets = self._prepare_new_eval_sets(eval_dataset)
+        if not sets:
+            raise ConfigError("no eval data: pass eval_dataset= or set eval_dataset or val_size", key="eval_dataset")
+        metrics: dict[str, float] = {}
+        for name, data in sets.items():
+            prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
+            metrics.update(self._evaluate_one(self.model, data.dataset, prefix))
+        return metrics
+
+    def _prepare_new_eval_sets(self, eval_dataset: Any) -> dict:
+        """Eval sets given to ``evaluate()``: tokenized like the set-up's, with reference log-probs when those are
+        precomputed (``_reference_for_new_data``)."""
+        if self.args.precompute_ref_log_probs and _is_stream(eval_dataset, nested=True):
+            raise _stream_precompute_error()
+        reference = self._reference_for_new_data() if self.args.precompute_ref_log_probs else None
+        prepared = self._prepare_data(None, eval_dataset)
+        known = self.data.train is not None or self.data.eval_sets or self.stream is not None
+        if known and (prepared.kind, prepared.num_negatives) != (self.data.kind, self.data.num_negatives):
+            raise ConfigError(f"eval_dataset holds {prepared.kind} data with {prepared.num_negatives} rejected "
+                              f"response(s) per prompt; the trainer's data is {self.data.kind} with "
+                              f"{self.data.num_negatives}", key="eval_dataset")
+        if reference is not None:
+            for name, data in prepared.eval_sets.items():
+                self._attach_reference_logps(data, reference.to(self.accelerator.device), eval_key(name))
+        return prepared.eval_sets
+
+    def _evaluate_sets(self, model: nn.Module, run: "_RunTotals") -> None:
+        """Evaluate every eval set during training (``model``: the prepared, possibly wrapped, policy); keep track
+        of the best metric for ``load_best_model_at_end``."""
+        metrics: dict[str, float] = {}
+        for name, data in self.data.eval_sets.items():
+            metrics.update(self._evaluate_one(model, data.dataset, eval_key(name)))
+        run.last_eval_step = self.state.global_step
+        self._track_best_metric(metrics)
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Mean DPO metrics over the eval set, prefixed ``eval_``; logged into the history."""
-        if self.data is None or self.data.eval is None:
-            raise ConfigError("no eval data: set eval_dataset or val_size", key="eval_dataset")
-        model = model if model is not None else self.model
+    def _evaluate_one(self, model: nn.Module, dataset: Any, prefix: str) -> dict[str, float]:
+        """Mean metrics over one tokenized eval set, named ``<prefix>_<metric>``; logged, then ``on_evaluate``."""
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
         model.to(self.accelerator.device)
@@ -688,34 +956,72 @@ class DPOTrainer:
         forward_model = self._unwrap(model)  # no DDP collectives in a forward without backward
         accumulator = MetricAccumulator()
         start = time.perf_counter()
-        batches = self._batches(self.data.eval.dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False)
-        batch_sums = []
+        batches = self.batch_maker.batches(dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False)
+        results = []
         for lazy in rank_share(batches, self.rank, self.world_size):  # each process its contiguous share
             with self.accelerator.autocast():
                 if lazy is not None:
-                    batch_sums.append(self._batch_loss(forward_model, lazy)[1])
+                    result = self._batch_loss(forward_model, lazy)
+                    rewards = None if result.rewards is None else result.rewards.float().cpu().numpy()
+                    results.append((result.sums, rewards))
                 elif self.lockstep_forwards:  # a stand-in forward: each forward gathers parameters from every process
                     self._batch_loss(forward_model, batches[0])
-        if self.world_size > 1:  # every process gets all sums, in batch order
-            batch_sums = [sums for sums_of_rank in gather_objects(batch_sums) for sums in sums_of_rank]
-        for sums in batch_sums:
+        if self.world_size > 1:  # every process gets all results, in batch order
+            results = [entry for results_of_rank in gather_objects(results) for entry in results_of_rank]
+        for sums, _ in results:
             accumulator.add(sums)
         model.train(was_training)
-        metrics = {f"eval_{key}": value for key, value in accumulator.means().items()}
-        metrics["eval_runtime"] = time.perf_counter() - start
-        record = {"step": self.state.global_step, "epoch": round(self.state.epoch, 4), **metrics}
-        self.recorder.log(record)
-        logger.info(
-            "eval at step %d: %s", self.state.global_step,
-            ", ".join(f"{key[5:]} {metrics[key]:.4g}" for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl") if key in metrics),
-        )
+        metrics = {f"{prefix}_{key}": value for key, value in accumulator.means().items()}
+        metrics.update(self._computed_metrics([rewards for _, rewards in results], prefix))
+        metrics[f"{prefix}_runtime"] = time.perf_counter() - start
+        self.log(metrics)
+        shown = [key for key in ("loss", "rewards/accuracies", "rewards/margins", "kl") if f"{prefix}_{key}" in metrics]
+        logger.info("%s at step %d: %s", prefix, self.state.global_step,
+                    ", ".join(f"{key} {metrics[f'{prefix}_{key}']:.4g}" for key in shown))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
 
+    def _computed_metrics(self, rewards: list, prefix: str) -> dict[str, float]:
+        """``compute_metrics`` on the eval set's rewards ``(pairs, 1 + negatives)`` (chosen first), with label 0
+        (the chosen column is preferred) for every pair; its keys get the metric prefix."""
+        if self.compute_metrics is None or not rewards or any(r is None for r in rewards):
+            return {}
+        predictions = np.concatenate(rewards)
+        labels = np.zeros(len(predictions), dtype=np.int64)
+        computed = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels)) or {}
+        return {key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": value for key, value in computed.items()}
+
+    def _track_best_metric(self, metrics: dict[str, float]) -> None:
+        """``metric_for_best_model``: the best value so far and its step (``state.best_metric``,
+        ``state.best_global_step``), higher or lower is better by ``greater_is_better`` (default: lower for names
+        ending in "loss", as transformers)."""
+        name = getattr(self.args, "metric_for_best_model", None)
+        if not name:
+            if not getattr(self.args, "load_best_model_at_end", False):
+                return
+            name = "loss"
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise ConfigError(f"metric_for_best_model {name!r} is not among the eval metrics "
+                              f"({', '.join(sorted(metrics))})", key="metric_for_best_model")
+        greater = getattr(self.args, "greater_is_better", None)
+        greater = (not name.endswith("loss")) if greater is None else greater
+        value, best = metrics[key], self.state.best_metric
+        if best is None or (value > best if greater else value < best):
+            self.state.best_metric, self.state.best_global_step = value, self.state.global_step
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: load the weights of the best checkpoint (by ``metric_for_best_model``)."""
+        if not getattr(self.args, "load_best_model_at_end", False) or not self.state.best_model_checkpoint:
+            return
+        logger.info("loading the best model (%s = %s) from %s", getattr(self.args, "metric_for_best_model", None)
+                    or "loss", self.state.best_metric, self.state.best_model_checkpoint)
+        _load_weights(self.model, Path(self.state.best_model_checkpoint))
+
     # ------------------------------------------------------------ save/load
-    def _prepare_output_dir(self) -> None:
+    def _prepare_output_dir(self, resuming: bool) -> None:
         """Create ``output_dir`` and check it is writable now, not at the first checkpoint hours later."""
         output_dir = Path(self.args.output_dir)
-        resuming = bool(self.args.resume_from_checkpoint)
         if not self.args.overwrite_output_dir and not resuming and output_dir.is_dir() and any(output_dir.iterdir()):
             raise ConfigError(
                 f"output_dir {output_dir} is not empty; set overwrite_output_dir: true or choose another directory",
@@ -760,6 +1066,8 @@ class DPOTrainer:
         optimizer_state = None if self.args.save_only_model else self._whole_optimizer_state(model, optimizer)
         if self.accelerator.is_main_process:
             self._write_checkpoint(model, step, optimizer_state, scheduler, run, per_rank_rng, weights)
+        if self.state.best_global_step == step:
+            self.state.best_model_checkpoint = str(Path(self.args.output_dir) / f"checkpoint-{step}")
         self.accelerator.wait_for_everyone()
 
     def _whole_optimizer_state(self, model: nn.Module, optimizer: Any) -> dict | None:
@@ -800,6 +1108,13 @@ class DPOTrainer:
         )
         prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target)
 
+    def _data_report(self) -> dict[str, Any]:
+        """What the data step read, skipped, dropped and truncated, per split (a stream's counts add up)."""
+        report = dict(self.data.report)
+        if self.stream is not None and self._windows is not None:
+            report["train"] = self._windows.report
+        return report
+
     def _write_summary(self, runtime: float, run: "_RunTotals", training_loss: float) -> dict[str, Any]:
         strip = lambda record, prefix="": {  # noqa: E731
             key[len(prefix) :]: value for key, value in record.items() if key.startswith(prefix) and key not in ("step", "epoch")
@@ -819,9 +1134,14 @@ class DPOTrainer:
             "parallelism": self._parallelism(),
             "skipped_nonfinite_steps": {"count": len(run.skipped_steps), "steps": run.skipped_steps[:100]},
             "memory": peak_memory_mb(),
-            "data": self.data.report,
+            "data": self._data_report(),
             "config": self.args.to_dict(),
         }
+        for name in self.data.eval_sets:  # named eval sets: their last metrics under "eval_<name>"
+            if name is not None:
+                prefix = f"{eval_key(name)}_"
+                records = [record for record in self.recorder.history if f"{prefix}loss" in record]
+                summary[eval_key(name)] = strip(records[-1], prefix) if records else {}
         summary["diagnostics"] = self.recorder.diagnostics()  # likelihood displacement, grad-norm spikes
         if self.accelerator.is_main_process:
             self.recorder.write_summary(summary)
@@ -884,52 +1204,6 @@ class _RunTotals:
         self.run_loss.sums.update(saved["run_loss"])
         self.window_tokens, self.total_pairs, self.total_tokens = saved["window_tokens"], saved["total_pairs"], saved["total_tokens"]
         self.last_eval_step, self.skipped_steps = saved["last_eval_step"], list(saved["skipped_steps"])
-
-
-@dataclass
-class _LazyBatch:
-    """A micro-batch as row indices into a tokenized dataset; ``collate()`` builds its tensors when needed."""
-
-    dataset: Any
-    indices: list[int]
-    pad_token_id: int
-    collate_fn: Callable[..., PreferenceBatch]
-    padding_free: bool | None = False
-    num_tokens: int = 0  # the collated batch's ``num_tokens`` (known once collated)
-
-    def examples(self) -> list[dict]:
-        """The tokenized rows, read from the dataset on each call (nothing is kept between micro-batches)."""
-        return list(self.dataset.select(self.indices))
-
-    def source_rows(self) -> list[int]:
-        return [int(example.get("row", index)) for example, index in zip(self.examples(), self.indices)]
-
-    def collate(self) -> PreferenceBatch:
-        batch = self._layout(self.collate_fn(self.examples(), pad_token_id=self.pad_token_id))
-        self.num_tokens = batch.num_tokens
-        return batch
-
-    def collate_mismatched(self, max_length: int | None) -> PreferenceBatch:
-        """KTO's KL batch: each prompt with the previous example's completion (``mismatched_examples``)."""
-        return self._layout(self.collate_fn(mismatched_examples(self.examples(), max_length), pad_token_id=self.pad_token_id))
-
-    def _layout(self, batch: PreferenceBatch) -> PreferenceBatch:
-        if self.padding_free is False:
-            return batch
-        unpadded = batch.without_padding()
-        return unpadded if self.padding_free or padding_free_pays(unpadded) else batch
-
-
-# Below this mean row length, one padded forward beats a loop of short per-row forwards on CPU: the
-# quickstart's ~22-token rows ran 3x slower row by row, while 500-token rows (benchmark case a) ran as fast and
-# used 13 % less memory.
-PADDING_FREE_MIN_MEAN_ROW_TOKENS = 256
-
-
-def padding_free_pays(batch: PreferenceBatch) -> bool:
-    """Auto rule for ``padding_free``: forward row by row when rows are long enough to keep matmuls efficient."""
-    lengths = batch.row_lengths if batch.row_lengths is not None else batch.without_padding().row_lengths
-    return len(lengths) > 1 and sum(lengths) / len(lengths) >= PADDING_FREE_MIN_MEAN_ROW_TOKENS
 
 
 def compile_body(model: nn.Module) -> None:
@@ -1030,3 +1304,46 @@ def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path, stat
             os.fsync(handle.fileno())
         os.replace(item, target / item.name)
     staging.rmdir()
+
+
+def _default_args(model: Any) -> DPOConfig:
+    """TRL's default arguments: ``output_dir`` "<model name>-DPO" in the current folder."""
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
+    return DPOConfig(output_dir=f"{Path(str(name).rstrip('/')).name}-DPO")
+
+
+def _resume_spec(argument: str | bool | None, configured: str | None) -> str | None:
+    """What to resume from: ``train(resume_from_checkpoint=...)`` (True = the newest checkpoint, "latest") or else
+    the config's ``resume_from_checkpoint``; None for a fresh run."""
+    if argument is True:
+        return "latest"
+    if argument:
+        return str(argument)
+    return configured or None
+
+
+def _is_stream(source: Any, *, nested: bool = False) -> bool:
+    """Whether ``source`` is a ``datasets.IterableDataset`` (with ``nested``: or a mapping holding one)."""
+    import datasets
+
+    if isinstance(source, datasets.IterableDataset):
+        return True
+    return nested and isinstance(source, dict) and any(isinstance(v, datasets.IterableDataset) for v in source.values())
+
+
+def _materialized(source: Any) -> Any:
+    """An eval source with every ``datasets.IterableDataset`` read into a list of rows (eval sets are finite and
+    are read whole anyway); dicts of named sets keep their names."""
+    import datasets
+
+    if isinstance(source, datasets.IterableDataset):
+        return [dict(row) for row in source]
+    if isinstance(source, dict):
+        return {name: _materialized(value) for name, value in source.items()}
+    return source
+
+
+def _stream_precompute_error() -> ConfigError:
+    return ConfigError("precompute_ref_log_probs is not supported with IterableDataset: a stream is read once, as it "
+                       "trains; give a datasets.Dataset or set precompute_ref_log_probs: false",
+                       key="precompute_ref_log_probs")

@@ -176,15 +176,19 @@ def load_preference_data(
     return _load_one(source.strip(), dataset_dir, split, on_bad_row, max_samples)
 
 
-def canonicalize_records(records: Iterable[dict], *, source: str, on_bad_row: str = "error") -> LoadedData:
-    """Convert row dicts (any recognised row shape) into canonical form; row i of the input is "row" i.
+def canonicalize_records(
+    records: Iterable[dict], *, source: str, on_bad_row: str = "error", first_row: int = 0
+) -> LoadedData:
+    """Convert row dicts (any recognised row shape) into canonical form; row i of the input is "row"
+    ``first_row + i`` (a chunk of a stream numbers its rows from where the previous chunk ended).
 
     Raises DataError for a bad row (under on_bad_row="error"; a row whose text/conversational form, paired/unpaired
     kind or number of rejected responses differs from the earlier rows' is a bad row), and when no usable rows
     remain.
     """
     _check_options(on_bad_row, None)
-    return _canonicalize(enumerate(records), source=source, on_bad_row=on_bad_row, convert=_convert_trl_row)
+    return _canonicalize(enumerate(records, start=first_row), source=source, on_bad_row=on_bad_row,
+                         convert=_convert_trl_row)
 
 
 def _check_options(on_bad_row: str, max_samples: int | None) -> None:
@@ -503,6 +507,8 @@ def _convert_guarded(convert: Callable[[Any], _Example], record: Any, source: st
         return convert(record)
     except _BadRow as bad:
         raise DataError(bad.reason, file=source, row=row, field=bad.field) from None
+    except DataError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:  # safety net for odd shapes
         raise DataError(f"cannot read row ({type(err).__name__}: {err})", file=source, row=row) from None
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from preftune.data.formats import LoadedData, load_preference_data
+from preftune.data.formats import LoadedData, canonicalize_records, load_preference_data
 from preftune.data.templates import get_template, resolve_chat_template
 from preftune.data.tokenize import TokenizedData, TokenizeSettings, tokenize_dataset
 from preftune.data.validate import CHEAP_RULES, RULES, find_problems
@@ -26,11 +27,12 @@ class PreparedData:
     and unpaired data) come from the train data; eval data always has the same.
     """
 
-    train: TokenizedData
+    train: TokenizedData | None
     eval: TokenizedData | None
     report: dict[str, Any] = field(default_factory=dict)
     kind: str = "paired"
     num_negatives: int = 1
+    eval_sets: dict[str | None, TokenizedData] = field(default_factory=dict)  # by name; None: the unnamed set
 
 
 def default_cache_dir() -> Path:
@@ -55,18 +57,19 @@ def _split_off_validation(loaded: LoadedData, val_size: float, seed: int) -> tup
     return make(split["train"], "train split"), make(split["test"], "validation split")
 
 
-def _describe(loaded: LoadedData) -> str:
-    if loaded.kind == "unpaired":
+def _describe(kind: str, num_negatives: int) -> str:
+    if kind == "unpaired":
         return "unpaired (prompt, completion, label)"
-    return f"paired with {loaded.num_negatives} rejected response{'s' if loaded.num_negatives > 1 else ''} per prompt"
+    return f"paired with {num_negatives} rejected response{'s' if num_negatives > 1 else ''} per prompt"
 
 
-def _check_eval_matches_train(train: LoadedData, eval_: LoadedData) -> None:
+def _check_eval_matches_train(kind: str, num_negatives: int, train_source: str, eval_: LoadedData) -> None:
     """Eval rows go through the same loss as train rows, so kind and M must agree."""
-    if (eval_.kind, eval_.num_negatives) != (train.kind, train.num_negatives):
+    if (eval_.kind, eval_.num_negatives) != (kind, num_negatives):
         raise ConfigError(
-            f"the eval data ({eval_.source}) is {_describe(eval_)} but the train data ({train.source}) is "
-            f"{_describe(train)}; expected eval data of the same kind and number of rejected responses",
+            f"the eval data ({eval_.source}) is {_describe(eval_.kind, eval_.num_negatives)} but the train data "
+            f"({train_source}) is {_describe(kind, num_negatives)}; expected eval data of the same kind and number "
+            "of rejected responses",
             key="eval_dataset",
         )
 
@@ -145,11 +148,15 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
     """Read, split and tokenize the train (and eval) data described by ``config``.
 
     ``train_source``/``eval_source`` are whatever ``load_preference_data`` accepts (a path, a registered
-    dataset name, a list of dicts, a ``datasets.Dataset``); eval falls back to a ``val_size`` split.
+    dataset name, a list of dicts, a ``datasets.Dataset``); ``eval_source`` may also be a mapping of names to such
+    sources (TRL's named eval sets: a dict or a ``DatasetDict``). Eval falls back to a ``val_size`` split.
+    ``train_source`` None prepares eval data only (``train`` is then None).
 
-    ``report[split]`` has source, kind, num_negatives, row counts (read, skipped as bad, used, dropped for no room,
-    truncated, prefix mismatches; "pairs_*" count rows for unpaired data) and, for unpaired data, the desirable
-    and undesirable counts of the rows used.
+    ``eval_sets`` maps each eval set's name to its tokenized data (None for a single unnamed set, which is also
+    ``eval``; named sets leave ``eval`` None). ``report`` has one entry per split, keyed "train", "eval" or
+    "eval_<name>" (``eval_key``): source, kind, num_negatives, row counts (read, skipped as bad, used, dropped for no room,
+    truncated, prefix mismatches; "pairs_*" count rows for unpaired data) and, for unpaired data, the desirable and
+    undesirable counts of the rows used.
 
     The cheap data checks (identical chosen/rejected, empty responses, exact duplicates; ``preftune.data.validate``)
     run on the rows read, under ``config.on_bad_row``: "error" raises DataError naming file, row and check (exact
@@ -163,48 +170,99 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
         DataError: unreadable data or bad rows (see ``load_preference_data``), a row failing a data check under
             on_bad_row "error", or no row left after dropping them.
     """
-    read = lambda source: load_preference_data(  # noqa: E731
-        source, dataset_dir=config.dataset_dir, max_samples=config.max_samples, on_bad_row=config.on_bad_row
-    )
-    train_loaded, train_failed = _apply_cheap_checks(read(train_source), config.on_bad_row)
-    eval_loaded, eval_failed = (_apply_cheap_checks(read(eval_source), config.on_bad_row) if eval_source is not None
-                                else (None, []))
-    failed = {"train": train_failed, "eval": eval_failed}
-    if eval_loaded is not None:
-        _check_eval_matches_train(train_loaded, eval_loaded)
-    skipped = {"train": list(train_loaded.skipped_rows), "eval": list(eval_loaded.skipped_rows) if eval_loaded else []}
-    if eval_loaded is None and config.val_size:
-        train_loaded, eval_loaded = _split_off_validation(train_loaded, config.val_size, config.seed)
+    splits: dict[str, _ReadSplit] = {}
+    if train_source is not None:
+        splits["train"] = _read_split(config, train_source)
+    first = splits.get("train")
+    for name, source in eval_sources(eval_source).items():
+        splits[eval_key(name)] = split = _read_split(config, source)
+        first = first or split
+        _check_eval_matches_train(first.loaded.kind, first.loaded.num_negatives, first.loaded.source, split.loaded)
+    if "train" in splits and len(splits) == 1 and config.val_size:
+        train, validation = _split_off_validation(splits["train"].loaded, config.val_size, config.seed)
+        splits["train"] = replace(splits["train"], loaded=train)
+        splits["eval"] = _ReadSplit(validation, [], [])
 
-    cache_dir = None if config.overwrite_cache else str(default_cache_dir())
-    tokenized = {}
-    for name, loaded in (("train", train_loaded), ("eval", eval_loaded)):
-        if loaded is None:
-            continue
-        settings = TokenizeSettings(
-            max_length=config.max_length,
-            truncation_mode=config.truncation_mode,
-            chat_template=_chat_template_for(loaded, tokenizer, config.template),
-        )
-        tokenized[name] = tokenize_dataset(
-            loaded.dataset, tokenizer, settings, cache_dir=cache_dir, desc=f"Tokenizing {name} data"
-        )
-        if len(tokenized[name].dataset) == 0:
-            raise ConfigError(
-                f"no {name} {'row' if loaded.kind == 'unpaired' else 'pair'} fits max_length={config.max_length} "
-                f"with truncation_mode={config.truncation_mode}",
-                key="max_length",
-            )
-
+    tokenized = {name: _tokenize_split(config, tokenizer, split.loaded, name) for name, split in splits.items()}
     report = {
-        split: _split_report(loaded, skipped[split], tokenized[split], failed[split], config.on_bad_row == "skip")
-        for split, loaded in (("train", train_loaded), ("eval", eval_loaded))
-        if loaded is not None
+        name: _split_report(split.loaded, split.skipped, tokenized[name], split.failed, config.on_bad_row == "skip")
+        for name, split in splits.items()
     }
     return PreparedData(
-        train=tokenized["train"],
+        train=tokenized.get("train"),
         eval=tokenized.get("eval"),
         report=report,
-        kind=train_loaded.kind,
-        num_negatives=train_loaded.num_negatives,
+        kind=first.loaded.kind if first else "paired",
+        num_negatives=first.loaded.num_negatives if first else 1,
+        eval_sets={_eval_name(key): data for key, data in tokenized.items() if key != "train"},
     )
+
+
+def _eval_name(key: str) -> str | None:
+    return None if key == "eval" else key.removeprefix("eval_")
+
+
+def eval_sources(eval_source: Any) -> dict[str | None, Any]:
+    """The eval sources by name: ``{}`` for None, ``{None: source}`` for one unnamed source, and ``{name: source}``
+    for each entry of a mapping of named sources (a dict or a ``datasets.DatasetDict``, as TRL takes them)."""
+    if eval_source is None:
+        return {}
+    if isinstance(eval_source, Mapping):
+        return {str(name): source for name, source in eval_source.items()}
+    return {None: eval_source}
+
+
+def eval_key(name: str | None) -> str:
+    """The metric prefix and report key of an eval set: ``eval`` for the unnamed set, ``eval_<name>`` otherwise."""
+    return "eval" if name is None else f"eval_{name}"
+
+
+def prepare_rows(config, tokenizer, rows: list[dict], *, source: str, first_row: int) -> tuple[TokenizedData, dict]:
+    """Read, check and tokenize a list of raw rows, as ``prepare_data`` does a file: one chunk of a stream.
+
+    Rows are numbered from ``first_row`` in messages and in the ``row`` column. Returns the tokenized rows and this
+    chunk's report (the counts of ``prepare_data``'s report).
+    """
+    loaded = canonicalize_records(rows, source=source, on_bad_row=config.on_bad_row, first_row=first_row)
+    split = _checked(config, loaded)
+    tokenized = _tokenize_split(config, tokenizer, split.loaded, "train", cache=False)
+    return tokenized, _split_report(split.loaded, split.skipped, tokenized, split.failed, config.on_bad_row == "skip")
+
+
+@dataclass
+class _ReadSplit:
+    """One split as read: its canonical rows, the rows skipped as bad and those that failed the cheap checks."""
+
+    loaded: LoadedData
+    skipped: list[tuple[int, str]]
+    failed: list[dict[str, Any]]
+
+
+def _read_split(config, source: Any) -> _ReadSplit:
+    loaded = load_preference_data(
+        source, dataset_dir=config.dataset_dir, max_samples=config.max_samples, on_bad_row=config.on_bad_row
+    )
+    return _checked(config, loaded)
+
+
+def _checked(config, loaded: LoadedData) -> _ReadSplit:
+    skipped = list(loaded.skipped_rows)
+    checked, failed = _apply_cheap_checks(loaded, config.on_bad_row)
+    return _ReadSplit(checked, skipped, failed)
+
+
+def _tokenize_split(config, tokenizer, loaded: LoadedData, name: str, *, cache: bool = True) -> TokenizedData:
+    settings = TokenizeSettings(
+        max_length=config.max_length,
+        truncation_mode=config.truncation_mode,
+        chat_template=_chat_template_for(loaded, tokenizer, config.template),
+    )
+    cache_dir = None if config.overwrite_cache or not cache else str(default_cache_dir())
+    tokenized = tokenize_dataset(loaded.dataset, tokenizer, settings, cache_dir=cache_dir, desc=f"Tokenizing {name} data")
+    if len(tokenized.dataset) == 0:
+        raise ConfigError(
+            f"no {name} {'row' if loaded.kind == 'unpaired' else 'pair'} fits max_length={config.max_length} "
+            f"with truncation_mode={config.truncation_mode}",
+            key="max_length",
+        )
+    return tokenized

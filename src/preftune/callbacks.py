@@ -1,0 +1,137 @@
+"""The callback seam: transformers' ``TrainerCallback`` events around preftune's loop.
+
+preftune's loop calls the events of transformers' ``CallbackHandler`` (``on_train_begin``, ``on_step_begin``,
+``on_step_end``, ``on_log``, ``on_evaluate``, ``on_save``, ``on_train_end``, ...) with transformers' own
+``TrainerState`` and ``TrainerControl``, so callbacks written for transformers' ``Trainer`` or TRL (e.g.
+``EarlyStoppingCallback``, experiment trackers) work unchanged. When to log, evaluate, save and stop is itself a
+callback, ``ScheduleCallback``, first in the list as transformers' ``DefaultFlowCallback`` is: it sets the
+``TrainerControl`` flags, later callbacks may change them, and the loop acts on what the flags say.
+
+Experiment trackers (``report_to``) are transformers' integration callbacks (TensorBoard, W&B, MLflow, trackio,
+SwanLab, ...), built here with a one-line error when a tracker is not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from transformers import TrainerCallback, TrainerControl, TrainerState
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+from preftune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CallbackHandler",
+    "ScheduleCallback",
+    "TrainerCallback",
+    "TrainerControl",
+    "TrainerState",
+    "build_callback_handler",
+    "tracker_callbacks",
+]
+
+# What to install for each tracker preftune tests (others that transformers knows are passed through as they are).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+                    "swanlab": "swanlab"}
+
+
+class ScheduleCallback(DefaultFlowCallback):
+    """preftune's schedule of logs, evaluations and checkpoints, as ``TrainerControl`` flags.
+
+    It reads the intervals the trainer stores in the state (``state.logging_steps``, ``eval_steps``,
+    ``save_steps``, ``max_steps``: whole optimizer steps) and the strategies in ``args``. Unlike transformers'
+    ``DefaultFlowCallback`` it also logs the last step (so the metric files end with the final state) and does not
+    save a checkpoint at the end (the final model is written to ``output_dir`` anyway); evaluation at the end is
+    the trainer's (``DPOTrainer.train``).
+    """
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        step = state.global_step
+        logging_strategy = _strategy(getattr(args, "logging_strategy", "steps"))
+        if logging_strategy != "no" and (
+            (step == 1 and args.logging_first_step)
+            or (logging_strategy == "steps" and step % state.logging_steps == 0)
+            or step == state.max_steps
+        ):
+            control.should_log = True
+        if (
+            _strategy(args.eval_strategy) == "steps"
+            and state.eval_steps
+            and step % state.eval_steps == 0
+            and (getattr(args, "eval_delay", 0) or 0) <= step
+        ):
+            control.should_evaluate = True
+        if _strategy(args.save_strategy) == "steps" and state.save_steps and step % state.save_steps == 0:
+            control.should_save = True
+        if step >= state.max_steps:
+            control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        if _strategy(getattr(args, "logging_strategy", "steps")) == "epoch":
+            control.should_log = True
+        if _strategy(args.eval_strategy) == "epoch" and (getattr(args, "eval_delay", 0) or 0) <= state.epoch:
+            control.should_evaluate = True
+        if _strategy(args.save_strategy) == "epoch":
+            control.should_save = True
+        return control
+
+
+def _strategy(value: Any) -> str:
+    """A strategy as its plain string ("no", "steps", "epoch", "best"), whether given as a string or an enum."""
+    return str(getattr(value, "value", value))
+
+
+def tracker_callbacks(report_to: str | Iterable[str] | None) -> list[TrainerCallback]:
+    """transformers' integration callbacks for ``report_to`` ("none", "all", a name or a list of names), built.
+
+    Raises ConfigError (key ``report_to``) for an unknown tracker, or one whose package is not installed, in one
+    line with the command that installs it.
+    """
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = _tracker_names(report_to, get_available_reporting_integrations)
+    callbacks = []
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            raise ConfigError(f"unknown tracker {name!r}; expected none, all or one of {known}", key="report_to")
+        try:
+            callbacks.append(INTEGRATION_TO_CALLBACK[name]())
+        except (RuntimeError, ImportError, ModuleNotFoundError) as error:
+            package = TRACKER_PACKAGES.get(name, name)
+            raise ConfigError(
+                f"report_to {name}: the {package} package is not installed (pip install {package}; or "
+                f"pip install 'preftune[trackers]'); {_first_line(error)}",
+                key="report_to",
+            ) from None
+    return callbacks
+
+
+def _tracker_names(report_to: str | Iterable[str] | None, available: Any) -> list[str]:
+    if report_to is None:
+        return []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if names == ["all"]:
+        return list(available())
+    return [name for name in names if name != "none"]
+
+
+def build_callback_handler(
+    args: Any, callbacks: Iterable[TrainerCallback | type] | None, *, model: Any, processing_class: Any
+) -> CallbackHandler:
+    """The handler the loop calls: the schedule first, then the trackers of ``args.report_to``, then ``callbacks``
+    (instances or classes, as transformers' Trainer takes them)."""
+    every = [ScheduleCallback(), *tracker_callbacks(getattr(args, "report_to", "none")), *(callbacks or [])]
+    return CallbackHandler(every, model, processing_class, None, None)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
