@@ -255,6 +255,18 @@ def test_training_on_chinese_data_with_chinese_paths_and_run_name_then_report(tm
     assert report["output_dir"] == str(output) and report["settings"]["run_name"] == "中文实验一号"
 
 
+def test_summary_json_keeps_chinese_and_escapes_only_what_utf8_cannot_hold(tmp_path):
+    from preftune.metrics import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "输出", plot=False)
+    path = recorder.write_summary({"config": {"run_name": "中文实验", "output_dir": str(tmp_path / "输出")}})
+    text = path.read_text(encoding="utf-8")
+    assert "中文实验" in text and not ESCAPED.search(text)
+    # A lone surrogate (undecodable bytes of a command-line argument) is not UTF-8: that document keeps \u escapes.
+    path = recorder.write_summary({"config": {"run_name": "中文", "output_dir": "bad\udcff"}})
+    assert json.loads(path.read_text(encoding="utf-8"))["config"] == {"run_name": "中文", "output_dir": "bad\udcff"}
+
+
 # ---------------------------------------------------------------- sample, label
 
 

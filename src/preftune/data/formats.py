@@ -451,7 +451,7 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
     identical = 0
     for row, item in rows:
         if isinstance(item, dict):
-            refuse_media_inputs(item, source, row)
+            _refuse_media_inputs(item, source, row)
         try:
             if isinstance(item, DataError):
                 raise item
@@ -488,20 +488,20 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
                       num_negatives=first.negatives)
 
 
-def media_inputs_refusal(column: str) -> str:
+def _media_inputs_refusal(column: str) -> str:
     """The message refusing image, video or audio inputs found in `column` (a key of MEDIA_COLUMNS)."""
     kind = MEDIA_COLUMNS[column]
     planned = "vision-language DPO is planned" if kind == "image/video" else "preftune trains on text only"
     return f"not supported yet: {kind} inputs (column '{column}'); {planned}"
 
 
-def refuse_media_inputs(record: dict, source: str, row: int) -> None:
+def _refuse_media_inputs(record: dict, source: str, row: int) -> None:
     """Raise DataError when `record` has an image, video or audio column holding anything (one that is None or
     empty, e.g. `"images": []`, is text-only and passes). Raised whatever on_bad_row says: skipping such rows
     would also train text-only in silence."""
     for column in MEDIA_COLUMNS:
         if not _is_empty_media(record.get(column)):
-            raise DataError(media_inputs_refusal(column), file=source, row=row, field=column)
+            raise DataError(_media_inputs_refusal(column), file=source, row=row, field=column)
 
 
 def _is_empty_media(value: Any) -> bool:
@@ -818,7 +818,7 @@ _UNSPACED_SCRIPT_RANGES = (
 _JOINERS = ("\u200c", "\u200d")  # zero-width non-joiner and joiner bind the characters on either side
 
 
-def is_unspaced_script(char: str) -> bool:
+def _is_unspaced_script(char: str) -> bool:
     """Whether `char` (one character) belongs to a script written without spaces between words: Han ideographs,
     kana, bopomofo, CJK punctuation and symbols, fullwidth and halfwidth forms."""
     code = ord(char)
@@ -830,7 +830,7 @@ def _attaches_to_previous(char: str) -> bool:
     return unicodedata.category(char) in ("Mn", "Mc", "Me") or char in _JOINERS
 
 
-def is_word_boundary(before: str, after: str) -> bool:
+def _is_word_boundary(before: str, after: str) -> bool:
     """Whether a cut between the characters `before` and `after` ("" for the end of the text) falls between words:
     at whitespace, at the end of the text, or next to a character of an unspaced script (Chinese, Japanese), where
     every character boundary counts, except before a combining mark and on either side of a joiner."""
@@ -838,22 +838,24 @@ def is_word_boundary(before: str, after: str) -> bool:
         return True
     if _attaches_to_previous(after) or before in _JOINERS:
         return False
-    return is_unspaced_script(before) or is_unspaced_script(after)
+    return _is_unspaced_script(before) or _is_unspaced_script(after)
 
 
 def implicit_prompt_end(texts: list[str]) -> int:
     """Where the implicit prompt of `texts` (chosen and rejected, each prompt + response) ends: the largest cut
-    within their longest common prefix that is a word boundary (`is_word_boundary`) in every text and leaves no
+    within their longest common prefix that is a word boundary (`_is_word_boundary`) in every text and leaves no
     whitespace at the prompt's end (whitespace goes to the responses). 0 when there is none.
 
     For spaced text this is the last whitespace before the texts differ (or the point they differ, when every
     text continues with whitespace there); in Chinese or Japanese text, the last character they share; in mixed
-    text, a Latin word is never cut in two: "我喜欢Python" / "我喜欢Pascal" gives "我喜欢".
+    text, a Latin word is never cut in two: "我喜欢Python" / "我喜欢Pascal" gives "我喜欢". TRL's extract_prompt
+    instead cuts where the texts first differ, moving one space into the responses ("A: f" + "our", "我喜欢P" +
+    "ython"); on Chinese text with no Latin letter or space at the cut the two agree.
     """
     shared = os.path.commonprefix(texts)
     for end in range(len(shared), 0, -1):
         before = shared[end - 1]
-        if not before.isspace() and all(is_word_boundary(before, text[end:end + 1]) for text in texts):
+        if not before.isspace() and all(_is_word_boundary(before, text[end:end + 1]) for text in texts):
             return end
     return 0
 
@@ -1010,7 +1012,7 @@ def _refuse_registered_media(entry: dict, where: str, registry_path: str | None)
         return
     for key in ("images", "videos", "audios"):
         if columns.get(key):
-            raise DataError(f"{where}: {media_inputs_refusal(key)} (columns.{key} is '{columns[key]}')",
+            raise DataError(f"{where}: {_media_inputs_refusal(key)} (columns.{key} is '{columns[key]}')",
                             file=registry_path, field=f"columns.{key}")
 
 
