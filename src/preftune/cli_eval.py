@@ -53,7 +53,7 @@ def _report(args: argparse.Namespace) -> int:
     from preftune.report import build_report
 
     report = build_report(args.output_dir)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
     return 0
 
 

@@ -38,6 +38,8 @@ from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
+CUT_CHARACTER = "\ufffd"  # what tokenizers decode the bytes of an incomplete character to
+
 Prompt = str | list  # a plain string, or a conversation: a list of {"role", "content"} messages
 
 
@@ -227,16 +229,26 @@ def _completion(tokenizer, prompt_ids: list[int], new_ids: list[int], stop_ids: 
     """Cut the new ids at the first stop token and decode the response as the text the prompt's text is followed by.
 
     Decoding prompt + response and removing the decoded prompt keeps the space a SentencePiece tokenizer puts in
-    front of the first response word (decoding the response's ids alone would drop it).
+    front of the first response word (decoding the response's ids alone would drop it). A response that ran to
+    max_new_tokens inside a character made of several byte tokens (a Chinese character is 3 UTF-8 bytes) ends at
+    the last whole character: the incomplete bytes would decode to U+FFFD (one per byte with SentencePiece's byte
+    fallback). The ids are kept whole.
     """
     stop = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
     completion = new_ids if stop is None else new_ids[: stop + 1]
     body = completion if stop is None else completion[:-1]
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    full = tokenizer.decode(prompt_ids + body, skip_special_tokens=True)
-    text = full[len(head):] if full.startswith(head) else tokenizer.decode(body, skip_special_tokens=True)
+    text = _response_text(tokenizer, prompt_ids, body)
+    if stop is None and text.endswith(CUT_CHARACTER):
+        whole = (_response_text(tokenizer, prompt_ids, body[:-drop]) for drop in range(1, min(3, len(body)) + 1))
+        text = next((shorter for shorter in whole if not shorter.endswith(CUT_CHARACTER)), text)
     return GeneratedSample(text=text, prompt_ids=list(prompt_ids), completion_ids=list(completion),
                            stopped=stop is not None)
+
+
+def _response_text(tokenizer, prompt_ids: list[int], body: list[int]) -> str:
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.decode(prompt_ids + body, skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(body, skip_special_tokens=True)
 
 
 def iter_generate(model, tokenizer, prompts: Sequence[Prompt], params: SamplingParams, *, template: str | None = None,

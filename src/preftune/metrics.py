@@ -143,6 +143,17 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
+def _readable_json(value: Any) -> str:
+    """JSON with non-ASCII text written as itself, so Chinese run names and paths stay readable; a document holding
+    a lone surrogate (undecodable bytes of a command-line argument or path) is not UTF-8, so it keeps \\u escapes."""
+    text = json.dumps(value, indent=2, default=str, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, indent=2, default=str)
+    return text
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that a crash leaves either the old content or the new, never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +244,7 @@ class RunRecorder:
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.output_dir / "summary.json"
-        _atomic_write_text(path, json.dumps(summary, indent=2, default=str))
+        _atomic_write_text(path, _readable_json(summary))
         return path
 
     def write_plot(self) -> Path | None:

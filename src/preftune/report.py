@@ -169,7 +169,7 @@ EVAL_KEYS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
 
 def _settings(summary: dict[str, Any] | None, train: list[dict[str, Any]]) -> dict[str, Any]:
     config = (summary or {}).get("config") or {}
-    out = {key: config[key] for key in ("loss_type", "beta", "learning_rate", "lr_scheduler_type", "finetuning_type",
+    out = {key: config[key] for key in ("run_name", "loss_type", "beta", "learning_rate", "lr_scheduler_type", "finetuning_type",
                                         "rpo_alpha", "dpop_lambda") if config.get(key) is not None}
     rates = [record["learning_rate"] for record in train if _finite(record.get("learning_rate"))]
     if rates:

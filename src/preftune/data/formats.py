@@ -36,6 +36,7 @@ import gzip
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -54,10 +55,20 @@ DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".p
 HH_ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
 
+# Chinese text that is not UTF-8 is nearly always GBK / GB18030 (what Excel and Notepad on Chinese Windows save).
+NOT_UTF8_HINT = ("expected UTF-8 text; a file saved as GBK / GB18030 (by Excel or Notepad on Chinese Windows) "
+                 "converts with `iconv -f GB18030 -t UTF-8 IN > OUT`")
+
 # json.loads recurses once per nesting level, so a deeper value raises RecursionError instead of JSONDecodeError.
 TOO_DEEP = "nests lists/objects too deeply to read (Python's JSON reader stops near 1,000 levels)"
 
 LABEL_TEXTS = {"true": True, "false": False, "1": True, "0": False}
+
+# Columns of image, video or audio inputs (TRL vision rows: "images" or "image"; LLaMA-Factory: "images", "videos",
+# "audios"), by the kind of input they hold. preftune trains on text only, so data that has any is refused: dropping
+# the column would train a vision-language model on its text alone without a word.
+MEDIA_COLUMNS = {"images": "image/video", "image": "image/video", "videos": "image/video", "video": "image/video",
+                 "audios": "audio", "audio": "audio"}
 
 Message = dict[str, str]
 RowItem = tuple[int, Any]  # (row index, record dict, or an unraised DataError for an unreadable row)
@@ -349,7 +360,9 @@ def _read_text(path: Path, source: str) -> str:
             with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
                 return handle.read()
         return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError, EOFError) as err:
+    except UnicodeDecodeError as err:
+        raise DataError(f"cannot read file ({type(err).__name__}: {err}); {NOT_UTF8_HINT}", file=source) from None
+    except (OSError, EOFError) as err:
         raise DataError(f"cannot read file ({type(err).__name__}: {err}); expected UTF-8 text, "
                         "gzip-compressed when the name ends in .gz", file=source) from None
 
@@ -418,6 +431,8 @@ def _iter_csv(path: Path, source: str) -> Iterator[RowItem]:
         table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
                                convert_options=as_text)
     except Exception as err:  # noqa: BLE001
+        if isinstance(err, UnicodeDecodeError) or "invalid UTF8" in str(err):
+            raise DataError(f"cannot read CSV ({type(err).__name__}: {err}); {NOT_UTF8_HINT}", file=source) from None
         raise DataError(f"cannot read CSV ({type(err).__name__}: {err}); expected a header row and "
                         "comma-separated, double-quoted values", file=source) from None
     yield from enumerate(table.to_pylist())
@@ -439,6 +454,8 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
     first: _Example | None = None  # the first good row decides form, kind and number of rejected responses
     identical = 0
     for row, item in rows:
+        if isinstance(item, dict):
+            _refuse_media_inputs(item, source, row)
         try:
             if isinstance(item, DataError):
                 raise item
@@ -473,6 +490,32 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
     return LoadedData(dataset=datasets.Dataset.from_list(examples), source=source, skipped_rows=skipped,
                       is_conversational=isinstance(first.prompt, list), kind=first.kind,
                       num_negatives=first.negatives)
+
+
+def _media_inputs_refusal(column: str) -> str:
+    """The message refusing image, video or audio inputs found in `column` (a key of MEDIA_COLUMNS)."""
+    kind = MEDIA_COLUMNS[column]
+    planned = "vision-language DPO is planned" if kind == "image/video" else "preftune trains on text only"
+    return f"not supported yet: {kind} inputs (column '{column}'); {planned}"
+
+
+def _refuse_media_inputs(record: dict, source: str, row: int) -> None:
+    """Raise DataError when `record` has an image, video or audio column holding anything (one that is None or
+    empty, e.g. `"images": []`, is text-only and passes). Raised whatever on_bad_row says: skipping such rows
+    would also train text-only in silence."""
+    for column in MEDIA_COLUMNS:
+        if not _is_empty_media(record.get(column)):
+            raise DataError(_media_inputs_refusal(column), file=source, row=row, field=column)
+
+
+def _is_empty_media(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (str, bytes, dict)):
+        return not value
+    if isinstance(value, (list, tuple)):
+        return all(_is_empty_media(item) for item in value)
+    return False
 
 
 def _canonical_row(example: _Example, row: int) -> dict[str, Any]:
@@ -740,8 +783,9 @@ def _split_implicit_text(chosen: str, rejected: list[str]) -> tuple[str, str, li
     """Split full texts into (shared prompt, chosen response, rejected responses).
 
     Anthropic HH dialogues split right after the last "\\n\\nAssistant:" they all share, so each response starts
-    after the marker (usually with a space). Other texts split at the end of their longest common prefix, backed
-    off to a whitespace boundary, with the whitespace going to the responses (as TRL's extract_prompt does).
+    after the marker (usually with a space). Other texts split at the last word boundary within their longest
+    common prefix (see `implicit_prompt_end`), with the whitespace there going to the responses (as TRL's
+    extract_prompt does with one space).
     """
     texts = [chosen, *rejected]
     shared = os.path.commonprefix(texts)
@@ -752,17 +796,74 @@ def _split_implicit_text(chosen: str, rejected: list[str]) -> tuple[str, str, li
                           "share everything up to the final assistant turn", field="chosen")
         end = marker + len(HH_ASSISTANT)
     else:
-        end = len(shared)
-        at_boundary = all(end == len(text) or text[end].isspace() for text in texts)
-        if not at_boundary:
-            while end > 0 and not shared[end - 1].isspace():
-                end -= 1
-        while end > 0 and shared[end - 1].isspace():
-            end -= 1
+        end = implicit_prompt_end(texts)
         if end == 0:
             raise _BadRow("chosen and rejected share no leading words, so no prompt can be extracted; expected an "
                           "explicit 'prompt' field or texts that begin with the same prompt", field="prompt")
     return chosen[:end], chosen[end:], [text[end:] for text in rejected]
+
+
+# Scripts written without spaces between words (Chinese, Japanese): next to one of these characters every character
+# boundary is a word boundary. Hangul is not here: Korean puts spaces between words.
+_UNSPACED_SCRIPT_RANGES = (
+    (0x2E80, 0x2FDF),  # CJK radicals supplement, Kangxi radicals
+    (0x2FF0, 0x2FFF),  # ideographic description characters
+    (0x3000, 0x303F),  # CJK symbols and punctuation: 、。「」《》〜 (the ideographic space U+3000 is whitespace)
+    (0x3040, 0x30FF),  # hiragana, katakana
+    (0x3100, 0x312F),  # bopomofo
+    (0x31A0, 0x31FF),  # bopomofo extended, CJK strokes, katakana phonetic extensions
+    (0x3200, 0x33FF),  # enclosed CJK letters and months, CJK compatibility
+    (0x3400, 0x4DBF),  # CJK unified ideographs extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFE10, 0xFE1F),  # vertical forms
+    (0xFE30, 0xFE4F),  # CJK compatibility forms
+    (0xFF00, 0xFFEF),  # halfwidth and fullwidth forms: ，！？：（）０-９Ａ-Ｚ, halfwidth katakana
+    (0x20000, 0x3FFFF),  # CJK unified ideographs extensions B-H, compatibility ideographs supplement
+)
+_JOINERS = ("\u200c", "\u200d")  # zero-width non-joiner and joiner bind the characters on either side
+
+
+def _is_unspaced_script(char: str) -> bool:
+    """Whether `char` (one character) belongs to a script written without spaces between words: Han ideographs,
+    kana, bopomofo, CJK punctuation and symbols, fullwidth and halfwidth forms."""
+    code = ord(char)
+    return any(low <= code <= high for low, high in _UNSPACED_SCRIPT_RANGES)
+
+
+def _attaches_to_previous(char: str) -> bool:
+    """A combining mark, variation selector or joiner belongs with the character before it: never cut before it."""
+    return unicodedata.category(char) in ("Mn", "Mc", "Me") or char in _JOINERS
+
+
+def _is_word_boundary(before: str, after: str) -> bool:
+    """Whether a cut between the characters `before` and `after` ("" for the end of the text) falls between words:
+    at whitespace, at the end of the text, or next to a character of an unspaced script (Chinese, Japanese), where
+    every character boundary counts, except before a combining mark and on either side of a joiner."""
+    if not after or after.isspace() or before.isspace():
+        return True
+    if _attaches_to_previous(after) or before in _JOINERS:
+        return False
+    return _is_unspaced_script(before) or _is_unspaced_script(after)
+
+
+def implicit_prompt_end(texts: list[str]) -> int:
+    """Where the implicit prompt of `texts` (chosen and rejected, each prompt + response) ends: the largest cut
+    within their longest common prefix that is a word boundary (`_is_word_boundary`) in every text and leaves no
+    whitespace at the prompt's end (whitespace goes to the responses). 0 when there is none.
+
+    For spaced text this is the last whitespace before the texts differ (or the point they differ, when every
+    text continues with whitespace there); in Chinese or Japanese text, the last character they share; in mixed
+    text, a Latin word is never cut in two: "我喜欢Python" / "我喜欢Pascal" gives "我喜欢". TRL's extract_prompt
+    instead cuts where the texts first differ, moving one space into the responses ("A: f" + "our", "我喜欢P" +
+    "ython"); on Chinese text with no Latin letter or space at the cut the two agree.
+    """
+    shared = os.path.commonprefix(texts)
+    for end in range(len(shared), 0, -1):
+        before = shared[end - 1]
+        if not before.isspace() and all(_is_word_boundary(before, text[end:end + 1]) for text in texts):
+            return end
+    return 0
 
 
 def _split_implicit_conversation(chosen: list, rejected: list[list]) -> tuple[list, list, list[list]]:
@@ -873,6 +974,7 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
     if entry.get("num_samples"):
         logger.warning("%s: num_samples is ignored; use max_samples to truncate", where)
     _check_column_names(entry, where, registry_path)
+    _refuse_registered_media(entry, where, registry_path)
     convert = _llamafactory_converter(columns)
 
     if "file_name" in entry:
@@ -907,6 +1009,17 @@ def _check_column_names(entry: dict, where: str, registry_path: str | None) -> N
             if value is not None and not isinstance(value, str):
                 raise DataError(f"{where}: {block}.{key} is {value!r:.80}; expected a column or tag name (a string)",
                                 file=registry_path)
+
+
+def _refuse_registered_media(entry: dict, where: str, registry_path: str | None) -> None:
+    """An entry whose "columns" name image, video or audio columns is multimodal data: refused before reading it."""
+    columns = entry.get("columns")
+    if not isinstance(columns, dict):
+        return
+    for key in ("images", "videos", "audios"):
+        if columns.get(key):
+            raise DataError(f"{where}: {_media_inputs_refusal(key)} (columns.{key} is '{columns[key]}')",
+                            file=registry_path, field=f"columns.{key}")
 
 
 def _llamafactory_converter(columns: _LlamaFactoryColumns) -> Callable[[dict], _Example]:
