@@ -29,11 +29,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO_ROOT, shared_asset
 from transformers import AutoTokenizer
 
+from preftune.data.pipeline import prepare_data
 from preftune.data.template_format import Token
 from preftune.data.templates import TEMPLATES, encode_conversation, get_template
 
@@ -65,6 +67,8 @@ ROWS = [
                                 {"role": "user", "content": "Q2"}],
      "chosen": "<think>\nlet me think\n</think>\n\nA2", "rejected": "A2 without a thought"},
 ]
+# The LLaMA-Factory demo sets read through preftune's whole data path (dataset_info.json, pipeline) with these names.
+DEMO_SETS, DEMO_TEMPLATES, DEMO_ROWS = ("dpo_en_demo", "dpo_zh_demo"), ("qwen3_nothink", "qwen3", "llama3"), 10
 PROBES = ["Tell me a story.", " leading space", "长城是中国古代的伟大防御工程。", "<|im_start|>user\nhi<|im_end|>\n"]
 
 
@@ -133,12 +137,34 @@ def tokenizers(tmp_path_factory) -> dict[str, tuple[str, object]]:
     return built
 
 
+def _demo_rows(name: str) -> list[dict]:
+    """The first DEMO_ROWS rows of a LLaMA-Factory sharegpt demo set, in the oracle's form (LLaMA-Factory's roles)."""
+    roles = {"human": "user", "gpt": "assistant"}
+    records = json.loads((shared_asset("llamafactory") / f"{name}.json").read_text(encoding="utf-8"))[:DEMO_ROWS]
+    rows = []
+    for record in records:
+        turns, system = record["conversations"], None
+        if turns[0]["from"] == "system":  # LLaMA-Factory's sharegpt reader: a leading system turn is the system
+            turns, system = turns[1:], turns[0]["value"]
+        rows.append({"system": system, "prompt": [{"role": roles[turn["from"]], "content": turn["value"]}
+                                                  for turn in turns],
+                     "chosen": record["chosen"]["value"], "rejected": record["rejected"]["value"]})
+    return rows
+
+
 def _cases() -> list[dict]:
+    """Every template on ROWS with both tokenizers (and both thinking modes for reasoning templates); then the demo
+    sets with DEMO_TEMPLATES on GPT-2. Each case's key: (template, tokenizer, enable_thinking, rows name)."""
     cases = []
     for name, template in TEMPLATES.items():
         for key in ("gpt2", "llama"):
             for thinking in (True, False) if template.reasoning else (True,):
-                cases.append({"template": name, "tokenizer": key, "enable_thinking": thinking, "rows": ROWS})
+                cases.append({"template": name, "tokenizer": key, "enable_thinking": thinking, "rows": ROWS,
+                              "rows_name": "rows"})
+    for demo in DEMO_SETS:
+        for name in DEMO_TEMPLATES:
+            cases.append({"template": name, "tokenizer": "gpt2", "enable_thinking": True, "rows": _demo_rows(demo),
+                          "rows_name": demo})
     return cases
 
 
@@ -154,7 +180,7 @@ def llamafactory_ids(llamafactory_python, tokenizers, tmp_path_factory) -> dict:
                    input=json.dumps(request), text=True, check=True, capture_output=True, env=environment,
                    timeout=600)
     result = json.loads(output.read_text())
-    by_case = {(case["template"], case["tokenizer"], case["enable_thinking"]): answer
+    by_case = {(case["template"], case["tokenizer"], case["enable_thinking"], case["rows_name"]): answer
                for case, answer in zip(cases, result["cases"])}
     return {"probes": result["probes"], "cases": by_case}
 
@@ -185,7 +211,7 @@ def test_token_ids_equal_llamafactory(name, llamafactory_ids, tokenizers):
     compared = 0
     for key, (_, tokenizer) in tokenizers.items():
         for thinking in (True, False) if template.reasoning else (True,):
-            answer = llamafactory_ids["cases"][(name, key, thinking)]
+            answer = llamafactory_ids["cases"][(name, key, thinking, "rows")]
             for index, (row, expected) in enumerate(zip(ROWS, answer["rows"])):
                 where = f"{name} / {key} / enable_thinking={thinking} / row {index}"
                 assert "error" not in expected, f"{where}: LLaMA-Factory failed: {expected.get('error')}"
@@ -207,7 +233,7 @@ def test_token_ids_equal_llamafactory(name, llamafactory_ids, tokenizers):
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_jinja_renders_what_llamafactorys_jinja_export_renders(name, llamafactory_ids, tokenizers):
     _, tokenizer = tokenizers["llama"]
-    exported = llamafactory_ids["cases"][(name, "llama", True)]["jinja"]
+    exported = llamafactory_ids["cases"][(name, "llama", True, "rows")]["jinja"]
     if exported is None:  # LLaMA-Factory has no Jinja export for templates that write tokens by id
         assert any(isinstance(slot, Token) for slot in (*TEMPLATES[name].prefix, *TEMPLATES[name].system,
                                                         *TEMPLATES[name].user, *TEMPLATES[name].assistant))
@@ -218,3 +244,21 @@ def test_jinja_renders_what_llamafactorys_jinja_export_renders(name, llamafactor
                                                                                 "content": row["chosen"]}]):
             theirs = tokenizer.apply_chat_template(messages, chat_template=exported, tokenize=False)
             assert tokenizer.apply_chat_template(messages, chat_template=ours, tokenize=False) == theirs
+
+
+@pytest.mark.parametrize("name", DEMO_TEMPLATES)
+@pytest.mark.parametrize("demo", DEMO_SETS)
+def test_a_llamafactory_config_on_its_demo_data_trains_on_llamafactorys_tokens(demo, name, llamafactory_ids,
+                                                                               tokenizers):
+    # dataset_info.json + `template:` as a LLaMA-Factory YAML has them, through preftune's reader and pipeline
+    config = SimpleNamespace(dataset_dir=str(shared_asset("llamafactory")), max_samples=DEMO_ROWS, on_bad_row="warn",
+                             val_size=0, seed=0, overwrite_cache=True, max_length=10**6,
+                             truncation_mode="keep_start", template=name)
+    prepared = prepare_data(config, tokenizers["gpt2"][1], demo)
+    expected = llamafactory_ids["cases"][(name, "gpt2", True, demo)]["rows"]
+    rows = prepared.train.dataset.to_list()
+    assert [row["row"] for row in rows] == list(range(DEMO_ROWS))
+    for row, theirs in zip(rows, expected):
+        assert "error" not in theirs, theirs.get("error")
+        assert {key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")} == {
+            key: theirs[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}, f"{demo} row {row['row']}"
