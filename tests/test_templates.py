@@ -159,7 +159,8 @@ def test_qwen3_nothink_adds_no_thought(gpt2):
 
 
 def test_a_template_token_the_tokenizer_lacks_is_a_config_error(stories):
-    with pytest.raises(ConfigError, match=r"writes the token '\[gMASK\]', which this tokenizer does not have") as caught:
+    missing = r"writes the token '\[gMASK\]', which this tokenizer does not have"
+    with pytest.raises(ConfigError, match=missing) as caught:
         encode_conversation("chatglm3", stories, PROMPT, answer("x"))
     assert caught.value.key == "template"
 

@@ -202,7 +202,7 @@ def _slot_ids(template: ChatTemplate, tokenizer, slot: Slot) -> list[int]:
     if isinstance(slot, str):
         return tokenizer.encode(slot, add_special_tokens=False) if slot else []
     if isinstance(slot, Token):
-        token_id = known_token_id(tokenizer, slot.text)
+        token_id = _known_token_id(tokenizer, slot.text)
         if token_id is None:
             raise ConfigError(f"template {template.name!r} writes the token {slot.text!r}, which this tokenizer "
                               "does not have; expected the tokenizer of the template's model family", key="template")
@@ -212,7 +212,7 @@ def _slot_ids(template: ChatTemplate, tokenizer, slot: Slot) -> list[int]:
     return _eos_ids(template, tokenizer)
 
 
-def known_token_id(tokenizer, text: str) -> int | None:
+def _known_token_id(tokenizer, text: str) -> int | None:
     """The id of `text` as one token of the tokenizer's vocabulary, or None when it is not one."""
     token_id = tokenizer.convert_tokens_to_ids(text)
     if token_id is None or (token_id == tokenizer.unk_token_id and text != tokenizer.unk_token):
@@ -232,7 +232,7 @@ def _eos_ids(template: ChatTemplate, tokenizer) -> list[int]:
     text = eos_text(template, tokenizer)
     if not template.replace_eos and tokenizer.eos_token_id is not None:
         return [tokenizer.eos_token_id]
-    token_id = known_token_id(tokenizer, text)
+    token_id = _known_token_id(tokenizer, text)
     if token_id is not None:
         return [token_id]
     _warn_once(template, tokenizer, text)

@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass
 import datasets
 import jinja2
 
-from preftune.data.templates import check_template_name, encode_conversation
+from preftune.data.templates import check_template_name, encode_conversation, get_chat_template
 from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -431,6 +431,7 @@ def tokenization_fingerprint(dataset: datasets.Dataset, tokenizer, settings: Tok
         "num_negatives": num_negatives,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": asdict(settings),
+        "template": repr(get_chat_template(settings.template)) if settings.template is not None else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -413,7 +413,8 @@ def _long_prompts(prompts: list, settings: CheckSettings) -> list[int]:
         if isinstance(prompt, list) and named is not None:
             length = len(encode_prompt(named, tokenizer, prompt, row=position))
         elif isinstance(prompt, list):
-            text = tokenizer.apply_chat_template(prompt, chat_template=jinja, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(prompt, chat_template=jinja, tokenize=False,
+                                                 add_generation_prompt=True)
             length = len(_encode(tokenizer, text))
         else:
             length = len(_encode(tokenizer, prompt))
