@@ -10,7 +10,8 @@ in the padded forward, which can flip a draw only when two perturbed scores tie 
 Prompts: a string is used as it is; a conversation (a list of {"role", "content"} messages) is rendered with the
 chat template (`template` name, else the tokenizer's own) and `add_generation_prompt=True`, exactly as training
 renders a conversational prompt (`preftune.data.tokenize`). Token ids get the tokenizer's BOS unless the rendered
-text already starts with it.
+text already starts with it; with a named template a conversation's ids are the prompt ids training uses
+(`templates.encode_prompt`, LLaMA-Factory's encoding).
 
 Candidates JSONL (one JSON object per prompt, one line each):
 `{"prompt_id": str, "prompt": str | list[dict], "responses": [str, ...], "model": str,
@@ -33,7 +34,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from preftune.data.tokenize import _check_messages, _chat_template_for, _encode, _render, TokenizeSettings
-from preftune.data.templates import resolve_chat_template
+from preftune.data.templates import encode_prompt, resolve_chat_template
 from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -265,7 +266,9 @@ def iter_generate(model, tokenizer, prompts: Sequence[Prompt], params: SamplingP
     if len(keys) != len(prompts):
         raise ValueError(f"got {len(keys)} keys for {len(prompts)} prompts")
     rendered = render_prompts(tokenizer, prompts, template)
-    prompt_ids = [_encode(tokenizer, text) for text in rendered]
+    prompt_ids = [_encode(tokenizer, text) if isinstance(prompt, str) or template is None
+                  else encode_prompt(template, tokenizer, list(prompt), row=index)
+                  for index, (prompt, text) in enumerate(zip(prompts, rendered))]
     for index, ids in enumerate(prompt_ids):
         _check_length(model, ids, params, index)
     stop_ids, pad_id = _stop_ids(model, tokenizer, params), _pad_id(tokenizer)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.formats import LoadedData, canonicalize_records, load_preference_data
-from preftune.data.templates import get_template, resolve_chat_template
+from preftune.data.templates import check_template_name, resolve_chat_template
 from preftune.data.tokenize import TokenizedData, TokenizeSettings, tokenize_dataset
 from preftune.data.validate import CHEAP_RULES, RULES, find_problems
 from preftune.errors import ConfigError, DataError
@@ -134,14 +134,18 @@ def _split_report(loaded: LoadedData, skipped: list[tuple[int, str]], tokenized:
     return report
 
 
-def _chat_template_for(loaded: LoadedData, tokenizer, template_name: str | None) -> str | None:
+def _template_settings(loaded: LoadedData, tokenizer, template_name: str | None) -> dict[str, str]:
+    """TokenizeSettings fields for conversational data: the named template (LLaMA-Factory's token ids), else the
+    tokenizer's own Jinja chat template, else the named template 'default'."""
     if not loaded.is_conversational:
-        return None
-    template = resolve_chat_template(tokenizer, template_name)
-    if template is None:
-        logger.warning("the tokenizer has no chat template and no `template` was set; using template 'default'")
-        template = get_template("default")
-    return template
+        return {}
+    if template_name is not None:
+        return {"template": check_template_name(template_name)}
+    own = resolve_chat_template(tokenizer, None)
+    if own is not None:
+        return {"chat_template": own}
+    logger.warning("the tokenizer has no chat template and no `template` was set; using template 'default'")
+    return {"template": "default"}
 
 
 def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) -> PreparedData:
@@ -255,7 +259,7 @@ def _tokenize_split(config, tokenizer, loaded: LoadedData, name: str, *, cache: 
     settings = TokenizeSettings(
         max_length=config.max_length,
         truncation_mode=config.truncation_mode,
-        chat_template=_chat_template_for(loaded, tokenizer, config.template),
+        **_template_settings(loaded, tokenizer, config.template),
     )
     cache_dir = None if config.overwrite_cache or not cache else str(default_cache_dir())
     tokenized = tokenize_dataset(loaded.dataset, tokenizer, settings, cache_dir=cache_dir, desc=f"Tokenizing {name} data")

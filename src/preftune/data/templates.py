@@ -1,181 +1,82 @@
-"""Named chat templates (Jinja) for conversational preference data, in the spirit of LLaMA-Factory's `template:`.
+"""Named chat templates: LLaMA-Factory's `template:` names, encoded into the token ids LLaMA-Factory trains on.
 
-Each template is a Jinja string for `tokenizer.apply_chat_template(messages, chat_template=..., tokenize=False,
-add_generation_prompt=...)`. Rendering the prompt with `add_generation_prompt=True` gives exactly the text that
-rendering prompt + assistant answer starts with, so the prompt is a text prefix of every full conversation.
+The names: every template LLaMA-Factory 0.9.5 registers (121, listed in `preftune.data.llamafactory_templates`;
+`template_names()`), from `alpaca` to `zephyr`, including `qwen3`, `qwen3_nothink`, `llama3`, `llama4`, `gemma3`,
+`glm4`, `deepseekr1`, ... . A multimodal template (`qwen2_vl`, `llava`, ...) is its text part: preftune's rows have
+no images. Names LLaMA-Factory added after 0.9.5 are refused as "not supported yet"; any other unknown name is a
+ConfigError listing the close matches. `check_template_name` validates a name without loading anything.
 
-The rendered text reproduces what LLaMA-Factory's exported Jinja template (`Template._get_jinja_template`) renders
-for the same name, with these notes:
+Decision: for a named template, preftune reproduces LLaMA-Factory's token ids exactly, so that a LLaMA-Factory user
+gets the same training tokens. `encode_conversation` is LLaMA-Factory's `Template.encode_oneturn` as its DPO/KTO
+data processors use it:
 
-- `qwen` uses LLaMA-Factory's current default system prompt, "You are Qwen, created by Alibaba Cloud. You are a
-  helpful assistant." (Qwen2.5's own default; LLaMA-Factory used "You are a helpful assistant." before Qwen2.5).
-- `default` is LLaMA-Factory's current `default`: "Human: {user}<eos>\\nAssistant:{answer}<eos>\\n" (older releases
-  had no <eos> after the user turn).
-- LLaMA-Factory itself tokenizes each template piece separately at training time, so with a SentencePiece tokenizer
-  its ids carry a dummy-prefix space before the answer ("Assistant: answer") that the rendered text does not have;
-  preftune tokenizes the rendered text as a whole, like TRL.
-- `vicuna` follows FastChat's Vicuna v1.1 format ("{system} USER: {user} ASSISTANT: {answer}</s>"), the format Vicuna
-  models were trained on; LLaMA-Factory's Jinja export drops those spaces.
+- each turn is a list of slots (`template_format`); every slot is tokenized on its own with
+  `add_special_tokens=False` (so the ids can differ from tokenizing the whole rendered text, e.g. with a
+  SentencePiece tokenizer's leading space), `Token` slots by id, BOS as the tokenizer's BOS id;
+- the first turn starts with the prefix and the system prompt (the row's, else the template's default system; an
+  empty system prompt counts as none); `system_in_first_user` templates (llama2, mistral, gemma, ...) put it in
+  front of the first user message instead;
+- the prompt is every turn before the response; the response is the last assistant turn, plus EOS with
+  `efficient_eos`. The prompt is therefore always a token prefix of prompt + response, and the tokenizer adds no
+  BOS of its own (only templates that write BOS have one);
+- EOS is the template's: `stop_words[0]` with `replace_eos` (LLaMA-Factory makes it the tokenizer's EOS), else the
+  tokenizer's EOS (`<|endoftext|>` when it has none, as LLaMA-Factory sets);
+- reasoning templates (qwen3, deepseekr1, glm4_moe, ...): thoughts (`<think>...</think>`) are removed from earlier
+  assistant turns; with `enable_thinking=True` (LLaMA-Factory's default) a response without a thought is trained
+  with an empty one in front (`<think>\\n\\n</think>\\n\\n`), with `enable_thinking=False` the response's thought
+  is removed and the empty thought goes at the end of the prompt (not trained on). `*_nothink` templates never add
+  one.
 
-End of an assistant turn: every template declares the string that ends an assistant turn (`ChatTemplate.end_of_turn`:
-"<|im_end|>" for chatml/qwen, "<|eot_id|>" for llama3, the tokenizer's EOS for the others). The rendered full
-conversation already ends with it, so conversational completions need no extra EOS. When the tokenizer does not know
-such a marker as a special token (e.g. "<|im_end|>" on a Llama tokenizer), it is tokenized as ordinary text, i.e.
-several tokens: training still teaches the model to write it, but generation must then stop on the string rather
-than on one token id. Templates that use the tokenizer's `bos_token`/`eos_token` render nothing in their place when
-the tokenizer has none.
+What preftune does not do: change the tokenizer. LLaMA-Factory adds each stop word the tokenizer does not know as a
+new special token (and then needs `resize_vocab`); preftune keeps the vocabulary and tokenizes such a word as text,
+with a warning, so those ids differ. With a model's own tokenizer the template's tokens exist and nothing differs.
+Tool descriptions and tool-call turns are not supported with named templates.
+
+`get_template(name)` is the template's Jinja source, for `preftune sample` and a saved tokenizer's `chat_template`.
+It renders what LLaMA-Factory's own Jinja export (`Template._get_jinja_template`) renders: the user turn ends with
+the assistant header, so a prompt renders the same with or without `add_generation_prompt`. Templates that write a
+token by id (chatglm3 and others, where LLaMA-Factory has no Jinja export) render the token's text. Text rendered
+by the Jinja and then tokenized as a whole can differ from the ids of `encode_conversation` (see above); training
+always uses the latter.
+
+Changes from preftune's earlier templates, to follow LLaMA-Factory: `vicuna` is "{system}USER: {user} ASSISTANT:"
++ "{answer}</s>" (it was FastChat's spacing); a named template's ids come from the template alone, so e.g. `chatml`
+on a Llama tokenizer no longer gets the tokenizer's BOS.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import logging
+import re
 
-from preftune.errors import ConfigError
+from preftune.data.llamafactory_templates import LLAMAFACTORY_TEMPLATES
+from preftune.data.template_format import BOS, CONTENT, EOS, ChatTemplate, Slot, Special, Token
+from preftune.errors import ConfigError, DataError
 
+logger = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class ChatTemplate:
-    """One named chat template.
+LLAMAFACTORY_VERSION = "0.9.5"
+TEMPLATES: dict[str, ChatTemplate] = {template.name: template for template in LLAMAFACTORY_TEMPLATES}
 
-    Attributes:
-        name: the name used in configs (`template: qwen`).
-        jinja: the Jinja source for `apply_chat_template(chat_template=...)`.
-        end_of_turn: the text that ends an assistant turn; None means the tokenizer's `eos_token`.
-        default_system: the system prompt used when the conversation has none, or None.
-    """
-
-    name: str
-    jinja: str
-    end_of_turn: str | None
-    default_system: str | None = None
-
-
-def _split_system(default_system: str | None) -> str:
-    """Jinja preamble: `system_message` (first system turn, else the default if any) and `loop_messages`."""
-    preamble = ""
-    if default_system is not None:
-        preamble += "{%- set system_message = " + _quote(default_system) + " -%}"
-    return preamble + (
-        "{%- if messages[0]['role'] == 'system' -%}"
-        "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
-        "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    )
-
-
-def _quote(text: str) -> str:
-    """A Jinja string literal for `text`."""
-    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
-    return "'" + escaped + "'"
-
-
-def _chatml(default_system: str | None) -> str:
-    return (
-        _split_system(default_system)
-        + "{%- if system_message is defined -%}"
-        "{{ '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}"
-        "{%- endif -%}"
-        "{%- for message in loop_messages -%}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-    )
-
-
-_QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-_LLAMA3 = (
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
-)
-
-_DEFAULT = (
-    _split_system(None)
-    + "{%- if system_message is defined -%}{{ 'System: ' + system_message }}{{ eos_token }}{{ '\\n' }}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'Human: ' + message['content'] }}{{ eos_token }}{{ '\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'Assistant:' + message['content'] }}{{ eos_token }}{{ '\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
-)
-
-# Llama 2 chat: the system prompt is folded into the first user turn; every user turn starts with BOS.
-_LLAMA2 = (
-    _split_system(None)
-    + "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if loop.first and system_message is defined -%}"
-    "{%- set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] -%}"
-    "{%- else -%}{%- set content = message['content'] -%}{%- endif -%}"
-    "{{ bos_token }}{{ '[INST] ' + content + ' [/INST]' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-# Mistral (tokenizer v3): one BOS, the system prompt folded into the first user turn.
-_MISTRAL = (
-    "{{ bos_token }}"
-    + _split_system(None)
-    + "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if loop.first and system_message is defined -%}"
-    "{%- set content = system_message + '\\n\\n' + message['content'] -%}"
-    "{%- else -%}{%- set content = message['content'] -%}{%- endif -%}"
-    "{{ '[INST] ' + content + '[/INST]' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] }}{{ eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-_ALPACA_SYSTEM = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-)
-
-_ALPACA = (
-    _split_system(_ALPACA_SYSTEM)
-    + "{{ system_message }}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '### Response:\\n' + message['content'] }}{{ eos_token }}{{ '\\n\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"
-)
-
-_VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-
-_VICUNA = (
-    _split_system(_VICUNA_SYSTEM)
-    + "{{ system_message + ' ' }}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' + message['content'] }}{{ eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
-
-TEMPLATES: dict[str, ChatTemplate] = {
-    template.name: template
-    for template in (
-        ChatTemplate("default", _DEFAULT, end_of_turn=None),
-        ChatTemplate("chatml", _chatml(None), end_of_turn="<|im_end|>"),
-        ChatTemplate("qwen", _chatml(_QWEN_SYSTEM), end_of_turn="<|im_end|>", default_system=_QWEN_SYSTEM),
-        ChatTemplate("llama3", _LLAMA3, end_of_turn="<|eot_id|>"),
-        ChatTemplate("llama2", _LLAMA2, end_of_turn=None),
-        ChatTemplate("mistral", _MISTRAL, end_of_turn=None),
-        ChatTemplate("alpaca", _ALPACA, end_of_turn=None, default_system=_ALPACA_SYSTEM),
-        ChatTemplate("vicuna", _VICUNA, end_of_turn=None, default_system=_VICUNA_SYSTEM),
-    )
+# LLaMA-Factory names that are not in 0.9.5: registered by its main branch after 0.9.5, or by releases 0.8.0 to
+# 0.9.4 and removed since. preftune answers them with the reason rather than as unknown names.
+NOT_SUPPORTED: dict[str, str] = {
+    **{name: f"added to LLaMA-Factory after {LLAMAFACTORY_VERSION}" for name in ("hy_dense_1_8b", "hy_dense_7b",
+                                                                                  "moss_vl")},
+    **{name: "removed from LLaMA-Factory in 0.9.5 with other obsolete models"
+       for name in ("aquila", "atom", "baichuan", "baichuan2", "belle", "bluelm", "chatglm2", "codegeex2", "codegeex4",
+                    "cpm", "cpm3", "intern", "marco", "orion", "skywork_o1", "telechat", "xverse", "yayi", "ziya")},
+    "chatglm3_system": "removed from LLaMA-Factory in 0.8.3; use chatglm3",
+    "intern3": "removed from LLaMA-Factory before 0.9.2; intern2 has the same turns",
 }
+
+_FALLBACK_EOS = "<|endoftext|>"  # LLaMA-Factory's EOS for a tokenizer that has none
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------------------------
 
 
 def template_names() -> list[str]:
@@ -183,25 +84,263 @@ def template_names() -> list[str]:
     return sorted(TEMPLATES)
 
 
+def check_template_name(name) -> str:
+    """`name` if it names a template; else ConfigError(key="template"): "not supported yet: template X (why)" for a
+    name preftune knows but refuses, or the close matches of an unknown name. Needs no tokenizer or model."""
+    if isinstance(name, str) and name in TEMPLATES:
+        return name
+    if isinstance(name, str) and name in NOT_SUPPORTED:
+        raise ConfigError(f"not supported yet: template {name!r} ({NOT_SUPPORTED[name]})", key="template")
+    close = difflib.get_close_matches(str(name), list(TEMPLATES) + list(NOT_SUPPORTED), n=6, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"expected one of: {', '.join(template_names())}"
+    raise ConfigError(f"unknown chat template {name!r}; {hint} (LLaMA-Factory {LLAMAFACTORY_VERSION}'s names)",
+                      key="template")
+
+
 def get_chat_template(name: str) -> ChatTemplate:
-    """The named template; ConfigError(key="template") listing the valid names when `name` is unknown."""
-    try:
-        return TEMPLATES[name]
-    except (KeyError, TypeError):
-        raise ConfigError(
-            f"unknown chat template {name!r}; expected one of: {', '.join(template_names())}", key="template"
-        ) from None
+    """The named template; ConfigError(key="template") for a name that is unknown or not supported."""
+    return TEMPLATES[check_template_name(name)]
+
+
+def _as_template(template: str | ChatTemplate) -> ChatTemplate:
+    return template if isinstance(template, ChatTemplate) else get_chat_template(template)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token ids (what training uses)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def encode_conversation(template: str | ChatTemplate, tokenizer, prompt_messages: list[dict],
+                        response_messages: list[dict], *, enable_thinking: bool = True,
+                        row: int | None = None) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) of one conversation, exactly as LLaMA-Factory's `encode_oneturn` (plus the EOS
+    its DPO/KTO processors append with `efficient_eos`) gives them; see the module docstring.
+
+    Args:
+        template: a template name or a ChatTemplate.
+        prompt_messages: an optional leading system message, then user and assistant messages alternating,
+            starting and ending with a user message ({"role", "content"} dicts).
+        response_messages: the response: one assistant message.
+        enable_thinking: reasoning templates only: train on an empty thought (True) or put it in the prompt (False).
+        row: the row number, for errors.
+
+    Raises:
+        ConfigError: an unknown template name, or a template token the tokenizer does not have.
+        DataError: the messages are not in that shape.
+    """
+    template = _as_template(template)
+    system, turns = _split_system(prompt_messages, row)
+    if len(response_messages) != 1 or response_messages[0].get("role") != "assistant":
+        raise DataError(f"expected the response to be one assistant message, got {len(response_messages)} "
+                        f"message(s); template {template.name!r} (LLaMA-Factory) trains on one", row=row)
+    turns = turns + [response_messages[0]["content"]]
+    if template.reasoning:
+        turns = _without_history_thoughts(template, turns)
+        if not enable_thinking:
+            turns[-1] = _remove_thought(template, turns[-1])
+    encoded = _encode_turns(template, tokenizer, system, turns)
+    prompt_ids = [token for turn in encoded[:-1] for token in turn]
+    response_ids = encoded[-1]
+    if template.reasoning and not _has_thought_words(template, turns[-1]):
+        empty_thought = tokenizer.encode(template.empty_thought_text, add_special_tokens=False)
+        if enable_thinking:
+            response_ids = empty_thought + response_ids
+        else:
+            prompt_ids = prompt_ids + empty_thought
+    if template.efficient_eos:
+        response_ids = response_ids + _eos_ids(template, tokenizer)
+    return prompt_ids, response_ids
+
+
+def encode_prompt(template: str | ChatTemplate, tokenizer, prompt_messages: list[dict], *,
+                  enable_thinking: bool = True, row: int | None = None) -> list[int]:
+    """The prompt ids `encode_conversation` gives for these prompt messages and a plain answer (no thought)."""
+    response = [{"role": "assistant", "content": ""}]
+    return encode_conversation(template, tokenizer, prompt_messages, response, enable_thinking=enable_thinking,
+                               row=row)[0]
+
+
+def _split_system(messages: list[dict], row) -> tuple[str, list[str]]:
+    """(system text or "", the contents of the alternating user/assistant turns that must end with a user turn)."""
+    system = ""
+    if messages and messages[0].get("role") == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    for index, message in enumerate(messages):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise DataError(f"message {index} has role {message.get('role')!r}; expected {expected!r} (an optional "
+                            "system message, then user and assistant alternating)", row=row, field="prompt")
+    if len(messages) % 2 != 1:
+        raise DataError("expected the prompt to end with a user message", row=row, field="prompt")
+    return system, [message["content"] for message in messages]
+
+
+def _encode_turns(template: ChatTemplate, tokenizer, system: str, turns: list[str]) -> list[list[int]]:
+    """Token ids of each turn (user, assistant, user, ...); the first also holds the prefix and system prompt."""
+    system = system or template.default_system
+    encoded = []
+    for index, content in enumerate(turns):
+        slots: list[Slot] = []
+        if index == 0:
+            slots += template.prefix
+            if system and template.system_in_first_user:
+                content = _fill(template.system[:1], system)[0] + content
+            elif system:
+                slots += _fill(template.system, system)
+        slots += _fill(template.user if index % 2 == 0 else template.assistant, content)
+        encoded.append([token for slot in slots for token in _slot_ids(template, tokenizer, slot)])
+    return encoded
+
+
+def _fill(slots: tuple[Slot, ...], content: str) -> list[Slot]:
+    """The slots with the first `{{content}}` of each string replaced by `content`."""
+    return [slot.replace(CONTENT, content, 1) if isinstance(slot, str) else slot for slot in slots]
+
+
+def _slot_ids(template: ChatTemplate, tokenizer, slot: Slot) -> list[int]:
+    if isinstance(slot, str):
+        return tokenizer.encode(slot, add_special_tokens=False) if slot else []
+    if isinstance(slot, Token):
+        token_id = _known_token_id(tokenizer, slot.text)
+        if token_id is None:
+            raise ConfigError(f"template {template.name!r} writes the token {slot.text!r}, which this tokenizer "
+                              "does not have; expected the tokenizer of the template's model family", key="template")
+        return [token_id]
+    if slot is Special.BOS:
+        return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return _eos_ids(template, tokenizer)
+
+
+def _known_token_id(tokenizer, text: str) -> int | None:
+    """The id of `text` as one token of the tokenizer's vocabulary, or None when it is not one."""
+    token_id = tokenizer.convert_tokens_to_ids(text)
+    if token_id is None or (token_id == tokenizer.unk_token_id and text != tokenizer.unk_token):
+        return None
+    return token_id
+
+
+def eos_text(template: str | ChatTemplate, tokenizer) -> str:
+    """The template's EOS: `stop_words[0]` with `replace_eos`, else the tokenizer's EOS (else "<|endoftext|>")."""
+    template = _as_template(template)
+    if template.replace_eos:
+        return template.stop_words[0]
+    return tokenizer.eos_token if tokenizer.eos_token_id is not None else _FALLBACK_EOS
+
+
+def _eos_ids(template: ChatTemplate, tokenizer) -> list[int]:
+    text = eos_text(template, tokenizer)
+    if not template.replace_eos and tokenizer.eos_token_id is not None:
+        return [tokenizer.eos_token_id]
+    token_id = _known_token_id(tokenizer, text)
+    if token_id is not None:
+        return [token_id]
+    _warn_once(template, tokenizer, text)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _warn_once(template: ChatTemplate, tokenizer, text: str) -> None:
+    key = (template.name, str(getattr(tokenizer, "name_or_path", "")), text)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("template %r ends turns with %r, which is not a token of this tokenizer; LLaMA-Factory would "
+                       "add it as a new token (resize_vocab), preftune tokenizes it as text, so these token ids "
+                       "differ from LLaMA-Factory's", template.name, text)
+
+
+def _thought_pattern(template: ChatTemplate) -> re.Pattern:
+    opening, closing = template.thought_words
+    return re.compile(f"{re.escape(opening)}(.*?){re.escape(closing)}", re.DOTALL)
+
+
+def _remove_thought(template: ChatTemplate, content: str) -> str:
+    return _thought_pattern(template).sub("", content).lstrip("\n")
+
+
+def _without_history_thoughts(template: ChatTemplate, turns: list[str]) -> list[str]:
+    """The turns with the thoughts of every assistant turn before the response removed."""
+    return [_remove_thought(template, content) if index % 2 == 1 and index < len(turns) - 1 else content
+            for index, content in enumerate(turns)]
+
+
+def _has_thought_words(template: ChatTemplate, content: str) -> bool:
+    opening, closing = template.thought_words
+    return opening.strip() in content or closing.strip() in content
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Jinja (what generation and a saved tokenizer use)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def get_template(name: str) -> str:
-    """The Jinja source of the named template; ConfigError(key="template") for an unknown name."""
-    return get_chat_template(name).jinja
+    """The Jinja source of the named template (ConfigError(key="template") for an unknown name)."""
+    return jinja_source(get_chat_template(name))
+
+
+def jinja_source(template: ChatTemplate) -> str:
+    """Jinja for `apply_chat_template` rendering what LLaMA-Factory's Jinja export renders for this template."""
+    parts = []
+    if template.prefix:
+        parts.append("{{ " + _jinja_expression(template, template.prefix, "content") + " }}")
+    if template.default_system:
+        parts.append("{% set system_message = " + _jinja_literal(template.default_system) + " %}")
+    parts.append("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+                 "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+                 "{% endif %}")
+    if not template.system_in_first_user:
+        system = _jinja_expression(template, template.system, "system_message")
+        parts.append("{% if system_message is defined %}{{ " + system + " }}{% endif %}")
+    parts.append("{% for message in loop_messages %}")
+    if template.system_in_first_user:
+        system = _jinja_expression(template, template.system[:1], "system_message")
+        parts.append("{% if loop.index0 == 0 and system_message is defined %}"
+                     "{% set content = " + system + " + message['content'] %}"
+                     "{% else %}{% set content = message['content'] %}{% endif %}")
+    else:
+        parts.append("{% set content = message['content'] %}")
+    parts.append("{% if message['role'] == 'user' %}{{ " + _jinja_expression(template, template.user, "content")
+                 + " }}{% elif message['role'] == 'assistant' %}{{ "
+                 + _jinja_expression(template, template.assistant, "content") + " }}{% endif %}{% endfor %}")
+    return "".join(parts)
+
+
+def _jinja_expression(template: ChatTemplate, slots: tuple[Slot, ...], placeholder: str) -> str:
+    """A Jinja expression concatenating the slots, `{{content}}` standing for the variable `placeholder`."""
+    items = []
+    for slot in slots:
+        if isinstance(slot, str):
+            before, found, after = slot.partition(CONTENT)
+            items += [_jinja_literal(before)] if before else []
+            items += [placeholder] if found else []
+            items += [_jinja_literal(after)] if after else []
+        elif isinstance(slot, Token):
+            items.append(_jinja_literal(slot.text))
+        elif slot is BOS:
+            items.append("(bos_token or '')")
+        elif slot is EOS:
+            items.append(_jinja_literal(template.stop_words[0]) if template.replace_eos
+                         else f"(eos_token or {_jinja_literal(_FALLBACK_EOS)})")
+    return " + ".join(items) if items else "''"
+
+
+def _jinja_literal(text: str) -> str:
+    """A Jinja string literal for `text`."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def end_of_turn_text(name: str, tokenizer) -> str | None:
-    """The text that ends an assistant turn for template `name` with this tokenizer (None: tokenizer has no EOS)."""
+    """The text that ends an assistant turn for template `name` with this tokenizer (what generation stops on):
+    the template's EOS when its assistant turn ends with EOS, else the first stop word its assistant turn writes,
+    else the tokenizer's EOS (None when it has none)."""
     template = get_chat_template(name)
-    return template.end_of_turn if template.end_of_turn is not None else tokenizer.eos_token
+    if template.efficient_eos or EOS in template.assistant:
+        return eos_text(template, tokenizer)
+    written = "".join(slot for slot in template.assistant if isinstance(slot, str))
+    return next((word for word in template.stop_words if word in written), tokenizer.eos_token)
 
 
 def resolve_chat_template(tokenizer, template_name: str | None) -> str | None:

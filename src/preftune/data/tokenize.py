@@ -22,9 +22,12 @@ How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differenc
 
 - text: completions get `tokenizer.eos_token` appended unless they already end with it (`add_eos`);
   `prompt_ids = tok(prompt)`, `full = tok(prompt + completion)`.
-- conversational: `prompt_ids = tok(render(prompt, add_generation_prompt=True))`,
-  `full = tok(render(prompt + completion))`; the chat template itself ends the assistant turn with its end marker
-  (see `preftune.data.templates`), so no EOS is added.
+- conversational with a named template (`TokenizeSettings.template`): LLaMA-Factory's ids,
+  `templates.encode_conversation`; the prompt is the one encoded with the first completion (chosen), and each full
+  sequence is that prompt + its completion's response ids, as LLaMA-Factory's processors build them.
+- conversational with a Jinja chat template: `prompt_ids = tok(render(prompt, add_generation_prompt=True))`,
+  `full = tok(render(prompt + completion))`; the chat template itself ends the assistant turn with its end marker,
+  so no EOS is added.
 - BOS: a text is tokenized with the tokenizer's special tokens (a Llama tokenizer adds BOS), except when it already
   starts with the BOS string (a template that writes `{{ bos_token }}`, or a prompt that carries it), which is then
   tokenized with `add_special_tokens=False` so the sequence never starts with two BOS. Differs from TRL, whose
@@ -59,7 +62,7 @@ from dataclasses import asdict, dataclass
 import datasets
 import jinja2
 
-from preftune.data.templates import template_names
+from preftune.data.templates import check_template_name, encode_conversation, get_chat_template
 from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,8 @@ UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 
 # Bump when the tokenization logic changes, so that caches written by an older version are not reused.
 # 2: several rejected responses per prompt, unpaired data; the cache key names the kind and M.
-_TOKENIZE_VERSION = 2
+# 3: named templates encoded as LLaMA-Factory encodes them.
+_TOKENIZE_VERSION = 3
 
 _IDS = datasets.List(datasets.Value("int32"))
 _FLAG_FEATURES = {
@@ -88,6 +92,10 @@ class TokenizeSettings:
     Attributes:
         max_length: most tokens of prompt + one completion; None for no truncation.
         truncation_mode: "keep_start" (cut completion ends) or "keep_end" (cut the shared prompt's start).
+        template: a named template (`preftune.data.templates`): conversational rows get LLaMA-Factory's ids
+            (`templates.encode_conversation`) and `chat_template` is not used. None: the Jinja path below.
+        enable_thinking: reasoning templates only (qwen3, ...): an empty thought is trained (True, LLaMA-Factory's
+            default) or put at the end of the prompt (False).
         chat_template: resolved Jinja template for conversational data (see `templates.resolve_chat_template`);
             None uses the tokenizer's own `chat_template`.
         add_eos: append `tokenizer.eos_token` to text completions that do not end with it (text data only:
@@ -98,8 +106,12 @@ class TokenizeSettings:
     truncation_mode: str = "keep_start"
     chat_template: str | None = None
     add_eos: bool = True
+    template: str | None = None
+    enable_thinking: bool = True
 
     def __post_init__(self):
+        if self.template is not None:
+            check_template_name(self.template)
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ConfigError(
                 f"unknown truncation mode {self.truncation_mode!r}; expected one of {', '.join(TRUNCATION_MODES)}",
@@ -210,8 +222,8 @@ def _chat_template_for(tokenizer, settings: TokenizeSettings) -> str:
         template = own if isinstance(own, str) and own else None
     if template is None:
         raise ConfigError(
-            "the data is conversational but the tokenizer has no chat template; set template to one of: "
-            + ", ".join(template_names()),
+            "the data is conversational but the tokenizer has no chat template; set template to a template name "
+            "(LLaMA-Factory's, e.g. qwen, llama3, chatml)",
             key="template",
         )
     return template
@@ -231,6 +243,8 @@ def _full_sequences(
         if value is None:
             raise DataError("missing value", row=row, field=field)
 
+    if _is_conversational(example) and settings.template is not None:
+        return _named_template_sequences(prompt, completions, tokenizer, settings, row)
     if _is_conversational(example):
         template = _chat_template_for(tokenizer, settings)
         for field, value in [("prompt", prompt), *completions]:
@@ -249,6 +263,19 @@ def _full_sequences(
     if settings.add_eos and eos:
         completions = [(field, value if value.endswith(eos) else value + eos) for field, value in completions]
     return _encode(tokenizer, prompt), [_encode(tokenizer, prompt + value) for _, value in completions]
+
+
+def _named_template_sequences(
+    prompt: list, completions: list[tuple[str, object]], tokenizer, settings: TokenizeSettings, row
+) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, full ids per completion) through the named template: the prompt encoded with the first
+    completion, shared by all, as LLaMA-Factory's pairwise processor shares the chosen prompt with the rejected."""
+    for field, value in [("prompt", prompt), *completions]:
+        _check_messages(value, row, field)
+    encoded = [encode_conversation(settings.template, tokenizer, list(prompt), list(value),
+                                   enable_thinking=settings.enable_thinking, row=row) for _, value in completions]
+    prompt_ids = encoded[0][0]
+    return prompt_ids, [prompt_ids + response_ids for _, response_ids in encoded]
 
 
 def _split_and_truncate(
@@ -404,6 +431,7 @@ def tokenization_fingerprint(dataset: datasets.Dataset, tokenizer, settings: Tok
         "num_negatives": num_negatives,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": asdict(settings),
+        "template": repr(get_chat_template(settings.template)) if settings.template is not None else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

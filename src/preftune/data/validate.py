@@ -69,7 +69,9 @@ _REFUSED_PATTERNS = (  # reader reasons -> rule; anything else is unreadable_row
 class CheckSettings:
     """Thresholds of the rules; prompt_too_long runs only with both a tokenizer and max_length.
 
-    chat_template: Jinja source for conversational prompts (None: the tokenizer's own, else preftune's "default").
+    template: a named template for conversational prompts (counted with LLaMA-Factory's ids, as training does);
+        it wins over chat_template.
+    chat_template: Jinja source for conversational prompts (None: the tokenizer's own, else the named "default").
     tokenizer_note: why no tokenizer is given (shown when prompt_too_long is not checked).
     """
 
@@ -78,6 +80,7 @@ class CheckSettings:
     max_length: int | None = None
     tokenizer: Any = None
     chat_template: str | None = None
+    template: str | None = None
     tokenizer_note: str = "needs a tokenizer and max_length (--tokenizer and --max-length, or a config)"
 
 
@@ -215,9 +218,9 @@ def check_target(target: str, *, dataset_dir: str | None = None, min_chars: int 
                              max_similarity=DEFAULT_MAX_SIMILARITY if max_similarity is None else max_similarity,
                              max_length=max_length)
     if template is not None:
-        from preftune.data.templates import get_template
+        from preftune.data.templates import check_template_name
 
-        settings.chat_template = get_template(template)
+        settings.template = check_template_name(template)
     if max_length is not None:
         _attach_tokenizer(settings, tokenizer, tokenizer_from_config)
     return {split: check_data(source, dataset_dir=dataset_dir, settings=settings) for split, source in sources.items()}
@@ -394,19 +397,28 @@ def _can_count_tokens(settings: CheckSettings) -> bool:
 
 
 def _long_prompts(prompts: list, settings: CheckSettings) -> list[int]:
-    """Prompts longer than max_length tokens as training would tokenize them (chat template with the generation
-    prompt for conversations; special tokens added as in tokenize._encode)."""
-    from preftune.data.templates import get_template, resolve_chat_template
+    """Prompts longer than max_length tokens as training would tokenize them (a conversation through the named
+    template, else the Jinja chat template with the generation prompt, else the named "default"; special tokens
+    added to text as in tokenize._encode)."""
+    from preftune.data.templates import encode_prompt, resolve_chat_template
     from preftune.data.tokenize import _encode
 
     tokenizer = settings.tokenizer
-    template = settings.chat_template or resolve_chat_template(tokenizer, None) or get_template("default")
+    named, jinja = settings.template, None
+    if named is None:
+        jinja = settings.chat_template or resolve_chat_template(tokenizer, None)
+        named = None if jinja is not None else "default"
     found = []
     for position, prompt in enumerate(prompts):
-        if isinstance(prompt, list):
-            prompt = tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=False,
-                                                   add_generation_prompt=True)
-        if len(_encode(tokenizer, prompt)) > settings.max_length:
+        if isinstance(prompt, list) and named is not None:
+            length = len(encode_prompt(named, tokenizer, prompt, row=position))
+        elif isinstance(prompt, list):
+            text = tokenizer.apply_chat_template(prompt, chat_template=jinja, tokenize=False,
+                                                 add_generation_prompt=True)
+            length = len(_encode(tokenizer, text))
+        else:
+            length = len(_encode(tokenizer, prompt))
+        if length > settings.max_length:
             found.append(position)
     return found
 
