@@ -11,8 +11,8 @@ class PreftuneError(Exception):
     """Base of every error preftune raises on purpose."""
 
 
-class ConfigError(PreftuneError):
-    """A configuration value or key is wrong.
+class ConfigError(PreftuneError, ValueError):
+    """A configuration value or key is wrong (a ValueError too, as TRL's and transformers' argument errors are).
 
     Attributes:
         key: the offending key (dotted for nested values), or None.
@@ -27,8 +27,8 @@ class ConfigError(PreftuneError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
-class DataError(PreftuneError):
-    """A dataset file or row is unusable.
+class DataError(PreftuneError, ValueError):
+    """A dataset file or row is unusable (a ValueError too, as TRL's data errors are).
 
     Attributes:
         file: the data file (or dataset name) concerned.
