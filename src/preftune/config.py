@@ -1451,7 +1451,8 @@ class DPOConfig(BaseModel):
         parameters = inspect.signature(schedule).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             return
-        taken = [name for name in parameters if name not in ("optimizer", "num_warmup_steps", "num_training_steps")]
+        passed = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")  # the trainer's, not the user's
+        taken = [name for name in parameters if name not in passed]
         for key in self.lr_scheduler_kwargs:
             if key not in taken:
                 expected = ", ".join(taken) if taken else "none"
