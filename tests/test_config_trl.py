@@ -409,6 +409,7 @@ def test_tensorboard_callback_logs_the_config_and_metrics(monkeypatch, tmp_path)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     config = DPOConfig(output_dir=str(tmp_path), beta=0.3)
     callback = integration_utils.TensorBoardCallback()
+    callback._SummaryWriter = SummaryWriter  # the recording writer, whether or not tensorboard is installed
     callback.logging_dir = config.resolved_logging_dir()
     _callback_events(callback, config)
     writer = writers[0]
