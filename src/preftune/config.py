@@ -1,22 +1,27 @@
-"""The one configuration schema of preftune: YAML files, command-line overrides and the Python API.
+"""The one configuration schema of preftune: YAML files, command-line overrides, the Python API and TRL's parsers.
 
-``DPOConfig`` takes TRL's ``DPOConfig`` / transformers ``TrainingArguments`` keyword names (``beta``,
-``loss_type``, ``learning_rate``, ...) and also LLaMA-Factory's names as aliases (``pref_beta``, ``pref_loss``,
-``cutoff_len``, ...), so an existing TRL script or LLaMA-Factory YAML runs with few or no edits. Defaults follow
-TRL 1.16 except where noted in a field's description (``bf16``, ``gradient_checkpointing``,
-``output_dir``, ``overwrite_output_dir``).
+``DPOConfig`` takes TRL 1.16's ``DPOConfig`` keyword names (with the transformers ``TrainingArguments`` fields it
+inherits: ``beta``, ``loss_type``, ``learning_rate``, ...) and LLaMA-Factory's names as aliases (``pref_beta``,
+``pref_loss``, ``cutoff_len``, ...), so an existing TRL script or LLaMA-Factory YAML runs with few or no edits.
+Defaults follow TRL 1.16 except where a field's description says otherwise (``bf16``, ``gradient_checkpointing``,
+``output_dir``, ``do_train``, ...).
+
+Every field of TRL's ``DPOConfig`` is a field here, and :data:`FIELD_POLICY` says, one line per field, what preftune
+does with it: implements it, leaves it to the trainer (which implements it), ignores it because it cannot matter here
+(with the reason), or accepts it only at its default ("not supported yet: KEY=VALUE" otherwise, never silently
+ignored). Keys of LLaMA-Factory (and of older transformers) that are not fields are listed in
+:data:`OTHER_KNOWN_KEYS`: accepted at their default, refused by name otherwise. Only a key found in neither is an
+"unknown key", with a suggestion.
 
 Every way of building a config reports problems as :class:`~preftune.errors.ConfigError` naming the key, the
 file (when there is one), the value given and what was expected:
 
 * ``DPOConfig(beta=0.2, ...)`` - the Python API, like TRL's ``DPOConfig(...)``;
 * :func:`load_config` - a YAML file plus ``key=value`` overrides (``preftune train cfg.yaml beta=0.2``);
-* :meth:`DPOConfig.from_mapping` - any mapping, e.g. one already read from YAML.
-
-Keys that belong to features preftune does not implement yet (TRL and LLaMA-Factory options such as
-``precompute_ref_log_probs`` or ``rpo_alpha``) are part of the schema so that configs carrying them at their
-"off" value still load; any other value raises ``ConfigError("... not supported yet: <key>")`` rather than being
-silently ignored.
+* :meth:`DPOConfig.from_mapping` - any mapping, e.g. one already read from YAML;
+* ``HfArgumentParser(DPOConfig)`` / TRL's ``TrlParser`` - ``DPOConfig`` looks like a dataclass to them
+  (``dataclasses.fields(DPOConfig)`` lists its command-line fields, see :func:`flag_fields`), so TRL's own scripts
+  (``trl/scripts/dpo.py``) parse their flags and ``--config`` files into it.
 
 Relative paths (``model_name_or_path``, ``dataset_dir``, ``output_dir``, ...) are kept as given and resolve against
 the current directory, as in LLaMA-Factory; nothing here checks that files exist (the data and model layers do).
@@ -25,9 +30,13 @@ the current directory, as in LLaMA-Factory; nothing here checks that files exist
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import difflib
+import enum
+import json
 import logging
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -45,10 +54,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DPOConfig",
+    "FIELD_POLICY",
+    "FieldPolicy",
+    "OTHER_KNOWN_KEYS",
     "SUPPORTED_LOSS_TYPES",
     "SUPPORTED_LR_SCHEDULERS",
     "canonical_key",
     "config_table_markdown",
+    "flag_fields",
     "interval_to_steps",
     "load_config",
     "parse_overrides",
@@ -67,51 +80,511 @@ LATER_LOSS_TYPES = ("kto_pair",)
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 # transformers.SchedulerType values (kept in sync by a test). The first group works with transformers.get_scheduler
-# given only warmup and total steps; the second needs lr_scheduler_kwargs or evaluation metrics, which preftune
-# does not pass yet.
+# given warmup and total steps (plus `lr_scheduler_kwargs`); the second needs arguments or evaluation metrics that
+# preftune does not pass yet.
 SUPPORTED_LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )  # fmt: skip
 LATER_LR_SCHEDULERS = (
     "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "reduce_lr_on_plateau", "greedy",
 )  # fmt: skip
+LrSchedulerName = Literal[SUPPORTED_LR_SCHEDULERS + LATER_LR_SCHEDULERS]  # type: ignore[valid-type]
 
+# transformers.training_args.OptimizerNames values (kept in sync by a test); preftune runs the first three.
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+OPTIMIZER_NAMES = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)  # fmt: skip
+OptimizerName = Literal[OPTIMIZER_NAMES + ("adamw_hf",)]  # type: ignore[valid-type]
 
 # Values of `fsdp` (transformers' option words) preftune runs.
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "auto_wrap")
 
-# LLaMA-Factory stages that are not preference tuning: preftune runs stages dpo and kto only.
+# Experiment trackers of `report_to` (transformers' callbacks the trainer drives).
+SUPPORTED_TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+# transformers' log level names and their `logging` levels (-1: leave the level as it is).
+LOG_LEVELS = {"detail": 10, "debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50, "passive": -1}
+LogLevelName = Literal[tuple(LOG_LEVELS)]  # type: ignore[valid-type]
+
+# LLaMA-Factory's `flash_attn` values and the `attn_implementation` each stands for (None: the model's default).
+FLASH_ATTN_IMPLEMENTATIONS = {
+    "auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2", "fa3": "flash_attention_3",
+}  # fmt: skip
+
+# LLaMA-Factory stages that are not preference tuning (preftune runs stages dpo and kto), and what to write instead
+# for the stage names older LLaMA-Factory examples used for reference-free losses.
 OTHER_STAGES = ("pt", "sft", "rm", "ppo")
+STAGES_NOW_LOSSES = {"orpo": "orpo", "simpo": "simpo"}
+
+# Keys of `model_init_kwargs` that `from_pretrained` takes offline and preftune passes on, with the value kinds.
+MODEL_INIT_KEYS: dict[str, str] = {
+    "revision": "string",
+    "trust_remote_code": "bool",
+    "attn_implementation": "string",
+    "dtype": "dtype",
+    "torch_dtype": "dtype",
+    "device_map": "device_map",
+    "low_cpu_mem_usage": "bool",
+    "use_safetensors": "bool",
+    "variant": "string",
+    "subfolder": "string",
+    "cache_dir": "string",
+    "local_files_only": "bool",
+}
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+# Keys of `gradient_checkpointing_kwargs`: `use_reentrant` (transformers) and torch.utils.checkpoint's options.
+GRADIENT_CHECKPOINTING_KEYS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug")
+
+# Fields typed `dict | str | None`: a string starting with "{" is read as JSON (as TrainingArguments does).
+_DICT_FIELDS = (
+    "model_init_kwargs", "lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs",
+    "accelerator_config", "fsdp_config", "deepspeed",
+)  # fmt: skip
+# Strategy fields: YAML 1.1 reads `no` as false, which means "no" here.
+_STRATEGY_FIELDS = ("eval_strategy", "save_strategy", "logging_strategy")
+# Fields whose value is a secret: to_dict() shows a placeholder.
+_SECRET_FIELDS = ("hub_token",)
+
+# --------------------------------------------------------------------------------------------------------------------
+# What preftune does with each field: one line per field
+
+
+PREFTUNE = "preftune"  # implemented (by the config, the data layer or the trainer)
+TRAINER = "trainer"  # accepted here; the trainer implements it as the note says
+NO_OP = "no-op"  # accepted at any value: it cannot change a preftune run (the note says why)
+LATER = "not supported yet"  # accepted at its default (and `accepted`); any other value is refused by name
+
+
+@dataclass(frozen=True)
+class FieldPolicy:
+    """What preftune does with one config field.
+
+    Attributes:
+        kind: PREFTUNE, TRAINER, NO_OP or LATER.
+        note: for TRAINER the semantics (as transformers/TRL define them), for NO_OP why it cannot matter, for LATER
+            a hint shown with the refusal.
+        accepted: for LATER, the values accepted besides the field's default (each has no effect).
+    """
+
+    kind: str
+    note: str = ""
+    accepted: tuple[Any, ...] = ()
+
+
+_P = FieldPolicy(PREFTUNE)
+
+
+def _T(note: str) -> FieldPolicy:
+    return FieldPolicy(TRAINER, note)
+
+
+def _N(note: str) -> FieldPolicy:
+    return FieldPolicy(NO_OP, note)
+
+
+def _L(*accepted: Any, hint: str = "") -> FieldPolicy:
+    return FieldPolicy(LATER, hint, tuple(accepted))
+
+
+_PUSH = "read only when pushing to the Hub, which is not supported yet (push_to_hub)"
+_NO_LOADER = "preftune batches pre-tokenized rows in the main process; there is no DataLoader"
+_NO_PREDICTIONS = "preftune's evaluation gathers no predictions, only summed metrics"
+
+# One entry per field of DPOConfig (a test keeps it equal to the schema and covering every field of TRL 1.16's
+# DPOConfig). Fields not named here by TRL are preftune's or LLaMA-Factory's.
+FIELD_POLICY: dict[str, FieldPolicy] = {
+    # ---- model
+    "model_name_or_path": _P,
+    "model_revision": _P,
+    "ref_model_name_or_path": _P,
+    "tokenizer_name_or_path": _P,
+    "trust_remote_code": _P,
+    "torch_dtype": _P,
+    "model_init_kwargs": _T("from_pretrained_kwargs(): pass to every from_pretrained of policy and reference"),
+    "flash_attn": _T("from_pretrained_kwargs()['attn_implementation']"),
+    "finetuning_type": _P,
+    "stage": _P,
+    "do_train": _P,
+    "do_eval": _P,
+    "do_predict": _N("a flag for scripts; preftune has no predict step (transformers does not read it either)"),
+    # ---- data
+    "dataset": _P,
+    "dataset_dir": _P,
+    "eval_dataset": _P,
+    "val_size": _P,
+    "template": _P,
+    "max_samples": _P,
+    "max_length": _P,
+    "truncation_mode": _P,
+    "on_bad_row": _P,
+    "dataset_num_proc": _P,
+    "overwrite_cache": _P,
+    "data_seed": _T("seed of the data order (shuffling); None: `seed`"),
+    "pad_to_multiple_of": _L(None, "auto"),
+    "pad_token": _L(hint="TRL deprecated it: set tokenizer.pad_token and pass the tokenizer instead"),
+    "max_prompt_length": _L(hint="TRL 1.x removed it; use max_length, which bounds prompt + completion"),
+    "max_completion_length": _L(hint="TRL 1.x removed it; use max_length, which bounds prompt + completion"),
+    "remove_unused_columns": _N("preftune reads only the columns it needs, whatever the value"),
+    "label_names": _N("preference rows have no label column; " + _NO_PREDICTIONS),
+    "length_column_name": _N("read only by group_by_length sampling, which preftune does not do"),
+    "train_sampling_strategy": _L(hint="preftune shuffles the training rows (random)"),
+    "dataloader_num_workers": _N(_NO_LOADER),
+    "dataloader_pin_memory": _N(_NO_LOADER),
+    "dataloader_persistent_workers": _N(_NO_LOADER),
+    "dataloader_prefetch_factor": _N(_NO_LOADER),
+    "dataloader_multiprocessing_context": _N(_NO_LOADER),
+    "dataloader_in_order": _N(_NO_LOADER),
+    "dataloader_drop_last": _P,
+    # ---- loss
+    "beta": _P,
+    "loss_type": _P,
+    "loss_weights": _P,
+    "label_smoothing": _P,
+    "f_divergence_type": _P,
+    "f_alpha_divergence_coef": _P,
+    "rpo_alpha": _P,
+    "dpop_lambda": _P,
+    "ld_alpha": _P,
+    "use_weighting": _P,
+    "discopop_tau": _P,
+    "simpo_gamma": _P,
+    "cpo_alpha": _P,
+    "desirable_weight": _P,
+    "undesirable_weight": _P,
+    "pref_bco_weight": _L(hint="LLaMA-Factory's BCO term"),
+    "label_smoothing_factor": _L(hint="transformers' cross-entropy label smoothing; DPO's is label_smoothing"),
+    "router_aux_loss_coef": _L(0.0, hint="no Mixture-of-Experts load-balancing loss is added"),
+    # ---- optimisation
+    "learning_rate": _P,
+    "weight_decay": _P,
+    "adam_beta1": _P,
+    "adam_beta2": _P,
+    "adam_epsilon": _P,
+    "optim": _P,
+    "optim_args": _L(hint="arguments of optimizers preftune does not run"),
+    "optim_target_modules": _L(hint="GaLore/APOLLO optimizers"),
+    "per_device_train_batch_size": _P,
+    "per_device_eval_batch_size": _P,
+    "gradient_accumulation_steps": _P,
+    "num_train_epochs": _P,
+    "max_steps": _P,
+    "lr_scheduler_type": _P,
+    "lr_scheduler_kwargs": _T("scheduler_specific_kwargs of transformers.get_scheduler (keys checked here)"),
+    "warmup_ratio": _P,
+    "warmup_steps": _P,
+    "max_grad_norm": _P,
+    "seed": _P,
+    "full_determinism": _T("transformers.enable_full_determinism(seed) instead of set_seed(seed)"),
+    "bf16": _P,
+    "fp16": _P,
+    "bf16_full_eval": _L(hint="evaluation runs in the training precision"),
+    "fp16_full_eval": _L(hint="evaluation runs in the training precision"),
+    "tf32": _T("None: leave torch's TF32 setting; True/False: enable/disable TF32 matmuls (CUDA)"),
+    "gradient_checkpointing": _P,
+    "gradient_checkpointing_kwargs": _T("model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)"),
+    "activation_checkpointing": _P,
+    "activation_checkpointing_kwargs": _P,
+    "disable_dropout": _P,
+    "prefix_sharing": _P,
+    "padding_free": _P,
+    "chunked_lm_head": _P,
+    "lm_head_chunk_size": _P,
+    "torch_compile": _P,
+    "torch_compile_backend": _T("backend= of torch.compile (None: inductor); setting it turns torch_compile on"),
+    "torch_compile_mode": _T("mode= of torch.compile; setting it turns torch_compile on"),
+    "keep_freed_cpu_memory": _P,
+    "max_tokens_per_batch": _P,
+    "auto_find_batch_size": _L(hint="set per_device_train_batch_size or max_tokens_per_batch"),
+    "use_liger_kernel": _L(),
+    "liger_kernel_config": _L(),
+    "use_cache": _N("training forwards never use a KV cache (TRL's DPOTrainer ignores it too)"),
+    "neftune_noise_alpha": _L(),
+    "torch_empty_cache_steps": _T("every N optimizer steps, empty the accelerator's cache (torch.cuda.empty_cache)"),
+    "activation_offloading": _L(),
+    "average_tokens_across_devices": _N(
+        "the losses are means over pairs and preftune scales gradients to the exact mean over all processes' pairs"
+    ),
+    # ---- logging, evaluation, saving
+    "logging_strategy": _T("no: no training logs; steps: every logging_steps; epoch: at each epoch end"),
+    "logging_steps": _P,
+    "logging_first_step": _P,
+    "logging_nan_inf_filter": _N("a non-finite loss stops or skips the step (nonfinite_loss); none is ever logged"),
+    "log_on_each_node": _N("read only by should_log; preftune logs from the main process"),
+    "log_level": _T("the transformers logging level of the main process (passive: leave it)"),
+    "log_level_replica": _T("the transformers logging level of the other processes (passive: leave it)"),
+    "disable_tqdm": _T("no progress bar when true; None: true when the root logger is above WARNING"),
+    "include_num_input_tokens_seen": _T("log num_input_tokens_seen: 'all' input tokens or 'non_padding' ones"),
+    "skip_memory_metrics": _N("preftune always records the peak memory in summary.json (it costs nothing)"),
+    "report_to": _T("drive transformers' TensorBoard/W&B/MLflow/Trackio callbacks with this config"),
+    "logging_dir": _T("TensorBoard folder; None: resolved_logging_dir()"),
+    "run_name": _P,
+    "project": _T("the tracker project name (read by Trackio's callback)"),
+    "trackio_space_id": _L(hint="Trackio logs locally; deploying it to a Space needs the network"),
+    "trackio_bucket_id": _L(hint="Trackio logs locally; a storage bucket needs the network"),
+    "trackio_static_space_id": _L(False, hint="Trackio logs locally; a static Space needs the network"),
+    "eval_strategy": _P,
+    "eval_steps": _P,
+    "eval_delay": _T("no evaluation before this many steps (eval_strategy steps) or epochs (epoch)"),
+    "eval_on_start": _T("evaluate once before the first training step, logged at step 0"),
+    "prediction_loss_only": _N(_NO_PREDICTIONS),
+    "eval_do_concat_batches": _N(_NO_PREDICTIONS),
+    "eval_use_gather_object": _N(_NO_PREDICTIONS),
+    "eval_accumulation_steps": _N(_NO_PREDICTIONS),
+    "include_for_metrics": _L(hint="preftune takes no compute_metrics"),
+    "batch_eval_metrics": _L(hint="preftune takes no compute_metrics"),
+    "save_strategy": _P,
+    "save_steps": _P,
+    "save_total_limit": _P,
+    "save_only_model": _P,
+    "save_on_each_node": _L(hint="several nodes without a shared file system"),
+    "enable_jit_checkpoint": _L(hint="checkpoints are written every save_steps"),
+    "load_best_model_at_end": _T("keep the best checkpoint (never rotated away) and load it at the end of training"),
+    "metric_for_best_model": _T("the eval metric that ranks checkpoints ('eval_' prefixed when missing)"),
+    "greater_is_better": _T("whether a larger metric_for_best_model is better"),
+    "output_dir": _P,
+    "overwrite_output_dir": _P,
+    "plot_loss": _P,
+    "resume_from_checkpoint": _P,
+    "ignore_data_skip": _L(hint="a resumed run continues at the exact data position"),
+    "restore_callback_states_from_checkpoint": _L(hint="preftune's DPOTrainer takes no callbacks"),
+    "nonfinite_loss": _P,
+    # ---- Hub
+    "push_to_hub": _L(),
+    "hub_model_id": _L(),
+    "hub_token": _N(_PUSH),
+    "hub_private_repo": _N(_PUSH),
+    "hub_strategy": _N(_PUSH),
+    "hub_always_push": _N(_PUSH),
+    "hub_revision": _N(_PUSH),
+    # ---- processes
+    "ddp_timeout": _P,
+    "ddp_find_unused_parameters": _T("find_unused_parameters of DDP (None: not model.is_gradient_checkpointing)"),
+    "ddp_bucket_cap_mb": _T("bucket_cap_mb of DDP (None: torch's default)"),
+    "ddp_broadcast_buffers": _T("broadcast_buffers of DDP (None: preftune's False)"),
+    "ddp_static_graph": _T("static_graph of DDP (None: torch's default)"),
+    "ddp_backend": _L(hint="accelerate chooses the backend (nccl on GPUs, gloo on CPUs)"),
+    "local_rank": _N("preftune reads LOCAL_RANK from the environment (torchrun, accelerate launch)"),
+    "fsdp": _P,
+    "fsdp_config": _L({}, hint="preftune wraps each decoder layer; use fsdp: full_shard or shard_grad_op"),
+    "deepspeed": _P,
+    "accelerator_config": _L({}),
+    "parallelism_config": _L(hint="use fsdp or deepspeed"),
+    "nproc": _P,
+    "use_cpu": _P,
+    "debug": _L([], hint="transformers' underflow/overflow and TPU debugging"),
+    # ---- LoRA (LLaMA-Factory's keys; TRL scripts give these through ModelConfig and peft_config)
+    "lora_rank": _P,
+    "lora_alpha": _P,
+    "lora_dropout": _P,
+    "lora_target": _P,
+    "quantization_bit": _P,
+    # ---- reference model
+    "precompute_ref_log_probs": _P,
+    "precompute_ref_batch_size": _P,
+    "sync_ref_model": _P,
+    "ref_model_mixup_alpha": _P,
+    "ref_model_sync_steps": _P,
+}
+
+# preftune fields that are not command-line flags of DPOConfig: TRL scripts take the model, its dtype and LoRA from
+# TRL's ModelConfig (whose flags `--model_name_or_path`, `--lora_alpha`, `--lora_dropout`, `--dtype` would collide or
+# say the same thing twice). They stay settable from YAML and Python.
+NOT_FLAGS = frozenset({
+    "model_name_or_path", "model_revision", "torch_dtype", "finetuning_type", "lora_rank", "lora_alpha",
+    "lora_dropout", "lora_target", "quantization_bit",
+})  # fmt: skip
+
+# --------------------------------------------------------------------------------------------------------------------
+# Keys that are not fields: LLaMA-Factory's (v0 and v1 formats) and older transformers' TrainingArguments. Each is
+# accepted at its default (where it has no effect) and refused by name otherwise, so a LLaMA-Factory YAML never fails
+# with "unknown key". (Defaults as in LLaMA-Factory's hparams and transformers 4.55.)
+
+
+class _AnyValue:
+    """Marks a known key accepted at any value (it cannot matter to a preftune run)."""
+
+    def __repr__(self) -> str:
+        return "any value"
+
+
+ANY_VALUE = _AnyValue()
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    """A key that is not a DPOConfig field: ``accepted`` values are ignored, any other is refused with ``hint``."""
+
+    accepted: tuple[Any, ...]
+    hint: str
+
+
+def _known(hint: str, **defaults: Any) -> dict[str, KnownKey]:
+    """Known keys sharing one hint; a tuple value lists several accepted values."""
+    return {
+        key: KnownKey(value if isinstance(value, tuple) else (value,), hint) for key, value in defaults.items()
+    }
+
+
+_VISION = "vision-language DPO is planned"
+_LF = "LLaMA-Factory"
+
+OTHER_KNOWN_KEYS: dict[str, KnownKey] = {
+    **_known(
+        _VISION,
+        media_dir=None, image_max_pixels=768 * 768, image_min_pixels=32 * 32, image_do_pan_and_scan=False,
+        crop_to_patches=False, video_max_pixels=256 * 256, video_min_pixels=16 * 16, video_fps=2.0, video_maxlen=128,
+        use_audio_in_video=False, audio_sampling_rate=16000, freeze_vision_tower=True,
+        freeze_multi_modal_projector=True, freeze_language_model=False,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} model loading",
+        adapter_name_or_path=None, adapter_folder=None, cache_dir=None, use_fast_tokenizer=True, resize_vocab=False,
+        split_special_tokens=False, add_tokens=None, add_special_tokens=None, new_special_tokens_config=None,
+        init_special_tokens="noise_init", rope_scaling=None, shift_attn=False, mixture_of_depths=None,
+        use_unsloth=False, use_unsloth_gc=False, use_reentrant_gc=True, upcast_layernorm=False,
+        upcast_lmhead_output=False, train_from_scratch=False, offload_folder="offload", use_v1_kernels=(False, None),
+        print_param_status=False, quantization_method="bnb", quantization_type="nf4", double_quantization=True,
+        quantization_device_map=None, compute_dtype=None, device_map=None, model_max_length=None,
+        block_diag_attn=False, use_kt=False, kt_cpu_activation=None, kt_weight_path=None,
+        kt_non_expert_weight_path=None, kt_expert_checkpoint_path=None, kt_use_lora_experts=None,
+        kt_lora_expert_num=None, kt_lora_expert_intermediate_size=None, kt_config=None,
+    ),  # fmt: skip
+    **_known(
+        "has no effect on training",
+        low_cpu_mem_usage=ANY_VALUE, hf_hub_token=ANY_VALUE, ms_hub_token=ANY_VALUE, om_hub_token=ANY_VALUE,
+        push_to_hub_token=ANY_VALUE, preprocessing_batch_size=ANY_VALUE, infer_backend=ANY_VALUE,
+        infer_dtype=ANY_VALUE, use_kv_cache=ANY_VALUE, do_sample=ANY_VALUE, temperature=ANY_VALUE, top_p=ANY_VALUE,
+        top_k=ANY_VALUE, num_beams=ANY_VALUE, max_new_tokens=ANY_VALUE, repetition_penalty=ANY_VALUE,
+        length_penalty=ANY_VALUE, skip_special_tokens=ANY_VALUE, batching_workers=ANY_VALUE,
+        sample_backend=ANY_VALUE,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} export and inference",
+        export_dir=None, export_size=5, export_device="cpu", export_quantization_bit=None,
+        export_quantization_dataset=None, export_quantization_nsamples=128, export_quantization_maxlen=1024,
+        export_legacy_format=False, export_hub_model_id=None, vllm_maxlen=4096, vllm_gpu_util=0.7,
+        vllm_enforce_eager=False, vllm_max_lora_rank=32, vllm_config=None, sglang_maxlen=4096, sglang_mem_fraction=0.7,
+        sglang_tp_size=-1, sglang_config=None, sglang_lora_backend="triton",
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} adapters other than LoRA, and LoRA variants",
+        freeze_trainable_layers=2, freeze_trainable_modules="all", freeze_extra_modules=None, additional_target=None,
+        loraplus_lr_ratio=None, loraplus_lr_embedding=1e-6, use_rslora=False, use_dora=False, pissa_init=False,
+        pissa_iter=16, pissa_convert=False, create_new_adapter=False, module_dropout=0.0, oft_rank=0,
+        oft_block_size=32, oft_target="all", use_llama_pro=False,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} stages other than dpo and kto",
+        ppo_buffer_size=1, ppo_epochs=4, ppo_score_norm=False, ppo_target=6.0, ppo_whiten_rewards=False,
+        ref_model_adapters=None, ref_model_quantization_bit=None, reward_model=None, reward_model_adapters=None,
+        reward_model_quantization_bit=None, reward_model_type="lora", use_dft_loss=False, use_asft_loss=False,
+        asft_alpha=0.1, use_eaft_loss=False, eaft_alpha=1.0, compute_accuracy=False, train_on_prompt=False,
+        mask_history=False, eval_num_beams=None, ignore_pad_token_for_loss=True, predict_with_generate=False,
+        sortish_sampler=False, generation_max_length=None, generation_num_beams=None, generation_config=None,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} optimizers",
+        use_galore=False, galore_target="all", galore_rank=16, galore_update_interval=200, galore_scale=2.0,
+        galore_proj_type="std", galore_layerwise=False, use_apollo=False, apollo_target="all", apollo_rank=16,
+        apollo_update_interval=200, apollo_scale=32.0, apollo_proj="random", apollo_proj_type="std",
+        apollo_scale_type="channel", apollo_layerwise=False, apollo_scale_front=False, use_badam=False,
+        badam_mode="layer", badam_start_block=None, badam_switch_mode="ascending", badam_switch_interval=50,
+        badam_update_ratio=0.05, badam_mask_mode="adjacent", badam_verbose=0, use_adam_mini=False, use_muon=False,
+        pure_bf16=False, fp8=False, fp8_backend="auto", fp8_enable_fsdp_float8_all_gather=False, adafactor=False,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} data options",
+        streaming=False, buffer_size=16384, mix_strategy="concat", interleave_probs=None, eval_on_each_dataset=False,
+        packing=(None, False), neat_packing=False, tool_format=None, default_system=None, enable_thinking=True,
+        preserve_thinking=False, tokenized_path=None, data_shared_file_system=False, disable_shuffling=False,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} trackers, profiling and launchers",
+        use_swanlab=False, swanlab_project="llamafactory", swanlab_workspace=None, swanlab_run_name=None,
+        swanlab_mode="cloud", swanlab_api_key=None, swanlab_logdir=None, swanlab_lark_webhook_url=None,
+        swanlab_lark_secret=None, early_stopping_steps=None, include_effective_tokens_per_second=False,
+        ray_num_workers=1, ray_init_kwargs=None, master_addr=None, master_port=None, enable_torch_profiler=False,
+        profiler_output_dir=None, profiler_wait_steps=1, profiler_warmup_steps=1, profiler_active_steps=1,
+        profiler_repeat=1, profiler_record_shapes=True, profiler_profile_memory=True, profiler_with_stack=True,
+        profile_modules=None,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF}'s Megatron-Core and hyper-parallel training",
+        use_mca=False, use_megatron_bridge=False, megatron_bridge_args=None, use_hyper_parallel=False,
+        hyper_parallel_args=None, hyper_parallel_cp_size=1, tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1, expert_model_parallel_size=1, context_parallel_size=1, sequence_parallel=False,
+        use_distributed_optimizer=False, apply_rope_fusion=False, bias_activation_fusion=False,
+        moe_grouped_gemm=False, moe_token_dispatcher_type=None, overlap_grad_reduce=False, overlap_param_gather=False,
+        recompute_granularity=None, export_hf_on_finish=False, mixed_precision=None, use_packed_sequences=False,
+    ),  # fmt: skip
+    **_known(
+        f"{_LF} v1 format",
+        model_class="llm", init_config=None, kernel_config=None, custom_chat_template=None, global_batch_size=None,
+        batching_strategy="normal", dp_size=None, cp_size=1, cp_mode="ulysses", mp_replicate_size=1,
+        mp_shard_size=None, save_epochs=None, save_ckpt_as_hf=False,
+    ),  # fmt: skip
+    **_known("LLaMA-Factory v1 format: write finetuning_type: lora with lora_rank, lora_alpha, lora_target", peft_config=None),
+    **_known("LLaMA-Factory v1 format: write quantization_bit", quant_config=None),
+    **_known("LLaMA-Factory v1 data files are not read; use dataset", train_dataset=None),
+    **_known("LLaMA-Factory v1 format: use fsdp or deepspeed", dist_config=None),
+    **_known("LLaMA-Factory v1 format: use optim and adam_beta1/adam_beta2/weight_decay", optim_config=None),
+    **_known("LLaMA-Factory v1 format: use lr_scheduler_type and lr_scheduler_kwargs", lr_scheduler_config=None),
+    **_known(
+        "an option of older transformers",
+        fp16_backend="auto", fp16_opt_level="O1", half_precision_backend="auto", fsdp_min_num_params=0,
+        fsdp_transformer_layer_cls_to_wrap=None, group_by_length=False, include_inputs_for_metrics=False,
+        include_tokens_per_second=False, jit_mode_eval=False, mp_parameters="", past_index=-1,
+        push_to_hub_model_id=None, push_to_hub_organization=None, ray_scope="last", torchdynamo=None,
+        tpu_metrics_debug=False, tpu_num_cores=None, use_ipex=False, use_legacy_prediction_loop=False,
+        use_mps_device=False, save_safetensors=True,
+    ),  # fmt: skip
+    **_known(
+        "an option of older transformers: use per_device_train_batch_size / per_device_eval_batch_size",
+        per_gpu_train_batch_size=None, per_gpu_eval_batch_size=None,
+    ),  # fmt: skip
+}
+
+# Keys meaning the opposite of a boolean field.
+INVERTED_ALIASES = {"disable_gradient_checkpointing": "gradient_checkpointing"}
+
+# Suggestions for names other frameworks use (tried before spelling-based matching).
+_SYNONYMS = {
+    "lr": "learning_rate", "learningrate": "learning_rate", "batch_size": "per_device_train_batch_size",
+    "train_batch_size": "per_device_train_batch_size", "eval_batch_size": "per_device_eval_batch_size",
+    "bs": "per_device_train_batch_size", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
+    "steps": "max_steps", "total_steps": "max_steps", "grad_accum": "gradient_accumulation_steps",
+    "gradient_accumulation": "gradient_accumulation_steps", "accumulation_steps": "gradient_accumulation_steps",
+    "warmup": "warmup_steps", "scheduler": "lr_scheduler_type", "lr_scheduler": "lr_scheduler_type",
+    "optimizer": "optim", "model_path": "model_name_or_path", "base_model": "model_name_or_path",
+    "tokenizer": "tokenizer_name_or_path", "output": "output_dir", "out_dir": "output_dir", "save_dir": "output_dir",
+    "data": "dataset", "train_file": "dataset", "train_data": "dataset", "eval_file": "eval_dataset",
+    "max_seq_length": "max_length", "max_seq_len": "max_length", "seq_len": "max_length", "loss": "loss_type",
+    "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "precision": "bf16",
+    "lora_r": "lora_rank", "lora_target_modules": "lora_target", "ref_model_path": "ref_model_name_or_path",
+}  # fmt: skip
 
 # --------------------------------------------------------------------------------------------------------------------
 # Field helpers
 
 
-def _field(default: Any, description: str, *, aliases: Sequence[str] = (), **constraints: Any) -> Any:
-    """A supported field; ``aliases`` are other accepted spellings (LLaMA-Factory's names)."""
-    return Field(default, description=description, json_schema_extra={"aliases": list(aliases)}, **constraints)
-
-
-def _later(
-    default: Any,
-    description: str,
-    *,
-    type_name: str,
-    accepted: Sequence[Any] | None = None,
-    aliases: Sequence[str] = (),
-    hint: str = "",
+def _field(
+    default: Any, description: str, *, aliases: Sequence[str] = (), flag: Mapping[str, Any] | None = None, **bounds: Any
 ) -> Any:
-    """A key of a feature not implemented yet: accepted at ``default`` (or one of ``accepted``), refused otherwise."""
-    extra = {
-        "aliases": list(aliases),
-        "not_supported": True,
-        "accepted": list(accepted) if accepted is not None else [default],
-        "type_name": type_name,
-        "hint": hint,
-    }
-    text = f"Not supported yet: accepted only at {_format_default(default)}. {description}"
-    return Field(default, description=text, json_schema_extra=extra)
+    """A config field; ``aliases`` are other accepted spellings (LLaMA-Factory's names); ``flag`` holds argparse
+    settings of its command-line flag (``nargs``/``const``, or ``default`` for list flags)."""
+    extra: dict[str, Any] = {"aliases": list(aliases)}
+    if flag:
+        extra["flag"] = dict(flag)
+    return Field(default, description=description, json_schema_extra=extra, **bounds)
 
 
 def _format_default(value: Any) -> str:
@@ -125,6 +598,20 @@ def _format_default(value: Any) -> str:
     return repr(value)
 
 
+def _format_value(value: Any, limit: int = 80) -> str:
+    """A value as a user wrote it, for messages: true/null/strings bare; other values as JSON (CJK kept as is)."""
+    if value is None or isinstance(value, bool):
+        text = _format_default(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError, RecursionError):
+            text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Where the values being validated come from, so that validators can name the file and the key as the user wrote it.
 
@@ -134,6 +621,7 @@ class _Source:
     file: str | None = None
     cli_keys: frozenset[str] = frozenset()
     given_names: dict[str, str] = field(default_factory=dict)  # canonical name -> name as written
+    assigning: str | None = None  # the field being assigned (validate_assignment), or None while constructing
 
 
 _SOURCE: contextvars.ContextVar[_Source | None] = contextvars.ContextVar("preftune_config_source", default=None)
@@ -160,10 +648,11 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 class DPOConfig(BaseModel):
     """Every setting of a preftune DPO run; keyword names as in TRL's ``DPOConfig``.
 
-    Build it from Python (``DPOConfig(output_dir="out", beta=0.1)``), from a mapping
-    (:meth:`from_mapping`) or from YAML (:func:`load_config`). Aliases (LLaMA-Factory names) are accepted on input
-    and mapped to the canonical name; attributes and :meth:`to_dict` use canonical names only. Any invalid key or
-    value raises :class:`~preftune.errors.ConfigError`; assignment to a field is validated the same way.
+    Build it from Python (``DPOConfig(output_dir="out", beta=0.1)``), from a mapping (:meth:`from_mapping`), from
+    YAML (:func:`load_config`) or with transformers' ``HfArgumentParser`` / TRL's ``TrlParser`` (it presents its
+    command-line fields as dataclass fields). Aliases (LLaMA-Factory names) are accepted on input and mapped to the
+    canonical name; attributes and :meth:`to_dict` use canonical names only. Any invalid key or value raises
+    :class:`~preftune.errors.ConfigError` (a ``ValueError``); assignment to a field is validated the same way.
     """
 
     model_config = ConfigDict(
@@ -174,11 +663,15 @@ class DPOConfig(BaseModel):
     )
 
     _config_file: str | None = PrivateAttr(default=None)
+    _logging_dir: str | None = PrivateAttr(default=None)
 
     # ---- Model -----------------------------------------------------------------------------------------------------
     model_name_or_path: str | None = _field(
-        None, "Policy model: a local directory or a Hub id (loaded with `AutoModelForCausalLM.from_pretrained`)."
+        None,
+        "Policy model: a local directory or a Hub id (loaded with `AutoModelForCausalLM.from_pretrained`).",
+        aliases=["model"],
     )
+    model_revision: str = _field("main", "Revision (branch, tag or commit) of `model_name_or_path` to load.")
     ref_model_name_or_path: str | None = _field(
         None,
         "Reference model; `null` uses a frozen copy of the policy at its starting weights.",
@@ -191,6 +684,17 @@ class DPOConfig(BaseModel):
         "Dtype the weights are loaded in; `null` loads float32, `auto` uses the checkpoint's dtype.",
         aliases=["dtype"],
     )
+    model_init_kwargs: dict[str, Any] | str | None = _field(
+        None,
+        "Keyword arguments for `from_pretrained` of the policy and the reference (a dict, or a JSON string on the "
+        "command line): " + ", ".join(f"`{key}`" for key in MODEL_INIT_KEYS) + ". A `null` value means unset; "
+        "`dtype` and `trust_remote_code` must agree with `torch_dtype` and `trust_remote_code` when both are set.",
+    )
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2", "fa3", "eager", "flash_attention_2"] = _field(
+        "auto",
+        "Attention implementation (LLaMA-Factory): `auto` (the model's default), `disabled` (eager), `sdpa`, `fa2`, "
+        "`fa3` (FlashAttention 2/3, CUDA only).",
+    )
     finetuning_type: Literal["full", "lora", "freeze"] = _field(
         "full",
         "Which weights are trained (LLaMA-Factory): `full`, or `lora` (a LoRA adapter via peft; the reference is then "
@@ -198,7 +702,8 @@ class DPOConfig(BaseModel):
     )
     stage: Literal["dpo", "kto"] = _field(
         "dpo",
-        "Training stage (LLaMA-Factory): `dpo`, or `kto` (the same as `loss_type: kto`). Other stages are refused.",
+        "Training stage (LLaMA-Factory): `dpo`, or `kto` (the same as `loss_type: kto`). `orpo`/`simpo` (older "
+        "LLaMA-Factory) are written `stage: dpo` with `pref_loss: orpo`/`simpo`; other stages are refused.",
     )
     do_train: bool = _field(
         True, "Train the model (LLaMA-Factory); `false` skips training. transformers defaults to false but ignores it."
@@ -206,6 +711,7 @@ class DPOConfig(BaseModel):
     do_eval: bool = _field(
         False, "Evaluate on the evaluation split at the end of training even when `eval_strategy` is `no`."
     )
+    do_predict: bool = _field(False, "A flag for training scripts (transformers).")
 
     # ---- Data ------------------------------------------------------------------------------------------------------
     dataset: str | None = _field(
@@ -250,7 +756,26 @@ class DPOConfig(BaseModel):
         ge=1,
     )
     overwrite_cache: bool = _field(False, "Re-tokenize instead of reusing a cached tokenized dataset.")
-    dataloader_num_workers: int = _field(0, "DataLoader worker processes; 0 loads batches in the main process.", ge=0)
+    data_seed: int | None = _field(None, "Seed of the data order (shuffling); `null` uses `seed`.", ge=0)
+    pad_to_multiple_of: int | str | None = _field(
+        None, "Pad sequences to a multiple of this length (TRL's default `auto` is accepted)."
+    )
+    pad_token: str | None = _field(None, "Padding token (deprecated in TRL).")
+    max_prompt_length: int | None = _field(None, "Maximum prompt length (removed in TRL 1.x).")
+    max_completion_length: int | None = _field(None, "Maximum completion length (removed in TRL 1.x).")
+    remove_unused_columns: bool = _field(True, "Drop dataset columns the model does not use (transformers).")
+    label_names: list[str] | None = _field(None, "Input keys holding the labels (transformers).")
+    length_column_name: str = _field("length", "Column of precomputed lengths for `group_by_length` (transformers).")
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = _field(
+        "random", "Order of the training rows (transformers)."
+    )
+    dataloader_num_workers: int = _field(0, "DataLoader worker processes (transformers).", ge=0)
+    dataloader_pin_memory: bool = _field(True, "Pin DataLoader memory (transformers).")
+    dataloader_persistent_workers: bool = _field(False, "Keep DataLoader workers alive (transformers).")
+    dataloader_prefetch_factor: int | None = _field(None, "Batches prefetched per DataLoader worker (transformers).")
+    dataloader_multiprocessing_context: str | None = _field(None, "Start method of DataLoader workers (transformers).")
+    dataloader_in_order: bool = _field(True, "Yield batches in the order workers were dispatched (transformers).")
+    dataloader_drop_last: bool = _field(False, "Drop the last incomplete training batch of each epoch.")
 
     # ---- Loss ------------------------------------------------------------------------------------------------------
     beta: float = _field(
@@ -267,6 +792,7 @@ class DPOConfig(BaseModel):
         "`apo_down`, `discopop`, `sigmoid_norm`, `sft`, `listwise` (several negatives per prompt); without one: "
         "`orpo`, `simpo`, `cpo`; on unpaired data: `kto`. See the README's loss table for formulas.",
         aliases=["pref_loss"],
+        flag={"default": ["sigmoid"]},
     )
     loss_weights: list[float] | None = _field(
         None, "Weight of each loss in a `loss_type` list (`null`: all 1).", aliases=["loss_weight"]
@@ -308,6 +834,14 @@ class DPOConfig(BaseModel):
     undesirable_weight: float = _field(
         1.0, "KTO weight of undesirable examples.", aliases=["kto_rejected_weight"], gt=0
     )
+    pref_bco_weight: float = _field(0.0, "BCO weight mixed into the DPO loss (LLaMA-Factory).")
+    label_smoothing_factor: float = _field(0.0, "Label smoothing of transformers' cross-entropy loss.")
+    router_aux_loss_coef: float | None = _field(
+        None,
+        "Weight of a Mixture-of-Experts load-balancing loss. preftune adds none: `null` and 0 are accepted (TRL's "
+        "`null` adds the model's own coefficient for MoE models).",
+        aliases=["moe_aux_loss_coef"],
+    )
 
     # ---- Optimisation ----------------------------------------------------------------------------------------------
     learning_rate: float = _field(1e-6, "Peak learning rate of AdamW (TRL's DPO default).", ge=0)
@@ -315,20 +849,30 @@ class DPOConfig(BaseModel):
     adam_beta1: float = _field(0.9, "AdamW β1.", ge=0, lt=1)
     adam_beta2: float = _field(0.999, "AdamW β2.", ge=0, lt=1)
     adam_epsilon: float = _field(1e-8, "AdamW ε.", ge=0)
-    optim: str = _field(
+    optim: OptimizerName = _field(
         "adamw_torch_fused",
         "Optimizer: `adamw_torch_fused` (TRL 1.16's default: torch's fused AdamW kernel, on CPU too; about 4x faster "
         "than the per-tensor loop for a 20 M model), `adamw_torch` (torch's AdamW, default implementation) or "
-        "`adamw_hf` (an alias of `adamw_torch`). Where the fused kernel is unavailable it falls back, with a warning.",
+        "`adamw_hf` (an alias of `adamw_torch`). Where the fused kernel is unavailable it falls back, with a warning. "
+        "transformers' other optimizer names are refused (not supported yet).",
     )
-    per_device_train_batch_size: int = _field(8, "Preference pairs per device per micro-batch in training.", ge=1)
+    optim_args: str | None = _field(None, "Extra arguments of some optimizers (transformers).")
+    optim_target_modules: None | str | list[str] = _field(None, "Modules GaLore/APOLLO optimize (transformers).")
+    per_device_train_batch_size: int = _field(
+        8, "Preference pairs per device per micro-batch in training.", aliases=["micro_batch_size"], ge=1
+    )
     per_device_eval_batch_size: int = _field(8, "Preference pairs per device per batch in evaluation.", ge=1)
     gradient_accumulation_steps: int = _field(1, "Micro-batches accumulated before each optimizer step.", ge=1)
     num_train_epochs: float = _field(3.0, "Passes over the training data (a fraction stops mid-epoch).", ge=0)
     max_steps: int = _field(-1, "If > 0: total optimizer steps, overriding `num_train_epochs`.")
-    lr_scheduler_type: str = _field(
+    lr_scheduler_type: LrSchedulerName = _field(
         "linear",
         "Learning-rate schedule after warmup: " + ", ".join(f"`{name}`" for name in SUPPORTED_LR_SCHEDULERS) + ".",
+    )
+    lr_scheduler_kwargs: dict[str, Any] | str | None = _field(
+        None,
+        "Extra arguments of the schedule (transformers' `scheduler_specific_kwargs`, e.g. `{num_cycles: 2}` for "
+        "`cosine_with_restarts`, `{power: 2.0}` for `polynomial`); a JSON string on the command line.",
     )
     warmup_ratio: float = _field(
         0.0, "Fraction of total steps of linear warmup; ignored when `warmup_steps` > 0.", ge=0, le=1
@@ -341,10 +885,33 @@ class DPOConfig(BaseModel):
     )
     max_grad_norm: float = _field(1.0, "Clip the gradient norm to this value; 0 disables clipping.", ge=0)
     seed: int = _field(42, "Random seed for model init, data shuffling and dropout.", ge=0)
-    bf16: bool = _field(False, "bfloat16 mixed precision (TRL defaults to true when fp16 is off; preftune to false).")
+    full_determinism: bool = _field(
+        False, "Deterministic kernels everywhere (`transformers.enable_full_determinism`); slower."
+    )
+    bf16: bool = _field(
+        False,
+        "bfloat16 mixed precision. preftune defaults to false; TRL's default `null` (true unless fp16) reads as false.",
+    )
     fp16: bool = _field(False, "float16 mixed precision (needs a GPU; the trainer refuses it on CPU).")
+    bf16_full_eval: bool = _field(False, "Evaluate in pure bfloat16 (transformers).")
+    fp16_full_eval: bool = _field(False, "Evaluate in pure float16 (transformers).")
+    tf32: bool | None = _field(
+        None, "TF32 matmuls on Ampere or newer GPUs: true/false switches them, `null` leaves torch's setting."
+    )
     gradient_checkpointing: bool = _field(
-        False, "Recompute activations in backward to save memory (TRL defaults to true; preftune to false)."
+        False,
+        "Recompute activations in backward to save memory (TRL defaults to true; preftune to false).",
+        aliases=["enable_activation_checkpointing"],
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = _field(
+        None,
+        "Arguments of gradient checkpointing: " + ", ".join(f"`{key}`" for key in GRADIENT_CHECKPOINTING_KEYS) + ".",
+    )
+    activation_checkpointing: bool | None = _field(
+        None, "transformers 5's name of `gradient_checkpointing`; when set it is the value of both."
+    )
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = _field(
+        None, "transformers 5's name of `gradient_checkpointing_kwargs`; when set it is the value of both."
     )
     disable_dropout: bool = _field(True, "Set every dropout probability in policy and reference models to 0.")
     prefix_sharing: bool | None = _field(
@@ -372,6 +939,12 @@ class DPOConfig(BaseModel):
         "eager: it is the chunked head's). Costs a one-off compilation (tens of seconds on CPU, needs a C++ "
         "compiler there); then each step runs faster (see the README's benchmark).",
     )
+    torch_compile_backend: str | None = _field(
+        None, "`backend` of `torch.compile` (`null`: inductor); setting it turns `torch_compile` on."
+    )
+    torch_compile_mode: str | None = _field(
+        None, "`mode` of `torch.compile` (e.g. `max-autotune`); setting it turns `torch_compile` on."
+    )
     keep_freed_cpu_memory: bool = _field(
         True,
         "On CPU (Linux, glibc), make malloc keep freed memory for the next step instead of returning it to the OS and "
@@ -386,12 +959,61 @@ class DPOConfig(BaseModel):
         "pair longer than the budget forms a micro-batch of its own. `null`: batches by pair count only.",
         ge=1,
     )
+    auto_find_batch_size: bool = _field(False, "Halve the batch size after out-of-memory errors (transformers).")
+    use_liger_kernel: bool = _field(False, "Liger Triton kernels.", aliases=["enable_liger_kernel"])
+    liger_kernel_config: dict[str, bool] | None = _field(None, "Which Liger kernels to use.")
+    use_cache: bool = _field(False, "Use the model's KV cache in training forwards (TRL).")
+    neftune_noise_alpha: float | None = _field(None, "NEFTune noise on the input embeddings (transformers).")
+    torch_empty_cache_steps: int | None = _field(
+        None, "Empty the accelerator's memory cache every N optimizer steps (less memory, slower); `null`: never.", gt=0
+    )
+    activation_offloading: bool = _field(False, "Offload activations to the CPU (TRL).")
+    average_tokens_across_devices: bool = _field(
+        True, "Average the loss over the tokens of all processes (transformers)."
+    )
 
     # ---- Logging, evaluation, saving -------------------------------------------------------------------------------
+    logging_strategy: Literal["no", "steps", "epoch"] = _field(
+        "steps", "When to log training metrics: `no`, every `logging_steps` (`steps`) or at each epoch end (`epoch`)."
+    )
     logging_steps: float = _field(
         10, "Log metrics every N optimizer steps (whole number >= 1) or every fraction (< 1) of total steps.", gt=0
     )
     logging_first_step: bool = _field(False, "Also log after the first optimizer step.")
+    logging_nan_inf_filter: bool = _field(True, "Leave non-finite losses out of the logged loss (transformers).")
+    log_on_each_node: bool = _field(True, "Log from the main process of every node (transformers).")
+    log_level: LogLevelName = _field(
+        "passive", "transformers' logging level on the main process; `passive` leaves it as it is."
+    )
+    log_level_replica: LogLevelName = _field(
+        "warning", "transformers' logging level on the other processes; `passive` leaves it as it is."
+    )
+    disable_tqdm: bool | None = _field(
+        None, "Hide the progress bar; `null`: hidden when the logging level is above WARNING."
+    )
+    include_num_input_tokens_seen: str | bool = _field(
+        "no",
+        "Log `num_input_tokens_seen`, the input tokens trained on so far (all processes): `all` tokens, `non_padding` "
+        "tokens, or `no` (true/false stand for all/no).",
+    )
+    skip_memory_metrics: bool = _field(True, "Skip the memory profiler's metrics (transformers).")
+    report_to: None | str | list[str] = _field(
+        "none",
+        "Experiment trackers that also receive the metrics: " + ", ".join(f"`{name}`" for name in SUPPORTED_TRACKERS)
+        + " (transformers' callbacks; the package must be installed), a list of them, or `none`. Metrics always go "
+        "to files in `output_dir`.",
+    )
+    logging_dir: str | None = _field(
+        None,
+        "TensorBoard log folder; `null`: `$TENSORBOARD_LOGGING_DIR`, else `output_dir/runs/<date>_<host>` "
+        "(transformers' default).",
+    )
+    plot_loss: bool = _field(True, "Save plots of the logged loss and reward curves in `output_dir` (LLaMA-Factory).")
+    run_name: str | None = _field(None, "A name for the run, recorded in the metrics summary and given to trackers.")
+    project: str = _field("huggingface", "Tracker project name (Trackio).")
+    trackio_space_id: str | None = _field(None, "Hugging Face Space to deploy Trackio to.")
+    trackio_bucket_id: str | None = _field(None, "Storage bucket of Trackio.")
+    trackio_static_space_id: str | None | Literal[False] = _field(None, "Static Space of Trackio.")
     eval_strategy: Literal["no", "steps", "epoch"] = _field(
         "no", "When to evaluate: `no`, every `eval_steps` (`steps`) or at each epoch end (`epoch`).",
         aliases=["evaluation_strategy"],
@@ -400,26 +1022,55 @@ class DPOConfig(BaseModel):
         None, "Evaluate every N steps (or fraction of total steps) with `eval_strategy: steps`; `null` uses "
         "`logging_steps`.", gt=0,
     )  # fmt: skip
-    save_strategy: Literal["no", "steps", "epoch"] = _field(
-        "steps", "When to save a checkpoint: `no`, every `save_steps` (`steps`) or at each epoch end (`epoch`)."
+    eval_delay: float = _field(
+        0, "No evaluation before this many optimizer steps (`eval_strategy: steps`) or epochs (`epoch`).", ge=0
+    )
+    eval_on_start: bool = _field(False, "Evaluate once before the first training step (a sanity check; step 0).")
+    prediction_loss_only: bool = _field(False, "Return only the loss from evaluation (transformers).")
+    eval_do_concat_batches: bool = _field(True, "Concatenate predictions across batches (transformers).")
+    eval_use_gather_object: bool = _field(False, "Gather nested predictions from all processes (transformers).")
+    eval_accumulation_steps: int | None = _field(None, "Move predictions to the CPU every N steps (transformers).")
+    include_for_metrics: list[str] = _field([], "Extra inputs of `compute_metrics` (transformers).")
+    batch_eval_metrics: bool = _field(False, "Call `compute_metrics` per batch (transformers).")
+    save_strategy: Literal["no", "steps", "epoch", "best"] = _field(
+        "steps",
+        "When to save a checkpoint: `no`, every `save_steps` (`steps`), at each epoch end (`epoch`), or after an "
+        "evaluation that improves `metric_for_best_model` (`best`).",
     )
     save_steps: float = _field(
         500, "Save a checkpoint every N steps (whole number >= 1) or every fraction (< 1) of total steps.", gt=0
     )
     save_total_limit: int | None = _field(
-        None, "Keep at most this many checkpoints, deleting the oldest; `null` or 0 keeps all.", ge=0
+        None,
+        "Keep at most this many checkpoints, deleting the oldest (never the best one with `load_best_model_at_end`); "
+        "`null` or 0 keeps all.",
+        ge=0,
     )
-    output_dir: str = _field("output/dpo_metrics", "Where checkpoints, metrics, plots and the final model are written.")
-    overwrite_output_dir: bool = _field(
-        True, "Allow writing into a non-empty `output_dir` (LLaMA-Factory); `false` refuses to."
-    )
-    report_to: str | list[str] = _field(
-        "none", "Experiment trackers; only `none` (or `[]`) is supported yet: metrics go to files in `output_dir`."
-    )
-    plot_loss: bool = _field(True, "Save plots of the logged loss and reward curves in `output_dir` (LLaMA-Factory).")
-    run_name: str | None = _field(None, "A name for the run, recorded in the metrics summary.")
     save_only_model: bool = _field(
         False, "Checkpoints hold the model only, without optimizer and scheduler state (so they cannot resume)."
+    )
+    save_on_each_node: bool = _field(False, "Save on the main process of every node (transformers).")
+    enable_jit_checkpoint: bool = _field(False, "Save a checkpoint on SIGTERM (transformers).")
+    load_best_model_at_end: bool = _field(
+        False,
+        "Track the best checkpoint by `metric_for_best_model` and load it at the end of training; needs "
+        "`save_strategy` equal to `eval_strategy` (or `best`) and, with steps, `save_steps` a multiple of "
+        "`eval_steps`.",
+    )
+    metric_for_best_model: str | None = _field(
+        None,
+        "Evaluation metric that ranks checkpoints, e.g. `loss` or `rewards/accuracies` (`eval_` is prefixed when "
+        "missing); `null` with `load_best_model_at_end` or `save_strategy: best` means `loss`.",
+    )
+    greater_is_better: bool | None = _field(
+        None, "Whether a larger `metric_for_best_model` is better; `null`: false for names ending in `loss`, else true."
+    )
+    output_dir: str = _field(
+        "output/dpo_metrics",
+        "Where checkpoints, metrics, plots and the final model are written (TRL's `null` reads as this default).",
+    )
+    overwrite_output_dir: bool = _field(
+        True, "Allow writing into a non-empty `output_dir` (LLaMA-Factory); `false` refuses to."
     )
     resume_from_checkpoint: str | None = _field(
         None,
@@ -427,22 +1078,51 @@ class DPOConfig(BaseModel):
         "is skipped with a warning). Weights, optimizer, scheduler, RNG states, data position and metrics continue "
         "exactly where the checkpoint left off.",
     )
+    ignore_data_skip: bool = _field(False, "On resume, restart the epoch's data instead of skipping (transformers).")
+    restore_callback_states_from_checkpoint: bool = _field(False, "Restore callback states on resume (transformers).")
     nonfinite_loss: Literal["stop", "skip"] = _field(
         "stop",
         "On a non-finite loss or gradient: `stop` with a message naming the step and the batch's rows, or `skip` the "
         "update (counted in `summary.json`). No checkpoint with non-finite weights is ever written.",
     )
-    ddp_timeout: int = _field(1800, "Timeout in seconds for distributed-process collectives.", ge=1)
-    fsdp: str | list[str] | None = _field(
+
+    # ---- Hub -------------------------------------------------------------------------------------------------------
+    push_to_hub: bool = _field(False, "Upload the model to the Hugging Face Hub.")
+    hub_model_id: str | None = _field(None, "Hub repository to push to.")
+    hub_token: str | None = _field(None, "Hub token (shown as a placeholder in `to_dict`).")
+    hub_private_repo: bool | None = _field(None, "Make the Hub repository private.")
+    hub_strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = _field(
+        "every_save", "What to push to the Hub, and when."
+    )
+    hub_always_push: bool = _field(False, "Push even while the previous push is running.")
+    hub_revision: str | None = _field(None, "Hub branch to push to.")
+
+    # ---- Processes -------------------------------------------------------------------------------------------------
+    ddp_timeout: int = _field(
+        1800, "Timeout in seconds for distributed-process collectives.", aliases=["dist_timeout"], ge=1
+    )
+    ddp_find_unused_parameters: bool | None = _field(
+        None, "DDP's `find_unused_parameters`; `null`: true unless gradient checkpointing is on."
+    )
+    ddp_bucket_cap_mb: int | None = _field(None, "DDP's `bucket_cap_mb`; `null`: torch's default.", ge=1)
+    ddp_broadcast_buffers: bool | None = _field(None, "DDP's `broadcast_buffers`; `null`: false.")
+    ddp_static_graph: bool | None = _field(None, "DDP's `static_graph`; `null`: torch's default.")
+    ddp_backend: Literal["nccl", "gloo", "mpi", "xccl", "hccl", "cncl", "mccl"] | None = _field(
+        None, "torch.distributed backend (transformers)."
+    )
+    local_rank: int = _field(-1, "Process rank passed by old launchers (transformers).")
+    fsdp: str | None = _field(
         None,
         "FSDP2 (torch `fully_shard`) with several processes: `full_shard` (parameters, gradients and optimizer states "
-        "sharded; each decoder layer and then the whole model) or `shard_grad_op` (parameters kept gathered between "
-        "forward and backward); `auto_wrap` is accepted (the wrapping is always per decoder layer). Full or LoRA; a "
-        "separate reference model is sharded too. Checkpoints and the final model hold the whole weights and "
-        "optimizer state (the files of a one-process run). Not with `padding_free` or `sync_ref_model`; ignored with "
-        "one process.",
+        "sharded; each decoder layer and then the whole model; a bare `--fsdp` or `true` means this) or "
+        "`shard_grad_op` (parameters kept gathered between forward and backward); `auto_wrap` is accepted (the "
+        "wrapping is always per decoder layer). Full or LoRA; a separate reference model is sharded too. Checkpoints "
+        "and the final model hold the whole weights and optimizer state (the files of a one-process run). Not with "
+        "`padding_free` or `sync_ref_model`; ignored with one process.",
+        flag={"nargs": "?", "const": True},
     )
-    deepspeed: str | dict[str, Any] | None = _field(
+    fsdp_config: dict[str, Any] | str | None = _field(None, "FSDP options (transformers).")
+    deepspeed: dict[str, Any] | str | None = _field(
         None,
         "DeepSpeed ZeRO with several processes: a DeepSpeed JSON config file (or a dict), as in transformers and "
         "LLaMA-Factory; stages 0-3 with optimizer/parameter offload. `\"auto\"` values are filled from this config "
@@ -451,6 +1131,8 @@ class DPOConfig(BaseModel):
         "of an FSDP run) and resume with the same number of processes. Not with `fsdp`, `padding_free`, "
         "`sync_ref_model` or `nonfinite_loss: skip`; ignored with one process. Needs `pip install deepspeed`.",
     )
+    accelerator_config: dict[str, Any] | str | None = _field(None, "Options of accelerate's Accelerator.")
+    parallelism_config: str | None = _field(None, "accelerate's ParallelismConfig (transformers).")
     nproc: int | None = _field(
         None,
         "Training processes (one per device). `preftune train` re-launches itself under torchrun with this many; "
@@ -458,11 +1140,10 @@ class DPOConfig(BaseModel):
         "`per_device_train_batch_size` × processes × `gradient_accumulation_steps`.",
         ge=1,
     )
-    use_cpu: bool = _field(False, "Run on CPU even when an accelerator is available.")
-    remove_unused_columns: bool = _field(
-        True, "Accepted for TRL compatibility and has no effect: preftune keeps only the columns it needs."
-    )
-    dataloader_drop_last: bool = _field(False, "Drop the last incomplete training batch of each epoch.")
+    use_cpu: bool = _field(False, "Run on CPU even when an accelerator is available.", aliases=["no_cuda"])
+    debug: str | list[str] = _field("", "transformers' debugging features.")
+
+    # ---- LoRA ------------------------------------------------------------------------------------------------------
     lora_rank: int = _field(8, "LoRA rank (only with `finetuning_type: lora`).", ge=1)
     lora_alpha: int | None = _field(
         None, "LoRA scaling α; `null` uses 2 × `lora_rank` (only with `finetuning_type: lora`).", ge=1
@@ -478,6 +1159,8 @@ class DPOConfig(BaseModel):
         "Load the base model quantized to 4 or 8 bits for QLoRA (LLaMA-Factory). Needs bitsandbytes and a CUDA GPU; "
         "refused with a clear message otherwise.",
     )
+
+    # ---- Reference model -------------------------------------------------------------------------------------------
     precompute_ref_log_probs: bool = _field(
         False,
         "Compute the reference log-probs of every train and eval row in one pass before training and keep no "
@@ -495,39 +1178,6 @@ class DPOConfig(BaseModel):
     )
     ref_model_mixup_alpha: float = _field(0.6, "TR-DPO mixing α (1: hard copy of the policy).", gt=0, le=1)
     ref_model_sync_steps: int = _field(512, "TR-DPO: optimizer steps between reference updates.", ge=1)
-
-    # ---- Keys of features not implemented yet (accepted only at their "off" value) ---------------------------------
-    pref_bco_weight: Any = _later(0.0, "BCO weight mixed into the DPO loss (LLaMA-Factory).", type_name="float")
-    pad_to_multiple_of: Any = _later(
-        None, "Pad sequences to a multiple of this length (TRL's `auto` is accepted too).",
-        type_name="int or null", accepted=[None, "auto"],
-    )  # fmt: skip
-    flash_attn: Any = _later("auto", "Attention implementation (LLaMA-Factory).", type_name="string")
-    push_to_hub: Any = _later(False, "Upload the model to the Hugging Face Hub.", type_name="bool")
-    hub_model_id: Any = _later(None, "Hub repository to push to.", type_name="string or null")
-    gradient_checkpointing_kwargs: Any = _later(
-        None, "Extra arguments for gradient checkpointing.", type_name="dict or null", accepted=[None, {}]
-    )
-    model_init_kwargs: Any = _later(
-        None, "Extra arguments for `from_pretrained`.", type_name="dict or null", accepted=[None, {}]
-    )
-    lr_scheduler_kwargs: Any = _later(
-        None, "Extra arguments for the learning-rate schedule.", type_name="dict or null", accepted=[None, {}]
-    )
-    activation_offloading: Any = _later(False, "Offload activations to the CPU.", type_name="bool")
-    use_liger_kernel: Any = _later(False, "Liger Triton kernels.", type_name="bool")
-    logging_strategy: Any = _later(
-        "steps", "Logging schedule; preftune logs every `logging_steps`.", type_name="string"
-    )
-    pad_token: Any = _later(None, "Deprecated in TRL: set `tokenizer.pad_token` instead.", type_name="string or null")
-    max_prompt_length: Any = _later(
-        None, "Removed in TRL 1.x.", type_name="int or null",
-        hint="TRL 1.x removed it; use max_length, which bounds prompt + completion",
-    )  # fmt: skip
-    max_completion_length: Any = _later(
-        None, "Removed in TRL 1.x.", type_name="int or null",
-        hint="TRL 1.x removed it; use max_length, which bounds prompt + completion",
-    )  # fmt: skip
 
     # ---- Construction ----------------------------------------------------------------------------------------------
 
@@ -560,7 +1210,7 @@ class DPOConfig(BaseModel):
         if name not in type(self).model_fields:
             super().__setattr__(name, value)
             return
-        token = _SOURCE.set(_Source(file=self._config_file))
+        token = _SOURCE.set(_Source(file=self._config_file, assigning=name))
         try:
             super().__setattr__(name, value)
         except ValidationError as error:
@@ -582,6 +1232,7 @@ class DPOConfig(BaseModel):
             source.given_names.update(given_names)
         for name, value in canonical.items():
             canonical[name] = _screen_value(name, value)
+        _resolve_checkpointing_names(canonical, source.assigning if source is not None else None)
         return canonical
 
     @field_validator("logging_steps", "save_steps", "eval_steps", "warmup_steps", "val_size")
@@ -596,9 +1247,6 @@ class DPOConfig(BaseModel):
     def _known_scheduler(cls, value: str) -> str:
         if value in LATER_LR_SCHEDULERS:
             raise _error(f"not supported yet: lr_scheduler_type={value}", "lr_scheduler_type")
-        if value not in SUPPORTED_LR_SCHEDULERS:
-            expected = ", ".join(SUPPORTED_LR_SCHEDULERS)
-            raise _error(f"got {_short_repr(value)}; expected one of {expected}", "lr_scheduler_type")
         return value
 
     @field_validator("optim")
@@ -611,16 +1259,31 @@ class DPOConfig(BaseModel):
 
     @field_validator("report_to")
     @classmethod
-    def _no_trackers(cls, value: str | list[str]) -> str:
-        if value in ("none", [], ["none"]):
+    def _trackers(cls, value: str | list[str] | None) -> str | list[str]:
+        names = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value or [])
+        names = [name for name in names if name and name != "none"]
+        if not names:
             return "none"
-        shown = value if isinstance(value, str) else ",".join(value)
-        raise _error(f"not supported yet: report_to={shown}", "report_to")
+        for name in names:
+            if name not in SUPPORTED_TRACKERS:
+                hint = " (name the trackers)" if name == "all" else ""
+                raise _error(
+                    f"not supported yet: report_to={name}{hint}; expected {', '.join(SUPPORTED_TRACKERS)} or none",
+                    "report_to",
+                )
+        return list(dict.fromkeys(names))
+
+    @field_validator("include_num_input_tokens_seen")
+    @classmethod
+    def _token_count_mode(cls, value: str | bool) -> str:
+        if value not in ("no", "all", "non_padding"):
+            raise _error(f"got {_short_repr(value)}; expected all, non_padding or no", "include_num_input_tokens_seen")
+        return str(value)
 
     @field_validator("fsdp")
     @classmethod
-    def _fsdp_options(cls, value: str | list[str] | None) -> str | None:
-        words = (value.split() if isinstance(value, str) else list(value or []))
+    def _fsdp_options(cls, value: str | None) -> str | None:
+        words = value.split() if value else []
         if not words:
             return None
         unknown = [word for word in words if word not in FSDP_OPTIONS]
@@ -644,17 +1307,45 @@ class DPOConfig(BaseModel):
                 raise _error(error.message, "deepspeed") from None
         return value
 
+    @field_validator("model_init_kwargs")
+    @classmethod
+    def _model_init_kwargs(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        return _check_model_init_kwargs(value)
+
+    @field_validator("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")
+    @classmethod
+    def _checkpointing_kwargs(cls, value: dict[str, Any] | str | None, info: Any) -> dict[str, Any] | None:
+        kwargs = _require_dict(value, info.field_name)
+        for key, item in (kwargs or {}).items():
+            if key not in GRADIENT_CHECKPOINTING_KEYS:
+                raise _error(
+                    f"unknown argument {key!r}; expected {', '.join(GRADIENT_CHECKPOINTING_KEYS)}", info.field_name
+                )
+            if key != "determinism_check" and not isinstance(item, bool):
+                raise _error(f"{key}: got {_format_value(item)}; expected true or false", info.field_name)
+        return kwargs
+
+    @field_validator("lr_scheduler_kwargs")
+    @classmethod
+    def _scheduler_kwargs(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        return _require_dict(value, "lr_scheduler_kwargs")
+
     @model_validator(mode="after")
     def _check_combinations(self) -> DPOConfig:
         """Refuse settings that cannot work together; warn about settings that will be ignored."""
         if self.fp16 and self.bf16:
             raise _error("fp16 and bf16 are both true; choose one mixed-precision mode", "fp16")
         if self.stage == "kto":
-            if "loss_type" in self.model_fields_set and self.loss_type != "kto":
+            if self.loss_type not in ("kto", DPOConfig.model_fields["loss_type"].default):
                 raise _error(f"stage kto trains with loss_type kto; got loss_type={self.loss_type}", "loss_type")
             self.__dict__["loss_type"] = "kto"  # plain assignment would re-run validation
         self._check_loss_settings()
         self._check_sharding_settings()
+        self._check_model_loading()
+        self._check_schedule()
+        self._resolve_best_model_settings()
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.__dict__["torch_compile"] = True  # as transformers: naming a backend or mode turns compilation on
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise _error(
                 f"max_steps={self.max_steps} and num_train_epochs={self.num_train_epochs}: nothing to train; "
@@ -729,6 +1420,74 @@ class DPOConfig(BaseModel):
                 if refuse:
                     raise _error(f"{engine} cannot run with {key}={getattr(self, key)!r}: {reason}", key)
 
+    def _check_model_loading(self) -> None:
+        """``model_init_kwargs`` must agree with the fields that say the same thing (ConfigError naming it)."""
+        kwargs = self.model_init_kwargs or {}
+        if kwargs.get("dtype") is not None and kwargs.get("torch_dtype") is not None:
+            raise _error("both dtype and torch_dtype are given; keep one", "model_init_kwargs")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if dtype is not None and self.torch_dtype is not None and dtype != self.torch_dtype:
+            raise _error(f"dtype={dtype} but torch_dtype={self.torch_dtype}; keep one", "model_init_kwargs")
+        remote = kwargs.get("trust_remote_code")
+        if remote is False and self.trust_remote_code:
+            raise _error("trust_remote_code=false but the trust_remote_code field is true; keep one", "model_init_kwargs")
+        implementation = kwargs.get("attn_implementation")
+        chosen = FLASH_ATTN_IMPLEMENTATIONS.get(self.flash_attn, self.flash_attn)
+        if implementation is not None and chosen is not None and implementation != chosen:
+            raise _error(
+                f"attn_implementation={implementation} but flash_attn={self.flash_attn}; keep one", "model_init_kwargs"
+            )
+
+    def _check_schedule(self) -> None:
+        """``lr_scheduler_kwargs`` names arguments the chosen schedule takes (checked against transformers)."""
+        if not self.lr_scheduler_kwargs:
+            return
+        import inspect
+
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+        from transformers.trainer_utils import SchedulerType
+
+        schedule = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(self.lr_scheduler_type)]
+        parameters = inspect.signature(schedule).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return
+        passed = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")  # the trainer's, not the user's
+        taken = [name for name in parameters if name not in passed]
+        for key in self.lr_scheduler_kwargs:
+            if key not in taken:
+                expected = ", ".join(taken) if taken else "none"
+                raise _error(
+                    f"lr_scheduler_type {self.lr_scheduler_type} takes no argument {key!r}; it takes {expected}",
+                    "lr_scheduler_kwargs",
+                )
+
+    def _resolve_best_model_settings(self) -> None:
+        """As transformers: ``metric_for_best_model`` defaults to ``loss`` when a best checkpoint is wanted,
+        ``greater_is_better`` from the metric's name; ``load_best_model_at_end`` needs matching strategies."""
+        wants_best = self.load_best_model_at_end or self.save_strategy == "best"
+        if wants_best and self.metric_for_best_model is None:
+            self.__dict__["metric_for_best_model"] = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.__dict__["greater_is_better"] = not self.metric_for_best_model.endswith("loss")
+        if self.save_strategy == "best" and self.eval_strategy == "no":
+            raise _error("save_strategy best saves after evaluations, but eval_strategy is no", "save_strategy")
+        if not self.load_best_model_at_end or self.save_strategy == "best":
+            return
+        if self.eval_strategy != self.save_strategy:
+            raise _error(
+                f"load_best_model_at_end needs save_strategy equal to eval_strategy (or best); got "
+                f"eval_strategy={self.eval_strategy}, save_strategy={self.save_strategy}",
+                "load_best_model_at_end",
+            )
+        if self.eval_strategy == "steps":
+            eval_steps = self.resolved_eval_steps
+            if (eval_steps < 1) != (self.save_steps < 1) or self.save_steps % eval_steps != 0:
+                raise _error(
+                    f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
+                    f"({eval_steps}), both whole numbers or both fractions",
+                    "load_best_model_at_end",
+                )
+
     # ---- Derived values --------------------------------------------------------------------------------------------
 
     @property
@@ -743,15 +1502,38 @@ class DPOConfig(BaseModel):
 
     @property
     def resolved_torch_dtype(self) -> Any:
-        """``torch_dtype`` as a ``torch.dtype``; ``"auto"`` stays the string ``"auto"``; None stays None.
-
-        The result can be passed as ``dtype=`` to ``from_pretrained``.
-        """
-        if self.torch_dtype is None or self.torch_dtype == "auto":
-            return self.torch_dtype
+        """``torch_dtype`` (or ``model_init_kwargs['dtype']``) as a ``torch.dtype``; ``"auto"`` stays the string
+        ``"auto"``; None when neither is set. The result can be passed as ``dtype=`` to ``from_pretrained``."""
+        kwargs = self.model_init_kwargs or {}
+        name = self.torch_dtype or kwargs.get("dtype") or kwargs.get("torch_dtype")
+        if name is None or name == "auto":
+            return name
         import torch
 
-        return getattr(torch, self.torch_dtype)
+        return getattr(torch, name)
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``from_pretrained`` of the policy and the reference model.
+
+        ``model_init_kwargs`` (entries whose value is None left out), completed from the fields that say the same
+        thing: ``dtype`` from ``torch_dtype`` (a ``torch.dtype`` or ``"auto"``; left out when unset, which loads
+        float32), ``trust_remote_code``, ``revision`` from ``model_revision`` (when not ``main``) and
+        ``attn_implementation`` from ``flash_attn`` (when not ``auto``). ``torch_dtype`` is renamed ``dtype``.
+        """
+        kwargs = {key: value for key, value in (self.model_init_kwargs or {}).items() if value is not None}
+        kwargs.pop("torch_dtype", None)
+        dtype = self.resolved_torch_dtype
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        else:
+            kwargs.pop("dtype", None)
+        kwargs.setdefault("trust_remote_code", self.trust_remote_code)
+        if self.model_revision != "main":
+            kwargs.setdefault("revision", self.model_revision)
+        implementation = FLASH_ATTN_IMPLEMENTATIONS.get(self.flash_attn, self.flash_attn)
+        if implementation is not None:
+            kwargs.setdefault("attn_implementation", implementation)
+        return kwargs
 
     def resolved_warmup_steps(self, total_steps: int) -> int:
         """Warmup optimizer steps for a run of ``total_steps``: ``warmup_steps`` if > 0, else from ``warmup_ratio``."""
@@ -759,12 +1541,90 @@ class DPOConfig(BaseModel):
             return interval_to_steps(self.warmup_steps, total_steps)
         return math.ceil(self.warmup_ratio * total_steps)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Resolved values by canonical name, JSON-serialisable (for summary.json).
+    def resolved_logging_dir(self) -> str:
+        """The TensorBoard folder: ``logging_dir``; else ``$TENSORBOARD_LOGGING_DIR``; else, as transformers 5
+        computes it, ``output_dir/runs/<Mon DD_HH-MM-SS>_<hostname>`` (computed once per config)."""
+        if self.logging_dir is not None:
+            return os.path.expanduser(self.logging_dir)
+        if self._logging_dir is None:
+            from_environment = os.getenv("TENSORBOARD_LOGGING_DIR")
+            if from_environment:
+                self._logging_dir = os.path.expanduser(from_environment)
+            else:
+                import socket
+                from datetime import datetime
 
-        Keys of not-yet-supported features are left out: they always hold their "off" value.
+                stamp = datetime.now().strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname()
+                self._logging_dir = os.path.join(self.output_dir, "runs", stamp)
+        return self._logging_dir
+
+    # ---- What transformers' callbacks read from TrainingArguments --------------------------------------------------
+
+    @property
+    def process_index(self) -> int:
+        """This process's rank among all processes (``RANK`` from torchrun / accelerate launch; 0 alone)."""
+        return _environment_int("RANK", 0)
+
+    @property
+    def local_process_index(self) -> int:
+        """This process's rank on its node (``LOCAL_RANK``; 0 alone)."""
+        return _environment_int("LOCAL_RANK", 0)
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes (``WORLD_SIZE``; 1 alone)."""
+        return _environment_int("WORLD_SIZE", 1)
+
+    @property
+    def should_log(self) -> bool:
+        """Whether this process logs: the main process of each node with ``log_on_each_node``, else the main one."""
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        """Whether this process writes checkpoints: the main process (of each node with ``save_on_each_node``)."""
+        return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
+
+    @property
+    def train_batch_size(self) -> int:
+        """Pairs per micro-batch per process in training (transformers' name)."""
+        return self.per_device_train_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Pairs per batch per process in evaluation (transformers' name)."""
+        return self.per_device_eval_batch_size
+
+    def get_process_log_level(self) -> int:
+        """The ``logging`` level for this process: ``log_level`` on the main process, ``log_level_replica`` on the
+        others; ``passive`` gives transformers' current verbosity (as ``TrainingArguments.get_process_log_level``)."""
+        level = LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica]
+        if level == -1:
+            from transformers.utils import logging as transformers_logging
+
+            return transformers_logging.get_verbosity()
+        return level
+
+    def to_dict(self) -> dict[str, Any]:
+        """Resolved values by canonical name, JSON-serialisable (for summary.json and trackers' hyperparameters).
+
+        Keys of not-yet-supported features are left out: they always hold their "off" value. Secrets (``hub_token``)
+        are replaced by a placeholder, as transformers does.
         """
-        return self.model_dump(mode="json", exclude=set(_LATER_FIELDS))
+        data = self.model_dump(mode="json", exclude=set(_LATER_FIELDS))
+        for name in _SECRET_FIELDS:
+            if data.get(name) is not None:
+                data[name] = f"<{name.upper()}>"
+        return data
+
+    def to_json_string(self) -> str:
+        """:meth:`to_dict` as indented JSON (TensorBoard's callback records it)."""
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` plus the batch sizes, every value a bool, int, float or str (TensorBoard's hparams)."""
+        data = {**self.to_dict(), "train_batch_size": self.train_batch_size, "eval_batch_size": self.eval_batch_size}
+        return {key: value if type(value) in (bool, int, float, str) else str(value) for key, value in data.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -780,26 +1640,50 @@ _FIELD_NAMES: tuple[str, ...] = tuple(DPOConfig.model_fields)
 _ALIASES: dict[str, str] = {
     alias: name for name in _FIELD_NAMES for alias in typing.cast(list, _field_extra(name).get("aliases", []))
 }
-_LATER_FIELDS: tuple[str, ...] = tuple(name for name in _FIELD_NAMES if _field_extra(name).get("not_supported"))
+_LATER_FIELDS: tuple[str, ...] = tuple(name for name in _FIELD_NAMES if FIELD_POLICY[name].kind == LATER)
 _ALL_KEYS: tuple[str, ...] = _FIELD_NAMES + tuple(_ALIASES)
+_MISSING = object()
 
 
 def canonical_key(key: str) -> str | None:
-    """The canonical field name for ``key`` (a field name or an alias), or None if it is not a config key."""
+    """The field ``key`` sets (``key`` is a field name, an alias, or a key meaning a field's opposite such as
+    ``disable_gradient_checkpointing``), or None if it sets no field (see :func:`is_known_key`)."""
     if key in DPOConfig.model_fields:
         return key
-    return _ALIASES.get(key)
+    return _ALIASES.get(key) or INVERTED_ALIASES.get(key)
+
+
+def is_known_key(key: str) -> bool:
+    """Whether ``key`` is a config key: a field, an alias, or one of :data:`OTHER_KNOWN_KEYS`."""
+    return canonical_key(key) is not None or key in OTHER_KNOWN_KEYS
 
 
 def _suggestion(key: str) -> str:
-    close = difflib.get_close_matches(key, _ALL_KEYS, n=1, cutoff=0.6)
-    if not close:
-        close = difflib.get_close_matches(key.lower().replace("-", "_"), _ALL_KEYS, n=1, cutoff=0.6)
+    """"; did you mean 'X'?" for an unknown key: its normal spelling, another framework's name for it, the one key
+    it begins, or the closest spelling."""
+    normal = key.strip().lower().replace("-", "_")
+    candidates = _ALL_KEYS + tuple(INVERTED_ALIASES)
+    if normal in candidates and normal != key:
+        return f"; did you mean '{normal}'?"
+    if normal in _SYNONYMS:
+        return f"; did you mean '{_SYNONYMS[normal]}'?"
+    extended = [name for name in candidates if name.startswith(normal + "_")]
+    if len(extended) == 1:
+        return f"; did you mean '{extended[0]}'?"
+    close = difflib.get_close_matches(normal, candidates, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _unknown_key_error(key: str) -> ConfigError:
+    source = _SOURCE.get() or _Source()
+    if key in source.cli_keys:
+        return ConfigError(f"unknown key{_suggestion(key)} (from a command-line override)", key=key)
+    return ConfigError(f"unknown key{_suggestion(key)}", key=key, file=source.file)
+
+
 def _canonical_items(data: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Rename aliases to canonical names; refuse non-string, unknown and doubly-given keys."""
+    """Rename aliases to canonical names; check and drop other known keys; refuse non-string, unknown and doubly-given
+    keys."""
     canonical: dict[str, Any] = {}
     given_names: dict[str, str] = {}
     for key, value in data.items():
@@ -807,16 +1691,40 @@ def _canonical_items(data: Mapping[Any, Any]) -> tuple[dict[str, Any], dict[str,
             raise _error(f"key {_short_repr(key)} is not a string", None)
         name = canonical_key(key)
         if name is None:
-            source = _SOURCE.get() or _Source()
-            if key in source.cli_keys:
-                raise ConfigError(f"unknown key{_suggestion(key)} (from a command-line override)", key=key)
-            raise ConfigError(f"unknown key{_suggestion(key)}", key=key, file=source.file)
+            if key not in OTHER_KNOWN_KEYS:
+                raise _unknown_key_error(key)
+            _check_known_key(key, value)
+            continue
+        if key in INVERTED_ALIASES:
+            if not isinstance(value, bool):
+                raise _keyed_error(f"got {_format_value(value)}; expected true or false", key)
+            value = not value
         if name in canonical:
             first = given_names[name]
             raise _error(f"both '{first}' and '{key}' are given; they set the same value ('{name}'): keep one", name)
         canonical[name] = value
         given_names[name] = key
     return canonical, given_names
+
+
+def _keyed_error(message: str, key: str) -> ConfigError:
+    """A ConfigError for a key as written (not a field name), naming where it came from."""
+    source = _SOURCE.get() or _Source()
+    if key in source.cli_keys:
+        return ConfigError(f"{message} (from a command-line override)", key=key)
+    return ConfigError(message, key=key, file=source.file)
+
+
+def _check_known_key(key: str, value: Any) -> None:
+    """A key of :data:`OTHER_KNOWN_KEYS`: ignored at an accepted value, refused by name otherwise."""
+    known = OTHER_KNOWN_KEYS[key]
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if known.accepted and known.accepted[0] is ANY_VALUE:
+        return
+    if not _equal_to_any(value, known.accepted):
+        raise _keyed_error(f"not supported yet: {key}={_format_value(value)} ({known.hint})", key)
+    logger.debug("%s=%s has no effect in preftune (%s)", key, _format_value(value), known.hint)
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -836,37 +1744,84 @@ def _is_same(value: Any, accepted: Any) -> bool:
 
 def _equal_to_any(value: Any, accepted: Sequence[Any]) -> bool:
     for candidate in accepted:
-        if _is_same(value, candidate) and bool(value == candidate):
-            return True
+        try:
+            if _is_same(value, candidate) and bool(value == candidate):
+                return True
+        except Exception:  # an exotic value whose comparison fails is simply not an accepted one
+            continue
     return False
 
 
+def _normalize(name: str, value: Any) -> Any:
+    """TRL's, transformers' and YAML's spellings of a value, read the way those tools read them."""
+    if isinstance(value, enum.Enum):  # IntervalStrategy.STEPS, SchedulerType.COSINE, ...
+        value = value.value
+    default = DPOConfig.model_fields[name].default
+    if value is False and name in _STRATEGY_FIELDS:
+        return "no"  # YAML 1.1 reads `no` as false
+    if name in _DICT_FIELDS and isinstance(value, str) and value.lstrip().startswith("{"):
+        return _parse_json_object(name, value)
+    if value is None and name in ("bf16", "output_dir"):
+        return default  # TRL's "unset" default: preftune's documented default
+    if name == "include_num_input_tokens_seen" and isinstance(value, bool):
+        return "all" if value else "no"
+    if name == "fsdp":
+        if value is True:
+            return "full_shard"
+        if value is False or (isinstance(value, (list, tuple)) and not value):
+            return None
+        if isinstance(value, (list, tuple)) and all(isinstance(word, str) for word in value):
+            return " ".join(value)
+    if name == "report_to" and value is None:
+        return "none"
+    if name == "debug" and (value is None or (isinstance(value, (list, tuple)) and not value)):
+        return ""
+    if name == "pad_to_multiple_of" and isinstance(value, str) and value != "auto":
+        if value.strip().lower() in ("none", "null", ""):
+            return None  # TRL reads these command-line spellings so
+        if value.strip().isdigit():
+            return int(value)
+    if name == "torch_dtype":
+        return _dtype_name(value)
+    if name == "rpo_alpha" and _is_same(value, 0) and value == 0:
+        return None  # LLaMA-Factory's pref_ftx: 0 means no SFT term
+    return value
+
+
 def _screen_value(name: str, value: Any) -> Any:
-    """Normalise TRL/LLaMA-Factory spellings of a value and refuse values of features not implemented yet."""
-    extra = _field_extra(name)
-    if extra.get("not_supported"):
-        if not _equal_to_any(value, extra["accepted"]):
-            hint = f" ({extra['hint']})" if extra.get("hint") else ""
-            raise _error(f"not supported yet: {_given_name(name)}{hint}; got {_short_repr(value)}", name)
+    """Normalise a value, refuse values of features not implemented yet and values no field type would read right."""
+    value = _normalize(name, value)
+    policy = FIELD_POLICY[name]
+    if policy.kind == LATER:
+        accepted = (DPOConfig.model_fields[name].default, *policy.accepted)
+        if not _equal_to_any(value, accepted):
+            hint = f" ({policy.note})" if policy.note else ""
+            raise _error(f"not supported yet: {_given_name(name)}={_format_value(value)}{hint}", name)
         return value
 
     annotation = DPOConfig.model_fields[name].annotation
     if isinstance(value, bool) and not _accepts_bool(annotation):
         raise _error(f"got {value!r} (bool); expected {_describe_field(name)}", name)
-
-    if name == "rpo_alpha" and _is_same(value, 0) and value == 0:
-        value = None  # LLaMA-Factory's pref_ftx: 0 means no SFT term
-    elif name == "loss_type":
+    if name == "loss_type":
         value = _screen_loss_type(value)
     elif name == "stage" and isinstance(value, str) and value not in ("dpo", "kto"):
+        if value in STAGES_NOW_LOSSES:
+            raise _error(
+                f"stage {value} is not a LLaMA-Factory stage any more: write stage: dpo with "
+                f"pref_loss: {STAGES_NOW_LOSSES[value]}",
+                name,
+            )
         if value in OTHER_STAGES:
             raise _error(f"preftune runs stages dpo and kto only; got stage={value}", name)
     elif name == "finetuning_type" and value == "freeze":
         raise _error(f"not supported yet: finetuning_type={value}", name)
-    elif name == "report_to" and value is None:
-        value = "none"  # transformers' older default
-    elif name == "torch_dtype" and type(value).__module__ == "torch" and str(value).startswith("torch."):
-        value = str(value).removeprefix("torch.")  # DPOConfig(torch_dtype=torch.bfloat16)
+    return value
+
+
+def _dtype_name(value: Any) -> Any:
+    """``torch.bfloat16`` -> ``"bfloat16"``; anything else unchanged."""
+    if type(value).__module__ == "torch" and str(value).startswith("torch."):
+        return str(value).removeprefix("torch.")
     return value
 
 
@@ -892,8 +1847,130 @@ def _given_name(name: str) -> str:
     return source.given_names.get(name, name) if source is not None else name
 
 
+def _parse_json_object(name: str, text: str) -> Any:
+    """A JSON object given as a string (the command line's way to give a dict), with transformers' reading of
+    ``"true"``/``"false"`` and number strings inside it."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise _error(f"got {_format_value(text)}; expected a JSON object ({error})", name) from None
+    return _convert_strings(value) if isinstance(value, dict) else value
+
+
+def _convert_strings(data: dict[str, Any]) -> dict[str, Any]:
+    """As transformers does for dict arguments from the command line: "true"/"false" -> bool, "12" -> 12,
+    "0.5" -> 0.5, recursively."""
+    converted: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = _convert_strings(value)
+        elif isinstance(value, str):
+            if value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            elif value.isdigit():
+                value = int(value)
+            elif value.replace(".", "", 1).isdigit():
+                value = float(value)
+        converted[key] = value
+    return converted
+
+
+def _require_dict(value: Any, name: str) -> dict[str, Any] | None:
+    """``value`` as a dict (None stays None); a string that is not a JSON object is refused naming the key."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _error(f"got {_format_value(value)}; expected a mapping (or a JSON object string)", name)
+    return dict(value)
+
+
+def _check_model_init_kwargs(value: Any) -> dict[str, Any] | None:
+    """Each key one ``from_pretrained`` takes offline, each value of its kind; ``torch_dtype`` becomes ``dtype``."""
+    kwargs = _require_dict(value, "model_init_kwargs")
+    if kwargs is None:
+        return None
+    checked: dict[str, Any] = {}
+    for key, item in kwargs.items():
+        kind = MODEL_INIT_KEYS.get(key)
+        if kind is None:
+            hint = "; use quantization_bit" if key == "quantization_config" else ""
+            raise _error(
+                f"not supported yet: model_init_kwargs key {key!r}{hint}; accepted: {', '.join(MODEL_INIT_KEYS)}",
+                "model_init_kwargs",
+            )
+        if item is not None:
+            item = _check_model_init_value(key, kind, item)
+        name = "dtype" if key == "torch_dtype" else key
+        if name in checked and checked[name] is not None and item is not None:
+            raise _error("both dtype and torch_dtype are given; keep one", "model_init_kwargs")
+        if item is not None or name not in checked:
+            checked[name] = item
+    return checked
+
+
+_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _check_model_init_value(key: str, kind: str, item: Any) -> Any:
+    expected = {
+        "bool": "true or false",
+        "string": "a string",
+        "dtype": "one of " + ", ".join(DTYPE_NAMES) + " or a torch dtype",
+        "device_map": "a device name such as auto or cpu, or a mapping",
+    }[kind]
+    valid = {
+        "bool": lambda: isinstance(item, bool),
+        "string": lambda: isinstance(item, str),
+        "dtype": lambda: _dtype_name(item) in DTYPE_NAMES,
+        "device_map": lambda: isinstance(item, (str, dict)) or (isinstance(item, int) and not isinstance(item, bool)),
+    }[kind]()
+    if not valid:
+        raise _error(f"{key}: got {_format_value(item)}; expected {expected}", "model_init_kwargs")
+    if key == "attn_implementation" and item not in _ATTENTION_IMPLEMENTATIONS:
+        raise _error(
+            f"attn_implementation: got {_format_value(item)}; expected one of {', '.join(_ATTENTION_IMPLEMENTATIONS)}",
+            "model_init_kwargs",
+        )
+    return _dtype_name(item) if kind == "dtype" else item
+
+
+def _resolve_checkpointing_names(values: dict[str, Any], assigning: str | None) -> None:
+    """transformers 5 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs): the new name wins
+    when set, and afterwards both hold the same value (as TrainingArguments does)."""
+    for new, old in (
+        ("activation_checkpointing", "gradient_checkpointing"),
+        ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"),
+    ):
+        old_default = DPOConfig.model_fields[old].default
+        if assigning == old:
+            values[new] = values.get(old)
+            continue
+        new_value = values.get(new)
+        if new_value is not None:
+            old_value = values.get(old, _MISSING)
+            given_differently = old_value is not _MISSING and old_value != old_default and old_value != new_value
+            if given_differently and assigning is None:
+                raise _error(f"{new} and {old} are both given, with different values; keep {new}", new)
+            values[old] = new_value
+        if assigning is None:
+            values[new] = values.get(old, old_default)
+
+
+def _environment_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Turning pydantic's errors into ours
+
+# What some fields expect, in words (their types list names preftune refuses anyway).
+_EXPECTED_TEXT = {
+    "optim": "one of " + ", ".join(SUPPORTED_OPTIMIZERS),
+    "lr_scheduler_type": "one of " + ", ".join(SUPPORTED_LR_SCHEDULERS),
+}
 
 
 def _describe_type(annotation: Any) -> str:
@@ -917,6 +1994,8 @@ def _describe_type(annotation: Any) -> str:
         return " or ".join(_describe_type(arg) for arg in args)
     if origin is list:
         return f"list of {_describe_type(args[0])}" if args else "list"
+    if origin is dict or annotation is dict:
+        return "mapping"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -936,9 +2015,8 @@ def _describe_constraints(name: str) -> str:
 
 def _describe_field(name: str) -> str:
     """Expected type of a field in words, with its bounds, e.g. ``int >= 1 or null``."""
-    extra = _field_extra(name)
-    if extra.get("type_name"):
-        return str(extra["type_name"])
+    if name in _EXPECTED_TEXT:
+        return _EXPECTED_TEXT[name]
     annotation = DPOConfig.model_fields[name].annotation
     bounds = _describe_constraints(name)
     if not bounds:
@@ -950,7 +2028,15 @@ def _describe_field(name: str) -> str:
 
 
 def _convert_validation_error(error: ValidationError) -> ConfigError:
-    """One ConfigError for a pydantic ValidationError: the first problem, then any others, one clause each."""
+    """One ConfigError for a pydantic ValidationError: the first problem, then any others, one clause each.
+
+    A ConfigError raised by one of our validators (pydantic wraps it, as it wraps every ValueError) is returned as
+    it is: it already names the key and what was expected.
+    """
+    for item in error.errors(include_url=False):
+        raised = (item.get("ctx") or {}).get("error")
+        if isinstance(raised, ConfigError):
+            return raised
     problems: list[tuple[str | None, str]] = []
     seen: set[str | None] = set()
     for item in error.errors(include_url=False):
@@ -990,6 +2076,61 @@ def interval_to_steps(value: float, total_steps: int) -> int:
     if value >= 1:
         return int(value)
     return max(1, math.ceil(value * total_steps))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Descriptions that say the policy, and the dataclass view for argument parsers
+
+
+def _policy_text(name: str) -> str:
+    """The sentence a LATER or NO_OP field's description starts with."""
+    policy = FIELD_POLICY[name]
+    if policy.kind == LATER:
+        accepted = (DPOConfig.model_fields[name].default, *policy.accepted)
+        return f"Not supported yet: accepted only at {' or '.join(_format_default(value) for value in accepted)}."
+    if policy.kind == NO_OP:
+        return f"No effect in preftune: {policy.note}."
+    return ""
+
+
+def _describe_policies() -> None:
+    for name, info in DPOConfig.model_fields.items():
+        prefix = _policy_text(name)
+        if prefix:
+            info.description = f"{prefix} {info.description}"
+
+
+def flag_fields() -> tuple[str, ...]:
+    """The fields that are command-line flags (``dataclasses.fields(DPOConfig)``): all but :data:`NOT_FLAGS`."""
+    return tuple(name for name in _FIELD_NAMES if name not in NOT_FLAGS)
+
+
+def _flag_spec(name: str) -> tuple[str, Any, dataclasses.Field]:
+    """(name, type, dataclasses.Field) of one flag: its default (a factory for lists), help and argparse extras."""
+    info = DPOConfig.model_fields[name]
+    extras = dict(_field_extra(name).get("flag", {}))
+    default = extras.pop("default", info.default)
+    metadata = {"help": (info.description or "").replace("%", "%%"), **extras}  # argparse formats help with %
+    if isinstance(default, (list, dict)):
+        spec = dataclasses.field(default_factory=lambda value=default: json.loads(json.dumps(value)), metadata=metadata)
+    else:
+        spec = dataclasses.field(default=default, metadata=metadata)
+    return name, info.annotation, spec
+
+
+def _present_as_dataclass() -> None:
+    """Give DPOConfig the ``__dataclass_fields__`` of its flags, so that ``dataclasses.fields``,
+    ``dataclasses.is_dataclass``, ``HfArgumentParser`` and ``TrlParser`` treat it as TRL's dataclass config.
+
+    The parsers build a flag per field from ``typing.get_type_hints(DPOConfig)`` (the fields' annotations, chosen so
+    that each flag parses as TRL's does), then call ``DPOConfig(**values)``, which validates as usual.
+    """
+    flags = dataclasses.make_dataclass("DPOConfigFlags", [_flag_spec(name) for name in flag_fields()])
+    type.__setattr__(DPOConfig, "__dataclass_fields__", flags.__dataclass_fields__)
+
+
+_describe_policies()
+_present_as_dataclass()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1094,6 +2235,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DPOConfig:
     for key in override_values:
         name = canonical_key(key)
         if name is None:
+            if key in OTHER_KNOWN_KEYS:
+                continue  # checked with the rest; it replaces the file's value of the same key
             raise ConfigError(f"unknown key{_suggestion(key)} (from a command-line override)", key=key)
         for existing in list(merged):
             if isinstance(existing, str) and existing != key and canonical_key(existing) == name:

@@ -12,7 +12,7 @@ class PreftuneError(Exception):
 
 
 class ConfigError(PreftuneError, ValueError):
-    """A configuration value or key is wrong (a ValueError too, as TRL and transformers raise for bad arguments).
+    """A configuration value or key is wrong (a ValueError too, as TRL's and transformers' argument errors are).
 
     Attributes:
         key: the offending key (dotted for nested values), or None.
@@ -28,7 +28,7 @@ class ConfigError(PreftuneError, ValueError):
 
 
 class DataError(PreftuneError, ValueError):
-    """A dataset file or row is unusable (a ValueError too, as TRL raises for bad data).
+    """A dataset file or row is unusable (a ValueError too, as TRL's data errors are).
 
     Attributes:
         file: the data file (or dataset name) concerned.
