@@ -104,11 +104,11 @@ def tracker_callbacks(report_to: str | Iterable[str] | None) -> list[TrainerCall
             raise ConfigError(f"unknown tracker {name!r}; expected none, all or one of {known}", key="report_to")
         try:
             callbacks.append(INTEGRATION_TO_CALLBACK[name]())
-        except (RuntimeError, ImportError, ModuleNotFoundError) as error:
+        except (RuntimeError, ImportError, ModuleNotFoundError):
             package = TRACKER_PACKAGES.get(name, name)
             raise ConfigError(
-                f"report_to {name}: the {package} package is not installed (pip install {package}; or "
-                f"pip install 'preftune[trackers]'); {_first_line(error)}",
+                f"report_to {name}: the {package} package is not installed (pip install {package}, or "
+                "pip install 'preftune[trackers]' for tensorboard, wandb, mlflow and trackio)",
                 key="report_to",
             ) from None
     return callbacks
@@ -128,10 +128,8 @@ def build_callback_handler(
 ) -> CallbackHandler:
     """The handler the loop calls: the schedule first, then the trackers of ``args.report_to``, then ``callbacks``
     (instances or classes, as transformers' Trainer takes them)."""
-    every = [ScheduleCallback(), *tracker_callbacks(getattr(args, "report_to", "none")), *(callbacks or [])]
-    return CallbackHandler(every, model, processing_class, None, None)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    trackers = tracker_callbacks(getattr(args, "report_to", "none"))
+    for tracker in trackers:  # transformers 5 no longer reads args.logging_dir: TensorBoard's folder is set here
+        if hasattr(tracker, "logging_dir") and getattr(tracker, "logging_dir", None) is None:
+            tracker.logging_dir = args.resolved_logging_dir()
+    return CallbackHandler([ScheduleCallback(), *trackers, *(callbacks or [])], model, processing_class, None, None)

@@ -229,7 +229,7 @@ class DPOTrainer:
             logging.getLogger("preftune").setLevel(logging.WARNING)
         if self.args.keep_freed_cpu_memory and self.accelerator.device.type == "cpu":
             keep_freed_memory()
-        set_seed(self.args.seed)  # the same seed on every process (see preftune.distributed)
+        _set_global_settings(self.args)  # seed (the same on every process), determinism, TF32, log level
         self.loss_params = LossParams.from_config(self.args)
         self.loss_params.validate()
         self.state = TrainerState(
@@ -348,18 +348,16 @@ class DPOTrainer:
 
     # ----------------------------------------------------------------- setup
     def _load_model(self, model: nn.Module | str, key: str, quantization_config: Any = None) -> nn.Module:
-        """A model given as a path, loaded with ``model_init_kwargs`` (TRL's ``DPOConfig.model_init_kwargs``)."""
+        """A model given as a path, loaded with ``args.from_pretrained_kwargs()`` (``model_init_kwargs``, dtype,
+        revision, attention implementation)."""
         if isinstance(model, nn.Module):
-            if getattr(self.args, "model_init_kwargs", None) and key == "model_name_or_path":
+            if self.args.model_init_kwargs and key == "model_name_or_path":
                 logger.warning("model_init_kwargs ignored: the model given is already loaded")
             return model
-        init_kwargs = dict(getattr(self.args, "model_init_kwargs", None) or {})
         if quantization_config is not None:
             check_quantization(4, self.accelerator.device.type)  # bitsandbytes and CUDA, or a clear error
             raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_config")
-        dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", None)) or self.args.torch_dtype
-        trust_remote_code = init_kwargs.pop("trust_remote_code", self.args.trust_remote_code)
-        return load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code, key=key, **init_kwargs)
+        return load_causal_lm(model, key=key, **self.args.from_pretrained_kwargs())
 
     def _setup_models(self, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any,
                       quantization_config: Any = None) -> None:
@@ -395,7 +393,7 @@ class DPOTrainer:
                 self.model.enable_input_require_grads()
         if self.args.torch_compile:
             for module in distinct:
-                compile_body(module)
+                compile_body(module, backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
 
     def _build_reference(self, ref_model: nn.Module | str | None) -> Reference | None:
         """None for reference-free losses; else a given model, the policy with its adapter disabled (LoRA), a
@@ -506,7 +504,8 @@ class DPOTrainer:
             return StreamingWindows(self.stream, self.batch_maker, batch_size=batch_size, per_step=per_step,
                                     drop_last=self.args.dataloader_drop_last, prepare=prepare)
         return PlannedWindows(self.data.train.dataset, self.batch_maker, batch_size=batch_size, per_step=per_step,
-                              seed=self.args.seed, drop_last=self.args.dataloader_drop_last,
+                              seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                              drop_last=self.args.dataloader_drop_last,
                               max_tokens=self.args.max_tokens_per_batch)
 
     # ------------------------------------------------------------ loss core
@@ -649,7 +648,7 @@ class DPOTrainer:
         if getattr(args, "eval_on_start", False) and start_step == 0:
             self._evaluate_sets(model, run)
         start = window_start = time.perf_counter()
-        progress = tqdm(total=total_steps, initial=start_step, desc="Training", disable=not self.accelerator.is_main_process)
+        progress = tqdm(total=total_steps, initial=start_step, desc="Training", disable=self._progress_disabled())
         current_epoch = None
         for step, (epoch, window, epoch_progress) in enumerate(windows.windows(total_steps), start=1):
             if step <= start_step:  # resuming: batches are a function of seed and epoch, so skip to the position
@@ -751,6 +750,15 @@ class DPOTrainer:
         self.control = handler.on_train_end(args, self.state, self.control)
         self.accelerator.wait_for_everyone()  # the replicas wait until the main process has written the outputs
         return TrainOutput(self.state.global_step, training_loss, summary)
+
+    def _progress_disabled(self) -> bool:
+        """``disable_tqdm``; None: hidden when the root logger is above WARNING (transformers' rule); always on
+        replica processes."""
+        if not self.accelerator.is_main_process:
+            return True
+        if self.args.disable_tqdm is not None:
+            return self.args.disable_tqdm
+        return logging.getLogger().getEffectiveLevel() > logging.WARNING
 
     def _set_schedule(self, total_steps: int, steps_per_epoch: int | None) -> None:
         """The run's length and intervals in whole steps, where the schedule callback reads them (as in
@@ -1206,17 +1214,18 @@ class _RunTotals:
         self.last_eval_step, self.skipped_steps = saved["last_eval_step"], list(saved["skipped_steps"])
 
 
-def compile_body(model: nn.Module) -> None:
+def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:
     """``torch.compile`` the transformer body in place (``Module.compile``: parameter names and saving unchanged).
 
     Only the body: the output layer is bypassed by the chunked LM head, and shapes vary from batch to batch,
-    hence ``dynamic=True``.
+    hence ``dynamic=True``. ``backend`` and ``mode`` are ``torch.compile``'s (None: its defaults).
     """
     inner = unwrap_model(model)
     body = getattr(inner, "base_model", None)
     if body is None or body is inner:
         raise ConfigError(f"torch_compile: cannot find the transformer body of {type(inner).__name__}", key="torch_compile")
-    body.compile(dynamic=True)
+    options = {name: value for name, value in (("backend", backend), ("mode", mode)) if value is not None}
+    body.compile(dynamic=True, **options)
 
 
 def _reference_fingerprint(reference: Reference, policy: nn.Module) -> str:
@@ -1347,3 +1356,21 @@ def _stream_precompute_error() -> ConfigError:
     return ConfigError("precompute_ref_log_probs is not supported with IterableDataset: a stream is read once, as it "
                        "trains; give a datasets.Dataset or set precompute_ref_log_probs: false",
                        key="precompute_ref_log_probs")
+
+
+def _set_global_settings(args: DPOConfig) -> None:
+    """Process-wide settings of a run: the seed (``full_determinism``: transformers' deterministic mode), TF32
+    matmuls (``tf32``; None leaves torch's setting) and transformers' log level (``log_level``)."""
+    if args.full_determinism:
+        from transformers import enable_full_determinism
+
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+    if args.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.log_level != "passive" or args.log_level_replica != "passive":
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity(args.get_process_log_level())
