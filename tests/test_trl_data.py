@@ -24,7 +24,9 @@ from transformers import AutoTokenizer
 
 from preftune.data.collate import collate_pairs
 from preftune.data.formats import canonicalize_records, load_preference_data
+from preftune.data.pipeline import prepare_data
 from preftune.data.tokenize import TokenizeSettings, tokenize_dataset
+from preftune.data.validate import CheckSettings, check_data, find_problems, write_clean
 from preftune.errors import DataError
 
 trl = pytest.importorskip("trl")
@@ -298,6 +300,49 @@ def test_dpo_trainer_train_dataset_has_preftunes_ids(base_tokenizer, tmp_path):
                              train_dataset=as_hub_dataset(rows), processing_class=tokenizer)
     assert [{key: trainer.train_dataset[i][key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
             for i in range(len(rows))] == ids_of(ours(rows, tokenizer))
+
+
+# ---------------------------------------------------------------- the training pipeline and the data checks
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_prepare_data_reads_tool_call_jsonl_and_renders_its_tools(base_tokenizer, tmp_path):
+    tokenizer = with_template(base_tokenizer, model_template("qwen2_5"))
+    path = write_jsonl(tmp_path / "toolcall.jsonl", TOOLCALL_ROWS)
+    config = types.SimpleNamespace(dataset_dir=None, max_samples=None, on_bad_row="error", val_size=0, seed=0,
+                                   overwrite_cache=True, max_length=None, truncation_mode="keep_start", template=None)
+    prepared = prepare_data(config, tokenizer, str(path))
+    assert ids_of(prepared.train) == trl_tokenized(TOOLCALL_ROWS, tokenizer)
+    assert prepared.report["train"]["rows_failed_checks"] == 0
+
+
+def test_data_checks_compare_tool_calls_and_reasoning_not_only_the_text():
+    same_text = dict(TOOLCALL_ROWS[0], rejected=[call("start_timer", duration=1)] + TOOLCALL_ROWS[0]["chosen"][1:])
+    same_answer = dict(HARMONY_ROWS[0], rejected=[answer("Beautiful.", thinking="Other reasoning.")])
+    rows = [same_text, TOOLCALL_ROWS[1], same_answer,
+            dict(TOOLCALL_ROWS[1], rejected=TOOLCALL_ROWS[1]["chosen"]), TOOLCALL_ROWS[1]]
+    problems = find_problems(canonicalize_records(rows, source="mem"))
+    assert problems["identical_pair"] == [3]  # rows 0 and 2 differ in the call's arguments / the reasoning only
+    assert problems["duplicate"] == [4] and problems["turn_order"] == [] and problems["empty_or_short"] == []
+
+
+def test_data_check_counts_templated_prompt_tokens_with_the_rows_tools(base_tokenizer, tmp_path):
+    tokenizer = with_template(base_tokenizer, model_template("qwen2_5"))
+    lengths = [len(tokenizer(rendered(tokenizer, row["prompt"], row, add_generation_prompt=True))["input_ids"])
+               for row in TOOLCALL_ROWS]
+    assert lengths[0] < lengths[1]  # row 1 has two tools in its system prompt
+    # row 0's responses differ in few characters (600 / 10, minutes / seconds): too_similar at the default 0.9
+    settings = CheckSettings(tokenizer=tokenizer, max_length=lengths[0], max_similarity=0.99)
+    checked = check_data(str(write_jsonl(tmp_path / "toolcall.jsonl", TOOLCALL_ROWS)), settings=settings)
+    assert checked.flagged == {1}
+    written = write_clean(checked, tmp_path / "clean.jsonl")
+    assert written == 1
+    assert [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text(encoding="utf-8").splitlines()] == [
+        TOOLCALL_ROWS[0]]
 
 
 # ---------------------------------------------------------------- rows refused with their field
