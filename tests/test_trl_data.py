@@ -285,6 +285,17 @@ def test_gpt_oss_harmony_rows_tokenize_like_trl(base_tokenizer):
         "<|start|>assistant<|channel|>final<|message|>Beautiful.<|return|>")
 
 
+def test_unpaired_tool_call_completion_renders_with_the_rows_tools(base_tokenizer):
+    tokenizer = with_template(base_tokenizer, model_template("qwen2_5"))
+    row = {"prompt": TOOLCALL_ROWS[0]["prompt"], "completion": TOOLCALL_ROWS[0]["chosen"], "label": True,
+           "tools": [TIMER]}
+    tokenized = ours([row], tokenizer).dataset[0]
+    full = tokenizer(rendered(tokenizer, row["prompt"] + row["completion"], row))["input_ids"]
+    prompt = tokenizer(rendered(tokenizer, row["prompt"], row, add_generation_prompt=True))["input_ids"]
+    assert (tokenized["prompt_ids"], tokenized["completion_ids"]) == (prompt, full[len(prompt):])
+    assert full[:len(prompt)] == prompt
+
+
 # ---------------------------------------------------------------- a whole DPOTrainer
 
 

@@ -2,7 +2,8 @@
 
 Input: a `datasets.Dataset` in the canonical form of `preftune.data.formats` with an int "row" column, either text
 (`prompt`, `chosen`, `rejected` are strings) or conversational (`prompt` is a list of {role, content} messages ending
-with a user turn; `chosen` / `rejected` are lists holding the assistant message). Two further kinds:
+with a user turn or a tool result; `chosen` / `rejected` are lists holding the assistant message, or assistant tool
+calls, tool results and the answer; optional `tools` and `chat_template_kwargs` columns). Two further kinds:
 
 - several negatives: `rejected` is a list of M >= 2 responses (strings, or message lists); every row has the same M.
 - unpaired (KTO): columns `prompt`, `completion` (a string, or a list holding the assistant message) and `label`
