@@ -8,6 +8,25 @@ The canonical form is TRL's explicit-prompt preference format, in one of two sha
   The prompt is an optional leading system turn, then user/assistant turns alternating from a user turn and
   ending on a user turn; chosen and rejected are one assistant message each.
 
+Tool calls and reasoning (TRL 1.16's conversational format, as in its `toolcall` and `harmony` test datasets):
+
+- Assistant messages keep their `tool_calls` and reasoning fields (`thinking`, `reasoning_content`, ...), tool
+  messages their `name` / `tool_call_id` (TEMPLATE_MESSAGE_FIELDS): the chat template reads them. Other fields are
+  dropped, as before. An assistant message with `tool_calls` may have no content; a "tool" message carries a tool
+  result.
+- A response may be several messages: assistant tool calls, each followed by the "tool" results, ending on an
+  assistant message (`[assistant+tool_calls, tool, ..., assistant]`). Every one of its tokens is a completion token,
+  tool results included (TRL 1.16's DPOTrainer masks nothing inside a completion).
+- A prompt may hold such tool turns too (a "tool" turn follows an assistant turn or another tool turn) and may end
+  on a tool turn.
+- Per row, `tools` (a list of JSON-schema function objects, or one JSON string of that list) and
+  `chat_template_kwargs` (an object, or a JSON string of one: e.g. {"enable_thinking": false}) are kept in the
+  columns of the same names (TEMPLATE_INPUT_COLUMNS) and passed to the chat template (`preftune.data.tokenize`).
+  Only conversational rows may carry them.
+- Such columns hold values whose keys differ from row to row, so they (and the message columns, when any message
+  has fields beyond role and content) are stored as `datasets.Json` columns: Arrow's struct columns would give
+  every row the union of all rows' keys, filled with null, and the template would see those nulls.
+
 Several negatives per prompt: a row may give `rejected` as a list of M responses (strings, or message lists beside
 a conversational prompt). A plain string or a list of one is the classic case (M = 1). When the rows carry M >= 2,
 the canonical "rejected" column holds that list of M responses and `LoadedData.num_negatives` is M; every row of a
@@ -53,7 +72,22 @@ MAX_LOGGED_BAD_ROWS = 20
 REGISTRY_FILE = "dataset_info.json"
 DATA_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet", ".csv")
 HH_ASSISTANT = "\n\nAssistant:"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TEMPLATE_INPUT_COLUMNS = ("tools", "chat_template_kwargs")
+# Message fields beyond role and content that are kept, by role: what chat templates read for tool use and reasoning
+# (Qwen, DeepSeek: reasoning_content; gpt-oss: thinking; Gemma: reasoning, tool_responses; tool results: the
+# function's name, or the id of the call they answer). Any other field is dropped.
+TEMPLATE_MESSAGE_FIELDS = {
+    "assistant": ("tool_calls", "thinking", "reasoning_content", "reasoning", "tool_responses"),
+    "tool": ("name", "tool_call_id"),
+}
+# apply_chat_template arguments that tokenization sets itself (or that change what it returns), so a row's
+# chat_template_kwargs may not set them; tools come from the "tools" column.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "chat_template", "add_generation_prompt", "continue_final_message", "tokenize",
+    "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+})
 
 # Chinese text that is not UTF-8 is nearly always GBK / GB18030 (what Excel and Notepad on Chinese Windows save).
 NOT_UTF8_HINT = ("expected UTF-8 text; a file saved as GBK / GB18030 (by Excel or Notepad on Chinese Windows) "
@@ -70,7 +104,7 @@ LABEL_TEXTS = {"true": True, "false": False, "1": True, "0": False}
 MEDIA_COLUMNS = {"images": "image/video", "image": "image/video", "videos": "image/video", "video": "image/video",
                  "audios": "audio", "audio": "audio"}
 
-Message = dict[str, str]
+Message = dict[str, Any]
 RowItem = tuple[int, Any]  # (row index, record dict, or an unraised DataError for an unreadable row)
 
 
@@ -82,7 +116,8 @@ class LoadedData:
         dataset: paired: columns prompt, chosen, rejected (all text, or all message lists; rejected is a list of
             num_negatives responses when num_negatives >= 2) and row (int, 0-based index of the source row in its
             file). Unpaired: columns prompt, completion (text, or all message lists), label (bool, True =
-            desirable) and row.
+            desirable) and row. Conversational data may also have the columns tools and chat_template_kwargs
+            (TEMPLATE_INPUT_COLUMNS; null in rows without them); see the module docstring for the Json columns.
         source: the file path(s) or dataset name(s), for messages.
         skipped_rows: (row, reason) for each row skipped under on_bad_row "skip" or "warn"; the reason is the
             full error message, naming the file.
@@ -108,6 +143,8 @@ class _Example:
     rejected: list | None = None
     completion: Any = None
     label: bool | None = None
+    tools: list | None = None
+    chat_template_kwargs: dict | None = None
 
     @property
     def kind(self) -> str:
@@ -244,13 +281,29 @@ def _concatenate(parts: list[LoadedData]) -> LoadedData:
             raise DataError(f"cannot mix text-form data ({text.source}) with conversational data ({chat.source}); "
                             "expected every source in the same form", file=all_sources)
     return LoadedData(
-        dataset=datasets.concatenate_datasets([part.dataset for part in parts]),
+        dataset=datasets.concatenate_datasets(_aligned([part.dataset for part in parts])),
         source=", ".join(part.source for part in parts),
         skipped_rows=[skip for part in parts for skip in part.skipped_rows],
         is_conversational=first.is_conversational,
         kind=first.kind,
         num_negatives=first.num_negatives,
     )
+
+
+def _aligned(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
+    """The parts with the same columns and features, so they concatenate: a template-input column missing from a
+    part is added as nulls, and a column stored as Json in any part is Json in all."""
+    for name in TEMPLATE_INPUT_COLUMNS:
+        if any(name in part.column_names for part in parts):
+            parts = [part if name in part.column_names
+                     else part.add_column(name, [None] * len(part), feature=datasets.Json()) for part in parts]
+    json_columns = {name for part in parts for name, feature in part.features.items()
+                    if isinstance(feature, datasets.Json)}
+    if not json_columns:
+        return parts
+    features = datasets.Features({name: datasets.Json() if name in json_columns else feature
+                                  for name, feature in parts[0].features.items()})
+    return [part.select_columns(list(features)).cast(features) for part in parts]
 
 
 def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, limit: int | None) -> LoadedData:
@@ -487,7 +540,7 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
     if first is None:
         detail = f"all {len(skipped)} rows were skipped as bad" if skipped else "the source has no rows"
         raise DataError(f"no usable rows ({detail})", file=source)
-    return LoadedData(dataset=datasets.Dataset.from_list(examples), source=source, skipped_rows=skipped,
+    return LoadedData(dataset=_canonical_dataset(examples), source=source, skipped_rows=skipped,
                       is_conversational=isinstance(first.prompt, list), kind=first.kind,
                       num_negatives=first.negatives)
 
@@ -519,11 +572,41 @@ def _is_empty_media(value: Any) -> bool:
 
 
 def _canonical_row(example: _Example, row: int) -> dict[str, Any]:
-    """The output columns; a single rejected response is stored bare (the classic pair), several as a list."""
+    """The output columns; a single rejected response is stored bare (the classic pair), several as a list.
+    tools / chat_template_kwargs appear only when the row has them (`_canonical_dataset` fills the gaps)."""
     if example.kind == "unpaired":
-        return {"prompt": example.prompt, "completion": example.completion, "label": example.label, "row": row}
-    rejected = example.rejected[0] if example.negatives == 1 else example.rejected
-    return {"prompt": example.prompt, "chosen": example.chosen, "rejected": rejected, "row": row}
+        columns = {"prompt": example.prompt, "completion": example.completion, "label": example.label, "row": row}
+    else:
+        rejected = example.rejected[0] if example.negatives == 1 else example.rejected
+        columns = {"prompt": example.prompt, "chosen": example.chosen, "rejected": rejected, "row": row}
+    extras = {"tools": example.tools, "chat_template_kwargs": example.chat_template_kwargs}
+    return columns | {name: value for name, value in extras.items() if value is not None}
+
+
+def _canonical_dataset(examples: list[dict[str, Any]]) -> datasets.Dataset:
+    """The canonical rows as a Dataset: tools / chat_template_kwargs columns when any row has them (null elsewhere),
+    stored as Json; message columns as Json when any message has fields beyond role and content."""
+    extras = [name for name in TEMPLATE_INPUT_COLUMNS if any(name in example for example in examples)]
+    message_columns = [name for name in ("prompt", "chosen", "rejected", "completion")
+                       if any(_has_extra_message_fields(example.get(name)) for example in examples)]
+    if not extras and not message_columns:
+        return datasets.Dataset.from_list(examples)
+    json_columns = set(extras) | set(message_columns)
+    rows = [example | {name: example.get(name) for name in extras} for example in examples]
+    inferred = datasets.Dataset.from_list([{name: value for name, value in row.items() if name not in json_columns}
+                                           for row in rows]).features
+    features = datasets.Features({name: datasets.Json() if name in json_columns else inferred[name]
+                                  for name in rows[0]})
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def _has_extra_message_fields(value: Any) -> bool:
+    """Whether a message list (or a list of them: several rejected responses) has a message with fields beyond role
+    and content."""
+    if not isinstance(value, list):
+        return False
+    return any(_has_extra_message_fields(item) if isinstance(item, list)
+               else isinstance(item, dict) and not set(item) <= {"role", "content"} for item in value)
 
 
 def _check_like_first(example: _Example, first: _Example, source: str, row: int) -> None:
@@ -561,8 +644,12 @@ def _convert_trl_row(record: dict) -> _Example:
     detected = _detected_llamafactory_columns(record)
     if detected is not None:
         return _llamafactory_converter(detected)(record)
-    if _is_unpaired(record):
-        return _convert_unpaired_row(record)
+    example = _convert_unpaired_row(record) if _is_unpaired(record) else _convert_trl_pair(record)
+    return _with_template_inputs(example, record)
+
+
+def _convert_trl_pair(record: dict) -> _Example:
+    """TRL preference row (explicit or implicit prompt, text or conversational) to a validated _Example."""
     chosen = _required(record, "chosen")
     raw_rejected = _required(record, "rejected")
     rejected = _rejected_responses(raw_rejected, "rejected")
@@ -585,6 +672,63 @@ def _convert_trl_row(record: dict) -> _Example:
     elif not isinstance(prompt, str):
         raise _BadRow(f"prompt is {_kind(prompt)}; expected a string or a list of messages", field="prompt")
     return _validated(prompt, chosen, rejected)
+
+
+def _with_template_inputs(example: _Example, record: dict) -> _Example:
+    """The example with the row's validated tools and chat_template_kwargs (conversational rows only)."""
+    example.tools = _validated_tools(record.get("tools"))
+    example.chat_template_kwargs = _validated_template_kwargs(record.get("chat_template_kwargs"))
+    present = [name for name in TEMPLATE_INPUT_COLUMNS if getattr(example, name)]
+    if present and not isinstance(example.prompt, list):
+        raise _BadRow(f"is set on a text row; expected {' and '.join(present)} only beside conversational rows (a "
+                      "prompt of messages), which are rendered with the chat template", field=present[0])
+    return example
+
+
+def _decoded_json(value: Any, field: str, expected: str) -> Any:
+    """A JSON string's value (TRL reads a string tools column with json.loads); any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise _BadRow(f"is a string that is not valid JSON ({err.msg} at column {err.colno}); expected {expected}",
+                      field=field) from None
+    except RecursionError:
+        raise _BadRow(f"{TOO_DEEP}; expected {expected}", field=field) from None
+
+
+def _validated_tools(value: Any) -> list | None:
+    """The row's tools: None, or a list of function-schema objects (given as such, or as one JSON string)."""
+    expected = "a list of JSON-schema function objects, or one JSON string of that list"
+    tools = _decoded_json(value, "tools", expected)
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise _BadRow(f"is {_kind(tools)}; expected {expected}", field="tools")
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise _BadRow(f"tool {index} is {tool!r:.80}; expected a JSON object (a function schema such as "
+                          "{'type': 'function', 'function': {'name': ..., 'parameters': ...}})", field="tools")
+    _encodable_value(tools, "tools")
+    return tools
+
+
+def _validated_template_kwargs(value: Any) -> dict | None:
+    """The row's chat_template_kwargs: None, or an object (or a JSON string of one) of template variables."""
+    expected = "an object of chat template variables such as {\"enable_thinking\": false}"
+    kwargs = _decoded_json(value, "chat_template_kwargs", expected)
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise _BadRow(f"is of type {type(kwargs).__name__}; expected {expected}", field="chat_template_kwargs")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        hint = " (give tools in the row's 'tools' field)" if "tools" in reserved else ""
+        raise _BadRow(f"sets {', '.join(reserved)}, which tokenization sets itself{hint}; expected only chat "
+                      "template variables", field="chat_template_kwargs")
+    _encodable_value(kwargs, "chat_template_kwargs")
+    return kwargs
 
 
 def _detected_llamafactory_columns(record: dict) -> _LlamaFactoryColumns | None:
@@ -715,6 +859,19 @@ def _encodable(text: str, field: str) -> str:
     return text
 
 
+def _encodable_value(value: Any, field: str) -> None:
+    """`_encodable` for every string (keys included) inside nested lists and objects."""
+    if isinstance(value, str):
+        _encodable(value, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _encodable_value(key, field)
+            _encodable_value(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _encodable_value(item, field)
+
+
 def _validated_prompt_text(prompt: str) -> None:
     if not prompt.strip():
         raise _BadRow("prompt is empty; expected non-empty prompt text", field="prompt")
@@ -731,43 +888,91 @@ def _validated_text_response(value: Any, field: str) -> str:
 
 
 def _validated_message(message: Any, field: str, index: int) -> Message:
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+    """A message with a known role and string content (an assistant tool call may have none), keeping the other
+    fields of TEMPLATE_MESSAGE_FIELDS as they are (the chat template reads them) and dropping the rest."""
+    tool_calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if tool_calls is not None and (message.get("role") != "assistant" or not isinstance(tool_calls, list)
+                                   or not all(isinstance(call, dict) for call in tool_calls)):
+        raise _BadRow(f"message {index} has tool_calls {tool_calls!r:.80}; expected a list of call objects on an "
+                      "assistant message", field=field)
+    if not isinstance(message, dict) or "role" not in message or ("content" not in message
+                                                                   and not _calls_tools(message)):
         raise _BadRow(f"message {index} is {message!r:.80}; expected an object with 'role' and 'content'", field=field)
-    role, content = message["role"], message["content"]
+    role, content = message["role"], message.get("content")
     if role not in ROLES:
         raise _BadRow(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}", field=field)
-    if not isinstance(content, str):
+    if not isinstance(content, str) and not (content is None and _calls_tools(message)):
         raise _BadRow(f"message {index} content is {_kind(content)}; expected a string", field=field)
-    return {"role": role, "content": _encodable(content, field)}
+    kept = {"role": role, **({"content": content} if "content" in message else {})}
+    kept.update((name, message[name]) for name in TEMPLATE_MESSAGE_FIELDS.get(role, ()) if name in message)
+    _encodable_value(kept, field)
+    return kept
+
+
+def _calls_tools(message: dict) -> bool:
+    """An assistant message with a non-empty tool_calls list."""
+    return message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list) \
+        and bool(message["tool_calls"])
+
+
+# The prompt's turn order: the roles that may follow each role (after an optional leading system turn, the first
+# turn is the user's). A tool result follows an assistant turn (its call) or another tool result.
+PROMPT_NEXT_ROLES = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant", "user")}
 
 
 def _validated_messages(messages: Any, field: str) -> list[Message]:
-    """A prompt: optional leading system turn, then user/assistant alternating, first and last turn user."""
+    """A prompt: optional leading system turn, then user/assistant alternating from a user turn (tool results after
+    an assistant turn), ending on a user turn or a tool result."""
     if not isinstance(messages, list) or not messages:
         raise _BadRow(f"is {_kind(messages)}; expected a non-empty list of messages", field=field)
     clean = [_validated_message(message, field, index) for index, message in enumerate(messages)]
     start = 1 if clean[0]["role"] == "system" else 0
     for index in range(start, len(clean)):
-        expected = "user" if (index - start) % 2 == 0 else "assistant"
-        if clean[index]["role"] != expected:
-            raise _BadRow(f"message {index} has role '{clean[index]['role']}'; expected '{expected}' (an optional "
-                          "leading system turn, then user and assistant turns alternating)", field=field)
-    if len(clean) == start or clean[-1]["role"] != "user":
-        raise _BadRow("does not end on a user turn; expected the last prompt message to be from the user", field=field)
+        allowed = ("user",) if index == start else PROMPT_NEXT_ROLES[clean[index - 1]["role"]]
+        if clean[index]["role"] not in allowed:
+            expected = " or ".join(f"'{role}'" for role in allowed)
+            raise _BadRow(f"message {index} has role '{clean[index]['role']}'; expected {expected} (an optional "
+                          "leading system turn, then user and assistant turns alternating, tool results after an "
+                          "assistant turn)", field=field)
+    if len(clean) == start or clean[-1]["role"] not in ("user", "tool"):
+        raise _BadRow("does not end on a user turn; expected the last prompt message to be from the user (or a tool "
+                      "result)", field=field)
     return clean
 
 
 def _validated_response(messages: Any, field: str) -> list[Message]:
-    if not isinstance(messages, list) or len(messages) != 1:
-        count = f"{len(messages)} messages" if isinstance(messages, list) else _kind(messages)
-        hint = " (several rejected responses: a list of message lists)" if field == "rejected" else ""
-        raise _BadRow(f"is {count}; expected exactly one assistant message{hint}", field=field)
-    message = _validated_message(messages[0], field, 0)
-    if message["role"] != "assistant":
-        raise _BadRow(f"has role '{message['role']}'; expected 'assistant'", field=field)
-    if not message["content"].strip():
-        raise _BadRow("is empty (whitespace only); expected a non-empty response", field=field)
-    return [message]
+    """A response: one assistant message, or assistant tool calls each followed by their tool results, ending on an
+    assistant message ([assistant+tool_calls, tool, ..., assistant]). Every assistant message has non-empty
+    content or tool calls."""
+    hint = " (several rejected responses: a list of message lists)" if field == "rejected" else ""
+    if not isinstance(messages, list) or not messages:
+        shape = "an empty list" if isinstance(messages, list) else _kind(messages)
+        raise _BadRow(f"is {shape}; expected one assistant message{hint}", field=field)
+    clean = [_validated_message(message, field, index) for index, message in enumerate(messages)]
+    if clean[0]["role"] != "assistant":
+        raise _BadRow(f"has role '{clean[0]['role']}'; expected 'assistant'", field=field)
+    for index, message in enumerate(clean):
+        role, calls = message["role"], _calls_tools(message)
+        if role not in ("assistant", "tool"):
+            raise _BadRow(f"message {index} has role '{role}'; expected 'assistant' or 'tool' inside a response",
+                          field=field)
+        if role == "assistant" and not calls and not message["content"].strip():
+            where = "" if len(clean) == 1 else f"message {index} "
+            raise _BadRow(f"{where}is empty (whitespace only); expected a non-empty response", field=field)
+        if role != "assistant" or index + 1 == len(clean):
+            continue
+        following = clean[index + 1]["role"]
+        if not calls:
+            raise _BadRow(f"is {len(clean)} messages; expected one assistant message{hint}, or assistant tool calls "
+                          f"each followed by their 'tool' results and ending on an assistant message (message "
+                          f"{index + 1}, '{following}', follows an assistant message without tool_calls)", field=field)
+        if following != "tool":
+            raise _BadRow(f"message {index + 1} has role '{following}'; expected the 'tool' results of the tool calls "
+                          f"in message {index}", field=field)
+    if clean[-1]["role"] != "assistant":
+        raise _BadRow(f"ends on a '{clean[-1]['role']}' message; expected a response to end on an assistant message",
+                      field=field)
+    return clean
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -867,12 +1072,13 @@ def implicit_prompt_end(texts: list[str]) -> int:
 
 
 def _split_implicit_conversation(chosen: list, rejected: list[list]) -> tuple[list, list, list[list]]:
-    """Prompt = the longest run of messages all conversations share, backed off to end on a user turn; the rest
-    are the responses."""
+    """Prompt = the longest run of messages all conversations share, backed off to end on a user turn or a tool
+    result (so a shared tool call and its result stay in the prompt, as in TRL's extract_prompt); the rest are the
+    responses."""
     end = 0
     while end < min(len(chosen), *map(len, rejected)) and all(other[end] == chosen[end] for other in rejected):
         end += 1
-    while end > 0 and not (isinstance(chosen[end - 1], dict) and chosen[end - 1].get("role") == "user"):
+    while end > 0 and not (isinstance(chosen[end - 1], dict) and chosen[end - 1].get("role") in ("user", "tool")):
         end -= 1
     if end == 0:
         raise _BadRow("chosen and rejected conversations share no user turn; expected them to begin with the same "

@@ -2,7 +2,8 @@
 
 Input: a `datasets.Dataset` in the canonical form of `preftune.data.formats` with an int "row" column, either text
 (`prompt`, `chosen`, `rejected` are strings) or conversational (`prompt` is a list of {role, content} messages ending
-with a user turn; `chosen` / `rejected` are lists holding the assistant message). Two further kinds:
+with a user turn or a tool result; `chosen` / `rejected` are lists holding the assistant message, or assistant tool
+calls, tool results and the answer; optional `tools` and `chat_template_kwargs` columns). Two further kinds:
 
 - several negatives: `rejected` is a list of M >= 2 responses (strings, or message lists); every row has the same M.
 - unpaired (KTO): columns `prompt`, `completion` (a string, or a list holding the assistant message) and `label`
@@ -27,7 +28,15 @@ How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differenc
   sequence is that prompt + its completion's response ids, as LLaMA-Factory's processors build them.
 - conversational with a Jinja chat template: `prompt_ids = tok(render(prompt, add_generation_prompt=True))`,
   `full = tok(render(prompt + completion))`; the chat template itself ends the assistant turn with its end marker,
-  so no EOS is added.
+  so no EOS is added. A completion may be several messages (assistant tool calls, tool results, the answer: see
+  `preftune.data.formats`); all its tokens are completion tokens, tool results included, as in TRL 1.16 (its
+  DataCollatorForPreference marks every chosen/rejected token in completion_mask).
+- Per-row template inputs (TRL 1.16 `_prepare_dataset`'s `tokenize_fn`): both renderings get
+  `tools=row["tools"]` (a JSON string is decoded first) and the row's `chat_template_kwargs` as extra keyword
+  arguments (template variables such as `enable_thinking`), merged as `{"tools": tools, **chat_template_kwargs}`.
+  TRL 1.16's DPOConfig has no dataset-wide chat_template_kwargs, and its DPOTrainer renders with the tokenizer's
+  own template (it swaps in its "training" templates only for SFT's assistant_only_loss and GRPO/distillation
+  tool loops).
 - BOS: a text is tokenized with the tokenizer's special tokens (a Llama tokenizer adds BOS), except when it already
   starts with the BOS string (a template that writes `{{ bos_token }}`, or a prompt that carries it), which is then
   tokenized with `add_special_tokens=False` so the sequence never starts with two BOS. Differs from TRL, whose
@@ -36,7 +45,10 @@ How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differenc
 - Prefix rule: the prompt's length is the common prefix of `prompt_ids` with ALL full sequences; the completions
   are what follows it. Normally that is all of `prompt_ids`; when a token merges across the prompt/completion
   boundary (GPT-2: "walk" + "ing" -> " walking") or the template renders the prompt differently, the prompt is cut
-  back to the common prefix and the pair is counted in `prefix_mismatch` (same rule as TRL).
+  back to the common prefix and the pair is counted in `prefix_mismatch` (same rule as TRL, `common_prefix_length`).
+  Reasoning templates do this: with `enable_thinking: false` Qwen3's generation prompt ends with an empty
+  `<think></think>` block that the full conversation renders only before a final answer, not before a tool call,
+  so the completion starts where the two renderings part.
 - Truncation, `max_length` = prompt + one completion, in tokens:
   - keep_start: a pair whose prompt has `>= max_length` tokens is dropped (no room); otherwise each completion's end
     is cut to fit. Same as TRL.
@@ -73,8 +85,9 @@ UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 
 # Bump when the tokenization logic changes, so that caches written by an older version are not reused.
 # 2: several rejected responses per prompt, unpaired data; the cache key names the kind and M.
-# 3: named templates encoded as LLaMA-Factory encodes them.
-_TOKENIZE_VERSION = 3
+# 3: named templates encoded as LLaMA-Factory encodes them; per-row tools and chat_template_kwargs; tool-call messages
+# and several-message completions.
+_TOKENIZE_VERSION = 4
 
 _IDS = datasets.List(datasets.Value("int32"))
 _FLAG_FEATURES = {
@@ -192,27 +205,56 @@ def _check_messages(messages, row, field: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"expected a non-empty list of messages, got {type(messages).__name__}", row=row, field=field)
     for index, message in enumerate(messages):
-        if (
-            not isinstance(message, dict)
-            or not isinstance(message.get("role"), str)
-            or not isinstance(message.get("content"), str)
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not (
+            isinstance(message.get("content"), str) or (message.get("content") is None and message.get("tool_calls"))
         ):
             raise DataError(
-                f"message {index} must be a {{'role': str, 'content': str}} mapping, got {message!r}",
+                f"message {index} must be a {{'role': str, 'content': str}} mapping (content may be missing beside "
+                f"tool_calls), got {message!r:.200}",
                 row=row,
                 field=field,
             )
 
 
-def _render(tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool, row) -> str:
+def template_inputs(example: dict) -> dict:
+    """Keyword arguments for apply_chat_template from the row's tools and chat_template_kwargs (TRL 1.16's merge:
+    `{"tools": tools, **chat_template_kwargs}`; a JSON string of tools is decoded first)."""
+    row = example.get("row")
+    tools = example.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise DataError(f"is not valid JSON ({error.msg}); expected a list of function schemas", row=row,
+                            field="tools") from None
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"expected a list of function schemas, got {type(tools).__name__}", row=row, field="tools")
+    kwargs = example.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise DataError(f"expected an object of template variables, got {type(kwargs).__name__}", row=row,
+                        field="chat_template_kwargs")
+    return {"tools": tools, **kwargs}
+
+
+def _render(
+    tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool, row, field: str,
+    template_inputs: dict,
+) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_inputs,
         )
     except jinja2.TemplateSyntaxError as error:
         raise ConfigError(f"the chat template is not valid Jinja: {error}", key="template") from None
     except jinja2.TemplateError as error:
-        raise DataError(f"the chat template rejected this conversation: {error}", row=row, field="prompt") from None
+        raise DataError(f"the chat template rejected this conversation: {error}", row=row, field=field) from None
+    except TypeError as error:  # Jinja's `'text' + none` (a template that expects content), or a clashing kwarg
+        raise DataError(f"the chat template could not render this conversation (TypeError: {error})", row=row,
+                        field=field) from None
 
 
 def _chat_template_for(tokenizer, settings: TokenizeSettings) -> str:
@@ -250,8 +292,10 @@ def _full_sequences(
         for field, value in [("prompt", prompt), *completions]:
             _check_messages(value, row, field)
         prompt = list(prompt)
-        prompt_text = _render(tokenizer, prompt, template, add_generation_prompt=True, row=row)
-        full_texts = [_render(tokenizer, prompt + list(value), template, False, row) for _, value in completions]
+        inputs = template_inputs(example)
+        prompt_text = _render(tokenizer, prompt, template, True, row, "prompt", inputs)
+        full_texts = [_render(tokenizer, prompt + list(value), template, False, row, field, inputs)
+                      for field, value in completions]
         return _encode(tokenizer, prompt_text), [_encode(tokenizer, text) for text in full_texts]
 
     for field, value in [("prompt", prompt), *completions]:

@@ -13,8 +13,9 @@ rejected responses, or unpaired KTO rows):
 - too_similar:      chosen and a rejected response differ only a little: the normalized Indel similarity
                     1 - (insertions + deletions) / (len(a) + len(b)) (rapidfuzz `fuzz.ratio` / 100) is above
                     `max_similarity` (default 0.9). Identical pairs are counted under identical_pair only.
-- turn_order:       a conversation whose roles do not go [system], user, assistant, user, ..., user, followed by one
-                    assistant response.
+- turn_order:       a conversation whose roles do not go [system], user, assistant, user, ..., user (tool results may
+                    follow an assistant turn, and end the prompt), followed by one assistant response (or assistant
+                    tool calls with their tool results, ending on an assistant message).
 - prompt_too_long:  the prompt alone is longer than `max_length` tokens after templating (needs a tokenizer).
 - duplicate:        the same prompt and responses (and label) as an earlier row; the first copy is kept.
 - non_utf8:         a JSON / JSON Lines row holding bytes that are not UTF-8.
@@ -36,7 +37,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rapidfuzz.distance import Indel
 
-from preftune.data.formats import LoadedData, canonicalize_records, load_preference_data
+from preftune.data.formats import (
+    PROMPT_NEXT_ROLES,
+    TEMPLATE_INPUT_COLUMNS,
+    LoadedData,
+    canonicalize_records,
+    load_preference_data,
+)
 from preftune.errors import ConfigError, DataError
 
 DEFAULT_MIN_CHARS = 1
@@ -47,7 +54,8 @@ RULES = {
     "identical_pair": "chosen is identical to a rejected response, so the row carries no preference",
     "empty_or_short": "an empty prompt or response, or a response shorter than min_chars characters (stripped)",
     "too_similar": "chosen and a rejected response are nearly the same text (similarity above max_similarity)",
-    "turn_order": "roles must go [system], user, assistant, ..., user, then one assistant response",
+    "turn_order": "roles must go [system], user, assistant, ..., user (or tool results), then one assistant response "
+                  "(or tool calls, their results and an answer)",
     "prompt_too_long": "the templated prompt alone has more than max_length tokens",
     "duplicate": "the same prompt and responses as an earlier row (the first copy is kept)",
     "non_utf8": "the row holds bytes that are not valid UTF-8",
@@ -268,7 +276,7 @@ def find_problems(loaded: LoadedData, settings: CheckSettings | None = None,
         "empty_or_short": lambda: _short_responses(prompts, responses, settings.min_chars),
         "too_similar": lambda: _similar_pairs(responses, settings.max_similarity) if loaded.kind == "paired" else [],
         "turn_order": lambda: _turn_order_problems(columns, loaded) if loaded.is_conversational else [],
-        "prompt_too_long": lambda: _long_prompts(columns["prompt"], settings) if _can_count_tokens(settings) else [],
+        "prompt_too_long": lambda: _long_prompts(columns, settings) if _can_count_tokens(settings) else [],
         "duplicate": lambda: _duplicates(prompts, responses,
                                          table.column("label").to_pylist() if loaded.kind == "unpaired" else None),
     }
@@ -277,7 +285,8 @@ def find_problems(loaded: LoadedData, settings: CheckSettings | None = None,
 
 def write_clean(checked: CheckedData, path: str | Path) -> int:
     """Write the rows that pass every rule as TRL JSON Lines (explicit prompt; text or conversational; rejected a
-    list when there are several; unpaired rows as prompt/completion/label) and return how many were written.
+    list when there are several; unpaired rows as prompt/completion/label; a row's tools and chat_template_kwargs
+    when it has them) and return how many were written.
     `preftune train` and `load_preference_data` read the file back."""
     columns = ("prompt", "completion", "label") if checked.loaded.kind == "unpaired" else ("prompt", "chosen",
                                                                                            "rejected")
@@ -287,7 +296,8 @@ def write_clean(checked: CheckedData, path: str | Path) -> int:
         for position, row in enumerate(checked.loaded.dataset):
             if position in checked.flagged:
                 continue
-            handle.write(json.dumps({name: row[name] for name in columns}, ensure_ascii=False) + "\n")
+            extras = {name: row[name] for name in TEMPLATE_INPUT_COLUMNS if row.get(name) is not None}
+            handle.write(json.dumps({name: row[name] for name in columns} | extras, ensure_ascii=False) + "\n")
             written += 1
     return written
 
@@ -298,10 +308,23 @@ def write_clean(checked: CheckedData, path: str | Path) -> int:
 
 
 def _text(response: Any) -> str:
-    """A response's text: the string itself, or the content of its assistant message(s)."""
+    """A response's text: the string itself, or the content of its messages, each followed by its other fields
+    (tool calls, reasoning) as JSON, so two responses that differ only there are not identical."""
     if isinstance(response, str):
         return response
-    return "".join(message.get("content") or "" for message in response)
+    return "".join(_message_text(message) for message in response)
+
+
+def _message_text(message: dict) -> str:
+    extra = {key: value for key, value in message.items() if key not in ("role", "content")}
+    return (message.get("content") or "") + (json.dumps(extra, sort_keys=True, ensure_ascii=False) if extra else "")
+
+
+def _json_values(array: pa.Array) -> list[Any] | None:
+    """The decoded values of a datasets.Json column (tool-call conversations are stored so), else None."""
+    if not isinstance(array.type, pa.JsonType):
+        return None
+    return [None if text is None else json.loads(text) for text in array.storage.to_pylist()]
 
 
 def _column_texts(column: pa.ChunkedArray | pa.Array) -> list[str]:
@@ -310,6 +333,9 @@ def _column_texts(column: pa.ChunkedArray | pa.Array) -> list[str]:
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         return array.to_pylist()
+    decoded = _json_values(array)
+    if decoded is not None:
+        return [_text(value) for value in decoded]
     one_message_each = array.null_count == 0 and pc.all(pc.equal(array.value_lengths(), 1)).as_py()
     if pa.types.is_struct(getattr(array.type, "value_type", None)) and one_message_each:
         return array.flatten().field("content").to_pylist()
@@ -321,6 +347,10 @@ def _prompt_keys(column: pa.ChunkedArray) -> list[str]:
     array = column.combine_chunks()
     if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
         return array.to_pylist()
+    decoded = _json_values(array)
+    if decoded is not None:
+        return ["\x1e".join(f"{message['role']}\x1f{_message_text(message)}" for message in prompt)
+                for prompt in decoded]
     messages = array.flatten()
     parts = [f"{role}\x1f{content}" for role, content in zip(messages.field("role").to_pylist(),
                                                                messages.field("content").to_pylist())]
@@ -336,7 +366,11 @@ def _responses_per_row(table: pa.Table, loaded: LoadedData) -> list[list[str]]:
     count = loaded.num_negatives
     if count == 1:
         return [[first, other] for first, other in zip(chosen, _column_texts(table.column("rejected")))]
-    flat = _column_texts(table.column("rejected").combine_chunks().flatten())  # M responses per row, in order
+    rejected = table.column("rejected").combine_chunks()
+    decoded = _json_values(rejected)
+    if decoded is not None:
+        return [[first, *map(_text, responses)] for first, responses in zip(chosen, decoded)]
+    flat = _column_texts(rejected.flatten())  # M responses per row, in order
     return [[first, *flat[index * count:(index + 1) * count]] for index, first in enumerate(chosen)]
 
 
@@ -371,23 +405,37 @@ def _similar_pairs(responses: list[list[str]], max_similarity: float) -> list[in
 
 
 def _roles_in_order(prompt: list[dict]) -> bool:
+    """[system], then a user turn, each next role one that formats.PROMPT_NEXT_ROLES allows, ending on user or tool."""
     roles = [message.get("role") for message in prompt]
     start = 1 if roles[:1] == ["system"] else 0
     body = roles[start:]
-    expected = ["user" if index % 2 == 0 else "assistant" for index in range(len(body))]
-    return bool(body) and body == expected and body[-1] == "user"
+    follows = all(role in PROMPT_NEXT_ROLES.get(before, ()) for before, role in zip(body, body[1:]))
+    return bool(body) and body[0] == "user" and follows and body[-1] in ("user", "tool")
+
+
+def _response_in_order(response: list[dict]) -> bool:
+    """One assistant message, or assistant tool calls each followed by tool results, ending on an assistant."""
+    roles = [message.get("role") for message in response]
+    if not roles or roles[0] != "assistant" or roles[-1] != "assistant":
+        return False
+    for message, following in zip(response, roles[1:]):
+        if message.get("role") == "assistant" and not (message.get("tool_calls") and following == "tool"):
+            return False
+        if message.get("role") == "tool" and following not in ("tool", "assistant"):
+            return False
+    return True
 
 
 def _turn_order_problems(columns: dict, loaded: LoadedData) -> list[int]:
-    """Prompts out of order, or responses that are not exactly one assistant message."""
+    """Prompts out of order, or responses that are neither one assistant message nor tool calls, results and an
+    answer."""
     names = ["completion"] if loaded.kind == "unpaired" else ["chosen", "rejected"]
     found = []
     for position, prompt in enumerate(columns["prompt"]):
         responses = [columns[name][position] for name in names]
         if loaded.kind == "paired" and loaded.num_negatives > 1:
             responses = [responses[0], *responses[1]]
-        one_assistant = all(len(r) == 1 and r[0].get("role") == "assistant" for r in responses)
-        if not (_roles_in_order(prompt) and one_assistant):
+        if not (_roles_in_order(prompt) and all(_response_in_order(response) for response in responses)):
             found.append(position)
     return found
 
@@ -396,12 +444,16 @@ def _can_count_tokens(settings: CheckSettings) -> bool:
     return settings.tokenizer is not None and settings.max_length is not None
 
 
-def _long_prompts(prompts: list, settings: CheckSettings) -> list[int]:
+def _long_prompts(columns: dict, settings: CheckSettings) -> list[int]:
     """Prompts longer than max_length tokens as training would tokenize them (a conversation through the named
-    template, else the Jinja chat template with the generation prompt, else the named "default"; special tokens
-    added to text as in tokenize._encode)."""
+    template, else the Jinja chat template with the generation prompt and the row's tools and chat_template_kwargs,
+    else the named "default"; special tokens added to text as in tokenize._encode)."""
     from preftune.data.templates import encode_prompt, resolve_chat_template
-    from preftune.data.tokenize import _encode
+    from preftune.data.tokenize import _encode, template_inputs
+
+    prompts = columns["prompt"]
+    rows = [{name: columns[name][position] for name in ("tools", "chat_template_kwargs") if name in columns}
+            for position in range(len(prompts))]
 
     tokenizer = settings.tokenizer
     named, jinja = settings.template, None
@@ -414,7 +466,7 @@ def _long_prompts(prompts: list, settings: CheckSettings) -> list[int]:
             length = len(encode_prompt(named, tokenizer, prompt, row=position))
         elif isinstance(prompt, list):
             text = tokenizer.apply_chat_template(prompt, chat_template=jinja, tokenize=False,
-                                                 add_generation_prompt=True)
+                                                 add_generation_prompt=True, **template_inputs(rows[position]))
             length = len(_encode(tokenizer, text))
         else:
             length = len(_encode(tokenizer, prompt))
