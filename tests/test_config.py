@@ -380,10 +380,21 @@ def test_off_values_of_other_spellings_are_accepted():
     assert config.report_to == "none"
 
 
-@pytest.mark.parametrize("value", ["comet_ml", ["swanlab"], "all", ["wandb", "neptune"]])
-def test_experiment_trackers_are_not_supported_yet(value):
+@pytest.mark.parametrize("value", ["comet_ml", ["swanlab"], ["wandb", "neptune"]])
+def test_untested_experiment_trackers_are_not_supported_yet(value):
     with pytest.raises(ConfigError, match="not supported yet: report_to"):
         DPOConfig(report_to=value)
+
+
+def test_report_to_all_means_the_installed_trackers(monkeypatch):
+    import importlib.util
+
+    installed = {"wandb", "trackio"}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: real("json") if name in installed else None)
+    assert DPOConfig(report_to="all").report_to == ["wandb", "trackio"]
+    installed.clear()
+    assert DPOConfig(report_to="all").report_to == "none"
 
 
 def test_kto_pair_is_not_supported_yet():

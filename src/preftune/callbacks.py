@@ -30,6 +30,7 @@ __all__ = [
     "TrainerControl",
     "TrainerState",
     "build_callback_handler",
+    "finish_trackers",
     "tracker_callbacks",
 ]
 
@@ -86,22 +87,19 @@ def _strategy(value: Any) -> str:
 
 
 def tracker_callbacks(report_to: str | Iterable[str] | None) -> list[TrainerCallback]:
-    """transformers' integration callbacks for ``report_to`` ("none", "all", a name or a list of names), built.
+    """transformers' integration callbacks for ``report_to`` ("none", a name or a list of names), built.
 
     Raises ConfigError (key ``report_to``) for an unknown tracker, or one whose package is not installed, in one
     line with the command that installs it.
     """
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    names = _tracker_names(report_to, get_available_reporting_integrations)
+    names = [] if report_to in (None, "none") else [report_to] if isinstance(report_to, str) else list(report_to)
     callbacks = []
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
             known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
-            raise ConfigError(f"unknown tracker {name!r}; expected none, all or one of {known}", key="report_to")
+            raise ConfigError(f"unknown tracker {name!r}; expected none or one of {known}", key="report_to")
         try:
             callbacks.append(INTEGRATION_TO_CALLBACK[name]())
         except (RuntimeError, ImportError, ModuleNotFoundError):
@@ -114,15 +112,6 @@ def tracker_callbacks(report_to: str | Iterable[str] | None) -> list[TrainerCall
     return callbacks
 
 
-def _tracker_names(report_to: str | Iterable[str] | None, available: Any) -> list[str]:
-    if report_to is None:
-        return []
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
-    if names == ["all"]:
-        return list(available())
-    return [name for name in names if name != "none"]
-
-
 def build_callback_handler(
     args: Any, callbacks: Iterable[TrainerCallback | type] | None, *, model: Any, processing_class: Any
 ) -> CallbackHandler:
@@ -133,3 +122,13 @@ def build_callback_handler(
         if hasattr(tracker, "logging_dir") and getattr(tracker, "logging_dir", None) is None:
             tracker.logging_dir = args.resolved_logging_dir()
     return CallbackHandler([ScheduleCallback(), *trackers, *(callbacks or [])], model, processing_class, None, None)
+
+
+def finish_trackers(handler: CallbackHandler) -> None:
+    """Finish the runs that transformers' W&B and Trackio callbacks leave open after training (they end them at
+    interpreter exit), so that their files are complete when ``DPOTrainer.end()`` returns."""
+    for callback in handler.callbacks:
+        backend = getattr(callback, "_wandb", None) or getattr(callback, "_trackio", None)
+        if backend is not None and getattr(callback, "_initialized", False):
+            backend.finish()
+            callback._initialized = False

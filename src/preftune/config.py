@@ -30,6 +30,7 @@ the current directory, as in LLaMA-Factory; nothing here checks that files exist
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import dataclasses
 import difflib
 import enum
@@ -1000,8 +1001,8 @@ class DPOConfig(BaseModel):
     report_to: None | str | list[str] = _field(
         "none",
         "Experiment trackers that also receive the metrics: " + ", ".join(f"`{name}`" for name in SUPPORTED_TRACKERS)
-        + " (transformers' callbacks; the package must be installed), a list of them, or `none`. Metrics always go "
-        "to files in `output_dir`.",
+        + " (transformers' callbacks; the package must be installed), a list of them, `all` (those installed) or "
+        "`none`. Metrics always go to files in `output_dir`.",
     )
     logging_dir: str | None = _field(
         None,
@@ -1262,15 +1263,14 @@ class DPOConfig(BaseModel):
     def _trackers(cls, value: str | list[str] | None) -> str | list[str]:
         names = [part.strip() for part in value.split(",")] if isinstance(value, str) else list(value or [])
         names = [name for name in names if name and name != "none"]
+        if names == ["all"]:  # as transformers: every tracker that is installed (of those preftune tests)
+            names = [name for name in SUPPORTED_TRACKERS if importlib.util.find_spec(name) is not None]
         if not names:
             return "none"
         for name in names:
             if name not in SUPPORTED_TRACKERS:
-                hint = " (name the trackers)" if name == "all" else ""
-                raise _error(
-                    f"not supported yet: report_to={name}{hint}; expected {', '.join(SUPPORTED_TRACKERS)} or none",
-                    "report_to",
-                )
+                raise _error(f"not supported yet: report_to={name}; expected {', '.join(SUPPORTED_TRACKERS)}, all or "
+                             "none", "report_to")
         return list(dict.fromkeys(names))
 
     @field_validator("include_num_input_tokens_seen")

@@ -41,7 +41,7 @@ from preftune.adapters import (
     save_adapter,
 )
 from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows, padding_free_pays
-from preftune.callbacks import TrainerCallback, TrainerControl, TrainerState, build_callback_handler
+from preftune.callbacks import TrainerCallback, TrainerControl, TrainerState, build_callback_handler, finish_trackers
 from preftune.checkpoint import (
     prune_checkpoints,
     read_checkpoint,
@@ -323,6 +323,7 @@ class DPOTrainer:
 
     def end(self) -> None:
         """Finish the trackers and the distributed process group (transformers' ``Trainer.end``); call it last."""
+        finish_trackers(self.callback_handler)
         self.accelerator.end_training()
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any) -> Any:

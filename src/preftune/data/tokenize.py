@@ -237,8 +237,8 @@ def template_inputs(example: dict) -> dict:
 
 
 def _render(
-    tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool, row, field: str,
-    template_inputs: dict,
+    tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool, row, field: str = "prompt",
+    template_inputs: dict | None = None,
 ) -> str:
     try:
         return tokenizer.apply_chat_template(
@@ -246,7 +246,7 @@ def _render(
             chat_template=chat_template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
-            **template_inputs,
+            **(template_inputs or {}),
         )
     except jinja2.TemplateSyntaxError as error:
         raise ConfigError(f"the chat template is not valid Jinja: {error}", key="template") from None
