@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.formats import LoadedData, load_preference_data
+from preftune.data.kto import with_kl_completions
 from preftune.data.templates import get_template, resolve_chat_template
 from preftune.data.tokenize import TokenizedData, TokenizeSettings, tokenize_dataset
 from preftune.data.validate import CHEAP_RULES, RULES, find_problems
@@ -147,6 +148,9 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
     ``train_source``/``eval_source`` are whatever ``load_preference_data`` accepts (a path, a registered
     dataset name, a list of dicts, a ``datasets.Dataset``); eval falls back to a ``val_size`` split.
 
+    Unpaired (KTO) data also gets ``kl_completion_ids``, each row's mismatched completion
+    (``preftune.data.kto.with_kl_completions``, in groups of the per-device train or eval batch size).
+
     ``report[split]`` has source, kind, num_negatives, row counts (read, skipped as bad, used, dropped for no room,
     truncated, prefix mismatches; "pairs_*" count rows for unpaired data) and, for unpaired data, the desirable
     and undesirable counts of the rows used.
@@ -161,7 +165,7 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
         ConfigError: eval data of another kind or number of rejected responses than the train data (key
             "eval_dataset"), a bad val_size, or a split with no row that fits max_length.
         DataError: unreadable data or bad rows (see ``load_preference_data``), a row failing a data check under
-            on_bad_row "error", or no row left after dropping them.
+            on_bad_row "error", no row left after dropping them, or unpaired data with fewer than 2 rows.
     """
     read = lambda source: load_preference_data(  # noqa: E731
         source, dataset_dir=config.dataset_dir, max_samples=config.max_samples, on_bad_row=config.on_bad_row
@@ -195,6 +199,12 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
                 f"with truncation_mode={config.truncation_mode}",
                 key="max_length",
             )
+    if train_loaded.kind == "unpaired":  # KTO: each row carries the mismatched completion its KL term scores
+        group_sizes = {"train": config.per_device_train_batch_size, "eval": config.per_device_eval_batch_size}
+        sources = {"train": train_loaded.source, "eval": eval_loaded.source if eval_loaded is not None else None}
+        for name, data in tokenized.items():
+            kl_dataset = with_kl_completions(data.dataset, group_sizes[name], source=sources[name])
+            tokenized[name] = replace(data, dataset=kl_dataset)
 
     report = {
         split: _split_report(loaded, skipped[split], tokenized[split], failed[split], config.on_bad_row == "skip")
