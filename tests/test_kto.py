@@ -23,6 +23,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune import DPOConfig, DPOTrainer
+from preftune.config import load_config
 from preftune.data.batching import plan_batches
 from preftune.data.kto import kl_partner_rows
 from preftune.errors import DataError
@@ -125,6 +126,40 @@ def test_kl_completions_and_token_ids_are_trls(models, tmp_path, batch_size):
     for column, trl_column in (("prompt_ids", "prompt_ids"), ("completion_ids", "completion_ids"),
                                ("kl_completion_ids", "KL_completion_ids"), ("label", "label")):
         assert ours[column] == oracle[trl_column], column
+
+
+def test_eval_rows_rotate_within_groups_of_the_eval_batch_size(models, tmp_path):
+    policy, reference, tokenizer = models
+    args = DPOConfig(output_dir=str(tmp_path / "run"), stage="kto", per_device_train_batch_size=2,
+                     per_device_eval_batch_size=3, overwrite_cache=True)
+    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                         train_dataset=ROWS, eval_dataset=ROWS, processing_class=tokenizer)
+    completions = trainer.data.eval.dataset["completion_ids"]
+    expected = [completions[i] for i in (2, 0, 1, 5, 3, 4)]
+    assert trainer.data.eval.dataset["kl_completion_ids"] == expected
+
+
+def test_llamafactorys_kto_example_keys_train_at_batch_size_one(stories_model_dir, tmp_path):
+    """The keys of LLaMA-Factory's examples/train_lora/qwen3_lora_kto.yaml at its batch size 1, on the stories model
+    and a slice of kto_en_demo (its chat template qwen3_nothink left out; accumulation 2 instead of 8, for time)."""
+    settings = {
+        "model_name_or_path": str(stories_model_dir), "trust_remote_code": True, "stage": "kto", "do_train": True,
+        "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "pref_beta": 0.1,
+        "dataset": "kto_en_demo", "dataset_dir": str(shared_asset("llamafactory")), "cutoff_len": 256,
+        "max_samples": 16, "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
+        "output_dir": str(tmp_path / "run"), "logging_steps": 1, "save_steps": 500, "plot_loss": False,
+        "overwrite_output_dir": True, "report_to": "none", "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 2, "learning_rate": 5.0e-6, "num_train_epochs": 3.0, "max_steps": 1,
+        "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "ddp_timeout": 180000000,
+    }
+    config = tmp_path / "kto.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    trainer = DPOTrainer(args=load_config(config))
+    trainer.train()
+    record = trainer.recorder.train_records[0]
+    assert (trainer.args.per_device_train_batch_size, trainer.args.loss_type, trainer.args.beta) == (1, "kto", 0.1)
+    assert record["loss"] == pytest.approx(0.5, abs=1e-6)  # first step: LoRA's B is 0, so π = π_ref and z = 0
+    assert record["kl"] == 0.0 and all(len(row) for row in trainer.data.train.dataset["kl_completion_ids"])
 
 
 def test_kto_data_of_one_row_is_refused_naming_the_file(models, tmp_path):

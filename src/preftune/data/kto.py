@@ -18,7 +18,8 @@ the groups they rotate within:
   ``preprocessing_batch_size`` rows (default 1000) of each of the ``preprocessing_num_workers`` contiguous shards.
   The KL row is encoded on its own (template, then ``cutoff_len`` split between prompt and response as for any
   row). Rows are then shuffled (a random sampler), so a micro-batch's KL completions come from elsewhere in the data
-  set, and batch size 1 works.
+  set, and batch size 1 works: its KTO trainer skips TRL's constructor (and so TRL's batch-size check) and computes
+  the loss with the ``kto_loss`` of TRL 0.18-0.24, which forms z as below.
 
 Both then compute, per micro-batch, ``z`` = the mean over its rows of ``log π(y'|x) − log π_ref(y'|x)`` (no
 gradient), averaged over processes (``accelerator.gather(...).mean()``) and clamped at 0; each micro-batch of a
@@ -27,12 +28,21 @@ gradient-accumulation step has its own ``z``.
 preftune's rule (``kl_partner_rows``): rows are taken in the order of the prepared data set (after tokenization and
 after rows without room are dropped) and cut into consecutive groups of ``group_size`` rows; within a group, row i
 takes the completion of row i − 1 and the group's first row takes the group's last completion. ``group_size`` is
-``per_device_train_batch_size`` (``per_device_eval_batch_size`` for eval data), at least 2, so the KL completions
-are TRL's whenever TRL runs (batch size >= 2). Unlike TRL, a last group of a single row joins the group before it,
-so no row is ever paired with its own completion. Each row carries its KL completion (``kl_completion_ids``), so the
-KL term no longer depends on which rows share a micro-batch: batch size 1, token-budget batches and shuffled
-batches all work. (preftune shuffles rows every epoch, so with batch size >= 2 a micro-batch's KL completions are in
-general not its own completions, as they are in TRL's sequential order.)
+``per_device_train_batch_size``, at least 2, so the train data's KL completions are TRL's whenever TRL runs (batch
+size >= 2) and its last group is not a single row: unlike TRL, such a row joins the group before it, so no row is
+ever paired with its own completion. Eval data is grouped by ``per_device_eval_batch_size`` (TRL: the train batch
+size): eval batches are read in order, so with plain batches of two rows or more each eval batch's KL completions
+are its own, as in TRL's training. Each row carries its KL completion (``kl_completion_ids``), so the KL term no
+longer depends on which rows share a micro-batch: batch size 1, token-budget batches and shuffled batches all work.
+(preftune shuffles training rows every epoch, so with batch size >= 2 a micro-batch's KL completions are in general
+not its own completions, as they are in TRL's sequential order.)
+
+z in preftune (``DPOTrainer._unpaired_batch_loss``) is TRL's: per micro-batch, the mean KL log-ratio of its rows, in
+training averaged over the micro-batches the processes run at the same time (a zero-weight stand-in, which a process
+runs when a step has fewer micro-batches than its share, is left out), then clamped at 0. Under gradient accumulation
+each micro-batch keeps its own z, so at batch size 1 on one process z comes from a single mismatched pair, as in TRL
+and LLaMA-Factory. In evaluation each process keeps its own z (eval shares are not in step across processes). Hence
+with kto, N processes are not exactly one process with N times the accumulation, as they are for the other losses.
 """
 
 from __future__ import annotations
