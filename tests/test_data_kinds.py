@@ -472,7 +472,8 @@ def test_cache_hits_for_each_kind_and_misses_across_kinds_and_versions(gpt2, tmp
 
 def config(**overrides):
     values = dict(dataset_dir=None, max_samples=None, on_bad_row="error", val_size=0, seed=0, overwrite_cache=True,
-                  max_length=64, truncation_mode="keep_start", template="chatml")
+                  max_length=64, truncation_mode="keep_start", template="chatml", per_device_train_batch_size=8,
+                  per_device_eval_batch_size=8)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -497,6 +498,8 @@ def test_prepare_data_reports_desirable_and_undesirable_counts(gpt2, llamafactor
     assert train["undesirable"] + evaluation["undesirable"] == 150
     assert train["desirable"] == sum(prepared.train.dataset["label"])
     assert train["kind"] == "unpaired" and train["num_negatives"] == 1
+    completions = prepared.train.dataset["completion_ids"]  # KL completions: rotated by one in groups of 8 rows
+    assert prepared.train.dataset["kl_completion_ids"][:9] == [completions[7], *completions[:7], completions[15]]
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ class LazyBatch:
         return batch
 
     def collate_mismatched(self, max_length: int | None) -> PreferenceBatch:
-        """KTO's KL batch: each prompt with the previous example's completion (``mismatched_examples``)."""
+        """KTO's KL batch: each prompt with the mismatched completion its row carries (``mismatched_examples``)."""
         return self._layout(self.collate_fn(mismatched_examples(self.examples(), max_length), pad_token_id=self.pad_token_id))
 
     def _layout(self, batch: PreferenceBatch) -> PreferenceBatch:

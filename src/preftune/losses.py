@@ -286,8 +286,7 @@ def cpo_loss(
 def kto_loss(
     policy_logps: Tensor,
     ref_logps: Tensor,
-    policy_kl_logps: Tensor,
-    ref_kl_logps: Tensor,
+    kl: Tensor,
     labels: Tensor,
     *,
     beta: float,
@@ -296,17 +295,44 @@ def kto_loss(
 ) -> Tensor:
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eqs. 7-8).
 
-    ``z = max(0, mean_b(log π(y'_b|x_b) − log π_ref(y'_b|x_b)))`` (detached), from mismatched pairs (x, y');
-    ``r = log π(y|x) − log π_ref(y|x)``;
-    desirable (``labels`` True): ``w_d·(1 − σ(β·(r − z)))``; undesirable: ``w_u·(1 − σ(β·(z − r)))``.
+    ``r = log π(y|x) − log π_ref(y|x)``; desirable (``labels`` True): ``w_d·(1 − σ(β·(r − z)))``; undesirable:
+    ``w_u·(1 − σ(β·(z − r)))``, with ``kl`` the reference point ``z`` (``kto_kl_estimate``, no gradient).
 
-    All inputs ``(B,)`` (summed log-probs); returns ``(B,)``, one loss per example in input order.
+    ``policy_logps``, ``ref_logps``, ``labels``: ``(B,)`` (summed log-probs); returns ``(B,)``, one loss per example
+    in input order (TRL's micro-batch loss is their mean).
     """
-    kl = (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
     logratios = policy_logps - ref_logps
+    kl = kl.detach()
     desirable = desirable_weight * (1.0 - torch.sigmoid(beta * (logratios - kl)))
     undesirable = undesirable_weight * (1.0 - torch.sigmoid(beta * (kl - logratios)))
     return torch.where(labels.bool(), desirable, undesirable)
+
+
+def kto_kl_estimate(kl_logratios: Tensor) -> Tensor:
+    """KTO's reference point ``z = max(0, mean(kl_logratios))``, 0-dim and detached.
+
+    ``kl_logratios``: ``log π(y'|x) − log π_ref(y'|x)`` of a micro-batch's mismatched pairs (x, y'), or, with several
+    processes, each process's mean of them (TRL and LLaMA-Factory average the per-process means, then clamp).
+    """
+    return kl_logratios.detach().mean().clamp(min=0)
+
+
+def kto_sft_loss(avg_logps: Tensor, labels: Tensor, alpha: float) -> Tensor:
+    """LLaMA-Factory's SFT term for KTO (``pref_ftx`` = α), per row, to add to ``kto_loss``'s per-row losses.
+
+    LLaMA-Factory adds ``α·mean_d(−log π(y|x)/|y|)·B/n_d`` to a micro-batch's mean KTO loss (mean over its n_d
+    desirable rows, B rows in all; nothing when n_d = 0). As a per-row term, whose mean over the B rows is that:
+    ``α·(B/n_d)²·(−log π(y|x)/|y|)`` on desirable rows, 0 on the others. At batch size 1, or when every row is
+    desirable, this is ``α·(−log π(y|x)/|y|)`` on each desirable row.
+
+    ``avg_logps``: ``(B,)`` length-averaged log-probs (with gradients); ``labels``: ``(B,)`` bool.
+    """
+    desirable = labels.bool()
+    count = int(desirable.sum())
+    if count == 0:
+        return torch.zeros_like(avg_logps)
+    scale = alpha * (desirable.numel() / count) ** 2
+    return torch.where(desirable, -scale * avg_logps, torch.zeros_like(avg_logps))
 
 
 # ------------------------------------------------------------------------------------------------- f-divergences
@@ -454,7 +480,8 @@ class LossParams:
     """Which losses to combine and their hyper-parameters (names as TRL's / preftune's config keys).
 
     ``loss_types`` with several names gives ``Σ_k w_k·loss_k`` (``loss_weights``, default all 1).
-    ``rpo_alpha`` adds ``α·(−log π(y_w)/|y_w|)`` per example (RPO, Pang et al. 2024; LLaMA-Factory ``pref_ftx``).
+    ``rpo_alpha`` adds ``α·(−log π(y_w)/|y_w|)`` per example (RPO, Pang et al. 2024; LLaMA-Factory ``pref_ftx``);
+    with kto, LLaMA-Factory's SFT term on desirable rows (``kto_sft_loss``).
     ``dpop_lambda`` subtracts the DPOP penalty from the margin inside sigmoid, robust, exo_pair and discopop
     (the losses reading ``dpop_margin``; others refuse it). ``use_weighting`` multiplies each pair's loss by
     its WPO weight. ``desirable_weight``/``undesirable_weight`` are KTO's.
@@ -528,8 +555,6 @@ class LossParams:
         if self.dpop_lambda is not None and not all(spec.supports_dpop for spec in specs):
             allowed = sorted(name for name, spec in LOSSES.items() if spec.supports_dpop)
             raise ConfigError(f"the DPOP penalty applies only to losses {allowed}", key="dpop_lambda")
-        if self.rpo_alpha is not None and self.is_unpaired:
-            raise ConfigError("rpo_alpha needs chosen completions; kto is unpaired", key="rpo_alpha")
 
     def _validate_loss_types(self) -> None:
         if not self.loss_types:

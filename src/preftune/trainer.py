@@ -66,7 +66,7 @@ from preftune.distributed import (
 )
 from preftune.errors import CheckpointError, ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
-from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_loss
+from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_kl_estimate, kto_loss, kto_sft_loss
 from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
@@ -510,10 +510,11 @@ class DPOTrainer:
                               max_tokens=self.args.max_tokens_per_batch)
 
     # ------------------------------------------------------------ loss core
-    def _batch_loss(self, model: nn.Module, lazy: LazyBatch) -> BatchLoss:
-        """Per-example loss ``(B,)`` for one micro-batch, its metric sums and rewards."""
+    def _batch_loss(self, model: nn.Module, lazy: LazyBatch, *, stand_in: bool = False) -> BatchLoss:
+        """Per-example loss ``(B,)`` for one micro-batch, its metric sums and rewards (``stand_in``: a zero-weight
+        stand-in)."""
         if self.loss_params.is_unpaired:
-            return self._unpaired_batch_loss(model, lazy)
+            return self._unpaired_batch_loss(model, lazy, stand_in=stand_in)
         batch = lazy.collate().to(self.accelerator.device)
         options = self._logprob_options()
         ref_chosen = ref_rejected = None
@@ -541,8 +542,10 @@ class DPOTrainer:
         rewards = torch.cat([out.chosen_rewards.unsqueeze(1), rejected], dim=1).detach()
         return BatchLoss(out.per_example, sums, rewards)
 
-    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch) -> BatchLoss:
-        """KTO: completions scored with gradients; the KL estimate from mismatched prompt/completion pairs, without."""
+    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch, *, stand_in: bool = False) -> BatchLoss:
+        """KTO: completions scored with gradients; the reference point z, without, from the mismatched completion each
+        row carries (``preftune.data.kto``): the micro-batch's mean KL log-ratio, in training averaged over the
+        processes' concurrent micro-batches (as TRL; a ``stand_in``'s is left out), clamped at 0."""
         batch = lazy.collate().to(self.accelerator.device)
         kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
         options = self._logprob_options()
@@ -552,14 +555,26 @@ class DPOTrainer:
         with self.accelerator.autocast():
             ref = self.reference.completion_logps(batch, **options)[0]
             ref_kl = self.reference.completion_logps(kl_batch, **options)[0]
+        kl_logratios = (policy_kl - ref_kl).detach()
+        if self.world_size > 1 and model.training:  # every process reaches this at each micro-batch of a step
+            kl_logratios = self._kl_means_of_processes(kl_logratios, counted=not stand_in)
+        kl = kto_kl_estimate(kl_logratios)
         params = self.loss_params
+        logps = policy.logps[0]
         losses = kto_loss(
-            policy.logps[0], ref, policy_kl, ref_kl, batch.labels, beta=params.beta,
+            logps, ref, kl, batch.labels, beta=params.beta,
             desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight,
         )
-        kl = (policy_kl - ref_kl).mean().clamp(min=0)
-        rewards = params.beta * (policy.logps[0].detach() - ref)
-        return BatchLoss(losses, unpaired_metric_sums(losses, policy.logps[0], rewards, batch.labels, kl))
+        if params.rpo_alpha is not None:  # LLaMA-Factory's pref_ftx with KTO
+            losses = losses + kto_sft_loss(logps / policy.lengths[0].clamp(min=1), batch.labels, params.rpo_alpha)
+        rewards = params.beta * (logps.detach() - ref)
+        return BatchLoss(losses, unpaired_metric_sums(losses, logps, rewards, batch.labels, kl))
+
+    def _kl_means_of_processes(self, kl_logratios: torch.Tensor, *, counted: bool) -> torch.Tensor:
+        """``(P,)`` the mean KL log-ratio of each process's current micro-batch, stand-ins left out (a collective)."""
+        mine = torch.stack([kl_logratios.float().mean(), torch.tensor(float(counted), device=kl_logratios.device)])
+        gathered = self.accelerator.gather(mine[None])
+        return gathered[gathered[:, 1] > 0, 0]
 
     def _logprob_options(self) -> dict[str, Any]:
         return {  # ZeRO-3 keeps no whole output weight for the chunked head: the model's forward projects
@@ -665,7 +680,7 @@ class DPOTrainer:
                 sync = index == len(share) - 1
                 with self.accelerator.no_sync(model) if not sync and not self.deepspeed else nullcontext():
                     if lazy is None:  # a stand-in (the window ran out before this process's share): zero gradient
-                        self._backward(model, self._batch_loss(model, window[0]).losses.sum() * 0.0, sync)
+                        self._backward(model, self._batch_loss(model, window[0], stand_in=True).losses.sum() * 0.0, sync)
                         continue
                     losses, sums, _ = self._batch_loss(model, lazy)
                     if not torch.isfinite(losses).all():
@@ -1241,7 +1256,7 @@ def _reference_fingerprint(reference: Reference, policy: nn.Module) -> str:
 
 def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
     """Refuse data the loss cannot use: unpaired rows with a paired loss and the reverse, several negatives
-    with LD-DPO, KTO with one row per batch (its KL estimate would pair each prompt with its own completion)."""
+    with LD-DPO. (KTO runs at any batch size: each row carries its KL completion, ``preftune.data.kto``.)"""
     kind = getattr(data, "kind", "paired")
     if kind == "unpaired" and not params.is_unpaired:
         raise ConfigError(
@@ -1254,12 +1269,6 @@ def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> Non
             "loss kto needs unpaired rows (prompt, completion, label: true/false, or LLaMA-Factory's kto_tag); "
             "the data is paired (prompt, chosen, rejected)",
             key="loss_type",
-        )
-    if params.is_unpaired and args.per_device_train_batch_size < 2:
-        raise ConfigError(
-            "kto needs per_device_train_batch_size >= 2: its KL estimate pairs each prompt with another row's "
-            "completion from the same batch",
-            key="per_device_train_batch_size",
         )
     if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
         raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")

@@ -177,11 +177,12 @@ def _ref_logps(examples: Sequence[dict]) -> Tensor | None:
 
 
 def mismatched_examples(examples: Sequence[dict], max_length: int | None = None) -> list[dict]:
-    """KTO's KL examples: prompt i with the completion of example i − 1 (mod B) of the same batch, as TRL pairs
-    them; each completion cut to fit ``max_length`` with its new prompt (at least one token is kept)."""
+    """KTO's KL examples: each row's prompt with the mismatched completion it carries (``kl_completion_ids``, another
+    row's completion chosen when the data was prepared: ``preftune.data.kto``), cut to fit ``max_length`` with that
+    prompt (keeping its start, at least one token, as TRL's collator)."""
     shifted = []
     for i, example in enumerate(examples):
-        completion = list(examples[i - 1]["completion_ids"])
+        completion = list(example["kl_completion_ids"])
         if max_length is not None:
             completion = completion[: max(1, max_length - len(example["prompt_ids"]))]
         shifted.append({"prompt_ids": example["prompt_ids"], "completion_ids": completion, "row": example.get("row", i)})

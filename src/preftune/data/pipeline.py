@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.data.formats import LoadedData, canonicalize_records, load_preference_data
+from preftune.data.kto import with_kl_completions
 from preftune.data.templates import check_template_name, resolve_chat_template
 from preftune.data.tokenize import TokenizedData, TokenizeSettings, tokenize_dataset
 from preftune.data.validate import CHEAP_RULES, RULES, find_problems
@@ -162,6 +163,9 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
     truncated, prefix mismatches; "pairs_*" count rows for unpaired data) and, for unpaired data, the desirable and
     undesirable counts of the rows used.
 
+    Unpaired (KTO) data also gets ``kl_completion_ids``, each row's mismatched completion
+    (``preftune.data.kto.with_kl_completions``, in groups of the per-device train or eval batch size).
+
     The cheap data checks (identical chosen/rejected, empty responses, exact duplicates; ``preftune.data.validate``)
     run on the rows read, under ``config.on_bad_row``: "error" raises DataError naming file, row and check (exact
     duplicates only warn); "skip" drops the rows; "warn" keeps them with a warning. ``report[split]`` then has
@@ -172,7 +176,7 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
         ConfigError: eval data of another kind or number of rejected responses than the train data (key
             "eval_dataset"), a bad val_size, or a split with no row that fits max_length.
         DataError: unreadable data or bad rows (see ``load_preference_data``), a row failing a data check under
-            on_bad_row "error", or no row left after dropping them.
+            on_bad_row "error", no row left after dropping them, or unpaired data with fewer than 2 rows.
     """
     splits: dict[str, _ReadSplit] = {}
     if train_source is not None:
@@ -188,6 +192,11 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
         splits["eval"] = _ReadSplit(validation, [], [])
 
     tokenized = {name: _tokenize_split(config, tokenizer, split.loaded, name) for name, split in splits.items()}
+    if first is not None and first.loaded.kind == "unpaired":  # KTO: each row carries the completion its KL term scores
+        for name, data in tokenized.items():
+            group = config.per_device_train_batch_size if name == "train" else config.per_device_eval_batch_size
+            kl_dataset = with_kl_completions(data.dataset, group, source=splits[name].loaded.source)
+            tokenized[name] = replace(data, dataset=kl_dataset)
     report = {
         name: _split_report(split.loaded, split.skipped, tokenized[name], split.failed, config.on_bad_row == "skip")
         for name, split in splits.items()
@@ -230,7 +239,11 @@ def prepare_rows(config, tokenizer, rows: list[dict], *, source: str, first_row:
     loaded = canonicalize_records(rows, source=source, on_bad_row=config.on_bad_row, first_row=first_row)
     split = _checked(config, loaded)
     tokenized = _tokenize_split(config, tokenizer, split.loaded, "train", cache=False)
-    return tokenized, _split_report(split.loaded, split.skipped, tokenized, split.failed, config.on_bad_row == "skip")
+    report = _split_report(split.loaded, split.skipped, tokenized, split.failed, config.on_bad_row == "skip")
+    if tokenized.kind == "unpaired":
+        kl_dataset = with_kl_completions(tokenized.dataset, config.per_device_train_batch_size, source=source)
+        tokenized = replace(tokenized, dataset=kl_dataset)
+    return tokenized, report
 
 
 @dataclass
