@@ -368,7 +368,7 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "hub_revision": _N(_PUSH),
     # ---- processes
     "ddp_timeout": _P,
-    "ddp_find_unused_parameters": _T("find_unused_parameters of DDP (None: not model.is_gradient_checkpointing)"),
+    "ddp_find_unused_parameters": _T("find_unused_parameters of DDP (None: DDP's default, false)"),
     "ddp_bucket_cap_mb": _T("bucket_cap_mb of DDP (None: torch's default)"),
     "ddp_broadcast_buffers": _T("broadcast_buffers of DDP (None: preftune's False)"),
     "ddp_static_graph": _T("static_graph of DDP (None: torch's default)"),
@@ -1103,7 +1103,8 @@ class DPOConfig(BaseModel):
         1800, "Timeout in seconds for distributed-process collectives.", aliases=["dist_timeout"], ge=1
     )
     ddp_find_unused_parameters: bool | None = _field(
-        None, "DDP's `find_unused_parameters`; `null`: true unless gradient checkpointing is on."
+        None, "DDP's `find_unused_parameters`; `null`: DDP's default (false; transformers' Trainer sets true unless "
+        "gradient checkpointing is on, which costs a pass over the graph at every step)."
     )
     ddp_bucket_cap_mb: int | None = _field(None, "DDP's `bucket_cap_mb`; `null`: torch's default.", ge=1)
     ddp_broadcast_buffers: bool | None = _field(None, "DDP's `broadcast_buffers`; `null`: false.")

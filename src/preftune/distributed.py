@@ -95,9 +95,19 @@ def build_accelerator(args: Any) -> Accelerator:
         cpu=cpu,
         kwargs_handlers=[
             InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
-            DistributedDataParallelKwargs(broadcast_buffers=False),
+            DistributedDataParallelKwargs(**ddp_options(args)),
         ],
     )
+
+
+def ddp_options(args: Any) -> dict[str, Any]:
+    """DDP's options from the config's ``ddp_*`` keys; unset ones keep DDP's defaults, except ``broadcast_buffers``
+    (off, see ``build_accelerator``)."""
+    options = {"find_unused_parameters": args.ddp_find_unused_parameters, "bucket_cap_mb": args.ddp_bucket_cap_mb,
+               "static_graph": args.ddp_static_graph}
+    options = {name: value for name, value in options.items() if value is not None}
+    options["broadcast_buffers"] = bool(args.ddp_broadcast_buffers)
+    return options
 
 
 def check_distributed_settings(args: Any, accelerator: Accelerator) -> None:
