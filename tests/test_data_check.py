@@ -275,7 +275,7 @@ def test_cli_checks_a_config_dataset_and_eval_dataset(tmp_path, capsys):
 
 def config(**overrides):
     values = dict(dataset_dir=None, max_samples=None, on_bad_row="error", val_size=0, seed=0, overwrite_cache=True,
-                  max_length=64, truncation_mode="keep_start", template=None)
+                  max_length=64, truncation_mode="keep_start", template=None, enable_thinking=True)
     return SimpleNamespace(**{**values, **overrides})
 
 

@@ -473,7 +473,7 @@ def test_cache_hits_for_each_kind_and_misses_across_kinds_and_versions(gpt2, tmp
 def config(**overrides):
     values = dict(dataset_dir=None, max_samples=None, on_bad_row="error", val_size=0, seed=0, overwrite_cache=True,
                   max_length=64, truncation_mode="keep_start", template="chatml", per_device_train_batch_size=8,
-                  per_device_eval_batch_size=8)
+                  per_device_eval_batch_size=8, enable_thinking=True)
     return SimpleNamespace(**{**values, **overrides})
 
 

@@ -106,7 +106,7 @@ def test_the_rules_find_what_they_should_and_nothing_else():
     sample = "\n".join([
         "```yaml", "pref_beta: 0.1", "not_a_key: 1", "```",
         "```bash", "preftune train cfg.yaml max_steps=10 beta=0.2", "preftune label serve --db x", "```",
-        "```python", "DPOConfig(output_dir=\"out\", bf16=True, model=model)", "```",
+        "```python", "DPOConfig(output_dir=\"out\", bf16=True, tokenizer_file=path)", "```",
         "Set `finetuning_type: lora` or `nonfinite_loss`; `sigmoid` and `fsdp full_shard` too; preftune's "
         "`preftune.judges:sentiment_word_score`; preftune 的 `preftune data check`; preftune report.",
     ])

@@ -223,6 +223,7 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "eval_dataset": _P,
     "val_size": _P,
     "template": _P,
+    "enable_thinking": _P,
     "max_samples": _P,
     "max_length": _P,
     "truncation_mode": _P,
@@ -505,7 +506,7 @@ OTHER_KNOWN_KEYS: dict[str, KnownKey] = {
     **_known(
         f"{_LF} data options",
         streaming=False, buffer_size=16384, mix_strategy="concat", interleave_probs=None, eval_on_each_dataset=False,
-        packing=(None, False), neat_packing=False, tool_format=None, default_system=None, enable_thinking=True,
+        packing=(None, False), neat_packing=False, tool_format=None, default_system=None,
         preserve_thinking=False, tokenized_path=None, data_shared_file_system=False, disable_shuffling=False,
     ),  # fmt: skip
     **_known(
@@ -734,6 +735,11 @@ class DPOConfig(BaseModel):
     )
     template: str | None = _field(
         None, "Prompt template name (LLaMA-Factory, e.g. `qwen`); `null` uses the tokenizer's chat template."
+    )
+    enable_thinking: bool = _field(
+        True,
+        "Reasoning templates (`template: qwen3`, ...; LLaMA-Factory): a response without a thought is trained with an "
+        "empty `<think>` block in front (true), or the empty block goes into the prompt (false).",
     )
     max_samples: int | None = _field(None, "Use at most this many training rows; `null` uses all.", ge=1)
     max_length: int | None = _field(

@@ -273,6 +273,7 @@ def _tokenize_split(config, tokenizer, loaded: LoadedData, name: str, *, cache: 
         max_length=config.max_length,
         truncation_mode=config.truncation_mode,
         **_template_settings(loaded, tokenizer, config.template),
+        enable_thinking=config.enable_thinking,
     )
     cache_dir = None if config.overwrite_cache or not cache else str(default_cache_dir())
     tokenized = tokenize_dataset(loaded.dataset, tokenizer, settings, cache_dir=cache_dir, desc=f"Tokenizing {name} data")
