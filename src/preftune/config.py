@@ -821,7 +821,7 @@ class DPOConfig(BaseModel):
     rpo_alpha: float | None = _field(
         None,
         "RPO: weight α of an NLL term on chosen completions, length-averaged (LLaMA-Factory `pref_ftx`, where 0 means "
-        "off); logged as `nll_loss`.",
+        "off); logged as `nll_loss`. With kto: LLaMA-Factory's SFT term on the desirable rows.",
         aliases=["pref_ftx"],
         ge=0,
     )
@@ -1394,7 +1394,8 @@ class DPOConfig(BaseModel):
             raise _error("ld_alpha applies to paired losses, not kto", "ld_alpha")
         if self.precompute_ref_log_probs and params.is_unpaired:
             raise _error(
-                "kto's KL estimate pairs rows of each batch on the fly, so its reference log-probs cannot be precomputed",
+                "not supported yet: precompute_ref_log_probs with kto (the reference log-probs of its KL completions are "
+                "not precomputed yet)",
                 "precompute_ref_log_probs",
             )
         if self.sync_ref_model and self.precompute_ref_log_probs:
