@@ -64,6 +64,7 @@ from preftune.errors import CheckpointError, ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_loss
 from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
+from preftune.moe import resolve_router_aux_loss
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
 from preftune.reference import (
@@ -249,6 +250,9 @@ class DPOTrainer:
         self.layout = resolve_layout(self.args, self.model, reference_model)
         if (self.fsdp or self.deepspeed) and self.layout.padding_free is None:  # every process runs the same forwards
             self.layout = BatchLayout(prefix_sharing=self.layout.prefix_sharing, padding_free=False)
+        # MoE load-balancing loss on the policy's forwards, as TRL adds it (preftune.moe); 0.0: off
+        self.router_aux_loss_coef = resolve_router_aux_loss(self.args, self.model, self.layout)
+        self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
         distinct = [m for m in (self.model, reference_model) if m is not None]
         distinct = [m for i, m in enumerate(distinct) if all(m is not other for other in distinct[:i])]
         if self.args.disable_dropout:
@@ -366,7 +370,9 @@ class DPOTrainer:
         if self.reference is not None:  # first: the policy's head keeps a softmax chunk until its backward
             with self.accelerator.autocast():
                 ref_chosen, ref_rejected = self.reference.logps(batch, **options)
-        policy = pair_logprobs(model, batch, **options, wpo=self.loss_params.use_weighting)
+        policy = pair_logprobs(
+            model, batch, **options, wpo=self.loss_params.use_weighting, router_aux_loss=self.aux_loss_enabled
+        )
         out = compute_preference_loss(
             self.loss_params,
             LossInputs(
@@ -380,17 +386,21 @@ class DPOTrainer:
                 rejected_wpo_logps=policy.rejected_wpo_logps,
             ),
         )
+        losses = out.per_example
+        if policy.aux_loss is not None:  # MoE: + coef x the forward's load-balancing loss (TRL adds it to the mean)
+            losses = losses + self.router_aux_loss_coef * policy.aux_loss
         sums = pair_metric_sums(
-            out.per_example, policy, out.chosen_rewards, out.rejected_rewards, nll=out.nll, components=out.components
+            losses, policy, out.chosen_rewards, out.rejected_rewards, nll=out.nll, components=out.components,
+            aux_loss=policy.aux_loss,
         )
-        return out.per_example, sums
+        return losses, sums
 
     def _unpaired_batch_loss(self, model: nn.Module, lazy: "_LazyBatch") -> tuple[torch.Tensor, dict[str, float]]:
         """KTO: completions scored with gradients; the KL estimate from mismatched prompt/completion pairs, without."""
         batch = lazy.collate().to(self.accelerator.device)
         kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
         options = self._logprob_options()
-        policy = completion_logprobs(model, batch, **options)
+        policy = completion_logprobs(model, batch, **options, router_aux_loss=self.aux_loss_enabled)
         with torch.no_grad():
             policy_kl = completion_logprobs(model, kl_batch, **options).logps[0]
         with self.accelerator.autocast():
@@ -403,7 +413,9 @@ class DPOTrainer:
         )
         kl = (policy_kl - ref_kl).mean().clamp(min=0)
         rewards = params.beta * (policy.logps[0].detach() - ref)
-        return losses, unpaired_metric_sums(losses, policy.logps[0], rewards, batch.labels, kl)
+        if policy.aux_loss is not None:  # MoE, as in _batch_loss
+            losses = losses + self.router_aux_loss_coef * policy.aux_loss
+        return losses, unpaired_metric_sums(losses, policy.logps[0], rewards, batch.labels, kl, aux_loss=policy.aux_loss)
 
     def _logprob_options(self) -> dict[str, Any]:
         return {  # ZeRO-3 keeps no whole output weight for the chunked head: the model's forward projects
