@@ -74,7 +74,6 @@ NOT_SUPPORTED_YET = {
     "max_completion_length": 512,
     "train_sampling_strategy": "sequential",
     "label_smoothing_factor": 0.1,
-    "router_aux_loss_coef": 0.001,
     "optim_args": "amsgrad=true",
     "optim_target_modules": ["q_proj"],
     "bf16_full_eval": True,

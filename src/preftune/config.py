@@ -264,7 +264,7 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "undesirable_weight": _P,
     "pref_bco_weight": _L(hint="LLaMA-Factory's BCO term"),
     "label_smoothing_factor": _L(hint="transformers' cross-entropy label smoothing; DPO's is label_smoothing"),
-    "router_aux_loss_coef": _L(0.0, hint="no Mixture-of-Experts load-balancing loss is added"),
+    "router_aux_loss_coef": _P,
     # ---- optimisation
     "learning_rate": _P,
     "weight_decay": _P,
@@ -845,9 +845,11 @@ class DPOConfig(BaseModel):
     label_smoothing_factor: float = _field(0.0, "Label smoothing of transformers' cross-entropy loss.")
     router_aux_loss_coef: float | None = _field(
         None,
-        "Weight of a Mixture-of-Experts load-balancing loss. preftune adds none: `null` and 0 are accepted (TRL's "
-        "`null` adds the model's own coefficient for MoE models).",
+        "MoE models: coef × the model's router load-balancing loss added to the policy's loss (train and eval), "
+        "logged as `aux_loss`; `null`: the model config's value (as TRL 1.16); 0 disables it; refused for a model "
+        "that is not a Mixture of Experts. While it is on, batches use the plain padded layout (TRL's token set).",
         aliases=["moe_aux_loss_coef"],
+        ge=0,
     )
 
     # ---- Optimisation ----------------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ Two ways to get label log-probs:
   backward — no ``(rows, T, V)`` logits tensor and no log-softmax copy ever exist;
 - full logits (any other model): logits from the first scored position on (``logits_to_keep``), then
   ``logit[label] − logsumexp`` in chunks of tokens.
+
+For Mixture-of-Experts models the forward can also return the model's load-balancing auxiliary loss
+(``router_aux_loss=True``: the model is asked for its router logits and computes ``outputs.aux_loss``). That loss is
+a product of two means over every real token of the forward, so it is not a sum over rows or segments: it is only
+returned for one forward over the plain padded layout (``collate_pairs``, no ``padding_free``), where its token set —
+prompt + completion of each of the 2B rows, padding excluded by the attention mask — is TRL's.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -52,22 +58,43 @@ class PairLogProbs:
     rejected_logits_sum: Tensor
     chosen_wpo_logps: Tensor | None = None
     rejected_wpo_logps: Tensor | None = None
+    aux_loss: Tensor | None = None  # with ``router_aux_loss``: the forward's MoE load-balancing loss (a scalar)
 
 
 @dataclass
 class CompletionLogProbs:
-    """Per-completion sums of a batch, each ``(K, B)``: completion k of example i at ``[k, i]``."""
+    """Per-completion sums of a batch, each ``(K, B)``: completion k of example i at ``[k, i]``; with
+    ``router_aux_loss``, ``aux_loss`` is the forward's MoE load-balancing loss (a scalar with gradients), else None."""
 
     logps: Tensor
     lengths: Tensor
     logits_sum: Tensor
     wpo_logps: Tensor | None = None
+    aux_loss: Tensor | None = None
 
     def as_pairs(self) -> PairLogProbs:
         """Completion 0 as chosen, the others as rejected: ``(B,)`` for one negative, ``(B, M)`` for several."""
         split = lambda values: (None, None) if values is None else chosen_and_rejected(values)  # noqa: E731
         (chosen, rejected), (cl, rl), (cs, rs), (cw, rw) = map(split, (self.logps, self.lengths, self.logits_sum, self.wpo_logps))
-        return PairLogProbs(chosen, rejected, cl, rl, cs, rs, cw, rw)
+        return PairLogProbs(chosen, rejected, cl, rl, cs, rs, cw, rw, self.aux_loss)
+
+
+class ScoredTokens(NamedTuple):
+    """What ``scored_token_logps`` returns: per scored token ``(N,)`` values, in forward order.
+
+    Attributes:
+        logps: log-prob of each scored token (nats; carries gradients).
+        mean_logits: its vocabulary-mean logit.
+        log_sum_sq: ``log Σ_v p_v²`` (detached; with ``wpo``), else None.
+        order: entry j belongs to the batch's plan entry ``order[j]``.
+        aux_loss: the forward's MoE load-balancing loss (scalar; with ``router_aux_loss``), else None.
+    """
+
+    logps: Tensor
+    mean_logits: Tensor
+    log_sum_sq: Tensor | None
+    order: Tensor
+    aux_loss: Tensor | None = None
 
 
 def chosen_and_rejected(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,16 +197,25 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int) -> dict:
 
 
 def scored_token_logps(
-    model: nn.Module, batch: PreferenceBatch, *, chunked_head: bool = True, chunk_size: int = 1024, wpo: bool = False
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Log-prob of every scored token, its vocabulary-mean logit, its ``log Σ_v p_v²`` (with ``wpo``, else None),
-    and a permutation ``order`` such that entry j belongs to the batch's plan entry ``order[j]``.
+    model: nn.Module,
+    batch: PreferenceBatch,
+    *,
+    chunked_head: bool = True,
+    chunk_size: int = 1024,
+    wpo: bool = False,
+    router_aux_loss: bool = False,
+) -> ScoredTokens:
+    """Log-prob of every scored token, its vocabulary-mean logit, its ``log Σ_v p_v²`` (with ``wpo``), the
+    permutation back to the batch's plan, and (``router_aux_loss``) the model's MoE load-balancing loss.
 
     Tokens come out grouped by forward segment, so the order may differ from the batch's plan.
+    ``router_aux_loss`` needs a batch forwarded in one piece with a 2-D mask (``check_one_padded_forward``).
     """
+    if router_aux_loss:
+        check_one_padded_forward(batch)
     use_chunked = chunked_head and supports_chunked_head(model)
     keep_logits = _accepts_logits_to_keep(model)
-    selected, labels, order = [], [], []
+    selected, labels, order, aux_loss = [], [], [], None
     with _output_layer_bypassed(model) if use_chunked else nullcontext() as head:
         for rows, length in _row_segments(batch):
             in_segment = (batch.score_rows >= rows.start) & (batch.score_rows < rows.stop)
@@ -189,7 +225,12 @@ def scored_token_logps(
             first = int(score_positions.min()) if keep_logits and score_positions.numel() else 0
             if keep_logits:
                 kwargs["logits_to_keep"] = length - first  # positions before the first scored one are never projected
-            outputs = model(**kwargs).logits  # hidden states when the output layer is bypassed
+            if router_aux_loss:
+                kwargs["output_router_logits"] = True
+            outputs = model(**kwargs)
+            if router_aux_loss:
+                aux_loss = _aux_loss_of(outputs, model)
+            outputs = outputs.logits  # hidden states when the output layer is bypassed
             selected.append(outputs[score_rows, score_positions - first])
             labels.append(batch.score_labels[in_segment])
             order.append(in_segment.nonzero().squeeze(1))
@@ -201,7 +242,31 @@ def scored_token_logps(
             )
         else:
             logps, mean_logits, *extra = token_logps(selected, labels, chunk_size=chunk_size, with_log_sum_sq=wpo)
-    return logps, mean_logits, (extra[0] if wpo else None), order
+    return ScoredTokens(logps, mean_logits, (extra[0] if wpo else None), order, aux_loss)
+
+
+def check_one_padded_forward(batch: PreferenceBatch) -> None:
+    """Raise ValueError unless ``batch`` is forwarded in one piece with a 2-D padding mask (the plain layout).
+
+    The MoE load-balancing loss averages router statistics over all real tokens of one forward; row-by-row forwards
+    (``padding_free``) would each give a loss over their own tokens only, and the prefix-sharing layout holds each
+    prompt once instead of once per completion (and a 4-D mask the loss cannot read).
+    """
+    if batch.row_lengths is not None or batch.attention_mask.dim() != 2:
+        raise ValueError(
+            "the MoE router auxiliary loss needs the plain padded layout (one forward per batch): "
+            "prefix_sharing and padding_free must be off"
+        )
+
+
+def _aux_loss_of(outputs: object, model: nn.Module) -> Tensor:
+    aux_loss = getattr(outputs, "aux_loss", None)
+    if not isinstance(aux_loss, Tensor):
+        raise ValueError(
+            f"{type(unwrap_model(model)).__name__} returned no load-balancing aux_loss although router logits were "
+            "requested (output_router_logits=True)"
+        )
+    return aux_loss
 
 
 def ld_token_weights(batch: PreferenceBatch, alpha: float) -> Tensor:
@@ -224,11 +289,15 @@ def completion_logprobs(
     chunk_size: int = 1024,
     ld_alpha: float | None = None,
     wpo: bool = False,
+    router_aux_loss: bool = False,
 ) -> CompletionLogProbs:
     """Forward the batch once and sum log-probs per completion: ``logps[k, i] = Σ_t w_t log p(y_t)`` over the
-    tokens of completion k of example i, with ``w_t = 1`` (or the LD-DPO weights when ``ld_alpha`` is set)."""
-    logps, mean_logits, log_sum_sq, order = scored_token_logps(
-        model, batch, chunked_head=chunked_head, chunk_size=chunk_size, wpo=wpo
+    tokens of completion k of example i, with ``w_t = 1`` (or the LD-DPO weights when ``ld_alpha`` is set).
+
+    ``router_aux_loss``: also return the MoE model's load-balancing loss of this forward (``scored_token_logps``);
+    only the policy's forward asks for it, never the reference's."""
+    logps, mean_logits, log_sum_sq, order, aux_loss = scored_token_logps(
+        model, batch, chunked_head=chunked_head, chunk_size=chunk_size, wpo=wpo, router_aux_loss=router_aux_loss
     )
     sequences = batch.score_sequences[order]
     count = batch.num_completions * batch.num_pairs
@@ -242,7 +311,7 @@ def completion_logprobs(
         wpo_logps = torch.zeros(count, dtype=torch.float32, device=logps.device).index_add(0, sequences, aligned)
         wpo_logps = (wpo_logps / lengths.clamp(min=1)).view(batch.num_completions, -1)
     shape = (batch.num_completions, batch.num_pairs)
-    return CompletionLogProbs(sums.view(shape), lengths.view(shape), logits_sums.view(shape), wpo_logps)
+    return CompletionLogProbs(sums.view(shape), lengths.view(shape), logits_sums.view(shape), wpo_logps, aux_loss)
 
 
 def pair_logprobs(model: nn.Module, batch: PreferenceBatch, **options) -> PairLogProbs:

@@ -52,13 +52,15 @@ def pair_metric_sums(
     *,
     nll: Tensor | None = None,
     components: dict[str, Tensor] | None = None,
+    aux_loss: Tensor | None = None,
 ) -> dict[str, float]:
     """Sums over the batch's pairs (and tokens, for logits) of each metric; ``MetricAccumulator`` averages them.
 
     With several negatives (rejected tensors ``(B, M)``), each pair's rejected reward, log-prob and accuracy
     (chosen reward above that negative's) are averaged over its negatives; logits stay token-weighted over all
     rejected tokens. Returns the sums plus ``pairs`` and ``count:<metric>`` denominators for token-weighted ones,
-    so that batches of different sizes combine exactly.
+    so that batches of different sizes combine exactly. ``aux_loss`` (the batch's MoE load-balancing loss, one
+    value per forward) counts once per pair, so the logged ``aux_loss`` is its pair-weighted mean over batches.
     """
     with torch.no_grad():
         chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
@@ -81,11 +83,13 @@ def pair_metric_sums(
             sums["nll_loss"] = float(nll.detach().sum())
         for name, values in (components or {}).items():
             sums[f"loss/{name}"] = float(values.detach().sum())
+        if aux_loss is not None:
+            sums["aux_loss"] = float(aux_loss.detach()) * sums["pairs"]
         return sums
 
 
 def unpaired_metric_sums(
-    per_example_loss: Tensor, logps: Tensor, rewards: Tensor, labels: Tensor, kl: Tensor
+    per_example_loss: Tensor, logps: Tensor, rewards: Tensor, labels: Tensor, kl: Tensor, aux_loss: Tensor | None = None
 ) -> dict[str, float]:
     """KTO metrics (TRL's KTO names): ``rewards/chosen`` and ``logps/chosen`` average over desirable rows,
     ``.../rejected`` over undesirable ones, ``rewards/margins`` is their difference of means (computed from the
@@ -94,6 +98,8 @@ def unpaired_metric_sums(
         desirable = labels.bool()
         rows = float(per_example_loss.numel())
         sums = {"pairs": rows, "loss": float(per_example_loss.detach().sum()), "kl": float(kl) * rows}
+        if aux_loss is not None:  # as in pair_metric_sums
+            sums["aux_loss"] = float(aux_loss.detach()) * rows
         for name, mask in (("chosen", desirable), ("rejected", ~desirable)):
             sums[f"rewards/{name}"] = float(rewards.detach()[mask].sum())
             sums[f"count:rewards/{name}"] = float(mask.sum())

@@ -68,6 +68,7 @@ from preftune.errors import CheckpointError, ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_kl_estimate, kto_loss, kto_sft_loss
 from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
+from preftune.moe import resolve_router_aux_loss
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
 from preftune.reference import (
@@ -378,6 +379,9 @@ class DPOTrainer:
         self.layout = resolve_layout(self.args, self.model, reference_model)
         if (self.fsdp or self.deepspeed) and self.layout.padding_free is None:  # every process runs the same forwards
             self.layout = BatchLayout(prefix_sharing=self.layout.prefix_sharing, padding_free=False)
+        # MoE load-balancing loss on the policy's forwards, as TRL adds it (preftune.moe); 0.0: off
+        self.router_aux_loss_coef = resolve_router_aux_loss(self.args, self.model, self.layout)
+        self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
         distinct = [m for m in (self.model, reference_model) if m is not None]
         distinct = [m for i, m in enumerate(distinct) if all(m is not other for other in distinct[:i])]
         if self.args.disable_dropout:
@@ -521,7 +525,9 @@ class DPOTrainer:
         if self.reference is not None:  # first: the policy's head keeps a softmax chunk until its backward
             with self.accelerator.autocast():
                 ref_chosen, ref_rejected = self.reference.logps(batch, **options)
-        policy = pair_logprobs(model, batch, **options, wpo=self.loss_params.use_weighting)
+        policy = pair_logprobs(
+            model, batch, **options, wpo=self.loss_params.use_weighting, router_aux_loss=self.aux_loss_enabled
+        )
         out = compute_preference_loss(
             self.loss_params,
             LossInputs(
@@ -535,12 +541,16 @@ class DPOTrainer:
                 rejected_wpo_logps=policy.rejected_wpo_logps,
             ),
         )
+        losses = out.per_example
+        if policy.aux_loss is not None:  # MoE: + coef x the forward's load-balancing loss (TRL adds it to the mean)
+            losses = losses + self.router_aux_loss_coef * policy.aux_loss
         sums = pair_metric_sums(
-            out.per_example, policy, out.chosen_rewards, out.rejected_rewards, nll=out.nll, components=out.components
+            losses, policy, out.chosen_rewards, out.rejected_rewards, nll=out.nll, components=out.components,
+            aux_loss=policy.aux_loss,
         )
         rejected = out.rejected_rewards if out.rejected_rewards.dim() == 2 else out.rejected_rewards.unsqueeze(1)
         rewards = torch.cat([out.chosen_rewards.unsqueeze(1), rejected], dim=1).detach()
-        return BatchLoss(out.per_example, sums, rewards)
+        return BatchLoss(losses, sums, rewards)
 
     def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch, *, stand_in: bool = False) -> BatchLoss:
         """KTO: completions scored with gradients; the reference point z, without, from the mismatched completion each
@@ -549,7 +559,7 @@ class DPOTrainer:
         batch = lazy.collate().to(self.accelerator.device)
         kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
         options = self._logprob_options()
-        policy = completion_logprobs(model, batch, **options)
+        policy = completion_logprobs(model, batch, **options, router_aux_loss=self.aux_loss_enabled)
         with torch.no_grad():
             policy_kl = completion_logprobs(model, kl_batch, **options).logps[0]
         with self.accelerator.autocast():
@@ -567,8 +577,10 @@ class DPOTrainer:
         )
         if params.rpo_alpha is not None:  # LLaMA-Factory's pref_ftx with KTO
             losses = losses + kto_sft_loss(logps / policy.lengths[0].clamp(min=1), batch.labels, params.rpo_alpha)
+        if policy.aux_loss is not None:  # MoE, as in _batch_loss
+            losses = losses + self.router_aux_loss_coef * policy.aux_loss
         rewards = params.beta * (logps.detach() - ref)
-        return BatchLoss(losses, unpaired_metric_sums(losses, logps, rewards, batch.labels, kl))
+        return BatchLoss(losses, unpaired_metric_sums(losses, logps, rewards, batch.labels, kl, aux_loss=policy.aux_loss))
 
     def _kl_means_of_processes(self, kl_logratios: torch.Tensor, *, counted: bool) -> torch.Tensor:
         """``(P,)`` the mean KL log-ratio of each process's current micro-batch, stand-ins left out (a collective)."""
@@ -798,18 +810,23 @@ class DPOTrainer:
     def _train_summary_record(self, runtime: float, run: "_RunTotals", training_loss: float, total_steps: int) -> dict:
         """The record transformers' Trainer logs when training ends: ``train_runtime``, ``train_samples_per_second``
         (pairs), ``train_steps_per_second``, ``total_flos`` (6 x non-embedding parameters x tokens trained on, the
-        estimate transformers uses) and ``train_loss`` (the mean loss of the run)."""
+        estimate transformers uses) and ``train_loss`` (the mean loss of the run); with an MoE load-balancing loss also
+        its run mean ``aux_loss``."""
         steps = self.state.global_step - (self._resumed_at_step or 0)
         parameters = unwrap_model(self.model).num_parameters(exclude_embeddings=True) if hasattr(
             unwrap_model(self.model), "num_parameters") else 0
         self.state.total_flos = 6.0 * parameters * run.total_tokens
-        return {
+        record = {
             "train_runtime": runtime,
             "train_samples_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
             "train_steps_per_second": steps / runtime if runtime > 0 else 0.0,
             "total_flos": self.state.total_flos,
             "train_loss": training_loss,
         }
+        run_means = run.run_loss.means()
+        if "aux_loss" in run_means:  # MoE: the run's mean load-balancing loss, as train_loss is the run's mean loss
+            record["aux_loss"] = run_means["aux_loss"]
+        return record
 
     def log(self, logs: dict[str, Any], start_time: float | None = None) -> None:
         """Record ``logs`` at the current step (history files, ``state.log_history``) and pass them to the callbacks'
@@ -1205,7 +1222,7 @@ class _RunTotals:
     def add_step(self, step_sums: list[tuple[dict[str, float], int]], pairs: int) -> None:
         for sums, tokens in step_sums:
             self.window.add(sums)
-            self.run_loss.add({"pairs": sums["pairs"], "loss": sums["loss"]})
+            self.run_loss.add({key: sums[key] for key in ("pairs", "loss", "aux_loss") if key in sums})
             self.window_tokens += tokens
             self.total_tokens += tokens
             self.session_tokens += tokens
