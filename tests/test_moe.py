@@ -218,7 +218,9 @@ def test_only_the_policys_forward_requests_router_logits_never_the_references(tm
     trainer.train()  # one step, then the final evaluation
     assert seen["policy"] and all(flag is True for flag in seen["policy"])
     assert seen["reference"] and all(flag is None for flag in seen["reference"])
-    assert "aux_loss" in trainer.state.log_history[0] and "eval_aux_loss" in trainer.state.log_history[-1]
+    evals = [record for record in trainer.state.log_history if "eval_loss" in record]
+    assert "aux_loss" in trainer.state.log_history[0] and evals and all("eval_aux_loss" in r for r in evals)
+    assert "aux_loss" in trainer.state.log_history[-1]  # the end-of-training record carries the run's mean, as TRL's test asks
 
 
 def test_kto_adds_the_aux_loss_of_the_completion_forward_only(tmp_path, tokenizer):
