@@ -221,3 +221,62 @@ def test_push_to_hub_offline_is_one_clear_error(model_dir, tmp_path, monkeypatch
     trainer = _trainer(model_dir, tmp_path)
     with pytest.raises(ValueError, match="push_to_hub.*not reachable"):
         trainer.push_to_hub()
+
+
+def test_early_stopping_callback_stops_when_the_metric_stops_improving(model_dir, tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    args = make_config(tmp_path, max_steps=6, learning_rate=0.0, eval_strategy="steps", eval_steps=1,
+                       metric_for_best_model="loss")
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=STORY_PAIRS, eval_dataset=STORY_PAIRS[:4],
+                         callbacks=[EarlyStoppingCallback(early_stopping_patience=1)])
+    # learning rate 0: eval_loss stays at log 2, so the second evaluation does not improve on the first
+    assert trainer.train().global_step == 2
+    assert trainer.state.best_metric == pytest.approx(math.log(2)) and trainer.state.best_global_step == 1
+
+
+def _scripted_metric(scores):
+    calls = []
+
+    def compute_metrics(prediction):
+        calls.append(len(calls))
+        return {"score": scores[len(calls) - 1]}
+
+    return compute_metrics
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_weights(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    args = make_config(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                       load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=STORY_PAIRS, eval_dataset=STORY_PAIRS[:2],
+                         compute_metrics=_scripted_metric([0.1, 0.9, 0.3]))
+    trainer.train()
+    assert trainer.state.best_global_step == 2 and trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
+    last = load_file(str(tmp_path / "run" / "checkpoint-3" / "model.safetensors"))
+    final = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert any(not torch.equal(best[name], last[name]) for name in best)  # step 3 moved the weights on
+    for name, value in best.items():
+        torch.testing.assert_close(final[name], value, msg=name)  # the saved model is step 2's
+
+
+def test_save_strategy_best_saves_only_after_an_improving_evaluation(model_dir, tmp_path):
+    args = make_config(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1, save_strategy="best",
+                       metric_for_best_model="score", greater_is_better=True)
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=STORY_PAIRS, eval_dataset=STORY_PAIRS[:2],
+                         compute_metrics=_scripted_metric([0.1, 0.9, 0.3]))
+    trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_eval_on_start_and_logging_strategy_no(model_dir, tmp_path):
+    args = make_config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, eval_on_start=True,
+                       logging_strategy="no")
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=STORY_PAIRS, eval_dataset=STORY_PAIRS[:2])
+    trainer.train()
+    history = trainer.state.log_history
+    assert history[0]["step"] == 0 and "eval_loss" in history[0]
+    assert not [record for record in history if "loss" in record]  # no training logs
+    assert [record["step"] for record in history if "eval_loss" in record] == [0, 2] and "train_loss" in history[-1]

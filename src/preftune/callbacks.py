@@ -30,6 +30,7 @@ __all__ = [
     "TrainerControl",
     "TrainerState",
     "build_callback_handler",
+    "strategy_name",
     "finish_trackers",
     "tracker_callbacks",
 ]
@@ -51,7 +52,7 @@ class ScheduleCallback(DefaultFlowCallback):
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         step = state.global_step
-        logging_strategy = _strategy(getattr(args, "logging_strategy", "steps"))
+        logging_strategy = strategy_name(getattr(args, "logging_strategy", "steps"))
         if logging_strategy != "no" and (
             (step == 1 and args.logging_first_step)
             or (logging_strategy == "steps" and step % state.logging_steps == 0)
@@ -59,29 +60,29 @@ class ScheduleCallback(DefaultFlowCallback):
         ):
             control.should_log = True
         if (
-            _strategy(args.eval_strategy) == "steps"
+            strategy_name(args.eval_strategy) == "steps"
             and state.eval_steps
             and step % state.eval_steps == 0
             and (getattr(args, "eval_delay", 0) or 0) <= step
         ):
             control.should_evaluate = True
-        if _strategy(args.save_strategy) == "steps" and state.save_steps and step % state.save_steps == 0:
+        if strategy_name(args.save_strategy) == "steps" and state.save_steps and step % state.save_steps == 0:
             control.should_save = True
         if step >= state.max_steps:
             control.should_training_stop = True
         return control
 
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
-        if _strategy(getattr(args, "logging_strategy", "steps")) == "epoch":
+        if strategy_name(getattr(args, "logging_strategy", "steps")) == "epoch":
             control.should_log = True
-        if _strategy(args.eval_strategy) == "epoch" and (getattr(args, "eval_delay", 0) or 0) <= state.epoch:
+        if strategy_name(args.eval_strategy) == "epoch" and (getattr(args, "eval_delay", 0) or 0) <= state.epoch:
             control.should_evaluate = True
-        if _strategy(args.save_strategy) == "epoch":
+        if strategy_name(args.save_strategy) == "epoch":
             control.should_save = True
         return control
 
 
-def _strategy(value: Any) -> str:
+def strategy_name(value: Any) -> str:
     """A strategy as its plain string ("no", "steps", "epoch", "best"), whether given as a string or an enum."""
     return str(getattr(value, "value", value))
 

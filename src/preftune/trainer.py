@@ -41,7 +41,14 @@ from preftune.adapters import (
     save_adapter,
 )
 from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows, padding_free_pays
-from preftune.callbacks import TrainerCallback, TrainerControl, TrainerState, build_callback_handler, finish_trackers
+from preftune.callbacks import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    build_callback_handler,
+    finish_trackers,
+    strategy_name,
+)
 from preftune.checkpoint import (
     prune_checkpoints,
     read_checkpoint,
@@ -984,7 +991,9 @@ class DPOTrainer:
         for name, data in self.data.eval_sets.items():
             metrics.update(self._evaluate_one(model, data.dataset, eval_key(name)))
         run.last_eval_step = self.state.global_step
-        self._track_best_metric(metrics)
+        improved = self._track_best_metric(metrics)
+        if improved and strategy_name(self.args.save_strategy) == "best":  # transformers' "best": save what improved
+            self.control.should_save = True
 
     @torch.no_grad()
     def _evaluate_one(self, model: nn.Module, dataset: Any, prefix: str) -> dict[str, float]:
@@ -1032,14 +1041,14 @@ class DPOTrainer:
         computed = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels)) or {}
         return {key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": value for key, value in computed.items()}
 
-    def _track_best_metric(self, metrics: dict[str, float]) -> None:
+    def _track_best_metric(self, metrics: dict[str, float]) -> bool:
         """``metric_for_best_model``: the best value so far and its step (``state.best_metric``,
         ``state.best_global_step``), higher or lower is better by ``greater_is_better`` (default: lower for names
-        ending in "loss", as transformers)."""
+        ending in "loss", as transformers). Returns whether this evaluation improved on the best."""
         name = getattr(self.args, "metric_for_best_model", None)
         if not name:
             if not getattr(self.args, "load_best_model_at_end", False):
-                return
+                return False
             name = "loss"
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
@@ -1050,6 +1059,8 @@ class DPOTrainer:
         value, best = metrics[key], self.state.best_metric
         if best is None or (value > best if greater else value < best):
             self.state.best_metric, self.state.best_global_step = value, self.state.global_step
+            return True
+        return False
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: load the weights of the best checkpoint (by ``metric_for_best_model``)."""
