@@ -43,6 +43,7 @@ def _steps(output_dir: Path) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ the scenario
+@pytest.mark.slow
 def test_a_second_run_with_other_settings_resuming_latest_is_refused_naming_the_keys_before_loading(
     stories_model_dir, tmp_path
 ):
