@@ -205,7 +205,7 @@ def _warn_about_an_earlier_run(output_dir: Path) -> None:
         return
     named = ", ".join(checkpoints[:5]) + (f" and {len(checkpoints) - 5} more" if len(checkpoints) > 5 else "")
     what = f"checkpoints ({named})" if checkpoints else f"outputs ({', '.join(outputs)})"
-    logger.warning(
+    _warn(
         "output_dir %s holds another run's %s: this run starts fresh (resume_from_checkpoint is not set), never "
         "resumes from, prunes or reports them, and replaces that run's %s. To continue that run instead, set "
         "resume_from_checkpoint: latest", output_dir, what, ", ".join(RUN_OUTPUT_FILES[:3]),
@@ -265,15 +265,15 @@ def _located(problems: list[PreftuneError], locate, name: str | os.PathLike, key
         problems.append(ConfigError(error.message, key=key, file=args.config_file))
         return None
     if source.folder is None and locate is locate_model:
-        logger.warning("%s '%s' is not a local folder: preftune will try to load it as a Hugging Face Hub id "
-                       "(from the local hub cache when offline, HF_HUB_OFFLINE=1)", key, name)
+        _warn("%s '%s' is not a local folder: preftune will try to load it as a Hugging Face Hub id "
+              "(from the local hub cache when offline, HF_HUB_OFFLINE=1)", key, name)
     return source
 
 
 def _warn_max_length(args: Any, source: ModelSource) -> None:
     limit = source.context_length
     if limit is not None and args.max_length is not None and args.max_length > limit:
-        logger.warning(
+        _warn(
             "max_length %d is above the model's max_position_embeddings %d (%s): sequences longer than %d tokens "
             "go beyond the positions it was trained on; set max_length: %d or less", args.max_length, limit,
             source.folder / "config.json", limit, limit,
@@ -298,8 +298,8 @@ def _check_data_sources(args: Any, train_dataset: Any, eval_dataset: Any) -> Non
             continue
         for name, path in located:
             if path is None:
-                logger.warning("%s '%s' is neither a local file nor a dataset registered in dataset_dir: preftune "
-                               "will try to load it from the Hugging Face Hub", key, name)
+                _warn("%s '%s' is neither a local file nor a dataset registered in dataset_dir: preftune "
+                      "will try to load it from the Hugging Face Hub", key, name)
     _raise_all(problems)
 
 
@@ -374,6 +374,12 @@ def start_fresh_run(output_dir: Path, run_id: str) -> None:
             stale.unlink()
             logger.info("removed %s of an earlier run", stale)
     claim_output_dir(output_dir, run_id)
+
+
+def _warn(message: str, *values: Any) -> None:
+    """A preflight warning, logged once: by the process that is not a replica under torchrun (RANK unset or 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        logger.warning(message, *values)
 
 
 def _model_name(model: nn.Module | str | None) -> str | None:
