@@ -280,3 +280,13 @@ def test_eval_on_start_and_logging_strategy_no(model_dir, tmp_path):
     assert history[0]["step"] == 0 and "eval_loss" in history[0]
     assert not [record for record in history if "loss" in record]  # no training logs
     assert [record["step"] for record in history if "eval_loss" in record] == [0, 2] and "train_loss" in history[-1]
+
+
+def test_save_total_limit_never_deletes_the_best_checkpoint(model_dir, tmp_path):
+    args = make_config(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                       save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="score",
+                       greater_is_better=True)
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=STORY_PAIRS, eval_dataset=STORY_PAIRS[:2],
+                         compute_metrics=_scripted_metric([0.1, 0.9, 0.3, 0.2]))
+    trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

@@ -10,6 +10,13 @@ Writing: everything goes into a hidden staging directory next to the target, eac
 ``manifest.json`` (size and sha256 of every file) last, then the directory is renamed into place (atomic on POSIX)
 and the parent fsynced. Reading verifies the manifest first, so a truncated or altered file is detected; ``latest``
 falls back to the newest intact checkpoint with a warning.
+
+Runs never mix: every training run has a run id. ``trainer_state.json["run"]`` holds it with the run's fingerprint
+(the settings, model and data that shape training; see ``preftune.preflight.run_fingerprint``), and ``run.json`` in
+``output_dir`` names the run whose files the folder holds now (written when a run starts or resumes there). A fresh
+run into a folder with another run's checkpoints claims the folder: ``latest`` then chooses among the claiming run's
+checkpoints only (among all of them when it has none yet, or the folder predates run ids), and ``save_total_limit``
+deletes only the run's own. Checkpoints written before run ids carry no ``run`` entry: no later run prunes them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +47,7 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng_state.json"
+RUN_FILE = "run.json"  # in output_dir: {"run_id": ...}, the run whose files the folder holds
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -152,14 +161,20 @@ def write_checkpoint(
     return target
 
 
-def prune_checkpoints(output_dir: Path, keep: int, newest: Path) -> None:
-    """Delete the oldest ``checkpoint-N`` folders beyond ``keep``; ``newest`` (just written) is never deleted."""
+def prune_checkpoints(output_dir: Path, keep: int, newest: Path, run_id: str | None = None,
+                      best: Path | None = None) -> None:
+    """Delete the oldest ``checkpoint-N`` folders beyond ``keep``; ``newest`` (just written) and ``best`` (the best
+    checkpoint by ``metric_for_best_model``) are never deleted, so one more may stay (as transformers keeps the best).
+    With ``run_id``, only that run's checkpoints are counted and deleted (never another run's)."""
     if not keep:
         return
     checkpoints = list_checkpoints(output_dir)
-    for stale in checkpoints[: max(0, len(checkpoints) - keep)]:
-        if stale.resolve() != Path(newest).resolve():
-            shutil.rmtree(stale, ignore_errors=True)
+    if run_id is not None:
+        checkpoints = [path for path in checkpoints if checkpoint_run(path)[0] == run_id]
+    protected = {Path(path).resolve() for path in (newest, best) if path is not None}
+    deletable = [path for path in checkpoints if path.resolve() not in protected]
+    for stale in deletable[: max(0, len(checkpoints) - keep)]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -199,20 +214,83 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def resolve_resume_path(spec: str, output_dir: Path) -> Path:
-    """The checkpoint to resume from: ``latest`` → the newest intact one in ``output_dir``; else the given path,
-    which must be intact. Raises CheckpointError otherwise."""
+    """The checkpoint to resume from: ``latest`` → the newest intact one of ``latest_candidates``; else the given
+    path, which must be intact. Raises CheckpointError otherwise."""
     if spec != "latest":
         path = Path(spec)
         problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
         if problem:
             raise CheckpointError(f"cannot resume from {path}: {problem}")
         return path
-    for path in reversed(list_checkpoints(output_dir)):
+    candidates = latest_candidates(output_dir)
+    others = [path.name for path in list_checkpoints(output_dir) if path not in candidates]
+    if others:
+        logger.info("latest: choosing among the checkpoints of the run that last wrote %s (%s), not another run's (%s)",
+                    output_dir, RUN_FILE, ", ".join(others))
+    for path in candidates:
         problem = verify_checkpoint(path)
         if problem is None:
             return path
         logger.warning("skipping damaged checkpoint %s: %s; trying the previous one", path, problem)
-    raise CheckpointError(f"resume_from_checkpoint: latest, but {output_dir} holds no intact checkpoint-N folder")
+    other_runs = (f" of this run; the other runs' checkpoints ({', '.join(others)}) are not chosen by latest: name one "
+                  "to resume it") if others else ""
+    raise CheckpointError(f"resume_from_checkpoint: latest, but {output_dir} holds no intact checkpoint-N folder"
+                          f"{other_runs}")
+
+
+def latest_candidates(output_dir: Path) -> list[Path]:
+    """The checkpoints ``latest`` may choose, newest first (unverified): those of the run named in
+    ``output_dir/run.json`` when it has any, else every ``checkpoint-N`` of the folder."""
+    checkpoints = list_checkpoints(output_dir)
+    current = read_run_id(output_dir)
+    own = [path for path in checkpoints if current is not None and checkpoint_run(path)[0] == current]
+    return list(reversed(own or checkpoints))
+
+
+# ------------------------------------------------------------------------------------------------ run identity
+def new_run_id() -> str:
+    """A fresh run id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def read_run_id(output_dir: Path) -> str | None:
+    """The run id in ``output_dir/run.json``, or None (no such file, or unreadable: a folder from before run ids)."""
+    try:
+        run_id = _read_json(Path(output_dir) / RUN_FILE).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+def claim_output_dir(output_dir: Path, run_id: str) -> None:
+    """Record in ``output_dir/run.json`` (atomically) that the folder's files are run ``run_id``'s from now on."""
+    path = Path(output_dir) / RUN_FILE
+    staging = path.parent / f".{RUN_FILE}.{os.getpid()}.tmp"
+    _write_json(staging, {"run_id": run_id})
+    _fsync_file(staging)
+    os.replace(staging, path)
+
+
+def checkpoint_run(path: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """``(run id, fingerprint)`` recorded in a checkpoint's ``trainer_state.json["run"]``; ``(None, None)`` for a
+    checkpoint written before run ids, or an unreadable one."""
+    try:
+        run = _read_json(Path(path) / STATE_FILE).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    if not isinstance(run, dict):
+        return None, None
+    fingerprint = run.get("fingerprint")
+    return run.get("id"), fingerprint if isinstance(fingerprint, dict) else None
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for each key both fingerprints record with different values, by key.
+
+    A key only one side records is not compared: it was added to (or dropped from) the fingerprint by another
+    preftune version, which says nothing about the run."""
+    return [(key, saved[key], current[key]) for key in sorted(saved.keys() & current.keys()) if saved[key] != current[key]]
+
 
 
 def read_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:

@@ -21,16 +21,24 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Errors first: every problem found before anything loads is printed, one line each (exit 2)."""
     from preftune.config import load_config
     from preftune.distributed import relaunch, should_relaunch
+    from preftune.preflight import PreflightError, run_preflight_checks
 
     overrides = [*args.overrides, *([f"nproc={args.nproc}"] if getattr(args, "nproc", None) else [])]
     config = load_config(args.config, overrides)
-    if should_relaunch(config.nproc):  # the same command as config.nproc processes under torchrun
-        return relaunch(config.nproc, [*(["-v"] if args.verbose else []), "train", args.config, *overrides])
-    from preftune.trainer import DPOTrainer
+    try:
+        if should_relaunch(config.nproc):  # the same command as config.nproc processes under torchrun
+            run_preflight_checks(config)  # here once, before the processes start (each checks again, quickly)
+            return relaunch(config.nproc, [*(["-v"] if args.verbose else []), "train", args.config, *overrides])
+        from preftune.trainer import DPOTrainer
 
-    trainer = DPOTrainer(args=config)
+        trainer = DPOTrainer(args=config)  # runs the preflight checks first
+    except PreflightError as error:
+        for problem in error.problems:
+            print(f"preftune: error: {problem}", file=sys.stderr)
+        return 2
     if not trainer.accelerator.is_main_process:  # replicas (several processes) run the same calls, print nothing
         if config.do_train:
             trainer.train()

@@ -356,6 +356,7 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "overwrite_output_dir": _P,
     "plot_loss": _P,
     "resume_from_checkpoint": _P,
+    "resume_with_changed_settings": _P,
     "ignore_data_skip": _L(hint="a resumed run continues at the exact data position"),
     "restore_callback_states_from_checkpoint": _L(hint="preftune's DPOTrainer takes no callbacks"),
     "nonfinite_loss": _P,
@@ -1086,6 +1087,12 @@ class DPOConfig(BaseModel):
         "Resume from a checkpoint folder, or `latest` (the newest intact `checkpoint-N` in `output_dir`; a damaged one "
         "is skipped with a warning). Weights, optimizer, scheduler, RNG states, data position and metrics continue "
         "exactly where the checkpoint left off.",
+    )
+    resume_with_changed_settings: bool = _field(
+        False,
+        "Resume from a checkpoint whose run fingerprint (the settings that shape training, the model and the data) "
+        "differs from this run's: the differences are logged as a warning instead of refused. For continuing a run "
+        "on purpose with new settings (e.g. more `max_steps`).",
     )
     ignore_data_skip: bool = _field(False, "On resume, restart the epoch's data instead of skipping (transformers).")
     restore_callback_states_from_checkpoint: bool = _field(False, "Restore callback states on resume (transformers).")

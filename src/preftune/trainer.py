@@ -50,6 +50,9 @@ from preftune.callbacks import (
     strategy_name,
 )
 from preftune.checkpoint import (
+    checkpoint_run,
+    claim_output_dir,
+    new_run_id,
     prune_checkpoints,
     read_checkpoint,
     resolve_resume_path,
@@ -77,6 +80,7 @@ from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto
 from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
 from preftune.moe import resolve_router_aux_loss
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
+from preftune.preflight import check_resume_fingerprint, run_fingerprint, run_preflight_checks, start_fresh_run
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
 from preftune.reference import (
     AdapterCopyReference,
@@ -212,9 +216,11 @@ class DPOTrainer:
         if ref_model is not None and ref_model is model and isinstance(model, nn.Module):
             raise ConfigError("model and ref_model are the same object; leave ref_model out and a frozen copy of the "
                               "model is used", key="ref_model")
+        run_preflight_checks(  # errors first: paths, keys and the resume target, before any model loads
+            self.args, model=model, ref_model=ref_model, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            tokenizer=processing_class if processing_class is not None else tokenizer,
+        )
         train_source = train_dataset if train_dataset is not None else self.args.dataset
-        if train_source is None and self.args.do_train:
-            raise ConfigError("`train_dataset` is required: pass train_dataset= or set dataset", key="dataset")
         # accelerate keeps one process-wide state; a second trainer in the same process (tests, notebooks)
         # may ask for another precision. The distributed (partial) state is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -923,6 +929,11 @@ class DPOTrainer:
                 "the global batch (per_device_train_batch_size x processes x gradient_accumulation_steps) and the data "
                 "position would differ; resume with the same number of processes"
             )
+        saved_run_id, saved_fingerprint = checkpoint_run(path)
+        check_resume_fingerprint(saved_fingerprint, self.fingerprint, path, self.args)
+        self.run_id = saved_run_id or self.run_id  # the resumed run keeps its id (one from before run ids: a new one)
+        if self.accelerator.is_main_process:
+            claim_output_dir(Path(self.args.output_dir), self.run_id)
         _load_weights(self.model, path)
         saved["path"] = path
         return saved
@@ -1087,6 +1098,11 @@ class DPOTrainer:
             probe.unlink()
         except OSError as error:
             raise ConfigError(f"output_dir {output_dir} is not writable: {error}", key="output_dir") from error
+        # This run's identity (preftune.checkpoint): a fresh run takes output_dir over; a resume keeps the id of its
+        # checkpoint (``_read_resume_checkpoint``), after its fingerprint is compared with this one.
+        self.run_id, self.fingerprint = new_run_id(), run_fingerprint(self.args, model=self.model, data=self.data)
+        if not resuming and self.accelerator.is_main_process:
+            start_fresh_run(output_dir, self.run_id)
 
     def save_model(self, output_dir: str | None = None) -> Path:
         """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
@@ -1149,6 +1165,7 @@ class DPOTrainer:
             "log_history": self.recorder.history,
             "config": self.args.to_dict(),
             "world_size": self.world_size,
+            "run": {"id": self.run_id, "fingerprint": self.fingerprint},  # preftune.checkpoint: runs never mix
         }
         target = write_checkpoint(
             output_dir / f"checkpoint-{step}",
@@ -1158,7 +1175,9 @@ class DPOTrainer:
             scheduler_state=None if optimizer_state is None else scheduler.state_dict(),
             rank_rng_states=per_rank_rng,
         )
-        prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target)
+        best = self.state.best_model_checkpoint
+        prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target, run_id=self.run_id,
+                          best=Path(best) if best else None)
 
     def _data_report(self) -> dict[str, Any]:
         """What the data step read, skipped, dropped and truncated, per split (a stream's counts add up)."""

@@ -239,6 +239,40 @@ def canonicalize_records(
                          convert=_convert_trl_row)
 
 
+def locate_sources(source: str | list[str], *, dataset_dir: str | None = None) -> list[tuple[str, Path | None]]:
+    """Where each name of ``source`` (a string, comma-separated names, or a list of them) would be read from, found
+    as ``load_preference_data`` finds it but without reading a row: ``(name, path)`` for a registered dataset's file
+    or a local path, ``(name, None)`` for a name left to the Hugging Face Hub.
+
+    Raises:
+        DataError: a name that looks like a path but is not there (naming the places looked at), a registered
+            dataset whose file is missing, or an unreadable registry.
+    """
+    names = source if isinstance(source, list) else (
+        [part.strip() for part in source.split(",") if part.strip()]
+        if _resolve_path(source, dataset_dir)[0] is None and "," in source else [source.strip()]
+    )
+    registry, _ = _read_registry(dataset_dir)
+    located: list[tuple[str, Path | None]] = []
+    for name in names:
+        if registry is not None and name in registry:
+            entry = registry[name]
+            file_name = entry.get("file_name") if isinstance(entry, dict) else None
+            if isinstance(file_name, str) and file_name:
+                path = Path(dataset_dir or ".") / file_name
+                if not _exists(path):
+                    raise DataError(f"dataset '{name}': file not found; expected it at {path}", file=str(path))
+                located.append((name, path))
+            else:
+                located.append((name, None))  # a hub entry, or one load_preference_data will refuse with its reason
+            continue
+        path, looked = _resolve_path(name, dataset_dir)
+        if path is None and _looks_like_path(name):
+            raise DataError(f"file not found; looked at {', '.join(looked)}", file=name)
+        located.append((name, path))
+    return located
+
+
 def _check_options(on_bad_row: str, max_samples: int | None) -> None:
     if on_bad_row not in ON_BAD_ROW_CHOICES:
         raise ConfigError(f"got {on_bad_row!r}; expected one of {', '.join(ON_BAD_ROW_CHOICES)}", key="on_bad_row")

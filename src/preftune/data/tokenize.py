@@ -172,12 +172,15 @@ class TokenizedData:
         stats: what happened to the rows.
         kind: "paired" or "unpaired".
         num_negatives: rejected responses per prompt (M); 1 for classic pairs and for unpaired data.
+        fingerprint: ``tokenization_fingerprint`` of the input (its content, the tokenizer and the settings): what
+            identifies this data in a run's fingerprint ("" when unknown).
     """
 
     dataset: datasets.Dataset
     stats: TokenizationStats
     kind: str = "paired"
     num_negatives: int = 1
+    fingerprint: str = ""
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
@@ -566,7 +569,7 @@ def tokenize_dataset(
     result = mapped if not dropped else mapped.select(kept, keep_in_memory=True)
     result = result.select_columns(UNPAIRED_OUTPUT_COLUMNS if kind == "unpaired" else OUTPUT_COLUMNS)
     _log_stats(stats, settings, "rows" if kind == "unpaired" else "pairs")
-    return TokenizedData(dataset=result, stats=stats, kind=kind, num_negatives=num_negatives)
+    return TokenizedData(dataset=result, stats=stats, kind=kind, num_negatives=num_negatives, fingerprint=fingerprint)
 
 
 def _log_stats(stats: TokenizationStats, settings: TokenizeSettings, unit: str) -> None:
