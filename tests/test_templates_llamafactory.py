@@ -12,6 +12,11 @@ the ids of LLaMA-Factory's pairwise (DPO) processor - prompt, chosen and rejecte
 multimodal templates' plugins need a real processor even for text rows; for those the oracle calls
 `Template.encode_oneturn` (what the processor calls) and appends EOS as the processor does.
 
+Truncation (`cutoff_len`, preftune's `max_length`): the same oracle runs LLaMA-Factory's `infer_seqlen` on a grid of
+lengths, its pairwise processor with several cutoffs on a few templates (reasoning ones included) and rows with long
+responses and several turns, and its feedback (KTO) processor on unpaired rows, KL completions included; then the
+LLaMA-Factory demo sets with the cutoff of its shipped qwen3 DPO/KTO examples (2048) and a short one (256).
+
 Tokenizers (offline): GPT-2's byte-level BPE and the stories260K SentencePiece (Llama) tokenizer, each with every
 special token the templates write (role markers, stop words) added as a special token, as a model family's own
 tokenizer has them. A tokenizer without them would get new tokens from LLaMA-Factory (resize_vocab), which preftune
@@ -31,13 +36,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 from conftest import REPO_ROOT, shared_asset
 from transformers import AutoTokenizer
 
+from preftune.data.collate import mismatched_examples
+from preftune.data.kto import with_kl_completions
 from preftune.data.pipeline import prepare_data
 from preftune.data.template_format import Token
 from preftune.data.templates import TEMPLATES, encode_conversation, get_template
+from preftune.data.tokenize import (TokenizeSettings, llamafactory_kept_lengths, tokenize_dataset, tokenize_pair,
+                                    tokenize_unpaired)
 
 ORACLE_DIR = REPO_ROOT / ".venv-oracles"
 VENV = ORACLE_DIR / "llamafactory-0.9.5"
@@ -68,6 +78,37 @@ ROWS = [
                                 {"role": "user", "content": "Q2"}],
      "chosen": "<think>\nlet me think\n</think>\n\nA2", "rejected": "A2 without a thought"},
 ]
+# Long responses (so that a cutoff cuts responses too), a long thought, several turns, Chinese.
+LONG_ROWS = [
+    {"system": None, "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                {"role": "user", "content": "Tell me a long story about a fox."}],
+     "chosen": "Once upon a time, in a forest far away, there lived a clever red fox who loved to watch the stars. "
+               "Every night she climbed the tallest hill and counted them, one by one, until the sun came up.",
+     "rejected": "Foxes are small omnivorous mammals. That is all I will say about them today, sorry."},
+    {"system": "你是一个乐于助人的助手。",
+     "prompt": [{"role": "user", "content": "长城有多长？"}, {"role": "assistant", "content": "大约两万一千公里。"},
+                {"role": "user", "content": "请详细介绍一下它的历史，越详细越好。"}],
+     "chosen": "长城的修建始于春秋战国时期，秦始皇统一中国后将各段城墙连接起来。此后汉、北魏、北齐、隋、明等朝代都曾大规模修筑，"
+               "现存的大部分城墙是明代修建的。",
+     "rejected": "I do not know much about its history."},
+    {"system": None, "prompt": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                                {"role": "user", "content": "Is 91 a prime number? Explain."}],
+     "chosen": "<think>\n91 = 7 * 13, so it has divisors other than 1 and itself; it is therefore not prime, although "
+               "it looks like one at first sight.\n</think>\n\nNo: 91 = 7 × 13.",
+     "rejected": "Yes, 91 is a prime number because it is odd and does not end in 5."},
+]
+TRUNCATION_ROWS = ROWS + LONG_ROWS
+TRUNCATION_TEMPLATES = ("qwen3", "qwen3_nothink", "deepseekr1", "llama3", "llama2", "gemma")
+# 2 and 3 cut some responses to nothing (LLaMA-Factory keeps such a row, preftune drops it); the others cut prompts
+# only, responses only, or both, depending on the row.
+CUTOFFS = (2, 3, 8, 16, 24, 40, 64, 80)
+FEEDBACK_TEMPLATES, FEEDBACK_CUTOFFS = ("qwen3", "qwen3_nothink", "llama3"), (8, 16, 24, 40, 64, 80)
+# LLaMA-Factory's shipped examples/train_lora/qwen3_lora_{dpo,kto}.yaml: template and cutoff_len; and a short cutoff.
+DEMO_CUTOFF_TEMPLATE, DEMO_CUTOFFS = "qwen3_nothink", (2048, 256)
+SEQLEN_GRID = [(source, target, cutoff) for source in range(41) for target in range(41) for cutoff in range(1, 42)]
+SEQLEN_GRID += [(1500, 700, 2048), (700, 1500, 2048), (3000, 3000, 2048), (1024, 1024, 2048), (5, 10**6, 2048),
+                (10**6, 5, 2048), (333, 667, 1000), (667, 333, 1000), (12345, 6789, 4096),
+                (2047 * 1024 + 1, 1024, 2048)]
 # The LLaMA-Factory demo sets read through preftune's whole data path (dataset_info.json, pipeline) with these names.
 DEMO_SETS, DEMO_TEMPLATES, DEMO_ROWS = ("dpo_en_demo", "dpo_zh_demo"), ("qwen3_nothink", "qwen3", "llama3"), 10
 PROBES = ["Tell me a story.", " leading space", "长城是中国古代的伟大防御工程。", "<|im_start|>user\nhi<|im_end|>\n"]
@@ -138,10 +179,11 @@ def tokenizers(tmp_path_factory) -> dict[str, tuple[str, object]]:
     return built
 
 
-def _demo_rows(name: str) -> list[dict]:
-    """The first DEMO_ROWS rows of a LLaMA-Factory sharegpt demo set, in the oracle's form (LLaMA-Factory's roles)."""
+def _demo_rows(name: str, count: int | None = DEMO_ROWS) -> list[dict]:
+    """The first `count` rows (None: all) of a LLaMA-Factory sharegpt demo set, in the oracle's form (LLaMA-Factory's
+    roles)."""
     roles = {"human": "user", "gpt": "assistant"}
-    records = json.loads((shared_asset("llamafactory") / f"{name}.json").read_text(encoding="utf-8"))[:DEMO_ROWS]
+    records = json.loads((shared_asset("llamafactory") / f"{name}.json").read_text(encoding="utf-8"))[:count]
     rows = []
     for record in records:
         turns, system = record["conversations"], None
@@ -153,19 +195,67 @@ def _demo_rows(name: str) -> list[dict]:
     return rows
 
 
+def _kto_demo_rows() -> list[dict]:
+    """Every row of LLaMA-Factory's kto_en_demo in the oracle's unpaired form: the last message is the completion."""
+    records = json.loads((shared_asset("llamafactory") / "kto_en_demo.json").read_text(encoding="utf-8"))
+    rows = []
+    for record in records:
+        messages, system = record["messages"], None
+        if messages[0]["role"] == "system":
+            messages, system = messages[1:], messages[0]["content"]
+        rows.append({"system": system, "prompt": messages[:-1], "completion": messages[-1]["content"],
+                     "label": record["label"]})
+    return rows
+
+
+def _unpaired(rows: list[dict]) -> list[dict]:
+    """Each pair as two unpaired rows: chosen desirable, rejected undesirable."""
+    return [{"system": row["system"], "prompt": row["prompt"], "completion": row[field], "label": field == "chosen"}
+            for row in rows for field in ("chosen", "rejected")]
+
+
+def _thinking_modes(name: str) -> tuple[bool, ...]:
+    return (True, False) if TEMPLATES[name].reasoning else (True,)
+
+
+def _case(template, tokenizer, thinking, rows_name, rows, cutoff=None, kind="pairwise") -> dict:
+    return {"template": template, "tokenizer": tokenizer, "enable_thinking": thinking, "rows_name": rows_name,
+            "rows": rows, "cutoff_len": cutoff, "kind": kind}
+
+
+def _case_key(case: dict) -> tuple:
+    return tuple(case[field] for field in ("template", "tokenizer", "enable_thinking", "rows_name", "cutoff_len",
+                                           "kind"))
+
+
 def _cases() -> list[dict]:
-    """Every template on ROWS with both tokenizers (and both thinking modes for reasoning templates); then the demo
-    sets with DEMO_TEMPLATES on GPT-2. Each case's key: (template, tokenizer, enable_thinking, rows name)."""
+    """Every template on ROWS with both tokenizers (and both thinking modes for reasoning templates); the demo sets
+    with DEMO_TEMPLATES on GPT-2; then the truncation cases: TRUNCATION_TEMPLATES on TRUNCATION_ROWS with and
+    without each of CUTOFFS (pairwise), FEEDBACK_TEMPLATES on those rows unpaired (feedback), and the whole demo sets
+    with DEMO_CUTOFF_TEMPLATE and DEMO_CUTOFFS. Each case's key: `_case_key`."""
     cases = []
-    for name, template in TEMPLATES.items():
+    for name in TEMPLATES:
         for key in ("gpt2", "llama"):
-            for thinking in (True, False) if template.reasoning else (True,):
-                cases.append({"template": name, "tokenizer": key, "enable_thinking": thinking, "rows": ROWS,
-                              "rows_name": "rows"})
+            for thinking in _thinking_modes(name):
+                cases.append(_case(name, key, thinking, "rows", ROWS))
     for demo in DEMO_SETS:
         for name in DEMO_TEMPLATES:
-            cases.append({"template": name, "tokenizer": "gpt2", "enable_thinking": True, "rows": _demo_rows(demo),
-                          "rows_name": demo})
+            cases.append(_case(name, "gpt2", True, demo, _demo_rows(demo)))
+    for name in TRUNCATION_TEMPLATES:
+        for key in ("gpt2", "llama"):
+            for thinking in _thinking_modes(name):
+                for cutoff in (None, *CUTOFFS):
+                    cases.append(_case(name, key, thinking, "truncation", TRUNCATION_ROWS, cutoff))
+    for name in FEEDBACK_TEMPLATES:
+        for key in ("gpt2", "llama"):
+            for thinking in _thinking_modes(name):
+                for cutoff in (None, *FEEDBACK_CUTOFFS):
+                    cases.append(_case(name, key, thinking, "unpaired", _unpaired(TRUNCATION_ROWS), cutoff,
+                                       "feedback"))
+    for cutoff in (None, *DEMO_CUTOFFS):
+        cases.append(_case(DEMO_CUTOFF_TEMPLATE, "gpt2", True, "dpo_en_demo all", _demo_rows("dpo_en_demo", None),
+                           cutoff))
+        cases.append(_case(DEMO_CUTOFF_TEMPLATE, "gpt2", True, "kto_en_demo", _kto_demo_rows(), cutoff, "feedback"))
     return cases
 
 
@@ -173,7 +263,8 @@ def _cases() -> list[dict]:
 def llamafactory_ids(llamafactory_python, tokenizers, tmp_path_factory) -> dict:
     """LLaMA-Factory's output for every case of `_cases()` (see tests/llamafactory_oracle.py)."""
     cases = _cases()
-    request = {"tokenizers": {key: path for key, (path, _) in tokenizers.items()}, "probes": PROBES, "cases": cases}
+    request = {"tokenizers": {key: path for key, (path, _) in tokenizers.items()}, "probes": PROBES,
+               "seqlen": SEQLEN_GRID, "cases": cases}
     output = tmp_path_factory.mktemp("llamafactory-oracle") / "ids.json"
     environment = {**os.environ, "LLAMAFACTORY_VERBOSITY": "WARN", "HF_HUB_OFFLINE": "1",
                    "DISABLE_VERSION_CHECK": "1", "PYTHONPATH": ""}
@@ -181,9 +272,12 @@ def llamafactory_ids(llamafactory_python, tokenizers, tmp_path_factory) -> dict:
                    input=json.dumps(request), text=True, check=True, capture_output=True, env=environment,
                    timeout=600)
     result = json.loads(output.read_text())
-    by_case = {(case["template"], case["tokenizer"], case["enable_thinking"], case["rows_name"]): answer
-               for case, answer in zip(cases, result["cases"])}
-    return {"probes": result["probes"], "cases": by_case}
+    by_case = {_case_key(case): answer for case, answer in zip(cases, result["cases"])}
+    return {"probes": result["probes"], "seqlen": result["seqlen"], "cases": by_case}
+
+
+def _answer(llamafactory_ids, template, tokenizer, thinking, rows_name, cutoff=None, kind="pairwise") -> dict:
+    return llamafactory_ids["cases"][(template, tokenizer, thinking, rows_name, cutoff, kind)]
 
 
 def _preftune_messages(row: dict) -> list[dict]:
@@ -212,7 +306,7 @@ def test_token_ids_equal_llamafactory(name, llamafactory_ids, tokenizers):
     compared = 0
     for key, (_, tokenizer) in tokenizers.items():
         for thinking in (True, False) if template.reasoning else (True,):
-            answer = llamafactory_ids["cases"][(name, key, thinking, "rows")]
+            answer = _answer(llamafactory_ids, name, key, thinking, "rows")
             for index, (row, expected) in enumerate(zip(ROWS, answer["rows"])):
                 where = f"{name} / {key} / enable_thinking={thinking} / row {index}"
                 assert "error" not in expected, f"{where}: LLaMA-Factory failed: {expected.get('error')}"
@@ -234,7 +328,7 @@ def test_token_ids_equal_llamafactory(name, llamafactory_ids, tokenizers):
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_jinja_renders_what_llamafactorys_jinja_export_renders(name, llamafactory_ids, tokenizers):
     _, tokenizer = tokenizers["llama"]
-    exported = llamafactory_ids["cases"][(name, "llama", True, "rows")]["jinja"]
+    exported = _answer(llamafactory_ids, name, "llama", True, "rows")["jinja"]
     if exported is None:  # LLaMA-Factory has no Jinja export for templates that write tokens by id
         assert any(isinstance(slot, Token) for slot in (*TEMPLATES[name].prefix, *TEMPLATES[name].system,
                                                         *TEMPLATES[name].user, *TEMPLATES[name].assistant))
@@ -254,12 +348,190 @@ def test_a_llamafactory_config_on_its_demo_data_trains_on_llamafactorys_tokens(d
     # dataset_info.json + `template:` as a LLaMA-Factory YAML has them, through preftune's reader and pipeline
     config = SimpleNamespace(dataset_dir=str(shared_asset("llamafactory")), max_samples=DEMO_ROWS, on_bad_row="warn",
                              val_size=0, seed=0, overwrite_cache=True, max_length=10**6,
-                             truncation_mode="keep_start", template=name)
+                             truncation_mode="keep_start", template=name, enable_thinking=True)
     prepared = prepare_data(config, tokenizers["gpt2"][1], demo)
-    expected = llamafactory_ids["cases"][(name, "gpt2", True, demo)]["rows"]
+    expected = _answer(llamafactory_ids, name, "gpt2", True, demo)["rows"]
     rows = prepared.train.dataset.to_list()
     assert [row["row"] for row in rows] == list(range(DEMO_ROWS))
     for row, theirs in zip(rows, expected):
         assert "error" not in theirs, theirs.get("error")
         assert {key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")} == {
             key: theirs[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")}, f"{demo} row {row['row']}"
+
+
+# ---------------------------------------------------------------- truncation (cutoff_len / max_length)
+
+
+def test_kept_lengths_are_llamafactorys_infer_seqlen(llamafactory_ids):
+    ours = [list(llamafactory_kept_lengths(*triple)) for triple in SEQLEN_GRID]
+    differing = [(triple, mine, theirs) for triple, mine, theirs in zip(SEQLEN_GRID, ours, llamafactory_ids["seqlen"])
+                 if mine != theirs]
+    assert not differing, differing[:5]
+
+
+def _pair_example(row: dict, index: int) -> dict:
+    return {"prompt": _preftune_messages(row), "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}], "row": index}
+
+
+def _cut_kind(uncut: dict, cut: dict, responses: tuple[str, ...]) -> str:
+    """Which part LLaMA-Factory cut: "neither", "prompt", "response", "both" or "no response left"."""
+    if not any(cut[field] for field in responses):
+        return "no response left"
+    prompt_cut = len(cut["prompt_ids"]) < len(uncut["prompt_ids"])
+    response_cut = any(len(cut[field]) < len(uncut[field]) for field in responses)
+    return {(False, False): "neither", (True, False): "prompt", (False, True): "response"}.get(
+        (prompt_cut, response_cut), "both")
+
+
+@pytest.mark.parametrize("name", TRUNCATION_TEMPLATES)
+def test_pairs_are_cut_as_llamafactorys_pairwise_processor_cuts_them(name, llamafactory_ids, tokenizers):
+    kinds, multi_turn_kinds = set(), set()
+    for key, (_, tokenizer) in tokenizers.items():
+        for thinking in _thinking_modes(name):
+            uncut = _answer(llamafactory_ids, name, key, thinking, "truncation")["rows"]
+            for cutoff in CUTOFFS:
+                expected = _answer(llamafactory_ids, name, key, thinking, "truncation", cutoff)["rows"]
+                settings = TokenizeSettings(template=name, max_length=cutoff, enable_thinking=thinking)
+                for index, (row, theirs) in enumerate(zip(TRUNCATION_ROWS, expected)):
+                    where = f"{name} / {key} / enable_thinking={thinking} / cutoff_len={cutoff} / row {index}"
+                    assert theirs.get("via") == "processor", f"{where}: {theirs}"
+                    ours = tokenize_pair(_pair_example(row, index), tokenizer, settings)
+                    kind = _cut_kind(uncut[index], theirs, ("chosen_ids", "rejected_ids"))
+                    kinds.add(kind)
+                    if len(row["prompt"]) > 1:
+                        multi_turn_kinds.add(kind)
+                    if kind == "no response left":  # LLaMA-Factory keeps a row with nothing to learn; preftune drops it
+                        assert ours["no_room"], where
+                        continue
+                    assert not ours["no_room"], where
+                    assert {field: ours[field] for field in ("prompt_ids", "chosen_ids", "rejected_ids")} == {
+                        field: theirs[field] for field in ("prompt_ids", "chosen_ids", "rejected_ids")}, where
+                    assert ours["truncated"] == (kind != "neither"), where
+    # every branch of LLaMA-Factory's rule ran for this template, the cuts on rows with several turns too
+    assert kinds == {"neither", "prompt", "response", "both", "no response left"}, kinds
+    assert {"prompt", "response", "both"} <= multi_turn_kinds, multi_turn_kinds
+
+
+@pytest.mark.parametrize("name", FEEDBACK_TEMPLATES)
+def test_unpaired_rows_are_cut_as_llamafactorys_feedback_processor_cuts_them(name, llamafactory_ids, tokenizers):
+    rows = _unpaired(TRUNCATION_ROWS)
+    kinds = set()
+    for key, (_, tokenizer) in tokenizers.items():
+        for thinking in _thinking_modes(name):
+            uncut = _answer(llamafactory_ids, name, key, thinking, "unpaired", None, "feedback")["rows"]
+            for cutoff in FEEDBACK_CUTOFFS:
+                expected = _answer(llamafactory_ids, name, key, thinking, "unpaired", cutoff, "feedback")["rows"]
+                settings = TokenizeSettings(template=name, max_length=cutoff, enable_thinking=thinking)
+                for index, (row, theirs) in enumerate(zip(rows, expected)):
+                    where = f"{name} / {key} / enable_thinking={thinking} / cutoff_len={cutoff} / row {index}"
+                    assert "error" not in theirs, f"{where}: {theirs['error']}"
+                    example = {"prompt": _preftune_messages(row), "label": row["label"], "row": index,
+                               "completion": [{"role": "assistant", "content": row["completion"]}]}
+                    ours = tokenize_unpaired(example, tokenizer, settings)
+                    kind = _cut_kind(uncut[index], theirs, ("completion_ids",))
+                    kinds.add(kind)
+                    if kind == "no response left":
+                        assert ours["no_room"], where
+                        continue
+                    assert not ours["no_room"], where
+                    assert (ours["prompt_ids"], ours["completion_ids"], ours["label"]) == (
+                        theirs["prompt_ids"], theirs["completion_ids"], theirs["label"]), where
+                    assert ours["truncated"] == (kind != "neither"), where
+    assert {"neither", "prompt", "response", "both"} <= kinds, kinds
+
+
+def _kl_inputs_cut(uncut: list[dict], cut: list[dict], index: int) -> bool:
+    """Whether LLaMA-Factory cut anything preftune's KL sequence of row `index` is made of: that row's prompt, the
+    completion of the row before it (its KL partner) or the KL sequence itself."""
+    partner = (index - 1) % len(cut)
+    return (len(cut[index]["prompt_ids"]) < len(uncut[index]["prompt_ids"])
+            or len(cut[partner]["completion_ids"]) < len(uncut[partner]["completion_ids"])
+            or len(cut[index]["kl_prompt_ids"]) < len(uncut[index]["kl_prompt_ids"])
+            or len(cut[index]["kl_completion_ids"]) < len(uncut[index]["kl_completion_ids"]))
+
+
+def _kl_differences(with_kl: list[dict], uncut: list[dict], expected: list[dict], cutoff: int) -> list[int]:
+    """Rows whose KL sequence (prompt + mismatched completion, `mismatched_examples`) differs from LLaMA-Factory's;
+    `with_kl` are tokenized rows with their KL completions in one rotation group over all rows (LLaMA-Factory's one
+    batch: row i takes row i - 1's completion). Asserts that each of them had something cut (`_kl_inputs_cut`)."""
+    differing = []
+    for index, (ours, theirs) in enumerate(zip(mismatched_examples(with_kl, cutoff), expected)):
+        if ours["prompt_ids"] + ours["completion_ids"] != theirs["kl_prompt_ids"] + theirs["kl_completion_ids"]:
+            assert _kl_inputs_cut(uncut, expected, index), f"row {index}: differs where nothing was cut"
+            differing.append(index)
+    return differing
+
+
+@pytest.mark.parametrize("name", FEEDBACK_TEMPLATES)
+def test_kl_sequences_equal_llamafactorys_unless_it_cuts_them(name, llamafactory_ids, tokenizers):
+    # module docstring of preftune.data.tokenize: the KL sequence keeps the row's prompt; LLaMA-Factory cuts it anew
+    rows = _unpaired(TRUNCATION_ROWS)
+    examples = [{"prompt": _preftune_messages(row), "label": row["label"], "row": index,
+                 "completion": [{"role": "assistant", "content": row["completion"]}]} for index, row in enumerate(rows)]
+    compared = differing = 0
+    for key, (_, tokenizer) in tokenizers.items():
+        for thinking in _thinking_modes(name):
+            uncut = _answer(llamafactory_ids, name, key, thinking, "unpaired", None, "feedback")["rows"]
+            for cutoff in (None, *FEEDBACK_CUTOFFS):
+                expected = _answer(llamafactory_ids, name, key, thinking, "unpaired", cutoff, "feedback")["rows"]
+                settings = TokenizeSettings(template=name, max_length=cutoff, enable_thinking=thinking)
+                tokenized = tokenize_dataset(datasets.Dataset.from_list(examples), tokenizer, settings).dataset
+                if len(tokenized) < len(rows):  # rows dropped (no response left): the pairings would differ
+                    continue
+                with_kl = with_kl_completions(tokenized, group_size=len(tokenized)).to_list()
+                found = _kl_differences(with_kl, uncut, expected, cutoff)
+                if cutoff is None:
+                    assert not found
+                compared, differing = compared + len(rows), differing + len(found)
+    assert 0 < differing < compared
+
+
+def _demo_config(**overrides) -> SimpleNamespace:
+    values = dict(dataset_dir=str(shared_asset("llamafactory")), max_samples=None, on_bad_row="warn", val_size=0,
+                  seed=0, overwrite_cache=True, truncation_mode="keep_start", template=DEMO_CUTOFF_TEMPLATE,
+                  enable_thinking=True)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("cutoff", DEMO_CUTOFFS)
+def test_a_llamafactory_dpo_config_with_cutoff_len_keeps_and_cuts_every_pair_as_llamafactory(cutoff, llamafactory_ids,
+                                                                                            tokenizers):
+    # examples/train_lora/qwen3_lora_dpo.yaml (dpo_en_demo, qwen3_nothink, cutoff_len 2048) on a GPT-2 tokenizer
+    prepared = prepare_data(_demo_config(max_length=cutoff), tokenizers["gpt2"][1], "dpo_en_demo")
+    uncut = _answer(llamafactory_ids, DEMO_CUTOFF_TEMPLATE, "gpt2", True, "dpo_en_demo all")["rows"]
+    expected = _answer(llamafactory_ids, DEMO_CUTOFF_TEMPLATE, "gpt2", True, "dpo_en_demo all", cutoff)["rows"]
+    rows = prepared.train.dataset.to_list()
+    assert [row["row"] for row in rows] == list(range(len(expected))) == list(range(300))
+    fields = ("prompt_ids", "chosen_ids", "rejected_ids")
+    for row, theirs in zip(rows, expected):
+        assert {field: row[field] for field in fields} == {field: theirs[field] for field in fields}, row["row"]
+    cut_by_llamafactory = sum(_cut_kind(before, after, fields[1:]) != "neither"
+                              for before, after in zip(uncut, expected))
+    assert cut_by_llamafactory > 0
+    assert prepared.train.stats.truncated == cut_by_llamafactory
+    assert prepared.train.stats.dropped_no_room == []
+
+
+@pytest.mark.parametrize("cutoff", DEMO_CUTOFFS)
+def test_a_llamafactory_kto_config_with_cutoff_len_cuts_every_row_as_llamafactory(cutoff, llamafactory_ids,
+                                                                                  tokenizers):
+    # examples/train_lora/qwen3_lora_kto.yaml (kto_en_demo, qwen3_nothink, cutoff_len 2048) on a GPT-2 tokenizer; one
+    # KL rotation group over all rows, as LLaMA-Factory's one preprocessing batch
+    config = _demo_config(max_length=cutoff, per_device_train_batch_size=300, per_device_eval_batch_size=300)
+    prepared = prepare_data(config, tokenizers["gpt2"][1], "kto_en_demo")
+    uncut = _answer(llamafactory_ids, DEMO_CUTOFF_TEMPLATE, "gpt2", True, "kto_en_demo", None, "feedback")["rows"]
+    expected = _answer(llamafactory_ids, DEMO_CUTOFF_TEMPLATE, "gpt2", True, "kto_en_demo", cutoff, "feedback")["rows"]
+    rows = prepared.train.dataset.to_list()
+    assert [row["row"] for row in rows] == list(range(len(expected))) == list(range(300))
+    for row, theirs in zip(rows, expected):
+        assert "error" not in theirs, theirs["error"]
+        assert (row["prompt_ids"], row["completion_ids"], row["label"]) == (
+            theirs["prompt_ids"], theirs["completion_ids"], theirs["label"]), row["row"]
+    cut_by_llamafactory = sum(_cut_kind(before, after, ("completion_ids",)) != "neither"
+                              for before, after in zip(uncut, expected))
+    assert cut_by_llamafactory > 0 and prepared.train.stats.truncated == cut_by_llamafactory
+    assert prepared.train.stats.dropped_no_room == []
+    # the KL sequences (the pipeline's own pairing): equal wherever nothing of them is cut (module docstring of
+    # preftune.data.tokenize)
+    _kl_differences(rows, uncut, expected, cutoff)

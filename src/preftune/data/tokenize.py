@@ -49,7 +49,23 @@ How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differenc
   Reasoning templates do this: with `enable_thinking: false` Qwen3's generation prompt ends with an empty
   `<think></think>` block that the full conversation renders only before a final answer, not before a tool call,
   so the completion starts where the two renderings part.
-- Truncation, `max_length` = prompt + one completion, in tokens:
+- Truncation, `max_length` = prompt + one completion, in tokens. With a named template the rule is LLaMA-Factory's
+  (`truncation_mode` does not apply there); otherwise `truncation_mode` decides:
+  - named template (LLaMA-Factory 0.9.5's pairwise and feedback processors, `infer_seqlen`; implemented in
+    `llamafactory_kept_lengths`): the prompt and the LONGEST completion share `max_length` (LLaMA-Factory's
+    `cutoff_len`), favouring the response: a response shorter than half of it is kept whole and the prompt keeps
+    what is left; else a prompt shorter than half is kept whole and the response gets the rest; else both are
+    shortened in proportion to their lengths. Both keep their START (the prompt loses its end, generation header
+    included, as in LLaMA-Factory); every completion is cut to the longest one's length, so all share the one
+    prompt (LLaMA-Factory's rejected shares the chosen's prompt the same way). Rows are kept, not dropped, except
+    the extreme case below. `truncation_mode: keep_end` with a named template is a ConfigError (it would be
+    ignored); `keep_start`, the default, is accepted and means LLaMA-Factory's rule there.
+    For KTO this is LLaMA-Factory's cut of each row's own prompt + completion. Its KL completion is not cut the
+    LLaMA-Factory way: LLaMA-Factory cuts the mismatched sequence (prompt + another row's uncut response) on its
+    own with the same rule, so its KL prompt can be cut differently from the row's prompt, while preftune's KL
+    sequence is the row's (already cut) prompt with the other row's (already cut) completion, cut at its end to fit
+    `max_length` (`preftune.data.collate.mismatched_examples`, TRL's rule). With the same pairing the two agree
+    whenever nothing is cut: neither the row's prompt, nor the other row's completion, nor the KL sequence.
   - keep_start: a pair whose prompt has `>= max_length` tokens is dropped (no room); otherwise each completion's end
     is cut to fit. Same as TRL.
   - keep_end: all completions keep ALL their tokens and share ONE prompt whose start is cut by
@@ -60,7 +76,10 @@ How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differenc
 - Dropped as "no room" (counted by source row id): a pair whose final prompt or any final completion is empty.
   Besides the truncation cases above this drops pairs whose prompt tokenizes to nothing (an empty prompt with a
   tokenizer that adds no BOS, or a boundary merge at its first token): the first completion token would have no
-  context to be predicted from. TRL keeps those pairs.
+  context to be predicted from. TRL keeps those pairs. LLaMA-Factory keeps every row too, also one whose response
+  its rule cuts to nothing (only when both have at least `max_length / 2` tokens and the prompt more than
+  `max_length - 1` times as many as the longest response: ~2 million tokens at 2048, but any prompt longer than the
+  response at `max_length=2`): such a row has no token to learn from there; preftune drops and counts it.
 """
 
 from __future__ import annotations
@@ -80,6 +99,7 @@ from preftune.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
+LLAMAFACTORY_TRUNCATION = "llamafactory"  # the rule of named templates (`TokenizeSettings.truncation_rule`)
 OUTPUT_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "row"]
 UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 
@@ -87,7 +107,8 @@ UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 # 2: several rejected responses per prompt, unpaired data; the cache key names the kind and M.
 # 3: named templates encoded as LLaMA-Factory encodes them; per-row tools and chat_template_kwargs; tool-call messages
 # and several-message completions.
-_TOKENIZE_VERSION = 4
+# 5: named templates truncate as LLaMA-Factory does.
+_TOKENIZE_VERSION = 5
 
 _IDS = datasets.List(datasets.Value("int32"))
 _FLAG_FEATURES = {
@@ -104,9 +125,11 @@ class TokenizeSettings:
 
     Attributes:
         max_length: most tokens of prompt + one completion; None for no truncation.
-        truncation_mode: "keep_start" (cut completion ends) or "keep_end" (cut the shared prompt's start).
+        truncation_mode: "keep_start" (cut completion ends) or "keep_end" (cut the shared prompt's start); not used
+            with a named template, which truncates as LLaMA-Factory (`truncation_rule`; "keep_end" is refused there).
         template: a named template (`preftune.data.templates`): conversational rows get LLaMA-Factory's ids
-            (`templates.encode_conversation`) and `chat_template` is not used. None: the Jinja path below.
+            (`templates.encode_conversation`) and LLaMA-Factory's truncation, and `chat_template` is not used.
+            None: the Jinja path below.
         enable_thinking: reasoning templates only (qwen3, ...): an empty thought is trained (True, LLaMA-Factory's
             default) or put at the end of the prompt (False).
         chat_template: resolved Jinja template for conversational data (see `templates.resolve_chat_template`);
@@ -130,6 +153,13 @@ class TokenizeSettings:
                 f"unknown truncation mode {self.truncation_mode!r}; expected one of {', '.join(TRUNCATION_MODES)}",
                 key="truncation_mode",
             )
+        if self.template is not None and self.truncation_mode == "keep_end":
+            raise ConfigError(
+                f"keep_end does not apply with template {self.template!r}: a named template's conversations are cut "
+                "as LLaMA-Factory cuts them (prompt and response shortened in proportion, both keeping their start); "
+                "remove truncation_mode, or use the tokenizer's chat template (no `template`) for keep_end",
+                key="truncation_mode",
+            )
         if self.max_length is not None and (
             isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2
         ):
@@ -138,6 +168,11 @@ class TokenizeSettings:
                 f"got {self.max_length!r}",
                 key="max_length",
             )
+
+    @property
+    def truncation_rule(self) -> str:
+        """The rule applied: "llamafactory" with a named template, else `truncation_mode`."""
+        return LLAMAFACTORY_TRUNCATION if self.template is not None else self.truncation_mode
 
 
 @dataclass
@@ -325,6 +360,27 @@ def _named_template_sequences(
     return prompt_ids, [prompt_ids + response_ids for _, response_ids in encoded]
 
 
+def llamafactory_kept_lengths(prompt_length: int, response_length: int, cutoff_len: int) -> tuple[int, int]:
+    """(prompt tokens kept, response tokens kept) under LLaMA-Factory 0.9.5's cutoff rule (`infer_seqlen` in
+    data/processor/processor_utils.py), which its pairwise processor applies to the prompt and the longer response
+    and its feedback processor to the prompt and the response. Both keep their start.
+
+    The response is favoured: one shorter than half of `cutoff_len` is kept whole; else a prompt shorter than half
+    is kept whole and the response gets the rest; else the response gets `int(cutoff_len * (r / (p + r)))` tokens
+    (in floating point, in that order, as LLaMA-Factory computes it: the rounding decides exact agreement). The
+    prompt keeps what the response leaves, at most its own length. A prompt + response that fits is not cut.
+    """
+    if 2 * response_length < cutoff_len:
+        kept_response = response_length
+    elif 2 * prompt_length < cutoff_len:
+        kept_response = min(response_length, cutoff_len - prompt_length)
+    else:
+        share = response_length / (prompt_length + response_length)
+        kept_response = min(response_length, int(cutoff_len * share))
+    kept_prompt = min(prompt_length, max(0, cutoff_len - kept_response))
+    return kept_prompt, kept_response
+
+
 def _split_and_truncate(
     prompt_ids: list[int], full_ids: list[list[int]], settings: TokenizeSettings
 ) -> tuple[list[int], list[list[int]], dict]:
@@ -340,7 +396,12 @@ def _split_and_truncate(
     truncated = False
     max_length = settings.max_length
     if max_length is not None:
-        if settings.truncation_mode == "keep_start":
+        if settings.truncation_rule == LLAMAFACTORY_TRUNCATION:
+            longest = max(map(len, completions))
+            kept_prompt, kept_completion = llamafactory_kept_lengths(len(prompt), longest, max_length)
+            truncated = kept_prompt < len(prompt) or kept_completion < longest
+            prompt, completions = prompt[:kept_prompt], [completion[:kept_completion] for completion in completions]
+        elif settings.truncation_rule == "keep_start":
             if len(prompt) >= max_length:
                 prompt = []
             else:
@@ -586,12 +647,12 @@ def _log_stats(stats: TokenizationStats, settings: TokenizeSettings, unit: str) 
         dropped = stats.dropped_no_room
         shown = ", ".join(str(row) for row in dropped[:10]) + (", ..." if len(dropped) > 10 else "")
         logger.warning(
-            "dropped %d of %d %s with no room for a response (max_length=%s, truncation_mode=%s): rows %s",
+            "dropped %d of %d %s with no room for a response (max_length=%s, truncation=%s): rows %s",
             len(dropped),
             stats.rows_in,
             unit,
             settings.max_length,
-            settings.truncation_mode,
+            settings.truncation_rule,
             shown,
         )
     if stats.truncated:
