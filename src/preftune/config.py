@@ -745,13 +745,17 @@ class DPOConfig(BaseModel):
     max_samples: int | None = _field(None, "Use at most this many training rows; `null` uses all.", ge=1)
     max_length: int | None = _field(
         1024,
-        "Maximum tokens of prompt + completion per sequence; longer sequences are truncated per `truncation_mode`. "
-        "`null` disables truncation.",
+        "Maximum tokens of prompt + completion per sequence; longer sequences are truncated per `truncation_mode` "
+        "(with `template:`, as LLaMA-Factory 0.9.5 does). `null` disables truncation. (LLaMA-Factory's `cutoff_len` "
+        "default is 2048; TRL's and preftune's is 1024.)",
         aliases=["cutoff_len"],
         ge=1,
     )
     truncation_mode: Literal["keep_start", "keep_end"] = _field(
-        "keep_start", "Which end of an over-long sequence is kept: `keep_start` drops tokens from the end."
+        "keep_start",
+        "Which end of an over-long sequence is kept without `template:`: `keep_start` drops tokens from the end, "
+        "`keep_end` from the prompt's start. With `template:` sequences are cut as LLaMA-Factory does (`keep_end` is "
+        "refused).",
     )
     on_bad_row: Literal["error", "skip", "warn"] = _field(
         "error",
