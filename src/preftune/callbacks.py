@@ -52,7 +52,7 @@ class ScheduleCallback(DefaultFlowCallback):
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         step = state.global_step
-        logging_strategy = strategy_name(getattr(args, "logging_strategy", "steps"))
+        logging_strategy = strategy_name(args.logging_strategy)
         if logging_strategy != "no" and (
             (step == 1 and args.logging_first_step)
             or (logging_strategy == "steps" and step % state.logging_steps == 0)
@@ -63,7 +63,7 @@ class ScheduleCallback(DefaultFlowCallback):
             strategy_name(args.eval_strategy) == "steps"
             and state.eval_steps
             and step % state.eval_steps == 0
-            and (getattr(args, "eval_delay", 0) or 0) <= step
+            and (args.eval_delay or 0) <= step
         ):
             control.should_evaluate = True
         if strategy_name(args.save_strategy) == "steps" and state.save_steps and step % state.save_steps == 0:
@@ -73,9 +73,9 @@ class ScheduleCallback(DefaultFlowCallback):
         return control
 
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
-        if strategy_name(getattr(args, "logging_strategy", "steps")) == "epoch":
+        if strategy_name(args.logging_strategy) == "epoch":
             control.should_log = True
-        if strategy_name(args.eval_strategy) == "epoch" and (getattr(args, "eval_delay", 0) or 0) <= state.epoch:
+        if strategy_name(args.eval_strategy) == "epoch" and (args.eval_delay or 0) <= state.epoch:
             control.should_evaluate = True
         if strategy_name(args.save_strategy) == "epoch":
             control.should_save = True
@@ -118,7 +118,7 @@ def build_callback_handler(
 ) -> CallbackHandler:
     """The handler the loop calls: the schedule first, then the trackers of ``args.report_to``, then ``callbacks``
     (instances or classes, as transformers' Trainer takes them)."""
-    trackers = tracker_callbacks(getattr(args, "report_to", "none"))
+    trackers = tracker_callbacks(args.report_to)
     for tracker in trackers:  # transformers 5 no longer reads args.logging_dir: TensorBoard's folder is set here
         if hasattr(tracker, "logging_dir") and getattr(tracker, "logging_dir", None) is None:
             tracker.logging_dir = args.resolved_logging_dir()

@@ -348,13 +348,13 @@ class DPOTrainer:
         from huggingface_hub import HfApi, constants
 
         folder = Path(self.args.output_dir)
-        repo_id = getattr(self.args, "hub_model_id", None) or folder.name
+        repo_id = self.args.hub_model_id or folder.name
         if constants.HF_HUB_OFFLINE:
             raise ConfigError(f"push_to_hub: the Hugging Face Hub is not reachable (HF_HUB_OFFLINE is set); the model "
                               f"stays in {folder}", key="push_to_hub")
         try:
-            api = HfApi(token=getattr(self.args, "hub_token", None))
-            api.create_repo(repo_id, private=bool(getattr(self.args, "hub_private_repo", False)), exist_ok=True)
+            api = HfApi(token=self.args.hub_token)
+            api.create_repo(repo_id, private=bool(self.args.hub_private_repo), exist_ok=True)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
         except Exception as error:  # network and authentication errors alike: one line, the files stay local
             text = str(error).strip().splitlines()
@@ -404,7 +404,7 @@ class DPOTrainer:
             self.model.add_model_tags(list(MODEL_TAGS))
         if self.args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=getattr(self.args, "gradient_checkpointing_kwargs", None)
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
             )
             self.model.config.use_cache = False
             if is_peft_model(self.model):  # frozen embeddings: checkpointed blocks need inputs that require grad
@@ -664,7 +664,7 @@ class DPOTrainer:
         optimizer = self.optimizer if self.optimizer is not None else self._optimizer(self.model)
         scheduler = self.lr_scheduler if self.lr_scheduler is not None else get_scheduler(
             args.lr_scheduler_type, optimizer, num_warmup_steps=args.resolved_warmup_steps(total_steps),
-            num_training_steps=total_steps, scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {},
+            num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
         )
         run = _RunTotals()
         if self.deepspeed:  # DeepSpeed's engine drives the optimizer (preftune.zero); its state is loaded into the engine
@@ -686,7 +686,7 @@ class DPOTrainer:
         )
 
         self.control = handler.on_train_begin(args, self.state, self.control)
-        if getattr(args, "eval_on_start", False) and start_step == 0:
+        if args.eval_on_start and start_step == 0:
             self._evaluate_sets(model, run)
         start = window_start = time.perf_counter()
         progress = tqdm(total=total_steps, initial=start_step, desc="Training", disable=self._progress_disabled())
@@ -816,7 +816,7 @@ class DPOTrainer:
         """The metrics of the steps since the last log (means over their pairs) with the step's norm and rate."""
         record = {**run.window.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
                   "tokens_per_second": run.window_tokens / elapsed if elapsed > 0 else 0.0}
-        if getattr(self.args, "include_num_input_tokens_seen", False) not in (False, None, "no"):
+        if self.args.include_num_input_tokens_seen != "no":
             record["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         return record
 
@@ -851,7 +851,7 @@ class DPOTrainer:
 
     def _empty_device_cache(self, step: int) -> None:
         """``torch_empty_cache_steps``: return the accelerator's cached memory every N steps (nothing to do on CPU)."""
-        every = getattr(self.args, "torch_empty_cache_steps", None)
+        every = self.args.torch_empty_cache_steps
         if every and step % every == 0 and self.accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -1056,16 +1056,16 @@ class DPOTrainer:
         """``metric_for_best_model``: the best value so far and its step (``state.best_metric``,
         ``state.best_global_step``), higher or lower is better by ``greater_is_better`` (default: lower for names
         ending in "loss", as transformers). Returns whether this evaluation improved on the best."""
-        name = getattr(self.args, "metric_for_best_model", None)
+        name = self.args.metric_for_best_model
         if not name:
-            if not getattr(self.args, "load_best_model_at_end", False):
+            if not self.args.load_best_model_at_end:
                 return False
             name = "loss"
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
             raise ConfigError(f"metric_for_best_model {name!r} is not among the eval metrics "
                               f"({', '.join(sorted(metrics))})", key="metric_for_best_model")
-        greater = getattr(self.args, "greater_is_better", None)
+        greater = self.args.greater_is_better
         greater = (not name.endswith("loss")) if greater is None else greater
         value, best = metrics[key], self.state.best_metric
         if best is None or (value > best if greater else value < best):
@@ -1075,9 +1075,9 @@ class DPOTrainer:
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: load the weights of the best checkpoint (by ``metric_for_best_model``)."""
-        if not getattr(self.args, "load_best_model_at_end", False) or not self.state.best_model_checkpoint:
+        if not self.args.load_best_model_at_end or not self.state.best_model_checkpoint:
             return
-        logger.info("loading the best model (%s = %s) from %s", getattr(self.args, "metric_for_best_model", None)
+        logger.info("loading the best model (%s = %s) from %s", self.args.metric_for_best_model
                     or "loss", self.state.best_metric, self.state.best_model_checkpoint)
         _load_weights(self.model, Path(self.state.best_model_checkpoint))
 
