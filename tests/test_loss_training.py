@@ -149,7 +149,7 @@ def _kto_trainer(model_dir, tmp_path, **overrides):
 
 
 def test_kto_first_step_is_the_weighted_half_and_the_kl_is_zero(stories_model_dir, tmp_path):
-    trainer = _kto_trainer(stories_model_dir, tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=64)
+    trainer = _kto_trainer(stories_model_dir, tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=128)
     assert trainer.data.kind == "unpaired" and trainer.loss_params.is_unpaired
     trainer.train()
     first = trainer.recorder.train_records[0]

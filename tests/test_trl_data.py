@@ -324,8 +324,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_prepare_data_reads_tool_call_jsonl_and_renders_its_tools(base_tokenizer, tmp_path):
     tokenizer = with_template(base_tokenizer, model_template("qwen2_5"))
     path = write_jsonl(tmp_path / "toolcall.jsonl", TOOLCALL_ROWS)
-    config = types.SimpleNamespace(dataset_dir=None, max_samples=None, on_bad_row="error", val_size=0, seed=0,
-                                   overwrite_cache=True, max_length=None, truncation_mode="keep_start", template=None)
+    from preftune import DPOConfig
+
+    config = DPOConfig(overwrite_cache=True, max_length=None, seed=0)
     prepared = prepare_data(config, tokenizer, str(path))
     assert ids_of(prepared.train) == trl_tokenized(TOOLCALL_ROWS, tokenizer)
     assert prepared.report["train"]["rows_failed_checks"] == 0

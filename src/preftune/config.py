@@ -2078,8 +2078,19 @@ def _convert_validation_error(error: ValidationError) -> ConfigError:
     return _error(first_message + (f" (also: {others})" if others else ""), first_key)
 
 
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _validate_into(config: DPOConfig, data: dict[str, Any], source: _Source) -> None:
     """Run pydantic's validation of ``data`` into ``config`` with ``source`` naming where the values came from."""
+    for key in data:  # pydantic-core cannot even read a key that is not valid Unicode text (a lone surrogate)
+        if isinstance(key, str) and not _is_encodable(key):
+            raise ConfigError(f"unknown key {key!r}: not valid UTF-8 text", file=source.file)
     token = _SOURCE.set(source)
     try:
         BaseModel.__init__(config, **data)

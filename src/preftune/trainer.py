@@ -412,6 +412,8 @@ class DPOTrainer:
         if self.args.torch_compile:
             for module in distinct:
                 compile_body(module, backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
+        inner = unwrap_model(self.model)  # counted now: FSDP and ZeRO-3 later hold only each process's shards
+        self._flop_parameters = inner.num_parameters(exclude_embeddings=True) if hasattr(inner, "num_parameters") else 0
 
     def _build_reference(self, ref_model: nn.Module | str | None) -> Reference | None:
         """None for reference-free losses; else a given model, the policy with its adapter disabled (LoRA), a
@@ -826,9 +828,7 @@ class DPOTrainer:
         estimate transformers uses) and ``train_loss`` (the mean loss of the run); with an MoE load-balancing loss also
         its run mean ``aux_loss``."""
         steps = self.state.global_step - (self._resumed_at_step or 0)
-        parameters = unwrap_model(self.model).num_parameters(exclude_embeddings=True) if hasattr(
-            unwrap_model(self.model), "num_parameters") else 0
-        self.state.total_flos = 6.0 * parameters * run.total_tokens
+        self.state.total_flos = 6.0 * self._flop_parameters * run.total_tokens
         record = {
             "train_runtime": runtime,
             "train_samples_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
