@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from preftune import atomic
 from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -350,11 +351,9 @@ def evaluate_generations(
 # ----------------------------------------------------------------------------------------------------- files
 def write_eval_results(results: dict[str, Any], output_dir: str | Path, *, plot: bool = True) -> list[Path]:
     """``eval_results.json`` (atomically) and, with ``plot``, ``eval_results.png``; returns the paths written."""
-    from preftune.metrics import _atomic_write_text
-
     output_dir = Path(output_dir)
     path = output_dir / "eval_results.json"
-    _atomic_write_text(path, json.dumps(_json_clean(results), indent=2, ensure_ascii=False, default=str))
+    atomic.write_json(path, _json_clean(results), default=str)
     written = [path]
     if plot:
         png = plot_eval_results(results, output_dir / "eval_results.png")
@@ -422,10 +421,11 @@ def plot_eval_results(results: dict[str, Any], path: Path) -> Path | None:
             axis.set_title("sampled KL (nats)")
         axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
+    try:
+        with atomic.open_atomic(path, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=100)
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -14,7 +14,6 @@ import itertools
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import EvalPrediction, get_scheduler
@@ -35,10 +33,10 @@ from preftune.adapters import (
     apply_lora,
     check_quantization,
     is_peft_model,
+    load_trainable_weights,
     lora_config_from_args,
     merge_and_save,
-    peft_model_of,
-    save_adapter,
+    save_trainable_weights,
 )
 from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows, padding_free_pays
 from preftune.callbacks import (
@@ -934,7 +932,7 @@ class DPOTrainer:
         self.run_id = saved_run_id or self.run_id  # the resumed run keeps its id (one from before run ids: a new one)
         if self.accelerator.is_main_process:
             claim_output_dir(Path(self.args.output_dir), self.run_id)
-        _load_weights(self.model, path)
+        load_trainable_weights(self.model, path)
         saved["path"] = path
         return saved
 
@@ -1079,7 +1077,7 @@ class DPOTrainer:
             return
         logger.info("loading the best model (%s = %s) from %s", getattr(self.args, "metric_for_best_model", None)
                     or "loss", self.state.best_metric, self.state.best_model_checkpoint)
-        _load_weights(self.model, Path(self.state.best_model_checkpoint))
+        load_trainable_weights(self.model, Path(self.state.best_model_checkpoint))
 
     # ------------------------------------------------------------ save/load
     def _prepare_output_dir(self, resuming: bool) -> None:
@@ -1109,7 +1107,7 @@ class DPOTrainer:
         target = Path(output_dir or self.args.output_dir)
         state_dict = self._whole_weights(self.model)  # FSDP, ZeRO: every process gathers its shards
         if self.accelerator.is_main_process:
-            _save_weights(self._unwrap(self.model), self.tokenizer, target, state_dict)
+            save_trainable_weights(self._unwrap(self.model), self.tokenizer, target, state_dict)
         return target
 
     def merge_and_save(self, output_dir: str) -> Path:
@@ -1169,7 +1167,7 @@ class DPOTrainer:
         }
         target = write_checkpoint(
             output_dir / f"checkpoint-{step}",
-            save_weights=lambda directory: _save_weights(unwrapped, self.tokenizer, directory, weights),
+            save_weights=lambda directory: save_trainable_weights(unwrapped, self.tokenizer, directory, weights),
             trainer_state=trainer_state,
             optimizer_state=optimizer_state,
             scheduler_state=None if optimizer_state is None else scheduler.state_dict(),
@@ -1319,57 +1317,6 @@ def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> Non
         )
     if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
         raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")
-
-
-def _load_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Load a checkpoint's trainable weights into ``model`` in place (a LoRA adapter, or every model weight)."""
-    if is_peft_model(model):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(peft_model_of(model), load_file(str(checkpoint / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"{checkpoint}: adapter weights that this model does not have: {result.unexpected_keys[:5]}")
-        return
-    files = sorted(checkpoint.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{checkpoint}: no model*.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {p.data_ptr() for name, p in model.named_parameters() if name in state}
-    untied_missing = [name for name in missing if model.get_parameter(name).data_ptr() not in loaded] if missing else []
-    if unexpected or untied_missing:
-        raise CheckpointError(
-            f"{checkpoint}: weights do not fit this model (missing {untied_missing[:5]}, unexpected {unexpected[:5]})"
-        )
-
-
-def _save_weights(model: nn.Module, tokenizer: Any, target: Path, state_dict: dict | None = None) -> None:
-    """The trainable weights: the LoRA adapter (only the trained one, not a frozen reference copy) or the model
-    (``state_dict``: its whole weights when the model is sharded)."""
-    if is_peft_model(model):
-        save_adapter(model, tokenizer, target, state_dict)
-    else:
-        _atomic_save_pretrained(model, tokenizer, target, state_dict)
-
-
-def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path, state_dict: dict | None = None) -> None:
-    """``save_pretrained`` into a temporary sibling directory, then move the files in place.
-
-    The weights file is replaced by rename, so a crash leaves either the old or the new weights.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    for item in staging.iterdir():
-        with open(item, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(item, target / item.name)
-    staging.rmdir()
 
 
 def _default_args(model: Any) -> DPOConfig:

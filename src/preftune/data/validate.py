@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rapidfuzz.distance import Indel
 
+from preftune import atomic
 from preftune.data.formats import (
     PROMPT_NEXT_ROLES,
     TEMPLATE_INPUT_COLUMNS,
@@ -286,20 +287,17 @@ def find_problems(loaded: LoadedData, settings: CheckSettings | None = None,
 def write_clean(checked: CheckedData, path: str | Path) -> int:
     """Write the rows that pass every rule as TRL JSON Lines (explicit prompt; text or conversational; rejected a
     list when there are several; unpaired rows as prompt/completion/label; a row's tools and chat_template_kwargs
-    when it has them) and return how many were written.
+    when it has them), atomically, and return how many were written.
     `preftune train` and `load_preference_data` read the file back."""
     columns = ("prompt", "completion", "label") if checked.loaded.kind == "unpaired" else ("prompt", "chosen",
                                                                                            "rejected")
-    written = 0
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for position, row in enumerate(checked.loaded.dataset):
-            if position in checked.flagged:
-                continue
-            extras = {name: row[name] for name in TEMPLATE_INPUT_COLUMNS if row.get(name) is not None}
-            handle.write(json.dumps({name: row[name] for name in columns} | extras, ensure_ascii=False) + "\n")
-            written += 1
-    return written
+
+    def output_row(row: dict) -> dict:
+        extras = {name: row[name] for name in TEMPLATE_INPUT_COLUMNS if row.get(name) is not None}
+        return {name: row[name] for name in columns} | extras
+
+    kept = (output_row(row) for position, row in enumerate(checked.loaded.dataset) if position not in checked.flagged)
+    return atomic.write_jsonl(path, kept)
 
 
 # --------------------------------------------------------------------------------------------------------------
