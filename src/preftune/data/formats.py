@@ -406,7 +406,7 @@ def _load_path(path: Path, split: str, on_bad_row: str, limit: int | None,
                 break
             parts.append(_load_path(file, split, on_bad_row, remaining, convert, str(file)))
         return _concatenate(parts)
-    return _canonicalize(_iter_file(path, source), source=source, on_bad_row=on_bad_row, convert=convert,
+    return _canonicalize(iter_file_rows(path, source), source=source, on_bad_row=on_bad_row, convert=convert,
                          limit=limit)
 
 
@@ -427,7 +427,10 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _iter_file(path: Path, source: str) -> Iterator[RowItem]:
+def iter_file_rows(path: Path, source: str) -> Iterator[RowItem]:
+    """``(row index, record)`` for each row of a JSON Lines, JSON, Parquet or CSV file (chosen by the suffix; ``.gz``
+    for JSON), in file order; an unreadable row comes as an unraised ``DataError`` in place of its record, so the
+    caller decides whether to skip it. A file that cannot be read at all raises ``DataError`` naming ``source``."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         return _iter_jsonl(path, source)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from dataclasses import dataclass
 
 from preftune.data.llamafactory_templates import LLAMAFACTORY_TEMPLATES
 from preftune.data.template_format import BOS, CONTENT, EOS, ChatTemplate, Slot, Special, Token
@@ -344,12 +345,59 @@ def end_of_turn_text(name: str, tokenizer) -> str | None:
 
 
 def resolve_chat_template(tokenizer, template_name: str | None) -> str | None:
-    """The Jinja template to use for conversational data.
-
-    An explicit `template_name` wins (ConfigError for an unknown name); else the tokenizer's own `chat_template`
-    (when it is a string); else None, and the caller decides whether that is an error.
-    """
+    """The Jinja source of `template_name` (ConfigError for an unknown name), else the tokenizer's own
+    `chat_template` (when it is a string), else None. Callers that turn conversations into ids use
+    `choose_template`, which decides what happens then."""
     if template_name is not None:
         return get_template(template_name)
     own = getattr(tokenizer, "chat_template", None)
     return own if isinstance(own, str) and own else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The one rule for conversations: training, sampling, evaluation and `preftune data check`
+# --------------------------------------------------------------------------------------------------------------
+
+FALLBACK_TEMPLATE = "default"  # LLaMA-Factory's; used when neither `template` nor the tokenizer gives a template
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """How conversations become token ids; exactly one field is set.
+
+    Attributes:
+        name: a named template: LLaMA-Factory's ids (`encode_conversation`, `encode_prompt`) and its truncation.
+        jinja: a Jinja chat template: conversations rendered by `apply_chat_template`, then tokenized.
+    """
+
+    name: str | None = None
+    jinja: str | None = None
+
+    @property
+    def jinja_source(self) -> str:
+        """The Jinja that renders a conversation as text (a named template's own Jinja, `get_template`)."""
+        return self.jinja if self.jinja is not None else get_template(self.name)
+
+
+_warned_fallback: set[str] = set()
+
+
+def choose_template(tokenizer, template_name: str | None = None, chat_template: str | None = None) -> TemplateChoice:
+    """The template for conversations, by one rule wherever preftune tokenizes them (training, sampling,
+    evaluation, `preftune data check`):
+
+    1. `template_name` (the config's `template:`) → that named template (ConfigError for an unknown name);
+    2. else `chat_template` (Jinja source) when given, else the tokenizer's own `chat_template` → that Jinja;
+    3. else the named template "default" (LLaMA-Factory's), with one warning per tokenizer and process.
+    """
+    if template_name is not None:
+        return TemplateChoice(name=check_template_name(template_name))
+    jinja = chat_template if chat_template is not None else resolve_chat_template(tokenizer, None)
+    if jinja is not None:
+        return TemplateChoice(jinja=jinja)
+    key = str(getattr(tokenizer, "name_or_path", "") or id(tokenizer))
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        logger.warning("the tokenizer has no chat template and no `template` was set; using template %r",
+                       FALLBACK_TEMPLATE)
+    return TemplateChoice(name=FALLBACK_TEMPLATE)

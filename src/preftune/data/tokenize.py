@@ -132,8 +132,9 @@ class TokenizeSettings:
             None: the Jinja path below.
         enable_thinking: reasoning templates only (qwen3, ...): an empty thought is trained (True, LLaMA-Factory's
             default) or put at the end of the prompt (False).
-        chat_template: resolved Jinja template for conversational data (see `templates.resolve_chat_template`);
-            None uses the tokenizer's own `chat_template`.
+        chat_template: resolved Jinja template for conversational data; None uses the tokenizer's own
+            `chat_template`. `templates.choose_template` picks `template` or `chat_template` by the rule every
+            caller follows (a tokenizer without a template gets the named template "default").
         add_eos: append `tokenizer.eos_token` to text completions that do not end with it (text data only:
             conversational completions end with the template's end-of-turn marker).
     """
@@ -228,7 +229,7 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     return length
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text`, with the tokenizer's special tokens unless `text` already starts with the BOS string."""
     bos = tokenizer.bos_token
     add_special_tokens = not (bos and text.startswith(bos))
@@ -239,7 +240,9 @@ def _is_conversational(example: dict) -> bool:
     return isinstance(example.get("prompt"), list)
 
 
-def _check_messages(messages, row, field: str) -> None:
+def check_messages(messages, row, field: str) -> None:
+    """DataError naming ``row`` and ``field`` unless ``messages`` is a non-empty list of ``{"role": str, "content":
+    str}`` mappings (content may be missing beside ``tool_calls``)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"expected a non-empty list of messages, got {type(messages).__name__}", row=row, field=field)
     for index, message in enumerate(messages):
@@ -274,10 +277,13 @@ def template_inputs(example: dict) -> dict:
     return {"tools": tools, **kwargs}
 
 
-def _render(
+def render_messages(
     tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool, row, field: str = "prompt",
     template_inputs: dict | None = None,
 ) -> str:
+    """``messages`` rendered as text by the Jinja ``chat_template`` (``apply_chat_template``, not tokenized), with
+    ``template_inputs`` as extra variables. A template that is not valid Jinja is a ConfigError (key ``template``);
+    one that fails on this conversation is a DataError naming ``row`` and ``field``."""
     try:
         return tokenizer.apply_chat_template(
             messages,
@@ -296,6 +302,8 @@ def _render(
 
 
 def _chat_template_for(tokenizer, settings: TokenizeSettings) -> str:
+    """The Jinja of the Jinja path: the settings' own, else the tokenizer's. Settings built by
+    ``templates.choose_template`` (as ``prepare_data`` builds them) always have one; ConfigError otherwise."""
     template = settings.chat_template
     if template is None:
         own = getattr(tokenizer, "chat_template", None)
@@ -328,13 +336,13 @@ def _full_sequences(
     if _is_conversational(example):
         template = _chat_template_for(tokenizer, settings)
         for field, value in [("prompt", prompt), *completions]:
-            _check_messages(value, row, field)
+            check_messages(value, row, field)
         prompt = list(prompt)
         inputs = template_inputs(example)
-        prompt_text = _render(tokenizer, prompt, template, True, row, "prompt", inputs)
-        full_texts = [_render(tokenizer, prompt + list(value), template, False, row, field, inputs)
+        prompt_text = render_messages(tokenizer, prompt, template, True, row, "prompt", inputs)
+        full_texts = [render_messages(tokenizer, prompt + list(value), template, False, row, field, inputs)
                       for field, value in completions]
-        return _encode(tokenizer, prompt_text), [_encode(tokenizer, text) for text in full_texts]
+        return encode_text(tokenizer, prompt_text), [encode_text(tokenizer, text) for text in full_texts]
 
     for field, value in [("prompt", prompt), *completions]:
         if not isinstance(value, str):
@@ -344,7 +352,7 @@ def _full_sequences(
     eos = tokenizer.eos_token
     if settings.add_eos and eos:
         completions = [(field, value if value.endswith(eos) else value + eos) for field, value in completions]
-    return _encode(tokenizer, prompt), [_encode(tokenizer, prompt + value) for _, value in completions]
+    return encode_text(tokenizer, prompt), [encode_text(tokenizer, prompt + value) for _, value in completions]
 
 
 def _named_template_sequences(
@@ -353,7 +361,7 @@ def _named_template_sequences(
     """(prompt_ids, full ids per completion) through the named template: the prompt encoded with the first
     completion, shared by all, as LLaMA-Factory's pairwise processor shares the chosen prompt with the rejected."""
     for field, value in [("prompt", prompt), *completions]:
-        _check_messages(value, row, field)
+        check_messages(value, row, field)
     encoded = [encode_conversation(settings.template, tokenizer, list(prompt), list(value),
                                    enable_thinking=settings.enable_thinking, row=row) for _, value in completions]
     prompt_ids = encoded[0][0]
