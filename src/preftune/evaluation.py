@@ -188,30 +188,13 @@ def sequence_logps(
 
 @contextmanager
 def reference_for_generation(reference: Any) -> Iterator[nn.Module]:
-    """The module that samples as the reference: a plain model as it is; a ``FrozenReference``'s model; for an
-    ``AdapterDisabledReference`` the policy with its adapters disabled; for an ``AdapterCopyReference`` the policy
-    with the frozen copy active (the trainable adapter is active again afterwards)."""
-    from preftune.adapters import peft_model_of
-    from preftune.reference import AdapterCopyReference, AdapterDisabledReference
-
+    """The module that samples as the reference: a plain model as it is; a ``preftune.reference`` reference's
+    ``sampling_model()`` (e.g. the policy with its adapter disabled, enabled again afterwards)."""
     if isinstance(reference, nn.Module):
         yield reference
-    elif isinstance(reference, AdapterDisabledReference):
-        peft = peft_model_of(reference.model)
-        with peft.disable_adapter():
-            yield peft
-    elif isinstance(reference, AdapterCopyReference):
-        peft = peft_model_of(reference.model)
-        peft.set_adapter(reference.adapter_name, inference_mode=True)
-        try:
-            yield peft
-        finally:
-            peft.set_adapter(reference.trainable_adapter)
-    elif hasattr(reference, "model") and isinstance(reference.model, nn.Module):
-        yield reference.model
     else:
-        raise ConfigError(f"cannot sample from a {type(reference).__name__} reference (precomputed log-probs hold no "
-                          "model); pass a reference model", key="ref_model")
+        with reference.sampling_model() as model:
+            yield model
 
 
 # ------------------------------------------------------------------------------------------ generation-based eval

@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import datasets
 import numpy as np
@@ -322,6 +322,7 @@ class PrecomputedReference:
     """
 
     model = None
+    separate_model = None
 
     def completion_logps(self, batch: PreferenceBatch, **logprob_options) -> Tensor:
         """``batch.ref_logps``: ``(K, B)``, completion k of example i at ``[k, i]``."""
@@ -342,3 +343,11 @@ class PrecomputedReference:
 
     def to(self, device: torch.device | str) -> "PrecomputedReference":
         return self
+
+    def fingerprint(self) -> str:
+        raise ValueError("precomputed reference log-probs have no weights to fingerprint; the cache key holds the "
+                         "fingerprint of the reference that computed them")
+
+    def sampling_model(self) -> ContextManager[nn.Module]:
+        raise ConfigError("cannot sample from precomputed reference log-probs (they hold no model); pass a reference "
+                          "model", key="ref_model")

@@ -79,9 +79,8 @@ from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, p
 from preftune.moe import resolve_router_aux_loss
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.preflight import check_resume_fingerprint, run_fingerprint, run_preflight_checks, start_fresh_run
-from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
+from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps
 from preftune.reference import (
-    AdapterCopyReference,
     AdapterDisabledReference,
     FrozenReference,
     Reference,
@@ -296,7 +295,7 @@ class DPOTrainer:
     def ref_model(self) -> nn.Module | None:
         """The separate frozen reference model; None when there is none (reference-free losses, LoRA's
         adapter-disabled reference, precomputed reference log-probs), as in TRL."""
-        return self.reference.model if isinstance(self.reference, FrozenReference) else None
+        return self.reference.separate_model if self.reference is not None else None
 
     @property
     def train_dataset(self) -> Any:
@@ -381,7 +380,7 @@ class DPOTrainer:
         if peft_config is not None or is_peft_model(self.model):
             self.model = apply_lora(self.model, peft_config)
         self.reference = self._build_reference(ref_model)
-        if self.args.sync_ref_model and not isinstance(self.reference, FrozenReference):
+        if self.args.sync_ref_model and (self.reference is None or self.reference.separate_model is None):
             raise ConfigError(
                 "sync_ref_model needs a separate reference model, not a LoRA adapter-disabled or adapter-copy reference",
                 key="sync_ref_model",
@@ -444,7 +443,7 @@ class DPOTrainer:
         options = self._logprob_options()
         model_config = getattr(unwrap_model(reference.model), "config", None)
         key_parts = {  # everything besides the weights and the tokens that changes the values
-            "reference": _reference_fingerprint(reference, self.model),
+            "reference": reference.fingerprint(),
             "model_config": model_config.to_json_string() if model_config is not None else None,
             "mixed_precision": self.accelerator.mixed_precision,
             "ld_alpha": self.args.ld_alpha,
@@ -859,7 +858,7 @@ class DPOTrainer:
         hidden_size = getattr(unwrap_model(self.model).config, "hidden_size", None)
         config = resolve_deepspeed_config(self.deepspeed, self.args, self.world_size, hidden_size)
         self._engine = initialize_policy(self.model.to(self.accelerator.device), optimizer, config)
-        if self.zero_stage == 3 and isinstance(self.reference, FrozenReference):
+        if self.zero_stage == 3 and self.reference is not None and self.reference.separate_model is not None:
             self.reference.model = initialize_reference(self.reference.model.to(self.accelerator.device), config)
         return self._engine
 
@@ -910,7 +909,7 @@ class DPOTrainer:
         """FSDP2: shard the policy, and a separate frozen reference model too (forward-only, no optimizer)."""
         device, precision = self.accelerator.device, self.accelerator.mixed_precision
         shard_model(self.model.to(device), self.fsdp, precision)
-        if isinstance(self.reference, FrozenReference):
+        if self.reference is not None and self.reference.separate_model is not None:
             shard_model(self.reference.model.to(device), self.fsdp, precision, role="the reference model")
 
     def _read_resume_checkpoint(self, spec: str) -> dict[str, Any]:
@@ -1287,16 +1286,6 @@ def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | No
         raise ConfigError(f"torch_compile: cannot find the transformer body of {type(inner).__name__}", key="torch_compile")
     options = {name: value for name, value in (("backend", backend), ("mode", mode)) if value is not None}
     body.compile(dynamic=True, **options)
-
-
-def _reference_fingerprint(reference: Reference, policy: nn.Module) -> str:
-    """What the reference's log-probs depend on: its weights (for an adapter-disabled reference, the base weights;
-    for an adapter copy, the base and the frozen "ref" adapter)."""
-    if isinstance(reference, AdapterDisabledReference):
-        return reference_fingerprint(policy, exclude=lambda name: "lora_" in name)
-    if isinstance(reference, AdapterCopyReference):
-        return reference_fingerprint(policy, exclude=lambda name: "lora_" in name and ".ref." not in name)
-    return reference_fingerprint(reference.model)
 
 
 def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
