@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.errors import ConfigError, DataError
 from preftune.generation import (
+    PerRowGumbelSampling,
     SamplingParams,
-    _PerRowGumbelSampling,
     append_candidates,
     generate,
     generate_samples,
@@ -44,7 +44,7 @@ def test_sampling_params_refuse_out_of_range_values_naming_the_key(key, value):
 
 def _draw_frequencies(scores: torch.Tensor, temperature: float, top_p: float, draws: int) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed) for seed in range(draws)]
-    sampler = _PerRowGumbelSampling(temperature, top_p, generators)
+    sampler = PerRowGumbelSampling(temperature, top_p, generators)
     perturbed = sampler(torch.zeros(draws, 1, dtype=torch.long), scores.expand(draws, -1).clone())
     return torch.bincount(perturbed.argmax(-1), minlength=scores.shape[-1]).float() / draws
 

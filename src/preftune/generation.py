@@ -165,7 +165,7 @@ def sample_seed(seed: int, key: object, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-class _PerRowGumbelSampling(LogitsProcessor):
+class PerRowGumbelSampling(LogitsProcessor):
     """Scores → temperature → top-p → + Gumbel noise from each row's own generator; greedy argmax then samples."""
 
     def __init__(self, temperature: float, top_p: float, generators: list[torch.Generator]):
@@ -220,7 +220,7 @@ def _generate_rows(model, rows: list[tuple[list[int], int]], params: SamplingPar
     processors = LogitsProcessorList()
     if params.temperature > 0:
         generators = [torch.Generator().manual_seed(seed) for _, seed in rows]
-        processors.append(_PerRowGumbelSampling(params.temperature, params.top_p, generators))
+        processors.append(PerRowGumbelSampling(params.temperature, params.top_p, generators))
     # Neutral values set explicitly: transformers fills the options left unset from the model's own
     # generation_config (a repetition penalty there would otherwise change the distribution sampled from).
     config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,

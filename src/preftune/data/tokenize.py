@@ -108,7 +108,7 @@ UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 # 3: named templates encoded as LLaMA-Factory encodes them; per-row tools and chat_template_kwargs; tool-call messages
 # and several-message completions.
 # 5: named templates truncate as LLaMA-Factory does.
-_TOKENIZE_VERSION = 5
+TOKENIZE_VERSION = 5
 
 _IDS = datasets.List(datasets.Value("int32"))
 _FLAG_FEATURES = {
@@ -541,7 +541,7 @@ def tokenization_fingerprint(dataset: datasets.Dataset, tokenizer, settings: Tok
     cache key."""
     kind, num_negatives = data_kind(dataset)
     key = {
-        "version": _TOKENIZE_VERSION,
+        "version": TOKENIZE_VERSION,
         "dataset": dataset._fingerprint,
         "kind": kind,
         "num_negatives": num_negatives,
