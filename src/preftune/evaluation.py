@@ -356,6 +356,8 @@ def plot_eval_results(results: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from preftune.metrics import save_figure
+
     panels = []
     pairs = results.get("pairs") or {}
     if "eval_rewards/accuracies" in pairs:
@@ -395,10 +397,5 @@ def plot_eval_results(results: dict[str, Any], path: Path) -> Path | None:
             axis.bar(["KL(policy||ref)"], [kl["mean"]], yerr=[error(kl)], capsize=6, color="tab:orange")
             axis.set_title("sampled KL (nats)")
         axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    try:
-        with atomic.open_atomic(path, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=100)
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
     return path

@@ -280,6 +280,13 @@ def plot_curves(
             axis.legend(fontsize=8)
     for axis in list(axes.flat)[len(PLOTTED_METRICS) :]:
         axis.axis("off")
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """A matplotlib figure laid out, written as PNG (100 dpi) atomically (``preftune.atomic``), then closed."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     try:
         with atomic.open_atomic(path, "wb") as handle:
