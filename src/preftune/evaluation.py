@@ -1,24 +1,11 @@
 """Evaluation of a trained policy against its reference: statistics, generation-based evaluation, result files.
 
-Statistics (pure functions):
+Pure statistics (``win_rate`` with its Wilson interval, ``sampled_kl``, ``per_prompt_mean``: means over prompts,
+with standard errors); ``evaluate_generations`` samples from policy and reference (``preftune.generation``), judges
+the samples (``preftune.judges``) and scores the policy's samples under both models; ``write_eval_results`` writes
+``eval_results.json`` and ``eval_results.png``. The command ``preftune eval`` is ``preftune.cli_eval.run_eval``.
 
-- **Win rate** of the policy over the reference, one outcome per prompt: 1 when the policy's responses score
-  higher (mean judge score over its samples of that prompt) than the reference's, 0.5 when equal (within
-  ``tie_tolerance``), 0 when lower; or, with a pairwise judge, the mean of its known verdicts on that prompt. The
-  rate is the mean outcome (ties count half), with a **Wilson score interval** computed from that rate and the
-  number of prompts (no bootstrap; deterministic).
-- **Sampled KL**: ``KL(π‖π_ref) = E_{y~π(·|x)} Σ_t [log π(y_t|x, y_<t) − log π_ref(y_t|x, y_<t)]`` estimated by the
-  mean over the policy's own samples of their summed log-ratio (nats). The samples of one prompt are averaged
-  first, and the mean and standard error are taken over prompts (samples of a prompt are not independent). It is
-  an unbiased KL estimate only for samples at temperature 1 and top_p 1; otherwise it is the same log-ratio
-  averaged over tempered samples (``kl.exact_sampling`` says which).
-- **Mean reward**: the judge's score, averaged per prompt, then mean ± standard error over prompts.
-
-Generation-based evaluation (``evaluate_generations``) samples from policy and reference with
-``preftune.generation``, scores with a judge (``preftune.judges``), and scores the policy's samples under both
-models with ``preftune.logprobs``; ``write_eval_results`` writes ``eval_results.json`` and ``eval_results.png``.
-``preftune eval`` itself (finding the model and its reference, held-out pairs through ``DPOTrainer.evaluate()``) is
-``preftune.cli_eval.run_eval``.
+The statistics, their formulas and when the KL estimate is exact: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,85 +1,13 @@
 """Tokenize preference data into prompt / completion token ids.
 
-Input: a `datasets.Dataset` in the canonical form of `preftune.data.formats` with an int "row" column, either text
-(`prompt`, `chosen`, `rejected` are strings) or conversational (`prompt` is a list of {role, content} messages ending
-with a user turn or a tool result; `chosen` / `rejected` are lists holding the assistant message, or assistant tool
-calls, tool results and the answer; optional `tools` and `chat_template_kwargs` columns). Two further kinds:
+`tokenize_dataset` turns canonical rows (`preftune.data.formats`) into one `prompt_ids` per row shared by its
+completions, `chosen_ids` and `rejected_ids` (or `completion_ids` and `label` for unpaired rows), so that
+`prompt_ids + chosen_ids` is the tokenized prompt + chosen sequence; rows left without room by `max_length` are
+dropped and counted (`TokenizationStats`), and the result is cached under a fingerprint of data, tokenizer and
+settings. `encode_text`, `render_messages` and `check_messages` are shared with sampling and the data check.
 
-- several negatives: `rejected` is a list of M >= 2 responses (strings, or message lists); every row has the same M.
-- unpaired (KTO): columns `prompt`, `completion` (a string, or a list holding the assistant message) and `label`
-  (bool) instead of chosen/rejected.
-
-Output: one shared `prompt_ids` and the completions per row, so that `prompt_ids + chosen_ids` is the tokenized
-prompt+chosen sequence (and likewise for each rejected response, or for the unpaired completion):
-
-- pairs: `chosen_ids` and `rejected_ids` (list[int]);
-- M negatives: `chosen_ids` (list[int]) and `rejected_ids` (list[list[int]], M lists);
-- unpaired: `completion_ids` (list[int]) and `label` (bool).
-
-Every rule below is stated for a pair; with M negatives or an unpaired completion it applies the same way to the
-M + 1 (or the one) completions sharing the row's prompt.
-
-How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differences listed below):
-
-- text: completions get `tokenizer.eos_token` appended unless they already end with it (`add_eos`);
-  `prompt_ids = tok(prompt)`, `full = tok(prompt + completion)`.
-- conversational with a named template (`TokenizeSettings.template`): LLaMA-Factory's ids,
-  `templates.encode_conversation`; the prompt is the one encoded with the first completion (chosen), and each full
-  sequence is that prompt + its completion's response ids, as LLaMA-Factory's processors build them.
-- conversational with a Jinja chat template: `prompt_ids = tok(render(prompt, add_generation_prompt=True))`,
-  `full = tok(render(prompt + completion))`; the chat template itself ends the assistant turn with its end marker,
-  so no EOS is added. A completion may be several messages (assistant tool calls, tool results, the answer: see
-  `preftune.data.formats`); all its tokens are completion tokens, tool results included, as in TRL 1.16 (its
-  DataCollatorForPreference marks every chosen/rejected token in completion_mask).
-- Per-row template inputs (TRL 1.16 `_prepare_dataset`'s `tokenize_fn`): both renderings get
-  `tools=row["tools"]` (a JSON string is decoded first) and the row's `chat_template_kwargs` as extra keyword
-  arguments (template variables such as `enable_thinking`), merged as `{"tools": tools, **chat_template_kwargs}`.
-  TRL 1.16's DPOConfig has no dataset-wide chat_template_kwargs, and its DPOTrainer renders with the tokenizer's
-  own template (it swaps in its "training" templates only for SFT's assistant_only_loss and GRPO/distillation
-  tool loops).
-- BOS: a text is tokenized with the tokenizer's special tokens (a Llama tokenizer adds BOS), except when it already
-  starts with the BOS string (a template that writes `{{ bos_token }}`, or a prompt that carries it), which is then
-  tokenized with `add_special_tokens=False` so the sequence never starts with two BOS. Differs from TRL, whose
-  conversational path never adds special tokens (a ChatML template on a Llama tokenizer gets no BOS there) and whose
-  text path doubles a BOS written into the prompt.
-- Prefix rule: the prompt's length is the common prefix of `prompt_ids` with ALL full sequences; the completions
-  are what follows it. Normally that is all of `prompt_ids`; when a token merges across the prompt/completion
-  boundary (GPT-2: "walk" + "ing" -> " walking") or the template renders the prompt differently, the prompt is cut
-  back to the common prefix and the pair is counted in `prefix_mismatch` (same rule as TRL, `common_prefix_length`).
-  Reasoning templates do this: with `enable_thinking: false` Qwen3's generation prompt ends with an empty
-  `<think></think>` block that the full conversation renders only before a final answer, not before a tool call,
-  so the completion starts where the two renderings part.
-- Truncation, `max_length` = prompt + one completion, in tokens. With a named template the rule is LLaMA-Factory's
-  (`truncation_mode` does not apply there); otherwise `truncation_mode` decides:
-  - named template (LLaMA-Factory 0.9.5's pairwise and feedback processors, `infer_seqlen`; implemented in
-    `llamafactory_kept_lengths`): the prompt and the LONGEST completion share `max_length` (LLaMA-Factory's
-    `cutoff_len`), favouring the response: a response shorter than half of it is kept whole and the prompt keeps
-    what is left; else a prompt shorter than half is kept whole and the response gets the rest; else both are
-    shortened in proportion to their lengths. Both keep their START (the prompt loses its end, generation header
-    included, as in LLaMA-Factory); every completion is cut to the longest one's length, so all share the one
-    prompt (LLaMA-Factory's rejected shares the chosen's prompt the same way). Rows are kept, not dropped, except
-    the extreme case below. `truncation_mode: keep_end` with a named template is a ConfigError (it would be
-    ignored); `keep_start`, the default, is accepted and means LLaMA-Factory's rule there.
-    For KTO this is LLaMA-Factory's cut of each row's own prompt + completion. Its KL completion is not cut the
-    LLaMA-Factory way: LLaMA-Factory cuts the mismatched sequence (prompt + another row's uncut response) on its
-    own with the same rule, so its KL prompt can be cut differently from the row's prompt, while preftune's KL
-    sequence is the row's (already cut) prompt with the other row's (already cut) completion, cut at its end to fit
-    `max_length` (`preftune.data.collate.mismatched_examples`, TRL's rule). With the same pairing the two agree
-    whenever nothing is cut: neither the row's prompt, nor the other row's completion, nor the KL sequence.
-  - keep_start: a pair whose prompt has `>= max_length` tokens is dropped (no room); otherwise each completion's end
-    is cut to fit. Same as TRL.
-  - keep_end: all completions keep ALL their tokens and share ONE prompt whose start is cut by
-    `len(prompt) + max(len(chosen), len(rejected)) - max_length`; when that leaves no prompt token (the longest
-    completion alone fills `max_length`), the pair is dropped. Differs from TRL, which cuts each prompt+completion
-    sequence separately, so there chosen and rejected can see different prompt starts.
-  - `max_length=None`: nothing is cut.
-- Dropped as "no room" (counted by source row id): a pair whose final prompt or any final completion is empty.
-  Besides the truncation cases above this drops pairs whose prompt tokenizes to nothing (an empty prompt with a
-  tokenizer that adds no BOS, or a boundary merge at its first token): the first completion token would have no
-  context to be predicted from. TRL keeps those pairs. LLaMA-Factory keeps every row too, also one whose response
-  its rule cuts to nothing (only when both have at least `max_length / 2` tokens and the prompt more than
-  `max_length - 1` times as many as the longest response: ~2 million tokens at 2048, but any prompt longer than the
-  response at `max_length=2`): such a row has no token to learn from there; preftune drops and counts it.
+The rules (which template, BOS, the prefix rule, truncation, and where they differ from TRL and LLaMA-Factory):
+docs/tokenization.md.
 """
 
 from __future__ import annotations
@@ -392,7 +320,7 @@ def llamafactory_kept_lengths(prompt_length: int, response_length: int, cutoff_l
 def _split_and_truncate(
     prompt_ids: list[int], full_ids: list[list[int]], settings: TokenizeSettings
 ) -> tuple[list[int], list[list[int]], dict]:
-    """Apply the prefix rule and truncation to one prompt shared by several completions (module docstring).
+    """Apply the prefix rule and truncation to one prompt shared by several completions (docs/tokenization.md).
 
     Returns (prompt, completions, flags) with flags {"prefix_mismatch", "truncated", "no_room"}; when no_room the
     prompt and every completion are empty.
@@ -447,7 +375,7 @@ def rejected_responses(example: dict) -> list:
 
 
 def tokenize_pair(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
-    """Tokenize one preference row (text or conversational form; see the module docstring for the rules).
+    """Tokenize one preference row (text or conversational form; the rules: docs/tokenization.md).
 
     `example["rejected"]` is one response, or a list of M responses (see `rejected_responses`); the prompt is shared
     by chosen and every rejected response.
@@ -589,7 +517,7 @@ def tokenize_dataset(
     cache_dir: str | None = None,
     desc: str = "Tokenizing",
 ) -> TokenizedData:
-    """Tokenize every row of `dataset` (see the module docstring), drop the rows without room, count what happened.
+    """Tokenize every row of `dataset` (docs/tokenization.md), drop the rows without room, count what happened.
 
     The kind comes from the columns and M from the first row (`data_kind`); every row must have that M.
 
