@@ -461,7 +461,7 @@ def test_cache_hits_for_each_kind_and_misses_across_kinds_and_versions(gpt2, tmp
         ids(gpt2, " eight" + GPT2_EOS), ids(gpt2, " nine ten")]
 
     before = tokenization_fingerprint(make["multi"](), gpt2, settings)
-    monkeypatch.setattr(tokenize_module, "_TOKENIZE_VERSION", tokenize_module._TOKENIZE_VERSION + 1)
+    monkeypatch.setattr(tokenize_module, "TOKENIZE_VERSION", tokenize_module.TOKENIZE_VERSION + 1)
     assert tokenization_fingerprint(make["multi"](), gpt2, settings) != before
     newer = tokenize_dataset(make["multi"](), gpt2, settings, cache_dir=str(tmp_path))
     assert cache_file(newer) not in paths.values()

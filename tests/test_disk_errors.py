@@ -70,7 +70,7 @@ def test_a_failed_swap_of_a_resaved_step_puts_the_old_checkpoint_back(tmp_path, 
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real_rename(source, destination)
 
-    monkeypatch.setattr("preftune.checkpoint.os.rename", rename)
+    monkeypatch.setattr("preftune.atomic.os.rename", rename)  # the checkpoint folder is swapped in by preftune.atomic
     with pytest.raises(CheckpointError):
         _write_small_checkpoint(target, payload=b"new")
     assert (target / "model.bin").read_bytes() == b"old"

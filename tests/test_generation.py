@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.errors import ConfigError, DataError
 from preftune.generation import (
+    PerRowGumbelSampling,
     SamplingParams,
-    _PerRowGumbelSampling,
     append_candidates,
     generate,
     generate_samples,
@@ -44,7 +44,7 @@ def test_sampling_params_refuse_out_of_range_values_naming_the_key(key, value):
 
 def _draw_frequencies(scores: torch.Tensor, temperature: float, top_p: float, draws: int) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed) for seed in range(draws)]
-    sampler = _PerRowGumbelSampling(temperature, top_p, generators)
+    sampler = PerRowGumbelSampling(temperature, top_p, generators)
     perturbed = sampler(torch.zeros(draws, 1, dtype=torch.long), scores.expand(draws, -1).clone())
     return torch.bincount(perturbed.argmax(-1), minlength=scores.shape[-1]).float() / draws
 
@@ -138,10 +138,29 @@ def test_conversation_prompts_are_rendered_with_the_named_template(stories):
                         "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
 
 
+def test_a_conversation_without_any_chat_template_is_sampled_from_training_prompt_ids(stories, tmp_path):
+    """One rule (templates.choose_template): no `template` and a tokenizer without one → the named template
+    "default", as training uses it; the sampled prompt ids are the ones training tokenizes."""
+    from preftune.config import DPOConfig
+    from preftune.data.pipeline import prepare_rows
+
+    model, tokenizer = stories
+    assert tokenizer.chat_template is None
+    conversation = [{"role": "user", "content": "Hi"}]
+    assert render_prompts(tokenizer, [conversation], None) == [f"Human: Hi{tokenizer.eos_token}\nAssistant:"]
+    row = {"prompt": conversation, "chosen": [{"role": "assistant", "content": "Yes."}],
+           "rejected": [{"role": "assistant", "content": "No."}]}
+    trained, _ = prepare_rows(DPOConfig(output_dir=str(tmp_path), max_length=None), tokenizer, [row], source="t",
+                              first_row=0)
+    sampled = generate_samples(model, tokenizer, [conversation], SamplingParams(num_samples=1, max_new_tokens=2),
+                               progress=False)
+    assert sampled[0][0].prompt_ids == trained.dataset[0]["prompt_ids"]
+
+
 def test_conversation_prompt_errors(stories):
     _, tokenizer = stories
-    with pytest.raises(ConfigError, match="no chat template"):
-        render_prompts(tokenizer, [[{"role": "user", "content": "Hi"}]], None)
+    with pytest.raises(ConfigError, match="unknown chat template 'nope'"):
+        render_prompts(tokenizer, [[{"role": "user", "content": "Hi"}]], "nope")
     with pytest.raises(DataError, match="assistant turn") as error:
         render_prompts(tokenizer, ["ok", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]],
                        "chatml")

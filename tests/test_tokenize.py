@@ -20,6 +20,8 @@ from transformers import AutoTokenizer
 
 from preftune.data.templates import (
     TEMPLATES,
+    TemplateChoice,
+    choose_template,
     end_of_turn_text,
     get_template,
     resolve_chat_template,
@@ -137,6 +139,17 @@ def test_resolve_prefers_explicit_name_then_tokenizer_template_then_none(gpt2):
     assert resolve_chat_template(own, "chatml") == get_template("chatml")
     with pytest.raises(ConfigError):
         resolve_chat_template(own, "nope")
+
+
+def test_one_rule_chooses_the_name_then_the_given_or_own_jinja_then_default(gpt2):
+    own = with_template(gpt2, "llama3")
+    assert choose_template(own, "chatml") == TemplateChoice(name="chatml")
+    assert choose_template(own, None) == TemplateChoice(jinja=get_template("llama3"))
+    assert choose_template(own, None, chat_template="{{ x }}") == TemplateChoice(jinja="{{ x }}")
+    assert choose_template(gpt2, None) == TemplateChoice(name="default")  # training's fallback, everywhere
+    assert choose_template(gpt2, None).jinja_source == get_template("default")
+    with pytest.raises(ConfigError, match="unknown chat template"):
+        choose_template(own, "nope")
 
 
 def test_end_of_turn_markers(gpt2):

@@ -1,32 +1,33 @@
-"""LoRA adapters: configuration from preftune's arguments, attaching, saving, merging and exporting.
+"""LoRA adapters: configuration from preftune's arguments, attaching, saving, merging and exporting; and the
+trainable weights of a run (the adapter, or the whole model) saved and loaded back.
 
 LoRA (Hu et al. 2021) trains a low-rank update of each adapted linear layer, ``W' = W + (α / r) · B A`` with
 ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}``; only A and B are trained. B starts at zero, so a fresh adapter is the identity
 and the policy with its adapter disabled is exactly the policy as loaded (see ``preftune.reference``).
 
-Everything here goes through peft's public API; files are safetensors only, and every save is staged in a temporary
-sibling directory, fsynced, then moved into place, so a crash or an error never leaves a half-written output.
+Everything here goes through peft's public API; files are safetensors only, and every save goes through
+``preftune.atomic.update_folder`` (staged in a unique hidden sibling, fsynced, renamed into place; stale weight files
+of an earlier save removed), so a crash or an error never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
 
-from preftune.errors import ConfigError
+from preftune import atomic
+from preftune.errors import CheckpointError, ConfigError
 from preftune.models import load_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -229,10 +230,19 @@ def _tokenizer_for_export(adapter_dir: Path, base_name: str) -> Any:
         return None
 
 
-# -------------------------------------------------------------------------------------------- atomic writes
-def _pretrained_writer(model: nn.Module, tokenizer: Any) -> Callable[[Path], None]:
+# ------------------------------------------------------------------------------------------- whole-model saves
+def save_pretrained_atomically(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike,
+                               state_dict: dict | None = None) -> Path:
+    """``model.save_pretrained`` (safetensors) and the tokenizer's files into ``output_dir`` through
+    ``preftune.atomic.update_folder``: staged in a unique hidden sibling, fsynced, renamed in, and the weight and
+    adapter files of an earlier save into the same folder that this one does not have (other shard counts, the other
+    kind of model) removed. ``state_dict``: the whole weights when the model is sharded (FSDP, ZeRO-3)."""
+    return _write_atomically(output_dir, _pretrained_writer(model, tokenizer, state_dict))
+
+
+def _pretrained_writer(model: nn.Module, tokenizer: Any, state_dict: dict | None = None) -> Callable[[Path], None]:
     def write(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
@@ -240,45 +250,51 @@ def _pretrained_writer(model: nn.Module, tokenizer: Any) -> Callable[[Path], Non
 
 
 def _write_atomically(output_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(staging)`` in a fresh temporary sibling of ``output_dir``, fsync what it wrote, then move each file
-    into ``output_dir`` by rename (replacing files of the same name, and removing weight/adapter files of an
-    earlier save that this one does not have). If ``write`` fails, ``output_dir`` is not touched."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".saving", dir=output_dir.parent))
-    try:
-        write(staging)
-        written = sorted(staging.iterdir())
-        for item in written:
-            if not item.is_file():
-                raise RuntimeError(f"unexpected folder {item.name} in a model save")
-            _fsync(item)
-        output_dir.mkdir(exist_ok=True)
-        for item in written:
-            os.replace(item, output_dir / item.name)
-        names = {item.name for item in written}
-        for stale in output_dir.iterdir():
-            if stale.is_file() and stale.name not in names and _is_replaced_file(stale.name):
-                stale.unlink()
-        _fsync(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+    """``write(staging)``'s files moved into ``output_dir`` (``atomic.update_folder``), replacing an earlier save's
+    weight/adapter files; ``output_dir`` is not touched if ``write`` fails."""
+    return atomic.update_folder(output_dir, write, replaced_patterns=_REPLACED_FILE_PATTERNS)
 
 
-def _is_replaced_file(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) for pattern in _REPLACED_FILE_PATTERNS)
+# ------------------------------------------------------------------------------------------- trainable weights
+def save_trainable_weights(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike,
+                           state_dict: dict | None = None) -> Path:
+    """The weights training changes, atomically: the active LoRA adapter (not a frozen reference copy) when the
+    model has one, else the whole model (``state_dict``: its whole weights when the model is sharded)."""
+    if is_peft_model(model):
+        return save_adapter(model, tokenizer, output_dir, state_dict)
+    return save_pretrained_atomically(model, tokenizer, output_dir, state_dict)
 
 
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    descriptor = os.open(path, flags)
-    try:
-        os.fsync(descriptor)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(descriptor)
+def load_trainable_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Load what ``save_trainable_weights`` wrote into ``model`` in place: ``adapter_model.safetensors`` into its
+    active adapter (same shapes) when it has one, else every ``model*.safetensors`` shard into the model.
+
+    Raises ``CheckpointError`` naming ``directory`` when the files are missing or hold weights the model does not have
+    (or lack weights it has; tied weights count as loaded through their twin).
+    """
+    directory = Path(directory)
+    if is_peft_model(model):
+        weights = directory / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS}")
+        result = set_peft_model_state_dict(peft_model_of(model), load_file(str(weights)))
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{directory}: adapter weights that this model does not have: "
+                                  f"{result.unexpected_keys[:5]}")
+        return
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no model*.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for name, p in model.named_parameters() if name in state}
+    untied_missing = [name for name in missing if model.get_parameter(name).data_ptr() not in loaded] if missing else []
+    if unexpected or untied_missing:
+        raise CheckpointError(
+            f"{directory}: weights do not fit this model (missing {untied_missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ quantization

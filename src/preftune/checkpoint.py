@@ -6,10 +6,10 @@ numpy and torch (JSON), and ``trainer_state.json``: the step, the data position 
 deterministic function of seed and epoch), the metric history so far and the running sums of the current logging
 window. Nothing is pickled, so loading a checkpoint runs no code.
 
-Writing: everything goes into a hidden staging directory next to the target, each file fsynced, then
-``manifest.json`` (size and sha256 of every file) last, then the directory is renamed into place (atomic on POSIX)
-and the parent fsynced. Reading verifies the manifest first, so a truncated or altered file is detected; ``latest``
-falls back to the newest intact checkpoint with a warning.
+Writing (``preftune.atomic.write_folder``): everything goes into a hidden staging directory next to the target,
+``manifest.json`` (size and sha256 of every file) last, each file fsynced, then the directory is renamed into place
+(atomic on POSIX) and the parent fsynced. Reading verifies the manifest first, so a truncated or altered file is
+detected; ``latest`` falls back to the newest intact checkpoint with a warning.
 
 Runs never mix: every training run has a run id. ``trainer_state.json["run"]`` holds it with the run's fingerprint
 (the settings, model and data that shape training; see ``preftune.preflight.run_fingerprint``), and ``run.json`` in
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -37,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from preftune import atomic
 from preftune.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -119,10 +119,8 @@ def write_checkpoint(
     directory is removed and any previous checkpoint is left as it was.
     """
     target = Path(target)
-    staging = target.parent / f".{target.name}.staging-{os.getpid()}"
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+
+    def write(staging: Path) -> None:
         save_weights(staging)
         if optimizer_state is not None:
             optimizer_state_to_files(optimizer_state, staging)
@@ -131,27 +129,11 @@ def write_checkpoint(
         for rank, states in enumerate(rank_rng_states or [rng_states()]):
             _write_json(staging / _rng_file(rank), states)
         _write_json(staging / STATE_FILE, trainer_state)
-        _write_json(staging / MANIFEST_FILE, _manifest(staging))
-        for path in staging.rglob("*"):
-            if path.is_file():
-                _fsync_file(path)
-        _fsync_directory(staging)
-        if target.exists():  # the same step saved again (e.g. after a resume): swap, never leave a half state
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.rename(target, old)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                os.rename(old, target)  # put the previous checkpoint back before reporting the failure
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-        _fsync_directory(target.parent)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not isinstance(error, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
-            raise
+        _write_json(staging / MANIFEST_FILE, _manifest(staging))  # last: it vouches for every other file
+
+    try:
+        atomic.write_folder(target, write)
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         kept = [path.name for path in list_checkpoints(target.parent) if verify_checkpoint(path) is None]
         previous = f"the intact checkpoints ({', '.join(kept)}) are untouched" if kept else "no earlier checkpoint exists"
         raise CheckpointError(
@@ -264,11 +246,7 @@ def read_run_id(output_dir: Path) -> str | None:
 
 def claim_output_dir(output_dir: Path, run_id: str) -> None:
     """Record in ``output_dir/run.json`` (atomically) that the folder's files are run ``run_id``'s from now on."""
-    path = Path(output_dir) / RUN_FILE
-    staging = path.parent / f".{RUN_FILE}.{os.getpid()}.tmp"
-    _write_json(staging, {"run_id": run_id})
-    _fsync_file(staging)
-    os.replace(staging, path)
+    atomic.write_json(Path(output_dir) / RUN_FILE, {"run_id": run_id}, indent=None)
 
 
 def checkpoint_run(path: Path) -> tuple[str | None, dict[str, Any] | None]:
@@ -349,16 +327,3 @@ def _write_json(path: Path, value: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

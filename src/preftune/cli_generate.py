@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 
+from preftune import atomic
 from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -87,18 +86,6 @@ def run_sample(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSON lines to a temporary file beside `path`, fsync, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def run_judge(args: argparse.Namespace) -> int:
     from preftune.generation import read_candidates
     from preftune.judges import load_judge, pairs_from_candidates, score_candidates
@@ -110,7 +97,7 @@ def run_judge(args: argparse.Namespace) -> int:
                        per_item=True if args.per_item else None)
     scores = score_candidates(judge, rows)
     pairs, stats = pairs_from_candidates(rows, scores, mode=args.mode, min_gap=args.min_gap)
-    write_jsonl_atomic(Path(args.out), pairs)
+    atomic.write_jsonl(Path(args.out), pairs)
     mean = sum(map(sum, scores)) / max(1, sum(map(len, scores)))
     print(f"scored {stats.responses} responses to {stats.prompts} prompts with {args.judge} (mean {mean:.4f}); "
           f"wrote {stats.pairs} pairs to {args.out}; skipped {stats.ties_skipped} ties (gap <= {args.min_gap})"

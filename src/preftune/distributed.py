@@ -1,30 +1,11 @@
 """Several processes (one per device): how a run is split across them, and how it is launched.
 
-preftune runs under ``torchrun`` / ``accelerate launch`` unchanged (one process per device, DDP through accelerate;
-on CPU the gloo backend). ``nproc: N`` (or ``preftune train --nproc N``) re-launches the command under
-``python -m torch.distributed.run --standalone --nproc_per_node N``.
+The accelerator (``build_accelerator``; DDP through accelerate, gloo on CPU), the ``nproc`` re-launch under torchrun,
+each process's contiguous share of a step's micro-batches (``rank_share``), gathers of Python values, and FSDP2
+sharding with the whole weights and optimizer state gathered for checkpoints. With N processes a run takes exactly
+the steps of a one-process run with N times the gradient accumulation.
 
-Global batch: one optimizer step covers ``per_device_train_batch_size x processes x gradient_accumulation_steps``
-pairs. Every process plans the same micro-batches (``plan_batches``, seeded by ``seed + epoch``: the same order on
-every process), groups ``gradient_accumulation_steps x processes`` of them into the step's window, and takes its
-contiguous share of the window (``rank_share``). Each process scales its summed loss by
-``processes / pairs in the window``; DDP averages gradients over processes, so the gradient is the one-process
-gradient of the whole window (sum over its pairs / its pairs). With N processes a run therefore takes exactly the
-steps of a one-process run with ``gradient_accumulation_steps x N`` (same losses, metrics and weights up to float
-rounding). A last window with fewer micro-batches than processes gives some processes a zero-weight stand-in
-micro-batch, so that every process runs the same number of backward passes.
-
-Metrics are sums (``MetricAccumulator``) gathered from every process in window order, so means are over all pairs.
-Seeds: every process calls ``set_seed(seed)`` (as transformers' Trainer does); the data order does not depend on
-RNG state, only on ``seed + epoch``. Checkpoints keep each process's RNG states (``rng_state_rank<r>.json``).
-Only the main process writes files; the others wait at a barrier.
-
-FSDP (``fsdp: full_shard``): the same split and scaling, with the model sharded by FSDP2 (``shard_model``) instead
-of wrapped in DDP (a separate frozen reference model is sharded too; a LoRA policy is sharded with its adapter);
-every process then runs the same forwards (stand-ins in evaluation too, no padding-free batches), since each forward
-gathers parameters from all processes. Checkpoints hold the whole weights and the whole optimizer state (keyed by
-parameter name), gathered on the main process: a checkpoint is the same files as a one-process run's, and resuming
-loads the weights before sharding and gives every process its shards of the optimizer state.
+The split, the loss scaling, stand-in micro-batches, seeds and FSDP: docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -1,34 +1,19 @@
 """Evaluation of a trained policy against its reference: statistics, generation-based evaluation, result files.
 
-Statistics (pure functions):
+Pure statistics (``win_rate`` with its Wilson interval, ``sampled_kl``, ``per_prompt_mean``: means over prompts,
+with standard errors); ``evaluate_generations`` samples from policy and reference (``preftune.generation``), judges
+the samples (``preftune.judges``) and scores the policy's samples under both models; ``write_eval_results`` writes
+``eval_results.json`` and ``eval_results.png``. The command ``preftune eval`` is ``preftune.cli_eval.run_eval``.
 
-- **Win rate** of the policy over the reference, one outcome per prompt: 1 when the policy's responses score
-  higher (mean judge score over its samples of that prompt) than the reference's, 0.5 when equal (within
-  ``tie_tolerance``), 0 when lower; or, with a pairwise judge, the mean of its known verdicts on that prompt. The
-  rate is the mean outcome (ties count half), with a **Wilson score interval** computed from that rate and the
-  number of prompts (no bootstrap; deterministic).
-- **Sampled KL**: ``KL(π‖π_ref) = E_{y~π(·|x)} Σ_t [log π(y_t|x, y_<t) − log π_ref(y_t|x, y_<t)]`` estimated by the
-  mean over the policy's own samples of their summed log-ratio (nats). The samples of one prompt are averaged
-  first, and the mean and standard error are taken over prompts (samples of a prompt are not independent). It is
-  an unbiased KL estimate only for samples at temperature 1 and top_p 1; otherwise it is the same log-ratio
-  averaged over tempered samples (``kl.exact_sampling`` says which).
-- **Mean reward**: the judge's score, averaged per prompt, then mean ± standard error over prompts.
-
-Generation-based evaluation (``evaluate_generations``) samples from policy and reference with
-``preftune.generation``, scores with a judge (``preftune.judges``), and scores the policy's samples under both
-models with ``preftune.logprobs``. ``run_eval`` is what ``preftune eval`` runs: held-out reward metrics through
-``DPOTrainer.evaluate()``, generation-based evaluation when a judge is given, then ``eval_results.json`` and
-``eval_results.png``.
+The statistics, their formulas and when the KL estimate is exact: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Iterator, Sequence
@@ -36,7 +21,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from preftune import atomic
 from preftune.errors import ConfigError, DataError
+from preftune.models import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +144,6 @@ def completion_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
     return collate_pairs(examples, pad_token_id=pad_token_id)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _is_reference(side: Any) -> bool:
     return hasattr(side, "completion_logps") and not isinstance(side, nn.Module)
 
@@ -177,7 +157,7 @@ def sequence_logps(
     from preftune.logprobs import completion_logprobs
 
     model = scorer.model if _is_reference(scorer) else scorer
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     out: list[float] = []
@@ -195,30 +175,13 @@ def sequence_logps(
 
 @contextmanager
 def reference_for_generation(reference: Any) -> Iterator[nn.Module]:
-    """The module that samples as the reference: a plain model as it is; a ``FrozenReference``'s model; for an
-    ``AdapterDisabledReference`` the policy with its adapters disabled; for an ``AdapterCopyReference`` the policy
-    with the frozen copy active (the trainable adapter is active again afterwards)."""
-    from preftune.adapters import peft_model_of
-    from preftune.reference import AdapterCopyReference, AdapterDisabledReference
-
+    """The module that samples as the reference: a plain model as it is; a ``preftune.reference`` reference's
+    ``sampling_model()`` (e.g. the policy with its adapter disabled, enabled again afterwards)."""
     if isinstance(reference, nn.Module):
         yield reference
-    elif isinstance(reference, AdapterDisabledReference):
-        peft = peft_model_of(reference.model)
-        with peft.disable_adapter():
-            yield peft
-    elif isinstance(reference, AdapterCopyReference):
-        peft = peft_model_of(reference.model)
-        peft.set_adapter(reference.adapter_name, inference_mode=True)
-        try:
-            yield peft
-        finally:
-            peft.set_adapter(reference.trainable_adapter)
-    elif hasattr(reference, "model") and isinstance(reference.model, nn.Module):
-        yield reference.model
     else:
-        raise ConfigError(f"cannot sample from a {type(reference).__name__} reference (precomputed log-probs hold no "
-                          "model); pass a reference model", key="ref_model")
+        with reference.sampling_model() as model:
+            yield model
 
 
 # ------------------------------------------------------------------------------------------ generation-based eval
@@ -350,11 +313,9 @@ def evaluate_generations(
 # ----------------------------------------------------------------------------------------------------- files
 def write_eval_results(results: dict[str, Any], output_dir: str | Path, *, plot: bool = True) -> list[Path]:
     """``eval_results.json`` (atomically) and, with ``plot``, ``eval_results.png``; returns the paths written."""
-    from preftune.metrics import _atomic_write_text
-
     output_dir = Path(output_dir)
     path = output_dir / "eval_results.json"
-    _atomic_write_text(path, json.dumps(_json_clean(results), indent=2, ensure_ascii=False, default=str))
+    atomic.write_json(path, _json_clean(results), default=str)
     written = [path]
     if plot:
         png = plot_eval_results(results, output_dir / "eval_results.png")
@@ -381,6 +342,8 @@ def plot_eval_results(results: dict[str, Any], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from preftune.metrics import save_figure
 
     panels = []
     pairs = results.get("pairs") or {}
@@ -421,239 +384,5 @@ def plot_eval_results(results: dict[str, Any], path: Path) -> Path | None:
             axis.bar(["KL(policy||ref)"], [kl["mean"]], yerr=[error(kl)], capsize=6, color="tab:orange")
             axis.set_title("sampled KL (nats)")
         axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
+    save_figure(figure, path)
     return path
-
-
-# ------------------------------------------------------------------------------------------------- preftune eval
-@dataclass
-class EvalRequest:
-    """What ``preftune eval`` was asked for (see ``run_eval``)."""
-
-    target: str  # a config YAML (its output_dir holds the trained model) or a trained model / adapter directory
-    ref_model: str | None = None
-    data: str | None = None
-    prompts: list[Any] | None = None  # already read (``preftune.generation.read_prompts``)
-    judge: str | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
-    limit: int | None = None
-    output_dir: str | None = None
-    batch_size: int | None = None
-    progress: bool = True
-
-
-def _is_model_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / "config.json").is_file() or (path / "adapter_config.json").is_file())
-
-
-def _config_for(target: Path):
-    """``(config, policy_dir)``: from a YAML config (the model is its output_dir), or from a model directory (the
-    config in its ``summary.json``, or for a ``checkpoint-N`` folder in its run's, when there is one; else the
-    defaults)."""
-    from preftune.config import DPOConfig, load_config
-
-    if target.is_file():
-        config = load_config(target)
-        policy_dir = Path(config.output_dir)
-        if not _is_model_dir(policy_dir):
-            raise ConfigError(f"no trained model in output_dir {policy_dir} (no config.json or adapter_config.json); "
-                              "train first, or pass the model directory", key="output_dir", file=str(target))
-        return config, policy_dir
-    if not target.exists():
-        raise ConfigError(f"'{target}' does not exist; expected a config YAML or a trained model directory", key="target")
-    if not _is_model_dir(target):
-        raise ConfigError(f"'{target}' holds no model (no config.json or adapter_config.json)", key="target")
-    summary = target / "summary.json"
-    if not summary.is_file() and target.name.startswith("checkpoint-"):
-        summary = target.parent / "summary.json"  # a checkpoint inside a finished run's output_dir
-    if summary.is_file():
-        try:
-            saved = json.loads(summary.read_text(encoding="utf-8")).get("config") or {}
-            return DPOConfig(**saved), target
-        except ConfigError:
-            raise  # a saved config preftune refuses is named, not replaced by defaults
-        except (ValueError, TypeError, AttributeError, OSError) as error:
-            logger.warning("%s: cannot use the saved config (%s); using the defaults (beta 0.1)", summary, error)
-    return DPOConfig(), target
-
-
-def _eval_sources(config, request: EvalRequest) -> tuple[Any, Any]:
-    """``(train_source, eval_source)`` for ``DPOTrainer``: ``--data`` as both (only its eval side is used), the
-    config's eval_dataset, or its dataset with val_size (split as in training); ``(None, None)`` without any."""
-    if request.data:
-        return request.data, request.data
-    if config.eval_dataset:
-        return config.eval_dataset, config.eval_dataset
-    if config.dataset and config.val_size:
-        return config.dataset, None
-    return None, None
-
-
-def _reference_path(config, policy_dir: Path, request: EvalRequest) -> str | None:
-    candidate = request.ref_model or config.ref_model_name_or_path or config.model_name_or_path
-    if candidate and Path(candidate).resolve() == policy_dir.resolve():
-        raise ConfigError(f"the reference '{candidate}' is the evaluated model itself; pass --ref-model with the model "
-                          "it was trained from", key="ref_model")
-    return candidate
-
-
-@dataclass
-class EvalSetup:
-    """The evaluated policy and its reference, inside a ``DPOTrainer`` (for ``evaluate()``), and where they came from.
-
-    ``reference`` is what generation-based evaluation samples from and scores with: the trainer's reference, or,
-    for a reference-free loss (whose trainer holds none), the base with the adapter disabled or the reference model.
-    """
-
-    trainer: Any
-    reference: Any
-    config: Any
-    policy_dir: Path
-    eval_source: Any
-
-
-def build_eval_setup(request: EvalRequest, scratch_dir: str) -> EvalSetup:
-    """Load the policy and its reference into a ``DPOTrainer`` whose logs go to ``scratch_dir`` (the training run's
-    files are left alone).
-
-    - A full model: the reference is ``--ref-model``, else the config's ``ref_model_name_or_path`` or
-      ``model_name_or_path`` (the model it was trained from).
-    - A LoRA adapter directory: a fresh adapter with the saved settings is attached to the base model
-      (``base_model_name_or_path``), so the reference is the base with the adapter disabled, then the trained
-      adapter weights are loaded into it. ``--ref-model`` overrides that (e.g. a merged SFT model, when the adapter
-      was trained on top of an SFT adapter).
-    """
-    from preftune.models import load_causal_lm, load_tokenizer
-    from preftune.reference import AdapterDisabledReference, FrozenReference
-    from preftune.trainer import DPOTrainer
-
-    config, policy_dir = _config_for(Path(request.target))
-    train_source, eval_source = _eval_sources(config, request)
-    updates = {"do_train": False, "output_dir": scratch_dir, "precompute_ref_log_probs": False,
-               "resume_from_checkpoint": None, "plot_loss": False, "sync_ref_model": False}
-    if request.batch_size:
-        updates["per_device_eval_batch_size"] = request.batch_size
-    has_tokenizer = any((policy_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    tokenizer = load_tokenizer(str(policy_dir), key="target") if has_tokenizer else None
-    needs_reference = trainer_needs_reference(config)
-    common = dict(train_dataset=train_source, eval_dataset=eval_source, processing_class=tokenizer)
-    if (policy_dir / "adapter_config.json").is_file():
-        from peft import PeftConfig
-
-        peft_config = PeftConfig.from_pretrained(str(policy_dir))
-        base = peft_config.base_model_name_or_path or config.model_name_or_path
-        if not base:
-            raise ConfigError(f"{policy_dir / 'adapter_config.json'} names no base model", key="target")
-        peft_config.inference_mode = True
-        eval_config = config.model_copy(update={**updates, "model_name_or_path": base, "finetuning_type": "lora"})
-        trainer = DPOTrainer(model=base, ref_model=request.ref_model if needs_reference else None, args=eval_config,
-                             peft_config=peft_config, **common)
-        _load_adapter_weights(trainer.model, policy_dir)
-        reference = trainer.reference
-        if reference is None:
-            reference = (FrozenReference(load_causal_lm(request.ref_model, key="ref_model")) if request.ref_model
-                         else AdapterDisabledReference(trainer.model))
-    else:
-        ref = _reference_path(config, policy_dir, request)
-        if ref is None:
-            raise ConfigError("no reference model: pass --ref-model DIR (the model the policy was trained from)",
-                              key="ref_model")
-        eval_config = config.model_copy(update={**updates, "model_name_or_path": str(policy_dir)})
-        trainer = DPOTrainer(model=str(policy_dir), ref_model=ref if needs_reference else None, args=eval_config, **common)
-        reference = trainer.reference or FrozenReference(load_causal_lm(ref, key="ref_model"))
-    device = trainer.accelerator.device
-    trainer.model.to(device)
-    reference.to(device)
-    return EvalSetup(trainer, reference, config, policy_dir, eval_source)
-
-
-def trainer_needs_reference(config) -> bool:
-    from preftune.losses import LossParams
-
-    return LossParams.from_config(config).needs_reference
-
-
-def _load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
-    """Load ``adapter_model.safetensors`` into the model's (fresh, same-shaped) active adapter, refusing weights that
-    do not fit."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from preftune.adapters import peft_model_of
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ConfigError(f"{adapter_dir} has no adapter_model.safetensors", key="target")
-    result = set_peft_model_state_dict(peft_model_of(model), load_file(str(weights)))
-    if getattr(result, "unexpected_keys", None):
-        raise ConfigError(f"{weights}: weights this model does not have: {result.unexpected_keys[:3]}", key="target")
-
-
-def eval_prompts(request: EvalRequest, config, eval_source: Any) -> list[Any]:
-    """The prompts for generation: ``--prompts``, else the distinct prompts of the held-out pairs (in order)."""
-    if request.prompts:
-        return list(request.prompts)[: request.limit] if request.limit else list(request.prompts)
-    from preftune.data.formats import load_preference_data
-    from preftune.data.pipeline import _split_off_validation
-
-    if eval_source is not None:
-        loaded = load_preference_data(eval_source, dataset_dir=config.dataset_dir, on_bad_row="skip")
-    elif config.dataset and config.val_size:
-        whole = load_preference_data(config.dataset, dataset_dir=config.dataset_dir, max_samples=config.max_samples,
-                                     on_bad_row="skip")
-        loaded = _split_off_validation(whole, config.val_size, config.seed)[1]
-    else:
-        raise ConfigError("no prompts to sample from: pass --prompts FILE or --data FILE (held-out pairs)", key="prompts")
-    seen, prompts = set(), []
-    for prompt in loaded.dataset["prompt"]:
-        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(prompt)
-    return prompts[: request.limit] if request.limit else prompts
-
-
-def load_eval_judge(spec: str) -> Any:
-    """``--judge``: a pairwise-labels file (``.jsonl``/``.json`` rows with prompt, response_a, response_b, winner),
-    else ``preftune.judges.load_judge(spec)`` (a ``module:function`` or a reward-model directory)."""
-    from preftune import judges
-
-    path = Path(spec)
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        return judges.PairwiseLabels.from_file(path)
-    return judges.load_judge(spec)
-
-
-def run_eval(request: EvalRequest) -> tuple[dict[str, Any], list[Path]]:
-    """``preftune eval``: held-out pair metrics (``DPOTrainer.evaluate()``) when there are held-out pairs, and
-    generation-based metrics with ``--judge``; writes ``eval_results.json`` and ``eval_results.png`` into
-    ``request.output_dir`` (default: the model directory). Returns the results and the paths written."""
-    from preftune.generation import SamplingParams
-
-    judge = load_eval_judge(request.judge) if request.judge else None  # fail fast, before loading models
-    params = SamplingParams(**request.sampling) if judge is not None else None
-    with tempfile.TemporaryDirectory(prefix="preftune-eval-") as scratch:
-        setup = build_eval_setup(request, scratch)
-        trainer = setup.trainer
-        has_pairs = trainer.data is not None and trainer.data.eval is not None
-        if not has_pairs and judge is None:
-            raise ConfigError("nothing to evaluate: no held-out pairs (pass --data FILE, or set eval_dataset / val_size "
-                              "in the config) and no --judge", key="data")
-        results: dict[str, Any] = {"model": str(setup.policy_dir), "loss_type": setup.config.loss_type,
-                                   "beta": setup.config.beta}
-        if has_pairs:
-            metrics = trainer.evaluate()
-            results["pairs"] = {key: value for key, value in metrics.items() if key != "eval_runtime"}
-            results["pairs"]["count"] = len(trainer.data.eval.dataset)
-        if judge is not None:
-            prompts = eval_prompts(request, setup.config, setup.eval_source)
-            results["generation"] = evaluate_generations(
-                trainer.model, setup.reference, trainer.tokenizer, prompts, judge, params,
-                template=setup.config.template, progress=request.progress,
-            )
-    output_dir = Path(request.output_dir) if request.output_dir else setup.policy_dir
-    return results, write_eval_results(results, output_dir)

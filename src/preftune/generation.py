@@ -8,10 +8,11 @@ composition, its padding and the batch size therefore do not change what a sampl
 in the padded forward, which can flip a draw only when two perturbed scores tie to ~1e-6). Temperature 0 is greedy.
 
 Prompts: a string is used as it is; a conversation (a list of {"role", "content"} messages) is rendered with the
-chat template (`template` name, else the tokenizer's own) and `add_generation_prompt=True`, exactly as training
-renders a conversational prompt (`preftune.data.tokenize`). Token ids get the tokenizer's BOS unless the rendered
-text already starts with it; with a named template a conversation's ids are the prompt ids training uses
-(`templates.encode_prompt`, LLaMA-Factory's encoding).
+chat template training would use (`templates.choose_template`: the `template` name, else the tokenizer's own, else
+"default") and `add_generation_prompt=True`, exactly as training renders a conversational prompt
+(`preftune.data.tokenize`). Token ids get the tokenizer's BOS unless the rendered text already starts with it; with
+a named template a conversation's ids are the prompt ids training uses (`templates.encode_prompt`, LLaMA-Factory's
+encoding).
 
 Candidates JSONL (one JSON object per prompt, one line each):
 `{"prompt_id": str, "prompt": str | list[dict], "responses": [str, ...], "model": str,
@@ -33,9 +34,10 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from preftune.data.tokenize import _check_messages, _chat_template_for, _encode, _render, TokenizeSettings
-from preftune.data.templates import encode_prompt, resolve_chat_template
+from preftune.data.templates import choose_template, encode_prompt
+from preftune.data.tokenize import check_messages, encode_text, render_messages
 from preftune.errors import ConfigError, DataError
+from preftune.models import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -113,27 +115,37 @@ class GeneratedSample:
 
 
 def render_prompts(tokenizer, prompts: Sequence[Prompt], template: str | None = None) -> list[str]:
-    """The text each prompt is generated from: strings as they are, conversations through the chat template.
-
-    `template` names a template of `preftune.data.templates` (ConfigError if unknown); None uses the tokenizer's
-    own `chat_template`, and a conversation without either is a ConfigError. A conversation that ends with an
-    assistant turn is a DataError naming the prompt index (there is nothing left to answer).
+    """The text each prompt is generated from: strings as they are, conversations through the chat template chosen
+    as training chooses it (`templates.choose_template`: the named `template`, else the tokenizer's own
+    `chat_template`, else the named template "default" with a warning). An unknown template name is a ConfigError;
+    a conversation that ends with an assistant turn is a DataError naming the prompt index (there is nothing left
+    to answer).
     """
-    template_text = None
+    return _prepared_prompts(tokenizer, prompts, template)[0]
+
+
+def _prepared_prompts(tokenizer, prompts: Sequence[Prompt], template: str | None) -> tuple[list[str], list[list[int]]]:
+    """(rendered texts, token ids) of the prompts: a string's ids are its tokens (with BOS unless it starts with
+    it); a conversation's are the prompt ids training uses (a named template's `encode_prompt`, else the rendered
+    text's tokens)."""
+    choice = None
     if any(not isinstance(prompt, str) for prompt in prompts):
-        chosen = resolve_chat_template(tokenizer, template)
-        template_text = _chat_template_for(tokenizer, TokenizeSettings(chat_template=chosen))
-    rendered = []
+        choice = choose_template(tokenizer, template)
+    texts, ids = [], []
     for index, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            rendered.append(prompt)
+            texts.append(prompt)
+            ids.append(encode_text(tokenizer, prompt))
             continue
-        _check_messages(prompt, index, "prompt")
+        check_messages(prompt, index, "prompt")
         if prompt[-1]["role"] == "assistant":
             raise DataError("the conversation ends with an assistant turn; expected it to end with the turn to "
                             "answer (drop the final assistant message)", row=index, field="prompt")
-        rendered.append(_render(tokenizer, list(prompt), template_text, add_generation_prompt=True, row=index))
-    return rendered
+        text = render_messages(tokenizer, list(prompt), choice.jinja_source, add_generation_prompt=True, row=index)
+        texts.append(text)
+        ids.append(encode_prompt(choice.name, tokenizer, list(prompt), row=index) if choice.name is not None
+                   else encode_text(tokenizer, text))
+    return texts, ids
 
 
 def prompt_id(prompt: Prompt) -> str:
@@ -153,7 +165,7 @@ def sample_seed(seed: int, key: object, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-class _PerRowGumbelSampling(LogitsProcessor):
+class PerRowGumbelSampling(LogitsProcessor):
     """Scores → temperature → top-p → + Gumbel noise from each row's own generator; greedy argmax then samples."""
 
     def __init__(self, temperature: float, top_p: float, generators: list[torch.Generator]):
@@ -191,13 +203,6 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _check_length(model, prompt_ids: list[int], params: SamplingParams, index: int) -> None:
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and len(prompt_ids) + params.max_new_tokens > limit:
@@ -209,13 +214,13 @@ def _generate_rows(model, rows: list[tuple[list[int], int]], params: SamplingPar
                    pad_id: int) -> list[list[int]]:
     """Generate for rows of (prompt ids, generator seed): the new token ids of each row, padding included."""
     width = max(len(ids) for ids, _ in rows)
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in rows], device=device)
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows], device=device)
     processors = LogitsProcessorList()
     if params.temperature > 0:
         generators = [torch.Generator().manual_seed(seed) for _, seed in rows]
-        processors.append(_PerRowGumbelSampling(params.temperature, params.top_p, generators))
+        processors.append(PerRowGumbelSampling(params.temperature, params.top_p, generators))
     # Neutral values set explicitly: transformers fills the options left unset from the model's own
     # generation_config (a repetition penalty there would otherwise change the distribution sampled from).
     config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
@@ -265,10 +270,7 @@ def iter_generate(model, tokenizer, prompts: Sequence[Prompt], params: SamplingP
     keys = list(range(len(prompts))) if keys is None else list(keys)
     if len(keys) != len(prompts):
         raise ValueError(f"got {len(keys)} keys for {len(prompts)} prompts")
-    rendered = render_prompts(tokenizer, prompts, template)
-    prompt_ids = [_encode(tokenizer, text) if isinstance(prompt, str) or template is None
-                  else encode_prompt(template, tokenizer, list(prompt), row=index)
-                  for index, (prompt, text) in enumerate(zip(prompts, rendered))]
+    prompt_ids = _prepared_prompts(tokenizer, prompts, template)[1]
     for index, ids in enumerate(prompt_ids):
         _check_length(model, ids, params, index)
     stop_ids, pad_id = _stop_ids(model, tokenizer, params), _pad_id(tokenizer)
@@ -399,14 +401,14 @@ def read_prompts(path: str) -> list[tuple[str, object]]:
     `preftune.generation.prompt_id`). A prompt repeated without an id is kept once; two rows with the same "id"
     and different prompts are a DataError. Bad rows: DataError naming the file, the row and the field.
     """
-    from preftune.data.formats import _iter_file
+    from preftune.data.formats import iter_file_rows
 
     file = Path(path)
     if not file.is_file():
         raise DataError("no such file; expected a JSONL or JSON prompts file", file=path)
     seen: dict[str, object] = {}
     prompts: list[tuple[str, object]] = []
-    for row, record in _iter_file(file, path):
+    for row, record in iter_file_rows(file, path):
         if isinstance(record, DataError):
             raise record
         prompt = _row_prompt(record, path, row)

@@ -535,7 +535,10 @@ class LossParams:
         return self.loss_types == ("kto",)
 
     def validate(self) -> None:
-        """Raise ConfigError, naming the key, for any combination that is not well defined."""
+        """Raise ConfigError, naming the key, for any combination that is not well defined. The checks run once per
+        instance (the instance is frozen): the loss entry point calls this on every micro-batch."""
+        if self.__dict__.get("_valid"):
+            return
         self._validate_loss_types()
         specs = self.specs
         self._validate_scalars()
@@ -555,6 +558,7 @@ class LossParams:
         if self.dpop_lambda is not None and not all(spec.supports_dpop for spec in specs):
             allowed = sorted(name for name, spec in LOSSES.items() if spec.supports_dpop)
             raise ConfigError(f"the DPOP penalty applies only to losses {allowed}", key="dpop_lambda")
+        object.__setattr__(self, "_valid", True)  # not a field: equality, hashing and repr ignore it
 
     def _validate_loss_types(self) -> None:
         if not self.loss_types:

@@ -11,9 +11,7 @@ import csv
 import json
 import logging
 import math
-import os
 import resource
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +19,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from preftune import atomic
 from preftune.diagnostics import DisplacementDetector, DisplacementFinding, run_diagnostics
 from preftune.logprobs import PairLogProbs
 
@@ -160,22 +159,6 @@ def _readable_json(value: Any) -> str:
     return text
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that a crash leaves either the old content or the new, never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -233,24 +216,21 @@ class RunRecorder:
         return [r for r in self.history if "eval_loss" in r]
 
     def _write_history(self) -> None:
-        _atomic_write_text(self.output_dir / "log_history.json", json.dumps(self.history, indent=2))
+        atomic.write_text(self.output_dir / "log_history.json", json.dumps(self.history, indent=2))
         rows = self.train_records
         if not rows:
             return
         columns: list[str] = []
         for row in rows:
             columns += [key for key in row if key not in columns]
-        with tempfile.NamedTemporaryFile("w", dir=self.output_dir, delete=False, suffix=".tmp", newline="") as handle:
+        with atomic.open_atomic(self.output_dir / "training_metrics.csv", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, self.output_dir / "training_metrics.csv")
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.output_dir / "summary.json"
-        _atomic_write_text(path, _readable_json(summary))
+        atomic.write_text(path, _readable_json(summary))
         return path
 
     def write_plot(self) -> Path | None:
@@ -300,8 +280,16 @@ def plot_curves(
             axis.legend(fontsize=8)
     for axis in list(axes.flat)[len(PLOTTED_METRICS) :]:
         axis.axis("off")
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """A matplotlib figure laid out, written as PNG (100 dpi) atomically (``preftune.atomic``), then closed."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic.open_atomic(path, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=100)
+    finally:
+        plt.close(figure)

@@ -189,6 +189,14 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter; the CPU for a model without parameters."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 # ------------------------------------------------------------------------------------------------------- helpers
 def _local_folder(name_or_path: str, key: str) -> Path | None:
     """The local folder ``name_or_path`` names; None for a Hub id; ConfigError for a file or a missing path."""

@@ -1,30 +1,12 @@
 """Before a run: every check that needs no loaded model and no tokenized data, in one pass; and the run's identity.
 
-``run_preflight_checks`` runs first in ``DPOTrainer.__init__`` (and in ``preftune train`` before it re-launches
-itself under torchrun), so that a wrong path or key fails in a second, not after the model has loaded and the data
-is tokenized. Each check raises preftune's own errors; all of them run, and every problem found is reported (one
-problem: that error itself; several: ``PreflightError`` listing them). What is checked, in this order:
+``run_preflight_checks`` runs first in ``DPOTrainer.__init__`` (and in ``preftune train`` before a torchrun
+re-launch): output_dir, resume_from_checkpoint, the model and reference paths, the datasets, the template and the
+loss settings, so that a wrong path or key fails in a second; every problem found is reported (several:
+``PreflightError``). ``run_fingerprint`` is the run's identity (the settings that shape training, the model, the
+data); ``check_resume_fingerprint`` refuses a resume whose checkpoint recorded another, naming each key.
 
-- ``output_dir``: not a file; the nearest existing folder on its path writable (a missing parent is fine); with
-  ``overwrite_output_dir: false``, empty unless resuming. A fresh run into a folder with another run's checkpoints
-  or outputs: one warning naming them (see below).
-- ``resume_from_checkpoint`` (training only): ``latest`` finds a checkpoint; a path exists, is a preftune checkpoint
-  (manifest.json, trainer_state.json) with optimizer state; the checkpoint's run fingerprint matches this run's
-  settings and model (the data is compared when training starts, once it is tokenized).
-- the model (``model_name_or_path`` or a path given to ``DPOTrainer``; skipped for a loaded model): a local folder
-  with config.json and safetensors weights (``models.locate_model``), or a Hub id (a warning says loading it from
-  the Hub or its cache will be tried); tokenizer files there, or in ``tokenizer_name_or_path``; ``max_length`` above
-  the model's ``max_position_embeddings`` (from config.json): a warning naming both. The reference model likewise
-  (no tokenizer needed) when the loss uses one.
-- ``dataset`` / ``eval_dataset`` (or paths given to ``DPOTrainer``): each name found as a registered dataset with its
-  file, or a local path (``formats.locate_sources``); a name that is neither goes to the Hub (a warning says so).
-- ``template`` is a known name; the loss settings (``LossParams.validate``); a reference model given to a
-  reference-free loss.
-
-Run fingerprints (``run_fingerprint``): the settings that shape training, by key, with the model's and the data's
-identity. Left out are the keys in ``NOT_FINGERPRINTED`` (each with its reason): where outputs go, logging, eval and
-save cadence, and options that compute the same values another way. A resume whose checkpoint recorded another
-fingerprint is refused naming each differing key (old -> new) unless ``resume_with_changed_settings`` is true.
+The checks in order, and what a fingerprint leaves out: docs/preflight.md.
 """
 
 from __future__ import annotations
@@ -142,7 +124,7 @@ def run_preflight_checks(
     eval_dataset: Any = None,
     tokenizer: Any = None,
 ) -> None:
-    """Run every check of the module docstring on ``args`` (a ``DPOConfig``) and the objects or paths given to
+    """Run every check of docs/preflight.md on ``args`` (a ``DPOConfig``) and the objects or paths given to
     ``DPOTrainer``; raise the problem found (several: ``PreflightError``), log the warnings. Loads nothing."""
     problems: list[PreftuneError] = []
 

@@ -13,9 +13,8 @@ one pass before training (no reference model in memory afterwards) and stored:
   ``batch.ref_logps`` (``(K, B)``) for any order or subset of rows; ``PrecomputedReference`` serves it to the
   trainer in place of a reference model.
 
-Cache files are safetensors (no pickle), written atomically (temporary file in the same folder, fsync,
-``os.replace``); a file that cannot be read or does not match is reported, never overwritten or deleted unless
-``overwrite`` is set.
+Cache files are safetensors (no pickle), written atomically (``preftune.atomic``); a file that cannot be read or
+does not match is reported, never overwritten or deleted unless ``overwrite`` is set.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import datasets
 import numpy as np
@@ -39,6 +36,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from preftune import atomic
 from preftune.data.collate import PreferenceBatch, completions_of
 from preftune.errors import ConfigError, DataError
 from preftune.logprobs import chosen_and_rejected
@@ -196,7 +194,7 @@ def precompute_reference_logps(
         return PrecomputedLogps(values, path, reused=True)
     values = _score_in_order(score, dataset, collate_fn, pad_token_id, batch_size, completions, desc, device)
     if path is not None:
-        _write_atomically(path, values, key)
+        _write_cache_file(path, values, key)
         logger.info("wrote precomputed reference log-probs of %d rows to %s", len(dataset), path)
     return PrecomputedLogps(values, path, reused=False)
 
@@ -292,21 +290,10 @@ def _bad_cache(path: Path, reason: str) -> ConfigError:
     )
 
 
-def _write_atomically(path: Path, values: Tensor, key: str) -> None:
-    """Write the safetensors file through a temporary file in the same folder, fsync, then ``os.replace``."""
+def _write_cache_file(path: Path, values: Tensor, key: str) -> None:
+    """The safetensors file with its metadata, written atomically (``preftune.atomic``)."""
     metadata = {"key": key, "rows": str(values.shape[0]), "K": str(values.shape[1]), "version": str(FORMAT_VERSION)}
-    payload = safetensors_bytes({_TENSOR_NAME: values.contiguous()}, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic.write_bytes(path, safetensors_bytes({_TENSOR_NAME: values.contiguous()}, metadata=metadata))
 
 
 # ------------------------------------------------------------------------------------------------- serving
@@ -335,6 +322,7 @@ class PrecomputedReference:
     """
 
     model = None
+    separate_model = None
 
     def completion_logps(self, batch: PreferenceBatch, **logprob_options) -> Tensor:
         """``batch.ref_logps``: ``(K, B)``, completion k of example i at ``[k, i]``."""
@@ -355,3 +343,11 @@ class PrecomputedReference:
 
     def to(self, device: torch.device | str) -> "PrecomputedReference":
         return self
+
+    def fingerprint(self) -> str:
+        raise ValueError("precomputed reference log-probs have no weights to fingerprint; the cache key holds the "
+                         "fingerprint of the reference that computed them")
+
+    def sampling_model(self) -> ContextManager[nn.Module]:
+        raise ConfigError("cannot sample from precomputed reference log-probs (they hold no model); pass a reference "
+                          "model", key="ref_model")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import ContextManager, Iterator, Protocol
 
 import torch
 from peft import PeftModel, PeftType
@@ -27,6 +27,7 @@ from preftune.adapters import is_peft_model, peft_model_of, require_peft_model
 from preftune.data.collate import PreferenceBatch
 from preftune.errors import ConfigError
 from preftune.logprobs import chosen_and_rejected, completion_logprobs, unwrap_model
+from preftune.ref_cache import reference_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,20 @@ REF_ADAPTER = "ref"  # name of the frozen adapter copy an ``AdapterCopyReference
 
 
 class Reference(Protocol):
+    """What the trainer and evaluation ask of a reference; none of them tests which strategy it is."""
+
+    model: nn.Module | None  # the module whose weights the reference runs (the policy itself for an adapter
+    # reference); None when the log-probs come with the data (``ref_cache.PrecomputedReference``)
+
+    @property
+    def separate_model(self) -> nn.Module | None:
+        """The reference's own frozen model, apart from the policy (a ``FrozenReference``'s): what a backend shards
+        or partitions beside the policy and what TR-DPO updates. None when the reference runs the policy's weights
+        or holds no model."""
+
+    def to(self, device: torch.device | str) -> "Reference":
+        """Move the reference's own weights to ``device`` (a no-op for weights that move with the policy)."""
+
     def completion_logps(self, batch: PreferenceBatch, **logprob_options) -> Tensor:
         """Summed log-probs of every completion, ``(K, B)`` (completion k of example i at ``[k, i]``), without
         gradients. ``logprob_options`` are passed to ``completion_logprobs`` (``chunked_head``, ``chunk_size``,
@@ -42,16 +57,27 @@ class Reference(Protocol):
     def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
         """``(chosen, rejected)``: ``(B,)`` and ``(B,)`` (one negative) or ``(B, M)`` (M negatives)."""
 
+    def fingerprint(self) -> str:
+        """sha256 of the weights the reference forward uses (``ref_cache.reference_fingerprint``): what its
+        log-probs depend on, the key of their cache."""
+
+    def sampling_model(self) -> ContextManager[nn.Module]:
+        """A context in which the returned module generates as the reference does (for an adapter reference: the
+        policy with its adapter switched; switched back afterwards)."""
+
 
 class FrozenReference:
-    """A reference model kept in eval mode with gradients off; never updated, never re-read from disk."""
-
-    shares_policy = False  # the reference is its own model (not the policy's weights)
+    """A reference model kept in eval mode with gradients off; never updated (but by TR-DPO's ``sync_reference``),
+    never re-read from disk."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.model.eval()
         self.model.requires_grad_(False)
+
+    @property
+    def separate_model(self) -> nn.Module:
+        return self.model
 
     @classmethod
     def copy_of(cls, policy: nn.Module) -> "FrozenReference":
@@ -68,6 +94,13 @@ class FrozenReference:
 
     def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
         return chosen_and_rejected(self.completion_logps(batch, **logprob_options))
+
+    def fingerprint(self) -> str:
+        return reference_fingerprint(self.model)
+
+    @contextmanager
+    def sampling_model(self) -> Iterator[nn.Module]:
+        yield self.model
 
 
 # ------------------------------------------------------------------------------------------- adapter references
@@ -95,7 +128,7 @@ class AdapterDisabledReference:
     B = 0 on untouched base weights (``adapter_is_fresh``); ``build_reference`` checks that.
     """
 
-    shares_policy = True  # the reference forward runs the policy's own weights
+    separate_model = None  # the reference forward runs the policy's own weights
 
     def __init__(self, policy: nn.Module) -> None:
         self._policy = policy
@@ -116,6 +149,16 @@ class AdapterDisabledReference:
     def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
         return chosen_and_rejected(self.completion_logps(batch, **logprob_options))
 
+    def fingerprint(self) -> str:
+        """The base weights: every weight but the adapters'."""
+        return reference_fingerprint(self._policy, exclude=lambda name: "lora_" in name)
+
+    @contextmanager
+    def sampling_model(self) -> Iterator[nn.Module]:
+        """The policy with its adapters disabled (enabled again afterwards)."""
+        with self._peft.disable_adapter():
+            yield self._peft
+
 
 class AdapterCopyReference:
     """For a policy that is an already-trained PeftModel: the reference is a frozen copy of that adapter (not the
@@ -126,7 +169,7 @@ class AdapterCopyReference:
     exactly as they were.
     """
 
-    shares_policy = True
+    separate_model = None  # the frozen copy lives inside the policy
 
     def __init__(self, policy: nn.Module) -> None:
         self._policy = policy
@@ -153,6 +196,20 @@ class AdapterCopyReference:
 
     def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
         return chosen_and_rejected(self.completion_logps(batch, **logprob_options))
+
+    def fingerprint(self) -> str:
+        """The base weights and the frozen copy: every weight but the trainable adapter's."""
+        copy_part = f".{self.adapter_name}."
+        return reference_fingerprint(self._policy, exclude=lambda name: "lora_" in name and copy_part not in name)
+
+    @contextmanager
+    def sampling_model(self) -> Iterator[nn.Module]:
+        """The policy with the frozen copy active (the trainable adapter active again afterwards)."""
+        self._peft.set_adapter(self.adapter_name, inference_mode=True)
+        try:
+            yield self._peft
+        finally:
+            self._peft.set_adapter(self.trainable_adapter)
 
 
 def _free_adapter_name(peft_model: PeftModel, wanted: str) -> str:
@@ -263,14 +320,15 @@ def _describe(model: nn.Module, vocab: tuple[int | None, int | None]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- TR-DPO
-def sync_reference(reference: FrozenReference, policy: nn.Module, alpha: float) -> None:
+def sync_reference(reference: Reference, policy: nn.Module, alpha: float) -> None:
     """TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment") reference update,
     parameter by parameter and without gradients: ``θ_ref ← α·θ_policy + (1 − α)·θ_ref`` (α = 1: hard copy).
 
-    Only a separate ``FrozenReference`` with the policy's parameter names and shapes can be updated; an adapter
-    reference is the base model or a frozen adapter, which this update cannot change (``ConfigError``).
+    Only a reference with a ``separate_model`` (a ``FrozenReference``) of the policy's parameter names and shapes
+    can be updated; an adapter reference is the base model or a frozen adapter, which this update cannot change
+    (``ConfigError``).
     """
-    if getattr(reference, "shares_policy", False) or not isinstance(reference, FrozenReference):
+    if reference.separate_model is None:
         raise ConfigError(
             f"sync_ref_model needs a separate reference model; the {type(reference).__name__} cannot be updated "
             "(with LoRA, pass a ref_model or train without sync_ref_model)",
@@ -278,7 +336,7 @@ def sync_reference(reference: FrozenReference, policy: nn.Module, alpha: float) 
         )
     if not 0 < alpha <= 1:
         raise ConfigError(f"ref_model_mixup_alpha must be in (0, 1], got {alpha}", key="ref_model_mixup_alpha")
-    targets = dict(reference.model.named_parameters())
+    targets = dict(reference.separate_model.named_parameters())
     sources = dict(peft_model_of(policy).named_parameters())
     _check_same_parameters(targets, sources)
     with torch.no_grad():

@@ -14,7 +14,6 @@ import itertools
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import EvalPrediction, get_scheduler
@@ -35,10 +33,10 @@ from preftune.adapters import (
     apply_lora,
     check_quantization,
     is_peft_model,
+    load_trainable_weights,
     lora_config_from_args,
     merge_and_save,
-    peft_model_of,
-    save_adapter,
+    save_trainable_weights,
 )
 from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows, padding_free_pays
 from preftune.callbacks import (
@@ -81,9 +79,8 @@ from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, p
 from preftune.moe import resolve_router_aux_loss
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.preflight import check_resume_fingerprint, run_fingerprint, run_preflight_checks, start_fresh_run
-from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps, reference_fingerprint
+from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps
 from preftune.reference import (
-    AdapterCopyReference,
     AdapterDisabledReference,
     FrozenReference,
     Reference,
@@ -298,7 +295,7 @@ class DPOTrainer:
     def ref_model(self) -> nn.Module | None:
         """The separate frozen reference model; None when there is none (reference-free losses, LoRA's
         adapter-disabled reference, precomputed reference log-probs), as in TRL."""
-        return self.reference.model if isinstance(self.reference, FrozenReference) else None
+        return self.reference.separate_model if self.reference is not None else None
 
     @property
     def train_dataset(self) -> Any:
@@ -383,7 +380,7 @@ class DPOTrainer:
         if peft_config is not None or is_peft_model(self.model):
             self.model = apply_lora(self.model, peft_config)
         self.reference = self._build_reference(ref_model)
-        if self.args.sync_ref_model and not isinstance(self.reference, FrozenReference):
+        if self.args.sync_ref_model and (self.reference is None or self.reference.separate_model is None):
             raise ConfigError(
                 "sync_ref_model needs a separate reference model, not a LoRA adapter-disabled or adapter-copy reference",
                 key="sync_ref_model",
@@ -448,7 +445,7 @@ class DPOTrainer:
         options = self._logprob_options()
         model_config = getattr(unwrap_model(reference.model), "config", None)
         key_parts = {  # everything besides the weights and the tokens that changes the values
-            "reference": _reference_fingerprint(reference, self.model),
+            "reference": reference.fingerprint(),
             "model_config": model_config.to_json_string() if model_config is not None else None,
             "mixed_precision": self.accelerator.mixed_precision,
             "ld_alpha": self.args.ld_alpha,
@@ -861,7 +858,7 @@ class DPOTrainer:
         hidden_size = getattr(unwrap_model(self.model).config, "hidden_size", None)
         config = resolve_deepspeed_config(self.deepspeed, self.args, self.world_size, hidden_size)
         self._engine = initialize_policy(self.model.to(self.accelerator.device), optimizer, config)
-        if self.zero_stage == 3 and isinstance(self.reference, FrozenReference):
+        if self.zero_stage == 3 and self.reference is not None and self.reference.separate_model is not None:
             self.reference.model = initialize_reference(self.reference.model.to(self.accelerator.device), config)
         return self._engine
 
@@ -912,7 +909,7 @@ class DPOTrainer:
         """FSDP2: shard the policy, and a separate frozen reference model too (forward-only, no optimizer)."""
         device, precision = self.accelerator.device, self.accelerator.mixed_precision
         shard_model(self.model.to(device), self.fsdp, precision)
-        if isinstance(self.reference, FrozenReference):
+        if self.reference is not None and self.reference.separate_model is not None:
             shard_model(self.reference.model.to(device), self.fsdp, precision, role="the reference model")
 
     def _read_resume_checkpoint(self, spec: str) -> dict[str, Any]:
@@ -934,7 +931,7 @@ class DPOTrainer:
         self.run_id = saved_run_id or self.run_id  # the resumed run keeps its id (one from before run ids: a new one)
         if self.accelerator.is_main_process:
             claim_output_dir(Path(self.args.output_dir), self.run_id)
-        _load_weights(self.model, path)
+        load_trainable_weights(self.model, path)
         saved["path"] = path
         return saved
 
@@ -1079,7 +1076,7 @@ class DPOTrainer:
             return
         logger.info("loading the best model (%s = %s) from %s", self.args.metric_for_best_model
                     or "loss", self.state.best_metric, self.state.best_model_checkpoint)
-        _load_weights(self.model, Path(self.state.best_model_checkpoint))
+        load_trainable_weights(self.model, Path(self.state.best_model_checkpoint))
 
     # ------------------------------------------------------------ save/load
     def _prepare_output_dir(self, resuming: bool) -> None:
@@ -1109,7 +1106,7 @@ class DPOTrainer:
         target = Path(output_dir or self.args.output_dir)
         state_dict = self._whole_weights(self.model)  # FSDP, ZeRO: every process gathers its shards
         if self.accelerator.is_main_process:
-            _save_weights(self._unwrap(self.model), self.tokenizer, target, state_dict)
+            save_trainable_weights(self._unwrap(self.model), self.tokenizer, target, state_dict)
         return target
 
     def merge_and_save(self, output_dir: str) -> Path:
@@ -1169,7 +1166,7 @@ class DPOTrainer:
         }
         target = write_checkpoint(
             output_dir / f"checkpoint-{step}",
-            save_weights=lambda directory: _save_weights(unwrapped, self.tokenizer, directory, weights),
+            save_weights=lambda directory: save_trainable_weights(unwrapped, self.tokenizer, directory, weights),
             trainer_state=trainer_state,
             optimizer_state=optimizer_state,
             scheduler_state=None if optimizer_state is None else scheduler.state_dict(),
@@ -1291,16 +1288,6 @@ def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | No
     body.compile(dynamic=True, **options)
 
 
-def _reference_fingerprint(reference: Reference, policy: nn.Module) -> str:
-    """What the reference's log-probs depend on: its weights (for an adapter-disabled reference, the base weights;
-    for an adapter copy, the base and the frozen "ref" adapter)."""
-    if isinstance(reference, AdapterDisabledReference):
-        return reference_fingerprint(policy, exclude=lambda name: "lora_" in name)
-    if isinstance(reference, AdapterCopyReference):
-        return reference_fingerprint(policy, exclude=lambda name: "lora_" in name and ".ref." not in name)
-    return reference_fingerprint(reference.model)
-
-
 def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
     """Refuse data the loss cannot use: unpaired rows with a paired loss and the reverse, several negatives
     with LD-DPO. (KTO runs at any batch size: each row carries its KL completion, ``preftune.data.kto``.)"""
@@ -1319,57 +1306,6 @@ def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> Non
         )
     if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
         raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")
-
-
-def _load_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Load a checkpoint's trainable weights into ``model`` in place (a LoRA adapter, or every model weight)."""
-    if is_peft_model(model):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(peft_model_of(model), load_file(str(checkpoint / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"{checkpoint}: adapter weights that this model does not have: {result.unexpected_keys[:5]}")
-        return
-    files = sorted(checkpoint.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{checkpoint}: no model*.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {p.data_ptr() for name, p in model.named_parameters() if name in state}
-    untied_missing = [name for name in missing if model.get_parameter(name).data_ptr() not in loaded] if missing else []
-    if unexpected or untied_missing:
-        raise CheckpointError(
-            f"{checkpoint}: weights do not fit this model (missing {untied_missing[:5]}, unexpected {unexpected[:5]})"
-        )
-
-
-def _save_weights(model: nn.Module, tokenizer: Any, target: Path, state_dict: dict | None = None) -> None:
-    """The trainable weights: the LoRA adapter (only the trained one, not a frozen reference copy) or the model
-    (``state_dict``: its whole weights when the model is sharded)."""
-    if is_peft_model(model):
-        save_adapter(model, tokenizer, target, state_dict)
-    else:
-        _atomic_save_pretrained(model, tokenizer, target, state_dict)
-
-
-def _atomic_save_pretrained(model: nn.Module, tokenizer: Any, target: Path, state_dict: dict | None = None) -> None:
-    """``save_pretrained`` into a temporary sibling directory, then move the files in place.
-
-    The weights file is replaced by rename, so a crash leaves either the old or the new weights.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    for item in staging.iterdir():
-        with open(item, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(item, target / item.name)
-    staging.rmdir()
 
 
 def _default_args(model: Any) -> DPOConfig:

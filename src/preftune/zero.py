@@ -1,26 +1,11 @@
 """DeepSpeed ZeRO (stages 0-3, with optimizer and parameter offload): the config and the engine.
 
-preftune drives DeepSpeed's engine itself (``deepspeed.initialize`` with preftune's own AdamW), not through
-accelerate's DeepSpeed plugin: on a machine without GPU accelerate 1.15 silently drops the plugin (``cpu=True``) or
-treats every process as the only one (``cpu=False``), which trains on the wrong data. The trainer keeps its own
-accumulation and loss scaling (see ``preftune.distributed``): each micro-batch is one
-``engine.backward(loss, scale_wrt_gas=False)`` with the accumulation boundary set by the trainer, and
-``engine.step()`` runs once per optimizer step (clipping, the update, zeroing the gradients). DeepSpeed averages
-gradients over processes, as DDP does.
+``resolve_deepspeed_config`` reads a DeepSpeed config (file or dict), fills its ``"auto"`` values from the preftune
+config and refuses values that disagree; ``initialize_policy`` / ``initialize_reference`` build the engines around
+preftune's own AdamW (not through accelerate's plugin); ``whole_state_dict`` and ``whole_optimizer_state`` gather
+what a checkpoint holds (the same files as an FSDP run's, no pickle).
 
-The DeepSpeed config is a JSON file or a dict (``deepspeed:`` in the preftune config, as in transformers and
-LLaMA-Factory). Its ``"auto"`` values are filled from the preftune config (batch size, accumulation, clipping,
-precision, bucket sizes from the model's hidden size); explicit values that disagree with preftune's are refused.
-What the trainer does not take from DeepSpeed: the optimizer and the schedule (``optimizer``/``scheduler`` sections
-are refused: preftune builds AdamW from ``learning_rate``, ``lr_scheduler_type``, ...), and DeepSpeed's own
-checkpoints (they load with pickle): checkpoints of a DeepSpeed run hold the whole weights and the whole AdamW state
-keyed by parameter name (gathered and scattered with DeepSpeed's public ``safe_get/set_full_optimizer_state``), the
-same files as an FSDP run's.
-
-Under stage 3 the parameters are partitioned: every process runs the same forwards (stand-ins in evaluation, no
-padding-free batches), a separate reference model is partitioned too (a forward-only engine, as TRL does), and the
-output layer runs inside the model's forward (the chunked LM head reads the whole output weight, which stage 3 does
-not hold between forwards).
+Why preftune drives the engine itself, what it does not take from DeepSpeed, and stage 3: docs/distributed.md.
 """
 
 from __future__ import annotations

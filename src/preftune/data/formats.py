@@ -1,52 +1,13 @@
 """Dataset readers: every supported preference format becomes one canonical form.
 
-The canonical form is TRL's explicit-prompt preference format, in one of two shapes per dataset:
+`load_preference_data` (a file, a folder, a registered dataset name, rows or a `datasets.Dataset`) and
+`canonicalize_records` return `LoadedData`: TRL's explicit-prompt rows, text or conversational (`rejected` a
+list of M responses for several negatives; `prompt`/`completion`/`label` for unpaired KTO rows), each with
+`row`, the index of its source row, so later stages can name the row a problem came from. A bad row is skipped or
+raised (`on_bad_row`) as a `DataError` naming file, row and field.
 
-- text:            {"prompt": str, "chosen": str, "rejected": str}
-- conversational:  {"prompt": [{"role", "content"}, ...], "chosen": [{"role": "assistant", "content"}],
-                    "rejected": [{"role": "assistant", "content"}]}
-  The prompt is an optional leading system turn, then user/assistant turns alternating from a user turn and
-  ending on a user turn; chosen and rejected are one assistant message each.
-
-Tool calls and reasoning (TRL 1.16's conversational format, as in its `toolcall` and `harmony` test datasets):
-
-- Assistant messages keep their `tool_calls` and reasoning fields (`thinking`, `reasoning_content`, ...), tool
-  messages their `name` / `tool_call_id` (TEMPLATE_MESSAGE_FIELDS): the chat template reads them. Other fields are
-  dropped, as before. An assistant message with `tool_calls` may have no content; a "tool" message carries a tool
-  result.
-- A response may be several messages: assistant tool calls, each followed by the "tool" results, ending on an
-  assistant message (`[assistant+tool_calls, tool, ..., assistant]`). Every one of its tokens is a completion token,
-  tool results included (TRL 1.16's DPOTrainer masks nothing inside a completion).
-- A prompt may hold such tool turns too (a "tool" turn follows an assistant turn or another tool turn) and may end
-  on a tool turn.
-- Per row, `tools` (a list of JSON-schema function objects, or one JSON string of that list) and
-  `chat_template_kwargs` (an object, or a JSON string of one: e.g. {"enable_thinking": false}) are kept in the
-  columns of the same names (TEMPLATE_INPUT_COLUMNS) and passed to the chat template (`preftune.data.tokenize`).
-  Only conversational rows may carry them.
-- Such columns hold values whose keys differ from row to row, so they (and the message columns, when any message
-  has fields beyond role and content) are stored as `datasets.Json` columns: Arrow's struct columns would give
-  every row the union of all rows' keys, filled with null, and the template would see those nulls.
-
-Several negatives per prompt: a row may give `rejected` as a list of M responses (strings, or message lists beside
-a conversational prompt). A plain string or a list of one is the classic case (M = 1). When the rows carry M >= 2,
-the canonical "rejected" column holds that list of M responses and `LoadedData.num_negatives` is M; every row of a
-dataset must have the same M.
-
-Unpaired data (KTO, `LoadedData.kind == "unpaired"`), TRL's unpaired preference format:
-{"prompt", "completion", "label": bool}, text or conversational (completion = [one assistant message]); label True
-marks a desirable completion. A dataset is all paired or all unpaired.
-
-Each output row also has "row": the 0-based index of its source row in its file (the line index for JSON
-Lines), so later stages can name the row a problem came from. Every other column is dropped.
-
-Recognised row shapes (detected per row by its keys): TRL standard and conversational, explicit (with
-"prompt") and implicit (chosen/rejected carry the whole dialogue; the prompt is their shared beginning, with
-Anthropic HH "\\n\\nHuman: ... \\n\\nAssistant:" text split after the last shared "\\n\\nAssistant:"), TRL unpaired
-(explicit, or a completion holding the whole conversation whose last turn is the response), and LLaMA-Factory
-alpaca/sharegpt rows, either through a `dataset_info.json` registry or auto-detected in a plain file: ranking rows
-("instruction" + string chosen/rejected; "conversations"/"messages" + message-object chosen/rejected) and kto_tag
-rows (registry `columns: {"kto_tag": ...}`; in a plain file a "label" column: alpaca "instruction" + "output",
-sharegpt "conversations"/"messages" whose last turn is the assistant completion).
+The canonical form, tool calls and reasoning fields, and every recognised row shape (TRL's, Anthropic HH,
+LLaMA-Factory's alpaca and sharegpt): docs/data-formats.md.
 """
 
 from __future__ import annotations
@@ -117,7 +78,7 @@ class LoadedData:
             num_negatives responses when num_negatives >= 2) and row (int, 0-based index of the source row in its
             file). Unpaired: columns prompt, completion (text, or all message lists), label (bool, True =
             desirable) and row. Conversational data may also have the columns tools and chat_template_kwargs
-            (TEMPLATE_INPUT_COLUMNS; null in rows without them); see the module docstring for the Json columns.
+            (TEMPLATE_INPUT_COLUMNS; null in rows without them); the Json columns: docs/data-formats.md.
         source: the file path(s) or dataset name(s), for messages.
         skipped_rows: (row, reason) for each row skipped under on_bad_row "skip" or "warn"; the reason is the
             full error message, naming the file.
@@ -406,7 +367,7 @@ def _load_path(path: Path, split: str, on_bad_row: str, limit: int | None,
                 break
             parts.append(_load_path(file, split, on_bad_row, remaining, convert, str(file)))
         return _concatenate(parts)
-    return _canonicalize(_iter_file(path, source), source=source, on_bad_row=on_bad_row, convert=convert,
+    return _canonicalize(iter_file_rows(path, source), source=source, on_bad_row=on_bad_row, convert=convert,
                          limit=limit)
 
 
@@ -427,7 +388,10 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _iter_file(path: Path, source: str) -> Iterator[RowItem]:
+def iter_file_rows(path: Path, source: str) -> Iterator[RowItem]:
+    """``(row index, record)`` for each row of a JSON Lines, JSON, Parquet or CSV file (chosen by the suffix; ``.gz``
+    for JSON), in file order; an unreadable row comes as an unraised ``DataError`` in place of its record, so the
+    caller decides whether to skip it. A file that cannot be read at all raises ``DataError`` naming ``source``."""
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         return _iter_jsonl(path, source)

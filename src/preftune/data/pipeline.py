@@ -12,7 +12,7 @@ from typing import Any
 
 from preftune.data.formats import LoadedData, canonicalize_records, load_preference_data
 from preftune.data.kto import with_kl_completions
-from preftune.data.templates import check_template_name, resolve_chat_template
+from preftune.data.templates import choose_template
 from preftune.data.tokenize import TokenizedData, TokenizeSettings, tokenize_dataset
 from preftune.data.validate import CHEAP_RULES, RULES, find_problems
 from preftune.errors import ConfigError, DataError
@@ -41,7 +41,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune")) / "tokenized"
 
 
-def _split_off_validation(loaded: LoadedData, val_size: float, seed: int) -> tuple[LoadedData, LoadedData]:
+def split_off_validation(loaded: LoadedData, val_size: float, seed: int) -> tuple[LoadedData, LoadedData]:
+    """``(train, validation)``: ``val_size`` rows (a fraction when < 1, else a count) drawn at random with ``seed``
+    (``datasets.train_test_split``), as training splits them; ConfigError when either side would be empty."""
     rows = len(loaded.dataset)
     count = int(round(val_size * rows)) if val_size < 1 else int(val_size)
     if not 0 < count < rows:
@@ -136,17 +138,12 @@ def _split_report(loaded: LoadedData, skipped: list[tuple[int, str]], tokenized:
 
 
 def _template_settings(loaded: LoadedData, tokenizer, template_name: str | None) -> dict[str, str]:
-    """TokenizeSettings fields for conversational data: the named template (LLaMA-Factory's token ids), else the
-    tokenizer's own Jinja chat template, else the named template 'default'."""
+    """TokenizeSettings fields for conversational data, by ``templates.choose_template``'s rule: the named template,
+    else the tokenizer's own Jinja chat template, else the named template 'default' (with a warning)."""
     if not loaded.is_conversational:
         return {}
-    if template_name is not None:
-        return {"template": check_template_name(template_name)}
-    own = resolve_chat_template(tokenizer, None)
-    if own is not None:
-        return {"chat_template": own}
-    logger.warning("the tokenizer has no chat template and no `template` was set; using template 'default'")
-    return {"template": "default"}
+    choice = choose_template(tokenizer, template_name)
+    return {"template": choice.name} if choice.name is not None else {"chat_template": choice.jinja}
 
 
 def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) -> PreparedData:
@@ -187,7 +184,7 @@ def prepare_data(config, tokenizer, train_source: Any, eval_source: Any = None) 
         first = first or split
         _check_eval_matches_train(first.loaded.kind, first.loaded.num_negatives, first.loaded.source, split.loaded)
     if "train" in splits and len(splits) == 1 and config.val_size:
-        train, validation = _split_off_validation(splits["train"].loaded, config.val_size, config.seed)
+        train, validation = split_off_validation(splits["train"].loaded, config.val_size, config.seed)
         splits["train"] = replace(splits["train"], loaded=train)
         splits["eval"] = _ReadSplit(validation, [], [])
 

@@ -1,47 +1,12 @@
 """Named chat templates: LLaMA-Factory's `template:` names, encoded into the token ids LLaMA-Factory trains on.
 
-The names: every template LLaMA-Factory 0.9.5 registers (121, listed in `preftune.data.llamafactory_templates`;
-`template_names()`), from `alpaca` to `zephyr`, including `qwen3`, `qwen3_nothink`, `llama3`, `llama4`, `gemma3`,
-`glm4`, `deepseekr1`, ... . A multimodal template (`qwen2_vl`, `llava`, ...) is its text part: preftune's rows have
-no images. Names LLaMA-Factory added after 0.9.5 are refused as "not supported yet"; any other unknown name is a
-ConfigError listing the close matches. `check_template_name` validates a name without loading anything.
+Every template LLaMA-Factory 0.9.5 registers (`template_names()`; `check_template_name` validates a name without
+loading anything). `encode_conversation` and `encode_prompt` give LLaMA-Factory's ids for a conversation and
+its prompt, `get_template` the template's Jinja (for display and a saved tokenizer). `choose_template` is the
+one rule for which template a conversation goes through, wherever preftune tokenizes one: the named template, else
+the tokenizer's own Jinja, else "default" with a warning.
 
-Decision: for a named template, preftune reproduces LLaMA-Factory's token ids exactly, so that a LLaMA-Factory user
-gets the same training tokens. `encode_conversation` is LLaMA-Factory's `Template.encode_oneturn` as its DPO/KTO
-data processors use it:
-
-- each turn is a list of slots (`template_format`); every slot is tokenized on its own with
-  `add_special_tokens=False` (so the ids can differ from tokenizing the whole rendered text, e.g. with a
-  SentencePiece tokenizer's leading space), `Token` slots by id, BOS as the tokenizer's BOS id;
-- the first turn starts with the prefix and the system prompt (the row's, else the template's default system; an
-  empty system prompt counts as none); `system_in_first_user` templates (llama2, mistral, gemma, ...) put it in
-  front of the first user message instead;
-- the prompt is every turn before the response; the response is the last assistant turn, plus EOS with
-  `efficient_eos`. The prompt is therefore always a token prefix of prompt + response, and the tokenizer adds no
-  BOS of its own (only templates that write BOS have one);
-- EOS is the template's: `stop_words[0]` with `replace_eos` (LLaMA-Factory makes it the tokenizer's EOS), else the
-  tokenizer's EOS (`<|endoftext|>` when it has none, as LLaMA-Factory sets);
-- reasoning templates (qwen3, deepseekr1, glm4_moe, ...): thoughts (`<think>...</think>`) are removed from earlier
-  assistant turns; with `enable_thinking=True` (LLaMA-Factory's default) a response without a thought is trained
-  with an empty one in front (`<think>\\n\\n</think>\\n\\n`), with `enable_thinking=False` the response's thought
-  is removed and the empty thought goes at the end of the prompt (not trained on). `*_nothink` templates never add
-  one.
-
-What preftune does not do: change the tokenizer. LLaMA-Factory adds each stop word the tokenizer does not know as a
-new special token (and then needs `resize_vocab`); preftune keeps the vocabulary and tokenizes such a word as text,
-with a warning, so those ids differ. With a model's own tokenizer the template's tokens exist and nothing differs.
-Tool descriptions and tool-call turns are not supported with named templates.
-
-`get_template(name)` is the template's Jinja source, for `preftune sample` and a saved tokenizer's `chat_template`.
-It renders what LLaMA-Factory's own Jinja export (`Template._get_jinja_template`) renders: the user turn ends with
-the assistant header, so a prompt renders the same with or without `add_generation_prompt`. Templates that write a
-token by id (chatglm3 and others, where LLaMA-Factory has no Jinja export) render the token's text. Text rendered
-by the Jinja and then tokenized as a whole can differ from the ids of `encode_conversation` (see above); training
-always uses the latter.
-
-Changes from preftune's earlier templates, to follow LLaMA-Factory: `vicuna` is "{system}USER: {user} ASSISTANT:"
-+ "{answer}</s>" (it was FastChat's spacing); a named template's ids come from the template alone, so e.g. `chatml`
-on a Llama tokenizer no longer gets the tokenizer's BOS.
+Decisions and the differences from LLaMA-Factory: docs/chat-templates.md; the rule: docs/tokenization.md.
 """
 
 from __future__ import annotations
@@ -49,6 +14,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from dataclasses import dataclass
 
 from preftune.data.llamafactory_templates import LLAMAFACTORY_TEMPLATES
 from preftune.data.template_format import BOS, CONTENT, EOS, ChatTemplate, Slot, Special, Token
@@ -115,7 +81,7 @@ def encode_conversation(template: str | ChatTemplate, tokenizer, prompt_messages
                         response_messages: list[dict], *, enable_thinking: bool = True,
                         row: int | None = None) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) of one conversation, exactly as LLaMA-Factory's `encode_oneturn` (plus the EOS
-    its DPO/KTO processors append with `efficient_eos`) gives them; see the module docstring.
+    its DPO/KTO processors append with `efficient_eos`) gives them; see docs/chat-templates.md.
 
     Args:
         template: a template name or a ChatTemplate.
@@ -344,12 +310,59 @@ def end_of_turn_text(name: str, tokenizer) -> str | None:
 
 
 def resolve_chat_template(tokenizer, template_name: str | None) -> str | None:
-    """The Jinja template to use for conversational data.
-
-    An explicit `template_name` wins (ConfigError for an unknown name); else the tokenizer's own `chat_template`
-    (when it is a string); else None, and the caller decides whether that is an error.
-    """
+    """The Jinja source of `template_name` (ConfigError for an unknown name), else the tokenizer's own
+    `chat_template` (when it is a string), else None. Callers that turn conversations into ids use
+    `choose_template`, which decides what happens then."""
     if template_name is not None:
         return get_template(template_name)
     own = getattr(tokenizer, "chat_template", None)
     return own if isinstance(own, str) and own else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The one rule for conversations: training, sampling, evaluation and `preftune data check`
+# --------------------------------------------------------------------------------------------------------------
+
+FALLBACK_TEMPLATE = "default"  # LLaMA-Factory's; used when neither `template` nor the tokenizer gives a template
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """How conversations become token ids; exactly one field is set.
+
+    Attributes:
+        name: a named template: LLaMA-Factory's ids (`encode_conversation`, `encode_prompt`) and its truncation.
+        jinja: a Jinja chat template: conversations rendered by `apply_chat_template`, then tokenized.
+    """
+
+    name: str | None = None
+    jinja: str | None = None
+
+    @property
+    def jinja_source(self) -> str:
+        """The Jinja that renders a conversation as text (a named template's own Jinja, `get_template`)."""
+        return self.jinja if self.jinja is not None else get_template(self.name)
+
+
+_warned_fallback: set[str] = set()
+
+
+def choose_template(tokenizer, template_name: str | None = None, chat_template: str | None = None) -> TemplateChoice:
+    """The template for conversations, by one rule wherever preftune tokenizes them (training, sampling,
+    evaluation, `preftune data check`):
+
+    1. `template_name` (the config's `template:`) → that named template (ConfigError for an unknown name);
+    2. else `chat_template` (Jinja source) when given, else the tokenizer's own `chat_template` → that Jinja;
+    3. else the named template "default" (LLaMA-Factory's), with one warning per tokenizer and process.
+    """
+    if template_name is not None:
+        return TemplateChoice(name=check_template_name(template_name))
+    jinja = chat_template if chat_template is not None else resolve_chat_template(tokenizer, None)
+    if jinja is not None:
+        return TemplateChoice(jinja=jinja)
+    key = str(getattr(tokenizer, "name_or_path", "") or id(tokenizer))
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        logger.warning("the tokenizer has no chat template and no `template` was set; using template %r",
+                       FALLBACK_TEMPLATE)
+    return TemplateChoice(name=FALLBACK_TEMPLATE)

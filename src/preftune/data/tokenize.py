@@ -1,85 +1,13 @@
 """Tokenize preference data into prompt / completion token ids.
 
-Input: a `datasets.Dataset` in the canonical form of `preftune.data.formats` with an int "row" column, either text
-(`prompt`, `chosen`, `rejected` are strings) or conversational (`prompt` is a list of {role, content} messages ending
-with a user turn or a tool result; `chosen` / `rejected` are lists holding the assistant message, or assistant tool
-calls, tool results and the answer; optional `tools` and `chat_template_kwargs` columns). Two further kinds:
+`tokenize_dataset` turns canonical rows (`preftune.data.formats`) into one `prompt_ids` per row shared by its
+completions, `chosen_ids` and `rejected_ids` (or `completion_ids` and `label` for unpaired rows), so that
+`prompt_ids + chosen_ids` is the tokenized prompt + chosen sequence; rows left without room by `max_length` are
+dropped and counted (`TokenizationStats`), and the result is cached under a fingerprint of data, tokenizer and
+settings. `encode_text`, `render_messages` and `check_messages` are shared with sampling and the data check.
 
-- several negatives: `rejected` is a list of M >= 2 responses (strings, or message lists); every row has the same M.
-- unpaired (KTO): columns `prompt`, `completion` (a string, or a list holding the assistant message) and `label`
-  (bool) instead of chosen/rejected.
-
-Output: one shared `prompt_ids` and the completions per row, so that `prompt_ids + chosen_ids` is the tokenized
-prompt+chosen sequence (and likewise for each rejected response, or for the unpaired completion):
-
-- pairs: `chosen_ids` and `rejected_ids` (list[int]);
-- M negatives: `chosen_ids` (list[int]) and `rejected_ids` (list[list[int]], M lists);
-- unpaired: `completion_ids` (list[int]) and `label` (bool).
-
-Every rule below is stated for a pair; with M negatives or an unpaired completion it applies the same way to the
-M + 1 (or the one) completions sharing the row's prompt.
-
-How the ids are made (TRL 1.16 `DPOTrainer._prepare_dataset`, with the differences listed below):
-
-- text: completions get `tokenizer.eos_token` appended unless they already end with it (`add_eos`);
-  `prompt_ids = tok(prompt)`, `full = tok(prompt + completion)`.
-- conversational with a named template (`TokenizeSettings.template`): LLaMA-Factory's ids,
-  `templates.encode_conversation`; the prompt is the one encoded with the first completion (chosen), and each full
-  sequence is that prompt + its completion's response ids, as LLaMA-Factory's processors build them.
-- conversational with a Jinja chat template: `prompt_ids = tok(render(prompt, add_generation_prompt=True))`,
-  `full = tok(render(prompt + completion))`; the chat template itself ends the assistant turn with its end marker,
-  so no EOS is added. A completion may be several messages (assistant tool calls, tool results, the answer: see
-  `preftune.data.formats`); all its tokens are completion tokens, tool results included, as in TRL 1.16 (its
-  DataCollatorForPreference marks every chosen/rejected token in completion_mask).
-- Per-row template inputs (TRL 1.16 `_prepare_dataset`'s `tokenize_fn`): both renderings get
-  `tools=row["tools"]` (a JSON string is decoded first) and the row's `chat_template_kwargs` as extra keyword
-  arguments (template variables such as `enable_thinking`), merged as `{"tools": tools, **chat_template_kwargs}`.
-  TRL 1.16's DPOConfig has no dataset-wide chat_template_kwargs, and its DPOTrainer renders with the tokenizer's
-  own template (it swaps in its "training" templates only for SFT's assistant_only_loss and GRPO/distillation
-  tool loops).
-- BOS: a text is tokenized with the tokenizer's special tokens (a Llama tokenizer adds BOS), except when it already
-  starts with the BOS string (a template that writes `{{ bos_token }}`, or a prompt that carries it), which is then
-  tokenized with `add_special_tokens=False` so the sequence never starts with two BOS. Differs from TRL, whose
-  conversational path never adds special tokens (a ChatML template on a Llama tokenizer gets no BOS there) and whose
-  text path doubles a BOS written into the prompt.
-- Prefix rule: the prompt's length is the common prefix of `prompt_ids` with ALL full sequences; the completions
-  are what follows it. Normally that is all of `prompt_ids`; when a token merges across the prompt/completion
-  boundary (GPT-2: "walk" + "ing" -> " walking") or the template renders the prompt differently, the prompt is cut
-  back to the common prefix and the pair is counted in `prefix_mismatch` (same rule as TRL, `common_prefix_length`).
-  Reasoning templates do this: with `enable_thinking: false` Qwen3's generation prompt ends with an empty
-  `<think></think>` block that the full conversation renders only before a final answer, not before a tool call,
-  so the completion starts where the two renderings part.
-- Truncation, `max_length` = prompt + one completion, in tokens. With a named template the rule is LLaMA-Factory's
-  (`truncation_mode` does not apply there); otherwise `truncation_mode` decides:
-  - named template (LLaMA-Factory 0.9.5's pairwise and feedback processors, `infer_seqlen`; implemented in
-    `llamafactory_kept_lengths`): the prompt and the LONGEST completion share `max_length` (LLaMA-Factory's
-    `cutoff_len`), favouring the response: a response shorter than half of it is kept whole and the prompt keeps
-    what is left; else a prompt shorter than half is kept whole and the response gets the rest; else both are
-    shortened in proportion to their lengths. Both keep their START (the prompt loses its end, generation header
-    included, as in LLaMA-Factory); every completion is cut to the longest one's length, so all share the one
-    prompt (LLaMA-Factory's rejected shares the chosen's prompt the same way). Rows are kept, not dropped, except
-    the extreme case below. `truncation_mode: keep_end` with a named template is a ConfigError (it would be
-    ignored); `keep_start`, the default, is accepted and means LLaMA-Factory's rule there.
-    For KTO this is LLaMA-Factory's cut of each row's own prompt + completion. Its KL completion is not cut the
-    LLaMA-Factory way: LLaMA-Factory cuts the mismatched sequence (prompt + another row's uncut response) on its
-    own with the same rule, so its KL prompt can be cut differently from the row's prompt, while preftune's KL
-    sequence is the row's (already cut) prompt with the other row's (already cut) completion, cut at its end to fit
-    `max_length` (`preftune.data.collate.mismatched_examples`, TRL's rule). With the same pairing the two agree
-    whenever nothing is cut: neither the row's prompt, nor the other row's completion, nor the KL sequence.
-  - keep_start: a pair whose prompt has `>= max_length` tokens is dropped (no room); otherwise each completion's end
-    is cut to fit. Same as TRL.
-  - keep_end: all completions keep ALL their tokens and share ONE prompt whose start is cut by
-    `len(prompt) + max(len(chosen), len(rejected)) - max_length`; when that leaves no prompt token (the longest
-    completion alone fills `max_length`), the pair is dropped. Differs from TRL, which cuts each prompt+completion
-    sequence separately, so there chosen and rejected can see different prompt starts.
-  - `max_length=None`: nothing is cut.
-- Dropped as "no room" (counted by source row id): a pair whose final prompt or any final completion is empty.
-  Besides the truncation cases above this drops pairs whose prompt tokenizes to nothing (an empty prompt with a
-  tokenizer that adds no BOS, or a boundary merge at its first token): the first completion token would have no
-  context to be predicted from. TRL keeps those pairs. LLaMA-Factory keeps every row too, also one whose response
-  its rule cuts to nothing (only when both have at least `max_length / 2` tokens and the prompt more than
-  `max_length - 1` times as many as the longest response: ~2 million tokens at 2048, but any prompt longer than the
-  response at `max_length=2`): such a row has no token to learn from there; preftune drops and counts it.
+The rules (which template, BOS, the prefix rule, truncation, and where they differ from TRL and LLaMA-Factory):
+docs/tokenization.md.
 """
 
 from __future__ import annotations
@@ -108,7 +36,7 @@ UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 # 3: named templates encoded as LLaMA-Factory encodes them; per-row tools and chat_template_kwargs; tool-call messages
 # and several-message completions.
 # 5: named templates truncate as LLaMA-Factory does.
-_TOKENIZE_VERSION = 5
+TOKENIZE_VERSION = 5
 
 _IDS = datasets.List(datasets.Value("int32"))
 _FLAG_FEATURES = {
@@ -132,8 +60,9 @@ class TokenizeSettings:
             None: the Jinja path below.
         enable_thinking: reasoning templates only (qwen3, ...): an empty thought is trained (True, LLaMA-Factory's
             default) or put at the end of the prompt (False).
-        chat_template: resolved Jinja template for conversational data (see `templates.resolve_chat_template`);
-            None uses the tokenizer's own `chat_template`.
+        chat_template: resolved Jinja template for conversational data; None uses the tokenizer's own
+            `chat_template`. `templates.choose_template` picks `template` or `chat_template` by the rule every
+            caller follows (a tokenizer without a template gets the named template "default").
         add_eos: append `tokenizer.eos_token` to text completions that do not end with it (text data only:
             conversational completions end with the template's end-of-turn marker).
     """
@@ -228,7 +157,7 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     return length
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text`, with the tokenizer's special tokens unless `text` already starts with the BOS string."""
     bos = tokenizer.bos_token
     add_special_tokens = not (bos and text.startswith(bos))
@@ -239,7 +168,9 @@ def _is_conversational(example: dict) -> bool:
     return isinstance(example.get("prompt"), list)
 
 
-def _check_messages(messages, row, field: str) -> None:
+def check_messages(messages, row, field: str) -> None:
+    """DataError naming ``row`` and ``field`` unless ``messages`` is a non-empty list of ``{"role": str, "content":
+    str}`` mappings (content may be missing beside ``tool_calls``)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"expected a non-empty list of messages, got {type(messages).__name__}", row=row, field=field)
     for index, message in enumerate(messages):
@@ -274,10 +205,13 @@ def template_inputs(example: dict) -> dict:
     return {"tools": tools, **kwargs}
 
 
-def _render(
+def render_messages(
     tokenizer, messages: list[dict], chat_template: str, add_generation_prompt: bool, row, field: str = "prompt",
     template_inputs: dict | None = None,
 ) -> str:
+    """``messages`` rendered as text by the Jinja ``chat_template`` (``apply_chat_template``, not tokenized), with
+    ``template_inputs`` as extra variables. A template that is not valid Jinja is a ConfigError (key ``template``);
+    one that fails on this conversation is a DataError naming ``row`` and ``field``."""
     try:
         return tokenizer.apply_chat_template(
             messages,
@@ -296,6 +230,8 @@ def _render(
 
 
 def _chat_template_for(tokenizer, settings: TokenizeSettings) -> str:
+    """The Jinja of the Jinja path: the settings' own, else the tokenizer's. Settings built by
+    ``templates.choose_template`` (as ``prepare_data`` builds them) always have one; ConfigError otherwise."""
     template = settings.chat_template
     if template is None:
         own = getattr(tokenizer, "chat_template", None)
@@ -328,13 +264,13 @@ def _full_sequences(
     if _is_conversational(example):
         template = _chat_template_for(tokenizer, settings)
         for field, value in [("prompt", prompt), *completions]:
-            _check_messages(value, row, field)
+            check_messages(value, row, field)
         prompt = list(prompt)
         inputs = template_inputs(example)
-        prompt_text = _render(tokenizer, prompt, template, True, row, "prompt", inputs)
-        full_texts = [_render(tokenizer, prompt + list(value), template, False, row, field, inputs)
+        prompt_text = render_messages(tokenizer, prompt, template, True, row, "prompt", inputs)
+        full_texts = [render_messages(tokenizer, prompt + list(value), template, False, row, field, inputs)
                       for field, value in completions]
-        return _encode(tokenizer, prompt_text), [_encode(tokenizer, text) for text in full_texts]
+        return encode_text(tokenizer, prompt_text), [encode_text(tokenizer, text) for text in full_texts]
 
     for field, value in [("prompt", prompt), *completions]:
         if not isinstance(value, str):
@@ -344,7 +280,7 @@ def _full_sequences(
     eos = tokenizer.eos_token
     if settings.add_eos and eos:
         completions = [(field, value if value.endswith(eos) else value + eos) for field, value in completions]
-    return _encode(tokenizer, prompt), [_encode(tokenizer, prompt + value) for _, value in completions]
+    return encode_text(tokenizer, prompt), [encode_text(tokenizer, prompt + value) for _, value in completions]
 
 
 def _named_template_sequences(
@@ -353,7 +289,7 @@ def _named_template_sequences(
     """(prompt_ids, full ids per completion) through the named template: the prompt encoded with the first
     completion, shared by all, as LLaMA-Factory's pairwise processor shares the chosen prompt with the rejected."""
     for field, value in [("prompt", prompt), *completions]:
-        _check_messages(value, row, field)
+        check_messages(value, row, field)
     encoded = [encode_conversation(settings.template, tokenizer, list(prompt), list(value),
                                    enable_thinking=settings.enable_thinking, row=row) for _, value in completions]
     prompt_ids = encoded[0][0]
@@ -384,7 +320,7 @@ def llamafactory_kept_lengths(prompt_length: int, response_length: int, cutoff_l
 def _split_and_truncate(
     prompt_ids: list[int], full_ids: list[list[int]], settings: TokenizeSettings
 ) -> tuple[list[int], list[list[int]], dict]:
-    """Apply the prefix rule and truncation to one prompt shared by several completions (module docstring).
+    """Apply the prefix rule and truncation to one prompt shared by several completions (docs/tokenization.md).
 
     Returns (prompt, completions, flags) with flags {"prefix_mismatch", "truncated", "no_room"}; when no_room the
     prompt and every completion are empty.
@@ -439,7 +375,7 @@ def rejected_responses(example: dict) -> list:
 
 
 def tokenize_pair(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
-    """Tokenize one preference row (text or conversational form; see the module docstring for the rules).
+    """Tokenize one preference row (text or conversational form; the rules: docs/tokenization.md).
 
     `example["rejected"]` is one response, or a list of M responses (see `rejected_responses`); the prompt is shared
     by chosen and every rejected response.
@@ -533,7 +469,7 @@ def tokenization_fingerprint(dataset: datasets.Dataset, tokenizer, settings: Tok
     cache key."""
     kind, num_negatives = data_kind(dataset)
     key = {
-        "version": _TOKENIZE_VERSION,
+        "version": TOKENIZE_VERSION,
         "dataset": dataset._fingerprint,
         "kind": kind,
         "num_negatives": num_negatives,
@@ -581,7 +517,7 @@ def tokenize_dataset(
     cache_dir: str | None = None,
     desc: str = "Tokenizing",
 ) -> TokenizedData:
-    """Tokenize every row of `dataset` (see the module docstring), drop the rows without room, count what happened.
+    """Tokenize every row of `dataset` (docs/tokenization.md), drop the rows without room, count what happened.
 
     The kind comes from the columns and M from the first row (`data_kind`); every row must have that M.
 

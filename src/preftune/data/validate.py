@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from rapidfuzz.distance import Indel
 
+from preftune import atomic
 from preftune.data.formats import (
     PROMPT_NEXT_ROLES,
     TEMPLATE_INPUT_COLUMNS,
@@ -79,7 +80,8 @@ class CheckSettings:
 
     template: a named template for conversational prompts (counted with LLaMA-Factory's ids, as training does);
         it wins over chat_template.
-    chat_template: Jinja source for conversational prompts (None: the tokenizer's own, else the named "default").
+    chat_template: Jinja source for conversational prompts (None: the tokenizer's own, else the named "default":
+        ``templates.choose_template``).
     tokenizer_note: why no tokenizer is given (shown when prompt_too_long is not checked).
     """
 
@@ -286,20 +288,17 @@ def find_problems(loaded: LoadedData, settings: CheckSettings | None = None,
 def write_clean(checked: CheckedData, path: str | Path) -> int:
     """Write the rows that pass every rule as TRL JSON Lines (explicit prompt; text or conversational; rejected a
     list when there are several; unpaired rows as prompt/completion/label; a row's tools and chat_template_kwargs
-    when it has them) and return how many were written.
+    when it has them), atomically, and return how many were written.
     `preftune train` and `load_preference_data` read the file back."""
     columns = ("prompt", "completion", "label") if checked.loaded.kind == "unpaired" else ("prompt", "chosen",
                                                                                            "rejected")
-    written = 0
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for position, row in enumerate(checked.loaded.dataset):
-            if position in checked.flagged:
-                continue
-            extras = {name: row[name] for name in TEMPLATE_INPUT_COLUMNS if row.get(name) is not None}
-            handle.write(json.dumps({name: row[name] for name in columns} | extras, ensure_ascii=False) + "\n")
-            written += 1
-    return written
+
+    def output_row(row: dict) -> dict:
+        extras = {name: row[name] for name in TEMPLATE_INPUT_COLUMNS if row.get(name) is not None}
+        return {name: row[name] for name in columns} | extras
+
+    kept = (output_row(row) for position, row in enumerate(checked.loaded.dataset) if position not in checked.flagged)
+    return atomic.write_jsonl(path, kept)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -445,31 +444,31 @@ def _can_count_tokens(settings: CheckSettings) -> bool:
 
 
 def _long_prompts(columns: dict, settings: CheckSettings) -> list[int]:
-    """Prompts longer than max_length tokens as training would tokenize them (a conversation through the named
-    template, else the Jinja chat template with the generation prompt and the row's tools and chat_template_kwargs,
-    else the named "default"; special tokens added to text as in tokenize._encode)."""
-    from preftune.data.templates import encode_prompt, resolve_chat_template
-    from preftune.data.tokenize import _encode, template_inputs
+    """Prompts longer than max_length tokens as training would tokenize them: a conversation through the template
+    training would choose (``templates.choose_template``: the named template, else the Jinja chat template with the
+    generation prompt and the row's tools and chat_template_kwargs, else the named "default"); text with the
+    tokenizer's special tokens (``tokenize.encode_text``)."""
+    from preftune.data.templates import choose_template, encode_prompt
+    from preftune.data.tokenize import encode_text, render_messages, template_inputs
 
     prompts = columns["prompt"]
-    rows = [{name: columns[name][position] for name in ("tools", "chat_template_kwargs") if name in columns}
-            for position in range(len(prompts))]
-
+    source_rows = columns.get("row") or list(range(len(prompts)))  # errors name the row of the file
+    extras = [name for name in TEMPLATE_INPUT_COLUMNS if name in columns]  # tools, chat_template_kwargs
+    rows = [{"row": row, **{name: columns[name][position] for name in extras}} for position, row in enumerate(source_rows)]
     tokenizer = settings.tokenizer
-    named, jinja = settings.template, None
-    if named is None:
-        jinja = settings.chat_template or resolve_chat_template(tokenizer, None)
-        named = None if jinja is not None else "default"
+    choice = None
+    if any(isinstance(prompt, list) for prompt in prompts):
+        choice = choose_template(tokenizer, settings.template, settings.chat_template)
     found = []
     for position, prompt in enumerate(prompts):
-        if isinstance(prompt, list) and named is not None:
-            length = len(encode_prompt(named, tokenizer, prompt, row=position))
+        if isinstance(prompt, list) and choice.name is not None:
+            length = len(encode_prompt(choice.name, tokenizer, prompt, row=source_rows[position]))
         elif isinstance(prompt, list):
-            text = tokenizer.apply_chat_template(prompt, chat_template=jinja, tokenize=False,
-                                                 add_generation_prompt=True, **template_inputs(rows[position]))
-            length = len(_encode(tokenizer, text))
+            text = render_messages(tokenizer, prompt, choice.jinja, True, source_rows[position], "prompt",
+                                   template_inputs(rows[position]))
+            length = len(encode_text(tokenizer, text))
         else:
-            length = len(_encode(tokenizer, prompt))
+            length = len(encode_text(tokenizer, prompt))
         if length > settings.max_length:
             found.append(position)
     return found

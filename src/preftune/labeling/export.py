@@ -18,15 +18,14 @@ A kappa is None where chance agreement is 1 (every label the same category), whe
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import os
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune import atomic
 from preftune.errors import DataError
 from preftune.labeling.store import Judgment, Pair, active_judgments, all_pairs, opened
 
@@ -222,13 +221,7 @@ def _conversational(row: dict) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        atomic.write_jsonl(path, rows)
     except OSError as error:
         raise DataError(f"cannot write the export: {error}", file=str(path)) from None

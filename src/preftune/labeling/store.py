@@ -1,32 +1,11 @@
 """The labeling store: one SQLite file with prompts, their candidate responses, the pairs to judge and the judgments.
 
-Schema, version 1 (`SCHEMA_VERSION`; `MIGRATIONS[i]` upgrades a store from version i to i + 1, and a fresh file is
-version 0):
+Every caller opens its own connection (`connect`, `opened`); every write is one `BEGIN IMMEDIATE` transaction
+(WAL mode; concurrent writers queue), all SQL is parameterised, and `migrate` upgrades an older file. A choice is
+stored in the pair's own order (`stored_choice`); the left/right order an annotator sees is a keyed hash
+(`shown_left`). Candidates are imported as all pairs of a prompt's distinct non-empty responses.
 
-    schema_version(version)                    one row
-    meta(key PRIMARY KEY, value)               'salt': random hex that keys the left/right order
-    prompts(id, prompt_id UNIQUE, prompt_json, created_at)
-    responses(id, prompt_ref -> prompts, text, model, sampling_json, created_at; UNIQUE(prompt_ref, text))
-    pairs(id, prompt_ref -> prompts, response_a -> responses, response_b -> responses;
-          UNIQUE(response_a, response_b), CHECK(response_a < response_b))
-    judgments(id, pair_id -> pairs, annotator, shown_left ('a'|'b'), choice ('a'|'b'|'tie'|'both_bad'|'skip'),
-              note, created_at, undone_at)
-          at most one active judgment (undone_at IS NULL) per (pair_id, annotator): a partial unique index.
-
-A choice is stored in the pair's own order: 'a' means pairs.response_a is the better one, whichever side it was
-shown on; `shown_left` records which of the two was on the left. The order an annotator sees is randomised per
-(annotator, pair) by a keyed hash (`shown_left`): stable across reloads, independent between annotators and pairs.
-
-Pairs: for a prompt with k distinct non-empty responses, all k(k-1)/2 unordered pairs. Responses are de-duplicated
-per prompt by exact text (two identical samples make no pair); empty or whitespace-only responses are not stored
-(the training readers refuse empty responses) and are counted in `ImportStats`.
-
-Concurrency: every caller opens its own connection (`connect`; one per thread or request, never shared), the file is
-in WAL mode (readers never block the writer), and every write is one `BEGIN IMMEDIATE` transaction, so concurrent
-writers queue on SQLite's lock (busy timeout `BUSY_TIMEOUT_S`) instead of failing. All SQL is parameterised.
-Durability: synchronous=NORMAL (SQLite's advice for WAL): a committed judgment survives the browser closing and the
-server process dying; only a power cut or OS crash may lose the last commits (FULL would cost an fsync, ~4 ms, per
-judgment).
+The schema, the ordering rule, pairs and durability: docs/labeling-store.md.
 """
 
 from __future__ import annotations
@@ -129,7 +108,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def _create_v1(conn: sqlite3.Connection) -> None:
-    """Version 0 (an empty file) -> 1: the tables of the module docstring."""
+    """Version 0 (an empty file) -> 1: the tables of docs/labeling-store.md."""
     statements = (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         """CREATE TABLE prompts (
