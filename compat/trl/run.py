@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpt2-tokenizer", type=Path, default=None, help="for building the assets")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
     parser.add_argument("-x", dest="exitfirst", action="store_true", help="stop at the first failure")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; compare the results already in --out")
     args = parser.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = [e for e in engines if e not in ENGINE_IMPORTS]
@@ -271,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     assets, out = args.assets.resolve(), args.out.resolve()
     trl_tests = args.trl_tests.resolve()
 
-    ensure_assets(assets, args.gpt2_tokenizer)
+    if args.report_only:
+        engines = []
+    else:
+        ensure_assets(assets, args.gpt2_tokenizer)
     pytest_args = (["-k", args.keyword] if args.keyword else []) + (["-x"] if args.exitfirst else []) + extra
     for engine in engines:
         run_engine(engine, trl_tests, assets, out, pytest_args)
