@@ -101,7 +101,8 @@ def run_engine(engine: str, trl_tests: Path, assets: Path, out: Path, pytest_arg
     junit = directory / "junit.xml"
     junit.unlink(missing_ok=True)
     meta = {"trl_tests": str(trl_tests), "trl_tests_sha256": hashlib.sha256(trl_tests.read_bytes()).hexdigest(),
-            "pytest_args": pytest_args, "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+            "pytest_args": pytest_args, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "packages": installed_versions()}  # fmt: skip
     (directory / "run_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     command = [
         sys.executable, "-m", "pytest", str(module),
@@ -123,7 +124,28 @@ def run_engine(engine: str, trl_tests: Path, assets: Path, out: Path, pytest_arg
                 print(f"  [{engine}] {line.rstrip()}", flush=True)
         code = process.wait()
     print(f"run: [{engine}] pytest exit code {code} after {time.monotonic() - started:.0f} s", flush=True)
+    if installed_versions() != meta["packages"]:
+        print(f"run: [{engine}] warning: installed packages changed during the run: {meta['packages']} -> "
+              f"{installed_versions()}; rerun this engine", flush=True)  # fmt: skip
     return code
+
+
+RECORDED_PACKAGES = ("trl", "transformers", "torch", "peft", "accelerate", "datasets", "tokenizers", "wandb",
+                     "bitsandbytes", "liger-kernel", "kernels")  # fmt: skip
+
+
+def installed_versions() -> dict[str, str | None]:
+    """Versions of the packages the results depend on (None: not installed), recorded with each run: the venv is
+    shared, and a package installed while a run goes on changes what it measures."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def _is_progress_line(line: str) -> bool:
