@@ -84,6 +84,7 @@ from preftune.reference import (
     AdapterDisabledReference,
     FrozenReference,
     Reference,
+    UntouchedPolicyReference,
     build_reference,
     sync_reference,
 )
@@ -474,7 +475,7 @@ class DPOTrainer:
         if is_peft_model(self.model):
             return AdapterDisabledReference(self.model)
         if self.state.global_step == 0 and self._initial_reference_is_policy:
-            return FrozenReference(self.model)
+            return UntouchedPolicyReference(self.model)
         raise ConfigError(
             "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training has started (or "
             "with a separate reference model): with precompute_ref_log_probs the reference model is not kept in "
