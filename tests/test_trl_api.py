@@ -290,3 +290,45 @@ def test_save_total_limit_never_deletes_the_best_checkpoint(model_dir, tmp_path)
                          compute_metrics=_scripted_metric([0.1, 0.9, 0.3, 0.2]))
     trainer.train()
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+REMOTE_MODELING = '''from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class RemoteConfig(LlamaConfig):
+    model_type = "remote"
+
+
+class RemoteForCausalLM(LlamaForCausalLM):
+    config_class = RemoteConfig
+'''
+
+
+def test_a_model_with_its_own_code_needs_trust_remote_code(model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    remote = tmp_path / "remote-model"
+    shutil.copytree(model_dir, remote)
+    (remote / "modeling_remote.py").write_text(REMOTE_MODELING)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="remote", architectures=["RemoteForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_remote.RemoteConfig",
+                            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
+    (remote / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="custom code"):
+        DPOTrainer(model=str(remote), args=make_config(tmp_path), train_dataset=STORY_PAIRS)
+    trainer = DPOTrainer(model=str(remote), args=make_config(tmp_path, trust_remote_code=True), train_dataset=STORY_PAIRS)
+    assert type(trainer.model).__name__ == "RemoteForCausalLM"
+
+
+def test_model_init_kwargs_load_the_policy_in_their_dtype(model_dir, tmp_path):
+    args = make_config(tmp_path, max_steps=2, model_init_kwargs={"dtype": torch.float16}, learning_rate=1e-3)
+    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=STORY_PAIRS)
+    before = {name: parameter.clone() for name, parameter in trainer.model.named_parameters()}
+    trainer.train()
+    assert all(math.isfinite(record["loss"]) for record in trainer.recorder.train_records)
+    for name, parameter in trainer.model.named_parameters():
+        assert parameter.dtype == torch.float16, name
+    assert any(not torch.equal(before[name], parameter) for name, parameter in trainer.model.named_parameters())
