@@ -2090,7 +2090,8 @@ def _validate_into(config: DPOConfig, data: dict[str, Any], source: _Source) -> 
     """Run pydantic's validation of ``data`` into ``config`` with ``source`` naming where the values came from."""
     for key in data:  # pydantic-core cannot even read a key that is not valid Unicode text (a lone surrogate)
         if isinstance(key, str) and not _is_encodable(key):
-            raise ConfigError(f"unknown key {key!r}: not valid UTF-8 text", file=source.file)
+            origin = " (from a command-line override)" if key in source.cli_keys else ""
+            raise ConfigError(f"unknown key: not valid UTF-8 text{origin}", key=ascii(key)[1:-1], file=source.file)
     token = _SOURCE.set(source)
     try:
         BaseModel.__init__(config, **data)
