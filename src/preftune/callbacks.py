@@ -7,8 +7,8 @@ preftune's loop calls the events of transformers' ``CallbackHandler`` (``on_trai
 callback, ``ScheduleCallback``, first in the list as transformers' ``DefaultFlowCallback`` is: it sets the
 ``TrainerControl`` flags, later callbacks may change them, and the loop acts on what the flags say.
 
-Experiment trackers (``report_to``) are transformers' integration callbacks (TensorBoard, W&B, MLflow, trackio,
-SwanLab, ...), built here with a one-line error when a tracker is not installed.
+Experiment trackers (``report_to``) are transformers' integration callbacks (TensorBoard, W&B, MLflow, Trackio),
+built here with a one-line error when a tracker is not installed.
 """
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ __all__ = [
     "finish_trackers",
     "tracker_callbacks",
 ]
-
-# What to install for each tracker preftune tests (others that transformers knows are passed through as they are).
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
-                    "swanlab": "swanlab"}
-
 
 class ScheduleCallback(DefaultFlowCallback):
     """preftune's schedule of logs, evaluations and checkpoints, as ``TrainerControl`` flags.
@@ -103,10 +98,9 @@ def tracker_callbacks(report_to: str | Iterable[str] | None) -> list[TrainerCall
             raise ConfigError(f"unknown tracker {name!r}; expected none or one of {known}", key="report_to")
         try:
             callbacks.append(INTEGRATION_TO_CALLBACK[name]())
-        except (RuntimeError, ImportError, ModuleNotFoundError):
-            package = TRACKER_PACKAGES.get(name, name)
+        except (RuntimeError, ImportError, ModuleNotFoundError):  # each tracker's package has the tracker's name
             raise ConfigError(
-                f"report_to {name}: the {package} package is not installed (pip install {package}, or "
+                f"report_to {name}: the {name} package is not installed (pip install {name}, or "
                 "pip install 'preftune[trackers]' for tensorboard, wandb, mlflow and trackio)",
                 key="report_to",
             ) from None
