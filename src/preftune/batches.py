@@ -19,6 +19,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from datasets import concatenate_datasets
+
 from preftune.data.batching import plan_batches, row_token_counts
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
 from preftune.errors import DataError
@@ -184,8 +186,6 @@ class StreamingWindows:
                     extra, report = self.prepare(more, first_row)
                     first_row += len(more)
                     self._add_report(report)
-                    from datasets import concatenate_datasets
-
                     dataset = concatenate_datasets([dataset, extra.dataset])
             indices = list(range(len(dataset)))
             batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
