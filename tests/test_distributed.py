@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from preftune import DPOConfig, DPOTrainer
 from preftune.checkpoint import read_checkpoint
 from preftune.config import load_config
-from preftune.distributed import rank_share, relaunch_command, should_relaunch
+from preftune.parallel.launch import rank_share, relaunch_command, should_relaunch
 from preftune.errors import CheckpointError, ConfigError
 
 from conftest import REPO_ROOT
@@ -34,10 +34,10 @@ TRAIN_PAIRS = STORY_PAIRS + STORY_PAIRS[:2]
 # ------------------------------------------------------------------------------------------ pure parts
 def test_rank_shares_are_contiguous_and_concatenate_to_the_window():
     window = list(range(7))
-    shares = [rank_share(window, rank, 3) for rank in range(3)]
-    assert shares == [[0, 1, 2], [3, 4, 5], [6, None, None]]
-    assert [item for share in shares for item in share if item is not None] == window
-    assert [rank_share([0], rank, 2) for rank in range(2)] == [[0], [None]]  # a stand-in keeps backward counts equal
+    shares = [rank_share(window, rank, 3) for rank in range(3)]  # (item, weight); weight 0: a stand-in
+    assert shares == [[(0, 1), (1, 1), (2, 1)], [(3, 1), (4, 1), (5, 1)], [(6, 1), (0, 0), (0, 0)]]
+    assert [item for share in shares for item, weight in share if weight] == window
+    assert [rank_share([0], rank, 2) for rank in range(2)] == [[(0, 1)], [(0, 0)]]  # a stand-in keeps backward counts equal
 
 
 def test_relaunch_runs_the_same_command_under_torchrun(monkeypatch):

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -62,21 +61,13 @@ from preftune.config import DPOConfig, interval_to_steps
 from preftune.cpu_memory import keep_freed_memory
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
 from preftune.data.pipeline import PreparedData, default_cache_dir, eval_key, prepare_data, prepare_rows
-from preftune.distributed import (
-    build_accelerator,
-    check_distributed_settings,
-    full_optimizer_state,
-    full_state_dict,
-    gather_objects,
-    load_full_optimizer_state,
-    rank_share,
-    shard_model,
-)
 from preftune.errors import CheckpointError, ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_kl_estimate, kto_loss, kto_sft_loss
 from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
 from preftune.moe import resolve_router_aux_loss
+from preftune.parallel import build_parallelism
+from preftune.parallel.launch import build_accelerator
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.preflight import check_resume_fingerprint, run_fingerprint, run_preflight_checks, start_fresh_run
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps
@@ -86,17 +77,6 @@ from preftune.reference import (
     Reference,
     build_reference,
     sync_reference,
-)
-from preftune.zero import (
-    initialize_policy,
-    initialize_reference,
-    load_whole_optimizer_state,
-    read_deepspeed_config,
-    resolve_deepspeed_config,
-    start_deepspeed,
-    whole_optimizer_state,
-    whole_state_dict,
-    zero_stage,
 )
 
 logger = logging.getLogger(__name__)
@@ -223,19 +203,9 @@ class DPOTrainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = build_accelerator(self.args)
         self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.fsdp = self.args.fsdp if self.world_size > 1 else None  # FSDP2 options, with several processes only
-        if self.args.fsdp and not self.fsdp:
-            logger.warning("fsdp: %s ignored: this run has one process", self.args.fsdp)
-        # DeepSpeed ZeRO (preftune.zero), with several processes only: the engine is made in train()
-        self.deepspeed = read_deepspeed_config(self.args.deepspeed) if self.args.deepspeed and self.world_size > 1 else None
-        if self.args.deepspeed and not self.deepspeed:
-            logger.warning("deepspeed ignored: this run has one process")
-        self.zero_stage = zero_stage(self.deepspeed) if self.deepspeed else None
-        # Parameters partitioned across processes: every forward is a collective, so all processes run the same ones.
-        self.lockstep_forwards = bool(self.fsdp) or self.zero_stage == 3
-        self._engine = None  # the DeepSpeedEngine while training under DeepSpeed
         _check_supported(self.args, self.accelerator)
-        check_distributed_settings(self.args, self.accelerator)
+        # How the processes share the work (preftune.parallel): DDP, FSDP2 or DeepSpeed ZeRO; the loop never asks which
+        self.parallelism = build_parallelism(self.args, self.accelerator)
         if not self.accelerator.is_main_process:  # replicas log warnings and errors only
             logging.getLogger("preftune").setLevel(logging.WARNING)
         if self.args.keep_freed_cpu_memory and self.accelerator.device.type == "cpu":
@@ -387,7 +357,7 @@ class DPOTrainer:
             )
         reference_model = self.reference.model if self.reference is not None else None
         self.layout = resolve_layout(self.args, self.model, reference_model)
-        if (self.fsdp or self.deepspeed) and self.layout.padding_free is None:  # every process runs the same forwards
+        if not self.parallelism.allows_padding_free and self.layout.padding_free is None:
             self.layout = BatchLayout(prefix_sharing=self.layout.prefix_sharing, padding_free=False)
         # MoE load-balancing loss on the policy's forwards, as TRL adds it (preftune.moe); 0.0: off
         self.router_aux_loss_coef = resolve_router_aux_loss(self.args, self.model, self.layout)
@@ -526,11 +496,12 @@ class DPOTrainer:
                               max_tokens=self.args.max_tokens_per_batch)
 
     # ------------------------------------------------------------ loss core
-    def _batch_loss(self, model: nn.Module, lazy: LazyBatch, *, stand_in: bool = False) -> BatchLoss:
-        """Per-example loss ``(B,)`` for one micro-batch, its metric sums and rewards (``stand_in``: a zero-weight
-        stand-in)."""
+    def batch_loss(self, model: nn.Module, lazy: LazyBatch, *, counted: bool = True) -> BatchLoss:
+        """Per-example loss ``(B,)`` of one micro-batch, its metric sums and rewards: what the loop and evaluation call
+        for every micro-batch (wrap or override it to change one). ``counted`` False: a weight-0 stand-in
+        (``Parallelism.share``), left out of what processes average (KTO's reference point)."""
         if self.loss_params.is_unpaired:
-            return self._unpaired_batch_loss(model, lazy, stand_in=stand_in)
+            return self._unpaired_batch_loss(model, lazy, counted=counted)
         batch = lazy.collate().to(self.accelerator.device)
         options = self._logprob_options()
         ref_chosen = ref_rejected = None
@@ -564,10 +535,10 @@ class DPOTrainer:
         rewards = torch.cat([out.chosen_rewards.unsqueeze(1), rejected], dim=1).detach()
         return BatchLoss(losses, sums, rewards)
 
-    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch, *, stand_in: bool = False) -> BatchLoss:
+    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch, *, counted: bool = True) -> BatchLoss:
         """KTO: completions scored with gradients; the reference point z, without, from the mismatched completion each
         row carries (``preftune.data.kto``): the micro-batch's mean KL log-ratio, in training averaged over the
-        processes' concurrent micro-batches (as TRL; a ``stand_in``'s is left out), clamped at 0."""
+        processes' concurrent micro-batches (as TRL; a stand-in's is not ``counted``), clamped at 0."""
         batch = lazy.collate().to(self.accelerator.device)
         kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
         options = self._logprob_options()
@@ -579,7 +550,7 @@ class DPOTrainer:
             ref_kl = self.reference.completion_logps(kl_batch, **options)[0]
         kl_logratios = (policy_kl - ref_kl).detach()
         if self.world_size > 1 and model.training:  # every process reaches this at each micro-batch of a step
-            kl_logratios = self._kl_means_of_processes(kl_logratios, counted=not stand_in)
+            kl_logratios = self._kl_means_of_processes(kl_logratios, counted=counted)
         kl = kto_kl_estimate(kl_logratios)
         params = self.loss_params
         logps = policy.logps[0]
@@ -589,7 +560,7 @@ class DPOTrainer:
         )
         if params.rpo_alpha is not None:  # LLaMA-Factory's pref_ftx with KTO
             losses = losses + kto_sft_loss(logps / policy.lengths[0].clamp(min=1), batch.labels, params.rpo_alpha)
-        if policy.aux_loss is not None:  # MoE, as in _batch_loss
+        if policy.aux_loss is not None:  # MoE, as in batch_loss
             losses = losses + self.router_aux_loss_coef * policy.aux_loss
         rewards = params.beta * (logps.detach() - ref)
         return BatchLoss(losses, unpaired_metric_sums(losses, logps, rewards, batch.labels, kl, aux_loss=policy.aux_loss))
@@ -601,14 +572,33 @@ class DPOTrainer:
         return gathered[gathered[:, 1] > 0, 0]
 
     def _logprob_options(self) -> dict[str, Any]:
-        return {  # ZeRO-3 keeps no whole output weight for the chunked head: the model's forward projects
-            "chunked_head": self.args.chunked_lm_head and self.zero_stage != 3,
+        return {  # without the whole output weight (ZeRO-3) the model's own forward projects, not the chunked head
+            "chunked_head": self.args.chunked_lm_head and self.parallelism.holds_whole_output_layer,
             "chunk_size": self.args.lm_head_chunk_size,
             "ld_alpha": self.args.ld_alpha,
         }
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """AdamW; no weight decay on biases and normalisation weights (as transformers' Trainer)."""
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        """``self.optimizer``, made when there is none (transformers' name): AdamW over the policy's trainable
+        parameters, without weight decay on biases and normalisation weights (as transformers' Trainer). ``train()``
+        calls it after the policy is sharded (FSDP)."""
+        if self.optimizer is None:
+            self.optimizer = self._adamw(self.model)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """``self.lr_scheduler``, made when there is none (transformers' name): ``lr_scheduler_type`` with its
+        warm-up over ``num_training_steps``."""
+        if self.lr_scheduler is None:
+            args = self.args
+            self.lr_scheduler = get_scheduler(
+                args.lr_scheduler_type, optimizer if optimizer is not None else self.optimizer,
+                num_warmup_steps=args.resolved_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+            )
+        return self.lr_scheduler
+
+    def _adamw(self, model: nn.Module) -> torch.optim.Optimizer:
         decay, no_decay = [], []
         for name, parameter in model.named_parameters():
             if not parameter.requires_grad:
@@ -657,26 +647,17 @@ class DPOTrainer:
         total_steps, steps_per_epoch = self._total_steps(windows)
         self._set_schedule(total_steps, steps_per_epoch)
 
-        saved = self._read_resume_checkpoint(resume) if resume is not None else None
-        if self.fsdp:  # FSDP2 replaces the parameters by shards in place: after the weights are loaded, before the
-            self._shard_models()  # optimizer takes them
-        optimizer = self.optimizer if self.optimizer is not None else self._optimizer(self.model)
-        scheduler = self.lr_scheduler if self.lr_scheduler is not None else get_scheduler(
-            args.lr_scheduler_type, optimizer, num_warmup_steps=args.resolved_warmup_steps(total_steps),
-            num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
-        )
+        saved = self._read_resume_checkpoint(resume) if resume is not None else None  # weights into the whole model
+        self.parallelism.prepare_models(self.model, self.reference)  # e.g. sharded: before the optimizer takes them
+        optimizer = self.create_optimizer()
+        scheduler = self.create_scheduler(total_steps, optimizer)
         run = _RunTotals()
-        if self.deepspeed:  # DeepSpeed's engine drives the optimizer (preftune.zero); its state is loaded into the engine
-            model = self._start_deepspeed(optimizer)
-        start_step = self._restore_training_state(saved, optimizer, scheduler, run) if saved is not None else 0
-        if self.fsdp:  # sharded already; accelerate would wrap it in DDP on top
-            model, optimizer = self.model, self.accelerator.prepare(optimizer)
-        elif not self.deepspeed:
-            model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        model, optimizer = self.parallelism.prepare(
+            self.model, optimizer, self.reference, optimizer_state=saved["optimizer"] if saved is not None else None
+        )
+        start_step = self._restore_training_state(saved, scheduler, run) if saved is not None else 0
         self.optimizer, self.lr_scheduler = optimizer, scheduler
         handler.model, handler.optimizer, handler.lr_scheduler = self.model, optimizer, scheduler
-        if self.reference is not None and self.zero_stage != 3:
-            self.reference.to(self.accelerator.device)
         model.train()
         logger.info(
             "training: %s, %d steps (%s per epoch), batch %d x accumulation %d, loss %s, beta %g",
@@ -698,45 +679,39 @@ class DPOTrainer:
                 self.control = handler.on_epoch_begin(args, self.state, self.control)
             self.control = handler.on_step_begin(args, self.state, self.control)
             window_pairs = sum(len(lazy.indices) for lazy in window)  # over all processes
-            share = rank_share(window, self.rank, self.world_size)
+            share = self.parallelism.share(window)  # (micro-batch, weight); weight 0: a stand-in, for equal backwards
             step_sums, problem = [], None
-            for index, lazy in enumerate(share):
-                sync = index == len(share) - 1
-                with self.accelerator.no_sync(model) if not sync and not self.deepspeed else nullcontext():
-                    if lazy is None:  # a stand-in (the window ran out before this process's share): zero gradient
-                        self._backward(model, self._batch_loss(model, window[0], stand_in=True).losses.sum() * 0.0, sync)
-                        continue
-                    losses, sums, _ = self._batch_loss(model, lazy)
-                    if not torch.isfinite(losses).all():
+            for index, (lazy, weight) in enumerate(share):
+                boundary = index == len(share) - 1
+                with self.parallelism.accumulating(model, boundary):
+                    losses, sums, _ = self.batch_loss(model, lazy, counted=weight > 0)
+                    if weight and not torch.isfinite(losses).all():
                         problem = problem or f"non-finite loss at step {step} on source rows {lazy.source_rows()}"
                         if self.world_size == 1:
                             break  # with several processes every one goes on, so that the collectives stay in step
-                    # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window. DDP
-                    # averages gradients over processes, hence the factor world_size.
-                    self._backward(model, losses.sum() * self.world_size / window_pairs, sync)
+                    # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window. Every
+                    # backend averages gradients over processes, hence the factor world_size.
+                    self.parallelism.backward(model, losses.sum() * weight * self.world_size / window_pairs, boundary)
+                if not weight:
+                    continue
                 step_sums.append((sums, lazy.num_tokens))
-                if not sync:
+                if not boundary:
                     self.control = handler.on_substep_end(args, self.state, self.control)
-            if self.world_size > 1:  # every process gets the step's metric sums (in window order) and any problem
-                gathered = gather_objects((step_sums, problem))
-                step_sums = [entry for sums_of_rank, _ in gathered for entry in sums_of_rank]
-                problem = next((found for _, found in gathered if found is not None), None)
+            # every process gets the step's metric sums (in window order) and any problem
+            gathered = self.parallelism.gather((step_sums, problem))
+            step_sums = [entry for sums_of_rank, _ in gathered for entry in sums_of_rank]
+            problem = next((found for _, found in gathered if found is not None), None)
             self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
-            # max_grad_norm 0 disables clipping; the norm is still measured (an infinite bound scales nothing).
-            grad_norm = float("nan")
-            if self.deepspeed and problem is None:  # DeepSpeed clips, steps and zeroes the gradients in one call
-                grad_norm = self._deepspeed_step(model, step, window)
-            elif problem is None:
-                norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-                if not math.isfinite(grad_norm):
-                    rows = [row for lazy in window for row in lazy.source_rows()]
-                    problem = f"non-finite gradient norm at step {step} (source rows {rows})"
+            # max_grad_norm 0 disables clipping; the norm is still measured. NaN: not measured (a problem already).
+            grad_norm, updated = self.parallelism.clip_and_step(model, optimizer, update=problem is None)
+            if problem is None and not math.isfinite(grad_norm):
+                rows = [row for lazy in window for row in lazy.source_rows()]
+                problem = f"non-finite gradient norm at step {step} (source rows {rows})"
             learning_rate = scheduler.get_last_lr()[0]
             if problem is None:
-                if not self.deepspeed:
-                    optimizer.step()
                 run.add_step(step_sums, window_pairs)
+            elif updated:  # a backend that measures the norm within its update: too late to skip
+                raise TrainingError(f"{problem}, found after the update was made; stopped, no checkpoint written after it")
             elif args.nonfinite_loss == "stop":
                 raise TrainingError(f"{problem}; nothing was updated (set nonfinite_loss: skip to skip such steps)")
             else:
@@ -744,10 +719,9 @@ class DPOTrainer:
                 run.skipped_steps.append(step)
             self.control = handler.on_optimizer_step(args, self.state, self.control)
             scheduler.step()
-            if not self.deepspeed:  # DeepSpeed's step zeroes its own gradients
-                optimizer.zero_grad(set_to_none=True)
+            self.parallelism.zero_grad(optimizer)
             if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
-                sync_reference(self.reference, self.accelerator.unwrap_model(model), args.ref_model_mixup_alpha)
+                sync_reference(self.reference, self.parallelism.unwrap(model), args.ref_model_mixup_alpha)
             self._empty_device_cache(step)
             self.state.global_step, self.state.epoch = step, epoch_progress
             self.state.num_input_tokens_seen = run.total_tokens
@@ -780,7 +754,7 @@ class DPOTrainer:
 
         if self.data.eval_sets and run.last_eval_step != self.state.global_step:
             self._evaluate_sets(model, run)
-        self.model = self._unwrap(model)
+        self.model = self.parallelism.unwrap(model)
         handler.model = self.model
         self._load_best_model()
         self.save_model()
@@ -852,66 +826,6 @@ class DPOTrainer:
         if every and step % every == 0 and self.accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _start_deepspeed(self, optimizer: torch.optim.Optimizer) -> Any:
-        """The policy's DeepSpeed engine over ``optimizer``; under stage 3 a separate reference is partitioned too."""
-        start_deepspeed()
-        hidden_size = getattr(unwrap_model(self.model).config, "hidden_size", None)
-        config = resolve_deepspeed_config(self.deepspeed, self.args, self.world_size, hidden_size)
-        self._engine = initialize_policy(self.model.to(self.accelerator.device), optimizer, config)
-        if self.zero_stage == 3 and self.reference is not None and self.reference.separate_model is not None:
-            self.reference.model = initialize_reference(self.reference.model.to(self.accelerator.device), config)
-        return self._engine
-
-    def _backward(self, model: nn.Module, loss: torch.Tensor, boundary: bool) -> None:
-        """One micro-batch's backward; ``boundary``: the last of this process's optimizer step (DeepSpeed reduces
-        the gradients then; DDP's reduction is switched by ``no_sync`` around the call)."""
-        if self.deepspeed:
-            model.set_gradient_accumulation_boundary(boundary)
-            model.backward(loss, scale_wrt_gas=False)
-        else:
-            self.accelerator.backward(loss)
-
-    def _deepspeed_step(self, engine: Any, step: int, window: list[LazyBatch]) -> float:
-        """``engine.step()`` (clipping to ``gradient_clipping`` = max_grad_norm, the update, zeroed gradients); the
-        gradient norm before clipping. DeepSpeed measures it only within its step, so a non-finite norm stops the
-        run after that step, before anything is written."""
-        engine.step()
-        grad_norm = float(engine.get_global_grad_norm())
-        if not math.isfinite(grad_norm):
-            rows = [row for lazy in window for row in lazy.source_rows()]
-            raise TrainingError(
-                f"non-finite gradient norm at step {step} (source rows {rows}) under DeepSpeed; stopped, no checkpoint "
-                "written after it"
-            )
-        return grad_norm
-
-    def _unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if self.deepspeed and model is self._engine else self.accelerator.unwrap_model(model)
-
-    def _whole_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """The whole weights when the model is sharded or partitioned (a collective: every process calls it), on the
-        main process; None when every process holds them (read them from the model)."""
-        if self.fsdp:
-            return full_state_dict(model)
-        if self.deepspeed and self._engine is not None:
-            return whole_state_dict(self._engine)
-        return None
-
-    def _parallelism(self) -> str:
-        """How the processes share the work: ``single``, ``ddp``, ``fsdp <options>`` or ``deepspeed zero-<stage>``."""
-        if self.world_size == 1:
-            return "single"
-        if self.fsdp:
-            return f"fsdp {self.fsdp}"
-        return f"deepspeed zero-{self.zero_stage}" if self.deepspeed else "ddp"
-
-    def _shard_models(self) -> None:
-        """FSDP2: shard the policy, and a separate frozen reference model too (forward-only, no optimizer)."""
-        device, precision = self.accelerator.device, self.accelerator.mixed_precision
-        shard_model(self.model.to(device), self.fsdp, precision)
-        if self.reference is not None and self.reference.separate_model is not None:
-            shard_model(self.reference.model.to(device), self.fsdp, precision, role="the reference model")
-
     def _read_resume_checkpoint(self, spec: str) -> dict[str, Any]:
         """Check the checkpoint ``spec`` names and load its weights into the (not yet sharded) model; return the rest
         of it (``read_checkpoint``) for ``_restore_training_state``."""
@@ -935,15 +849,9 @@ class DPOTrainer:
         saved["path"] = path
         return saved
 
-    def _restore_training_state(self, saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                                run: "_RunTotals") -> int:
-        """Load a checkpoint's optimizer, scheduler, RNG states, totals and history; return its step."""
-        if self.fsdp:  # the whole optimizer state, keyed by parameter name: every process takes its shards
-            load_full_optimizer_state(self.model, optimizer, saved["optimizer"])
-        elif self.deepspeed:  # the same, into DeepSpeed's partitions
-            load_whole_optimizer_state(self._engine, saved["optimizer"])
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
+    def _restore_training_state(self, saved: dict[str, Any], scheduler: Any, run: "_RunTotals") -> int:
+        """Load a checkpoint's scheduler, RNG states, totals and history (its optimizer state: ``Parallelism.prepare``);
+        return its step."""
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["trainer_state"]
         run.load(state["totals"])
@@ -1006,26 +914,25 @@ class DPOTrainer:
     @torch.no_grad()
     def _evaluate_one(self, model: nn.Module, dataset: Any, prefix: str) -> dict[str, float]:
         """Mean metrics over one tokenized eval set, named ``<prefix>_<metric>``; logged, then ``on_evaluate``."""
-        if self.reference is not None:
-            self.reference.to(self.accelerator.device)
+        self.parallelism.place_reference(self.reference)
         model.to(self.accelerator.device)
         was_training = model.training
         model.eval()
-        forward_model = self._unwrap(model)  # no DDP collectives in a forward without backward
+        forward_model = self.parallelism.unwrap(model)  # no DDP collectives in a forward without backward
         accumulator = MetricAccumulator()
         start = time.perf_counter()
         batches = self.batch_maker.batches(dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False)
         results = []
-        for lazy in rank_share(batches, self.rank, self.world_size):  # each process its contiguous share
+        for lazy, weight in self.parallelism.share(batches):  # each process its contiguous share
+            if not weight and not self.parallelism.lockstep_forwards:
+                continue  # a stand-in runs only where each forward gathers parameters from every process
             with self.accelerator.autocast():
-                if lazy is not None:
-                    result = self._batch_loss(forward_model, lazy)
-                    rewards = None if result.rewards is None else result.rewards.float().cpu().numpy()
-                    results.append((result.sums, rewards))
-                elif self.lockstep_forwards:  # a stand-in forward: each forward gathers parameters from every process
-                    self._batch_loss(forward_model, batches[0])
-        if self.world_size > 1:  # every process gets all results, in batch order
-            results = [entry for results_of_rank in gather_objects(results) for entry in results_of_rank]
+                result = self.batch_loss(forward_model, lazy, counted=weight > 0)
+            if weight:
+                rewards = None if result.rewards is None else result.rewards.float().cpu().numpy()
+                results.append((result.sums, rewards))
+        # every process gets all results, in batch order
+        results = [entry for results_of_rank in self.parallelism.gather(results) for entry in results_of_rank]
         for sums, _ in results:
             accumulator.add(sums)
         model.train(was_training)
@@ -1104,52 +1011,43 @@ class DPOTrainer:
     def save_model(self, output_dir: str | None = None) -> Path:
         """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
         target = Path(output_dir or self.args.output_dir)
-        state_dict = self._whole_weights(self.model)  # FSDP, ZeRO: every process gathers its shards
+        state_dict = self.parallelism.whole_weights(self.model)  # where split: a collective
         if self.accelerator.is_main_process:
-            save_trainable_weights(self._unwrap(self.model), self.tokenizer, target, state_dict)
+            save_trainable_weights(self.parallelism.unwrap(self.model), self.tokenizer, target, state_dict)
         return target
 
     def merge_and_save(self, output_dir: str) -> Path:
         """Write the policy with its LoRA adapter merged in: a full model ``AutoModelForCausalLM`` loads."""
         if not is_peft_model(self.model):
             raise ConfigError("merge_and_save needs a LoRA policy (finetuning_type: lora or peft_config)", key="finetuning_type")
-        if self.lockstep_forwards:
+        if self.parallelism.lockstep_forwards:
             raise ConfigError(
-                "merge_and_save: the model is sharded across processes (FSDP or ZeRO-3); merge the saved adapter with "
-                "`preftune export` instead", key="fsdp" if self.fsdp else "deepspeed",
+                f"merge_and_save: the model is split across processes ({self.parallelism.name}); merge the saved "
+                "adapter with `preftune export` instead", key=self.parallelism.config_key,
             )
         target = Path(output_dir)
         if self.accelerator.is_main_process:
-            merge_and_save(self.accelerator.unwrap_model(self.model), self.tokenizer, target)
+            merge_and_save(self.parallelism.unwrap(self.model), self.tokenizer, target)
         return target
 
     def _save_checkpoint(self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: "_RunTotals") -> None:
         """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``) by the main process, with every
         process's RNG states; never one with non-finite weights. The other processes wait until it is written."""
-        per_rank_rng = gather_objects(rng_states()) if self.world_size > 1 else None
-        weights = self._whole_weights(model)  # FSDP, ZeRO: every process gathers its shards
-        optimizer_state = None if self.args.save_only_model else self._whole_optimizer_state(model, optimizer)
+        per_rank_rng = self.parallelism.gather(rng_states()) if self.world_size > 1 else None
+        weights = self.parallelism.whole_weights(model)  # where split: a collective
+        optimizer_state = None if self.args.save_only_model else self.parallelism.whole_optimizer_state(model, optimizer)
         if self.accelerator.is_main_process:
             self._write_checkpoint(model, step, optimizer_state, scheduler, run, per_rank_rng, weights)
         if self.state.best_global_step == step:
             self.state.best_model_checkpoint = str(Path(self.args.output_dir) / f"checkpoint-{step}")
         self.accelerator.wait_for_everyone()
 
-    def _whole_optimizer_state(self, model: nn.Module, optimizer: Any) -> dict | None:
-        """The optimizer's whole state (a collective under FSDP and DeepSpeed, where it is keyed by parameter name
-        and complete on the main process only)."""
-        if self.fsdp:
-            return full_optimizer_state(model, optimizer)
-        if self.deepspeed:  # gathered from DeepSpeed's partitions
-            return whole_optimizer_state(self._engine)
-        return optimizer.state_dict()
-
     def _write_checkpoint(
         self, model: nn.Module, step: int, optimizer_state: dict | None, scheduler: Any, run: "_RunTotals",
         per_rank_rng: list | None, weights: dict[str, torch.Tensor] | None,
     ) -> None:
         """``weights``: the whole model's state dict when it is sharded (else read from the model)."""
-        unwrapped = self._unwrap(model)
+        unwrapped = self.parallelism.unwrap(model)
         trainable = weights.values() if weights is not None else (p for p in unwrapped.parameters() if p.requires_grad)
         if not all(torch.isfinite(value).all() for value in trainable):
             logger.error("step %d: the weights hold non-finite values; checkpoint not written", step)
@@ -1199,7 +1097,7 @@ class DPOTrainer:
             "tokens_per_second": run.session_tokens / runtime if runtime > 0 else 0.0,
             "total_pairs": run.total_pairs,
             "num_processes": self.world_size,
-            "parallelism": self._parallelism(),
+            "parallelism": self.parallelism.name,
             "skipped_nonfinite_steps": {"count": len(run.skipped_steps), "steps": run.skipped_steps[:100]},
             "memory": peak_memory_mb(),
             "data": self._data_report(),
