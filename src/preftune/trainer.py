@@ -15,9 +15,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from preftune.adapters import (
     merge_and_save,
     save_trainable_weights,
 )
-from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows, padding_free_pays
+from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows
 from preftune.callbacks import (
     TrainerCallback,
     TrainerControl,
@@ -46,30 +46,27 @@ from preftune.callbacks import (
     finish_trackers,
     strategy_name,
 )
-from preftune.checkpoint import (
-    checkpoint_run,
-    claim_output_dir,
-    new_run_id,
-    prune_checkpoints,
-    read_checkpoint,
-    resolve_resume_path,
-    restore_rng_states,
-    rng_states,
-    write_checkpoint,
-)
+from preftune.checkpoint import claim_output_dir, new_run_id, restore_rng_states
 from preftune.config import DPOConfig, interval_to_steps
 from preftune.cpu_memory import keep_freed_memory
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
 from preftune.data.pipeline import PreparedData, default_cache_dir, eval_key, prepare_data, prepare_rows
-from preftune.errors import CheckpointError, ConfigError, PreftuneError
+from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_kl_estimate, kto_loss, kto_sft_loss
-from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
+from preftune.metrics import (
+    MetricAccumulator,
+    ReplicaRecorder,
+    RunRecorder,
+    RunTotals,
+    pair_metric_sums,
+    unpaired_metric_sums,
+)
+from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
 from preftune.moe import resolve_router_aux_loss
 from preftune.parallel import build_parallelism
 from preftune.parallel.launch import build_accelerator
-from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
-from preftune.preflight import check_resume_fingerprint, run_fingerprint, run_preflight_checks, start_fresh_run
+from preftune.preflight import run_fingerprint, run_preflight_checks, start_fresh_run
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps
 from preftune.reference import (
     AdapterDisabledReference,
@@ -78,6 +75,8 @@ from preftune.reference import (
     build_reference,
     sync_reference,
 )
+from preftune.summary import run_summary, train_end_record, training_record
+from preftune.training_state import ResumePoint, open_resume_checkpoint, save_training_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +246,7 @@ class DPOTrainer:
                 _check_data_fits_loss(self.args, self.loss_params, self.data)
                 if self.args.precompute_ref_log_probs and self.reference is not None:
                     self._precompute_reference()
-        recorder = RunRecorder if self.accelerator.is_main_process else _ReplicaRecorder
+        recorder = RunRecorder if self.accelerator.is_main_process else ReplicaRecorder
         self.recorder = recorder(self.args.output_dir, plot=self.args.plot_loss)
         self.state.log_history = self.recorder.history
         self.callback_handler = build_callback_handler(
@@ -651,9 +650,9 @@ class DPOTrainer:
         self.parallelism.prepare_models(self.model, self.reference)  # e.g. sharded: before the optimizer takes them
         optimizer = self.create_optimizer()
         scheduler = self.create_scheduler(total_steps, optimizer)
-        run = _RunTotals()
+        run = RunTotals()
         model, optimizer = self.parallelism.prepare(
-            self.model, optimizer, self.reference, optimizer_state=saved["optimizer"] if saved is not None else None
+            self.model, optimizer, self.reference, optimizer_state=saved.optimizer if saved is not None else None
         )
         start_step = self._restore_training_state(saved, scheduler, run) if saved is not None else 0
         self.optimizer, self.lr_scheduler = optimizer, scheduler
@@ -759,7 +758,7 @@ class DPOTrainer:
         self._load_best_model()
         self.save_model()
         training_loss = run.run_loss.means().get("loss", float("nan"))
-        self.log(self._train_summary_record(runtime, run, training_loss, total_steps))
+        self.log(self._train_summary_record(runtime, run, training_loss))
         summary = self._write_summary(runtime, run, training_loss)
         self.control = handler.on_train_end(args, self.state, self.control)
         self.accelerator.wait_for_everyone()  # the replicas wait until the main process has written the outputs
@@ -785,32 +784,19 @@ class DPOTrainer:
         state.save_steps = interval_to_steps(args.save_steps, total_steps)
         state.train_batch_size = args.per_device_train_batch_size
 
-    def _training_record(self, run: "_RunTotals", grad_norm: float, learning_rate: float, elapsed: float) -> dict:
-        """The metrics of the steps since the last log (means over their pairs) with the step's norm and rate."""
-        record = {**run.window.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
-                  "tokens_per_second": run.window_tokens / elapsed if elapsed > 0 else 0.0}
+    def _training_record(self, run: RunTotals, grad_norm: float, learning_rate: float, elapsed: float) -> dict:
+        """``summary.training_record``, with ``num_input_tokens_seen`` unless ``include_num_input_tokens_seen: no``."""
+        record = training_record(run, grad_norm, learning_rate, elapsed)
         if self.args.include_num_input_tokens_seen != "no":
             record["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         return record
 
-    def _train_summary_record(self, runtime: float, run: "_RunTotals", training_loss: float, total_steps: int) -> dict:
-        """The record transformers' Trainer logs when training ends: ``train_runtime``, ``train_samples_per_second``
-        (pairs), ``train_steps_per_second``, ``total_flos`` (6 x non-embedding parameters x tokens trained on, the
-        estimate transformers uses) and ``train_loss`` (the mean loss of the run); with an MoE load-balancing loss also
-        its run mean ``aux_loss``."""
-        steps = self.state.global_step - (self._resumed_at_step or 0)
+    def _train_summary_record(self, runtime: float, run: RunTotals, training_loss: float) -> dict:
+        """``summary.train_end_record``; ``total_flos``: 6 x non-embedding parameters x tokens trained on (the estimate
+        transformers uses)."""
         self.state.total_flos = 6.0 * self._flop_parameters * run.total_tokens
-        record = {
-            "train_runtime": runtime,
-            "train_samples_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
-            "train_steps_per_second": steps / runtime if runtime > 0 else 0.0,
-            "total_flos": self.state.total_flos,
-            "train_loss": training_loss,
-        }
-        run_means = run.run_loss.means()
-        if "aux_loss" in run_means:  # MoE: the run's mean load-balancing loss, as train_loss is the run's mean loss
-            record["aux_loss"] = run_means["aux_loss"]
-        return record
+        steps = self.state.global_step - (self._resumed_at_step or 0)
+        return train_end_record(run, runtime, training_loss, steps, self.state.total_flos)
 
     def log(self, logs: dict[str, Any], start_time: float | None = None) -> None:
         """Record ``logs`` at the current step (history files, ``state.log_history``) and pass them to the callbacks'
@@ -826,40 +812,28 @@ class DPOTrainer:
         if every and step % every == 0 and self.accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _read_resume_checkpoint(self, spec: str) -> dict[str, Any]:
-        """Check the checkpoint ``spec`` names and load its weights into the (not yet sharded) model; return the rest
-        of it (``read_checkpoint``) for ``_restore_training_state``."""
-        path = resolve_resume_path(spec, Path(self.args.output_dir))
-        saved = read_checkpoint(path, rank=self.rank)
-        if saved["optimizer"] is None or saved["scheduler"] is None:
-            raise CheckpointError(f"{path} holds no optimizer/scheduler state (saved with save_only_model): cannot resume")
-        saved_world_size = saved["trainer_state"].get("world_size", 1)
-        if saved_world_size != self.world_size:
-            raise CheckpointError(
-                f"{path} was written by a run of {saved_world_size} process(es), this run has {self.world_size}: "
-                "the global batch (per_device_train_batch_size x processes x gradient_accumulation_steps) and the data "
-                "position would differ; resume with the same number of processes"
-            )
-        saved_run_id, saved_fingerprint = checkpoint_run(path)
-        check_resume_fingerprint(saved_fingerprint, self.fingerprint, path, self.args)
-        self.run_id = saved_run_id or self.run_id  # the resumed run keeps its id (one from before run ids: a new one)
+    def _read_resume_checkpoint(self, spec: str) -> ResumePoint:
+        """The checked checkpoint ``spec`` names (``training_state.open_resume_checkpoint``), its weights loaded into
+        the (not yet sharded) model; the run keeps its id and claims ``output_dir``."""
+        saved = open_resume_checkpoint(spec, Path(self.args.output_dir), world_size=self.world_size, rank=self.rank,
+                                       fingerprint=self.fingerprint, args=self.args)
+        self.run_id = saved.run_id or self.run_id  # the resumed run keeps its id (one from before run ids: a new one)
         if self.accelerator.is_main_process:
             claim_output_dir(Path(self.args.output_dir), self.run_id)
-        load_trainable_weights(self.model, path)
-        saved["path"] = path
+        load_trainable_weights(self.model, saved.path)
         return saved
 
-    def _restore_training_state(self, saved: dict[str, Any], scheduler: Any, run: "_RunTotals") -> int:
+    def _restore_training_state(self, saved: ResumePoint, scheduler: Any, run: RunTotals) -> int:
         """Load a checkpoint's scheduler, RNG states, totals and history (its optimizer state: ``Parallelism.prepare``);
         return its step."""
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["trainer_state"]
+        scheduler.load_state_dict(saved.scheduler)
+        state = saved.trainer_state
         run.load(state["totals"])
         self.recorder.restore(state["log_history"])
         self.state.global_step, self.state.epoch = state["global_step"], state["epoch"]
         self._resumed_at_step = self.state.global_step
-        restore_rng_states(saved["rng"])
-        logger.info("resumed from %s at step %d", saved["path"], self.state.global_step)
+        restore_rng_states(saved.rng)
+        logger.info("resumed from %s at step %d", saved.path, self.state.global_step)
         return self.state.global_step
 
     # ------------------------------------------------------------- evaluate
@@ -900,7 +874,7 @@ class DPOTrainer:
                 self._attach_reference_logps(data, reference.to(self.accelerator.device), eval_key(name))
         return prepared.eval_sets
 
-    def _evaluate_sets(self, model: nn.Module, run: "_RunTotals") -> None:
+    def _evaluate_sets(self, model: nn.Module, run: RunTotals) -> None:
         """Evaluate every eval set during training (``model``: the prepared, possibly wrapped, policy); keep track
         of the best metric for ``load_best_model_at_end``."""
         metrics: dict[str, float] = {}
@@ -1030,29 +1004,9 @@ class DPOTrainer:
             merge_and_save(self.parallelism.unwrap(self.model), self.tokenizer, target)
         return target
 
-    def _save_checkpoint(self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: "_RunTotals") -> None:
-        """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``) by the main process, with every
-        process's RNG states; never one with non-finite weights. The other processes wait until it is written."""
-        per_rank_rng = self.parallelism.gather(rng_states()) if self.world_size > 1 else None
-        weights = self.parallelism.whole_weights(model)  # where split: a collective
-        optimizer_state = None if self.args.save_only_model else self.parallelism.whole_optimizer_state(model, optimizer)
-        if self.accelerator.is_main_process:
-            self._write_checkpoint(model, step, optimizer_state, scheduler, run, per_rank_rng, weights)
-        if self.state.best_global_step == step:
-            self.state.best_model_checkpoint = str(Path(self.args.output_dir) / f"checkpoint-{step}")
-        self.accelerator.wait_for_everyone()
-
-    def _write_checkpoint(
-        self, model: nn.Module, step: int, optimizer_state: dict | None, scheduler: Any, run: "_RunTotals",
-        per_rank_rng: list | None, weights: dict[str, torch.Tensor] | None,
-    ) -> None:
-        """``weights``: the whole model's state dict when it is sharded (else read from the model)."""
-        unwrapped = self.parallelism.unwrap(model)
-        trainable = weights.values() if weights is not None else (p for p in unwrapped.parameters() if p.requires_grad)
-        if not all(torch.isfinite(value).all() for value in trainable):
-            logger.error("step %d: the weights hold non-finite values; checkpoint not written", step)
-            return
-        output_dir = Path(self.args.output_dir)
+    def _save_checkpoint(self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: RunTotals) -> None:
+        """``checkpoint-<step>`` (``training_state.save_training_checkpoint``); the other processes wait until it is
+        written."""
         trainer_state = {
             "global_step": step,
             "epoch": self.state.epoch,
@@ -1062,17 +1016,15 @@ class DPOTrainer:
             "world_size": self.world_size,
             "run": {"id": self.run_id, "fingerprint": self.fingerprint},  # preftune.checkpoint: runs never mix
         }
-        target = write_checkpoint(
-            output_dir / f"checkpoint-{step}",
-            save_weights=lambda directory: save_trainable_weights(unwrapped, self.tokenizer, directory, weights),
-            trainer_state=trainer_state,
-            optimizer_state=optimizer_state,
-            scheduler_state=None if optimizer_state is None else scheduler.state_dict(),
-            rank_rng_states=per_rank_rng,
-        )
         best = self.state.best_model_checkpoint
-        prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target, run_id=self.run_id,
-                          best=Path(best) if best else None)
+        save_training_checkpoint(
+            self.parallelism, model, optimizer, scheduler, Path(self.args.output_dir) / f"checkpoint-{step}",
+            tokenizer=self.tokenizer, trainer_state=trainer_state, with_optimizer=not self.args.save_only_model,
+            keep=self.args.save_total_limit or 0, run_id=self.run_id, best=Path(best) if best else None,
+        )
+        if self.state.best_global_step == step:
+            self.state.best_model_checkpoint = str(Path(self.args.output_dir) / f"checkpoint-{step}")
+        self.accelerator.wait_for_everyone()
 
     def _data_report(self) -> dict[str, Any]:
         """What the data step read, skipped, dropped and truncated, per split (a stream's counts add up)."""
@@ -1081,95 +1033,17 @@ class DPOTrainer:
             report["train"] = self._windows.report
         return report
 
-    def _write_summary(self, runtime: float, run: "_RunTotals", training_loss: float) -> dict[str, Any]:
-        strip = lambda record, prefix="": {  # noqa: E731
-            key[len(prefix) :]: value for key, value in record.items() if key.startswith(prefix) and key not in ("step", "epoch")
-        }
-        train_records, eval_records = self.recorder.train_records, self.recorder.eval_records
-        summary = {
-            "train": strip(train_records[-1]) if train_records else {},
-            "eval": strip(eval_records[-1], "eval_") if eval_records else {},
-            "training_loss_mean": training_loss,
-            "global_step": self.state.global_step,
-            "epoch": self.state.epoch,
-            "runtime_seconds": runtime,
-            "pairs_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
-            "tokens_per_second": run.session_tokens / runtime if runtime > 0 else 0.0,
-            "total_pairs": run.total_pairs,
-            "num_processes": self.world_size,
-            "parallelism": self.parallelism.name,
-            "skipped_nonfinite_steps": {"count": len(run.skipped_steps), "steps": run.skipped_steps[:100]},
-            "memory": peak_memory_mb(),
-            "data": self._data_report(),
-            "config": self.args.to_dict(),
-        }
-        for name in self.data.eval_sets:  # named eval sets: their last metrics under "eval_<name>"
-            if name is not None:
-                prefix = f"{eval_key(name)}_"
-                records = [record for record in self.recorder.history if f"{prefix}loss" in record]
-                summary[eval_key(name)] = strip(records[-1], prefix) if records else {}
-        summary["diagnostics"] = self.recorder.diagnostics()  # likelihood displacement, grad-norm spikes
+    def _write_summary(self, runtime: float, run: RunTotals, training_loss: float) -> dict[str, Any]:
+        """``summary.json`` (``summary.run_summary``) and the training curves, written by the main process."""
+        summary = run_summary(
+            self.recorder, run, runtime=runtime, training_loss=training_loss, global_step=self.state.global_step,
+            epoch=self.state.epoch, num_processes=self.world_size, parallelism=self.parallelism.name,
+            data_report=self._data_report(), config=self.args.to_dict(), eval_sets=self.data.eval_sets,
+        )
         if self.accelerator.is_main_process:
             self.recorder.write_summary(summary)
             self.recorder.write_plot()
         return summary
-
-
-class _ReplicaRecorder(RunRecorder):
-    """The history of a process other than the main one: kept in memory (for ``train()``'s result), never written."""
-
-    warns = False  # the main process logs the likelihood-displacement warning
-
-    def _write_history(self) -> None:
-        return None
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        return None
-
-    def write_plot(self) -> None:
-        return None
-
-
-@dataclass
-class _RunTotals:
-    """The loop's running totals, saved in checkpoints so that a resumed run continues them exactly."""
-
-    window: MetricAccumulator = field(default_factory=MetricAccumulator)  # metrics since the last log
-    run_loss: MetricAccumulator = field(default_factory=MetricAccumulator)  # loss over the whole run
-    window_tokens: int = 0
-    total_pairs: int = 0
-    total_tokens: int = 0
-    last_eval_step: int = -1
-    skipped_steps: list[int] = field(default_factory=list)
-    session_pairs: int = 0  # this process only (for pairs/s), not checkpointed
-    session_tokens: int = 0
-
-    def add_step(self, step_sums: list[tuple[dict[str, float], int]], pairs: int) -> None:
-        for sums, tokens in step_sums:
-            self.window.add(sums)
-            self.run_loss.add({key: sums[key] for key in ("pairs", "loss", "aux_loss") if key in sums})
-            self.window_tokens += tokens
-            self.total_tokens += tokens
-            self.session_tokens += tokens
-        self.total_pairs += pairs
-        self.session_pairs += pairs
-
-    def reset_window(self) -> None:
-        self.window.reset()
-        self.window_tokens = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "window": dict(self.window.sums), "run_loss": dict(self.run_loss.sums), "window_tokens": self.window_tokens,
-            "total_pairs": self.total_pairs, "total_tokens": self.total_tokens, "last_eval_step": self.last_eval_step,
-            "skipped_steps": list(self.skipped_steps),
-        }
-
-    def load(self, saved: dict[str, Any]) -> None:
-        self.window.sums.update(saved["window"])
-        self.run_loss.sums.update(saved["run_loss"])
-        self.window_tokens, self.total_pairs, self.total_tokens = saved["window_tokens"], saved["total_pairs"], saved["total_tokens"]
-        self.last_eval_step, self.skipped_steps = saved["last_eval_step"], list(saved["skipped_steps"])
 
 
 def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:
