@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -262,3 +263,43 @@ def test_fsdp_lora_with_a_checkpoint_matches_one_process_and_resumes(stories_mod
     _assert_same_history(history, json.loads((resumed / "log_history.json").read_text()))
     _assert_same_weights(load_file(str(two / adapter)), load_file(str(resumed / adapter)))
 
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_rehearsed_on_one_machine_match_one_process(stories_model_dir, tmp_path):
+    """Two nodes of one process each, each started by its own torchrun (``--nnodes 2 --node_rank R``, a static
+    rendezvous at localhost) with its own data cache, as on two machines: the run ends with the losses, metrics and
+    weights of one process with twice the gradient accumulation."""
+    config = _write_config(tmp_path, stories_model_dir, "two", max_steps=2, ddp_timeout=240)
+    port, launchers = _free_port(), []
+    try:
+        for node in range(2):
+            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"), PREFTUNE_CACHE=str(tmp_path / f"cache{node}"))
+            env.pop("WORLD_SIZE", None)
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                       "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                       "-m", "preftune.cli", "train", str(config)]
+            log = open(tmp_path / f"node{node}.log", "w")  # files, not pipes: a full pipe would stall a node
+            launchers.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        for node, (launcher, log) in enumerate(launchers):
+            assert launcher.wait(timeout=300) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    finally:
+        for launcher, log in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+            log.close()
+    one = _train_one_process(config, f"output_dir={tmp_path / 'one'}", "gradient_accumulation_steps=2")
+    two = tmp_path / "two"
+    history = json.loads((two / "log_history.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == [1, 2]
+    _assert_same_history(one.state.log_history, history)
+    _assert_same_weights(load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(two / "model.safetensors")),
+                         initial=load_file(str(stories_model_dir / "model.safetensors")))
+    assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
+    for node in range(2):  # each node's first process tokenized the data into that node's own cache
+        assert list((tmp_path / f"cache{node}" / "tokenized").iterdir())
