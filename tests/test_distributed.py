@@ -4,11 +4,13 @@ weights of 1 process; only the main process writes; resume works with 2 processe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from preftune import DPOConfig, DPOTrainer
 from preftune.checkpoint import read_checkpoint
 from preftune.config import load_config
+from preftune.parallel import build_parallelism
 from preftune.parallel.launch import rank_share, relaunch_command, should_relaunch
 from preftune.errors import CheckpointError, ConfigError
 
@@ -68,6 +71,16 @@ def test_an_accelerate_config_selecting_deepspeed_or_fsdp_is_refused_clearly(sto
     assert info.value.key == key
 
 
+
+
+@pytest.mark.parametrize("settings", [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 3}}}])
+def test_one_process_ignores_fsdp_and_deepspeed_with_a_warning(settings, caplog):
+    one_process = SimpleNamespace(num_processes=1, process_index=0, distributed_type="NO")
+    with caplog.at_level(logging.WARNING, logger="preftune.parallel"):
+        parallelism = build_parallelism(DPOConfig(**settings), one_process)
+    assert "ignored: this run has one process" in caplog.text
+    assert parallelism.name == "single"  # what summary.json records
+    assert parallelism.allows_padding_free and parallelism.holds_whole_output_layer and not parallelism.lockstep_forwards
 
 
 @pytest.mark.parametrize("settings, key", [
@@ -300,6 +313,7 @@ def test_two_nodes_rehearsed_on_one_machine_match_one_process(stories_model_dir,
     _assert_same_history(one.state.log_history, history)
     _assert_same_weights(load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(two / "model.safetensors")),
                          initial=load_file(str(stories_model_dir / "model.safetensors")))
-    assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["parallelism"] == "ddp"
     for node in range(2):  # each node's first process tokenized the data into that node's own cache
         assert list((tmp_path / f"cache{node}" / "tokenized").iterdir())
