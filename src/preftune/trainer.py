@@ -10,7 +10,6 @@ says (``preftune.callbacks``: the schedule is the first callback; transformers' 
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ from preftune.checkpoint import claim_output_dir, new_run_id, restore_rng_states
 from preftune.config import DPOConfig, interval_to_steps
 from preftune.cpu_memory import keep_freed_memory
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
-from preftune.data.pipeline import PreparedData, default_cache_dir, eval_key, prepare_data, prepare_rows
+from preftune.data.pipeline import default_cache_dir, eval_key
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_kl_estimate, kto_loss, kto_sft_loss
@@ -76,6 +75,14 @@ from preftune.reference import (
     sync_reference,
 )
 from preftune.summary import run_summary, train_end_record, training_record
+from preftune.training_data import (
+    check_data_fits_loss,
+    check_stream,
+    is_stream,
+    prepare_sources,
+    refuse_precomputing_a_stream,
+    training_windows,
+)
 from preftune.training_state import ResumePoint, open_resume_checkpoint, save_training_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -237,13 +244,14 @@ class DPOTrainer:
         self.batch_maker = BatchMaker(self.tokenizer.pad_token_id, self.layout.prefix_sharing, self.layout.padding_free)
 
         eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
-        self.stream = train_source if _is_stream(train_source) else None
+        self.stream = train_source if is_stream(train_source) else None
         with self.accelerator.local_main_process_first():  # each machine's main process fills its caches first
-            self.data = self._prepare_data(None if self.stream is not None else train_source, eval_source)
+            self.data = prepare_sources(self.args, self.tokenizer, None if self.stream is not None else train_source,
+                                        eval_source)
             if self.stream is not None:
-                self._check_stream(self.stream)
+                check_stream(self.args, self.tokenizer, self.loss_params, self.stream, self.data)
             if self.data.train is not None or self.data.eval_sets:
-                _check_data_fits_loss(self.args, self.loss_params, self.data)
+                check_data_fits_loss(self.args, self.loss_params, self.data)
                 if self.args.precompute_ref_log_probs and self.reference is not None:
                     self._precompute_reference()
         recorder = RunRecorder if self.accelerator.is_main_process else ReplicaRecorder
@@ -451,49 +459,6 @@ class DPOTrainer:
             key="precompute_ref_log_probs",
         )
 
-    # ------------------------------------------------------------- data
-    def _prepare_data(self, train_source: Any, eval_source: Any) -> PreparedData:
-        """Read and tokenize the train and eval data (``prepare_data``); a streamed eval set is read whole first."""
-        if self.args.precompute_ref_log_probs and _is_stream(eval_source, nested=True):
-            raise _stream_precompute_error()
-        eval_source = _materialized(eval_source)
-        if train_source is None and eval_source is None:
-            return PreparedData(train=None, eval=None)
-        return prepare_data(self.args, self.tokenizer, train_source, eval_source)
-
-    def _check_stream(self, stream: Any) -> None:
-        """A streamed training set: needs max_steps, cannot have its log-probs precomputed, and its first rows must
-        suit the loss (read and tokenized once here; training reads the stream from its start)."""
-        if self.args.precompute_ref_log_probs:
-            raise _stream_precompute_error()
-        if self.args.max_steps <= 0:
-            raise ConfigError("a streamed train_dataset (datasets.IterableDataset) has no length: set max_steps > 0",
-                              key="max_steps")
-        first_rows = list(itertools.islice(iter(stream), self.args.per_device_train_batch_size))
-        if not first_rows:
-            raise ConfigError("the streamed train_dataset has no rows", key="dataset")
-        sample, _ = prepare_rows(self.args, self.tokenizer, first_rows, source="streamed train_dataset", first_row=0)
-        _check_data_fits_loss(self.args, self.loss_params, sample)
-        if not self.data.eval_sets:
-            self.data.kind, self.data.num_negatives = sample.kind, sample.num_negatives
-        elif (sample.kind, sample.num_negatives) != (self.data.kind, self.data.num_negatives):
-            raise ConfigError("the eval data is not of the streamed train data's kind", key="eval_dataset")
-
-    def _training_windows(self) -> PlannedWindows | StreamingWindows:
-        """The source of the loop's windows: planned over the tokenized train set, or read from the stream."""
-        per_step = self.args.gradient_accumulation_steps * self.world_size
-        batch_size = self.args.per_device_train_batch_size
-        if self.stream is not None:
-            prepare = lambda rows, first_row: prepare_rows(  # noqa: E731
-                self.args, self.tokenizer, rows, source="streamed train_dataset", first_row=first_row
-            )
-            return StreamingWindows(self.stream, self.batch_maker, batch_size=batch_size, per_step=per_step,
-                                    drop_last=self.args.dataloader_drop_last, prepare=prepare)
-        return PlannedWindows(self.data.train.dataset, self.batch_maker, batch_size=batch_size, per_step=per_step,
-                              seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-                              drop_last=self.args.dataloader_drop_last,
-                              max_tokens=self.args.max_tokens_per_batch)
-
     # ------------------------------------------------------------ loss core
     def batch_loss(self, model: nn.Module, lazy: LazyBatch, *, counted: bool = True) -> BatchLoss:
         """Per-example loss ``(B,)`` of one micro-batch, its metric sums and rewards: what the loop and evaluation call
@@ -642,7 +607,8 @@ class DPOTrainer:
         args, handler = self.args, self.callback_handler
         resume = _resume_spec(resume_from_checkpoint, args.resume_from_checkpoint)
         self._prepare_output_dir(resuming=resume is not None)
-        windows = self._windows = self._training_windows()
+        windows = self._windows = training_windows(self.args, self.tokenizer, self.data, self.stream, self.batch_maker,
+                                                   self.world_size)
         total_steps, steps_per_epoch = self._total_steps(windows)
         self._set_schedule(total_steps, steps_per_epoch)
 
@@ -860,10 +826,9 @@ class DPOTrainer:
     def _prepare_new_eval_sets(self, eval_dataset: Any) -> dict:
         """Eval sets given to ``evaluate()``: tokenized like the set-up's, with reference log-probs when those are
         precomputed (``_reference_for_new_data``)."""
-        if self.args.precompute_ref_log_probs and _is_stream(eval_dataset, nested=True):
-            raise _stream_precompute_error()
+        refuse_precomputing_a_stream(self.args, eval_dataset)
         reference = self._reference_for_new_data() if self.args.precompute_ref_log_probs else None
-        prepared = self._prepare_data(None, eval_dataset)
+        prepared = prepare_sources(self.args, self.tokenizer, None, eval_dataset)
         known = self.data.train is not None or self.data.eval_sets or self.stream is not None
         if known and (prepared.kind, prepared.num_negatives) != (self.data.kind, self.data.num_negatives):
             raise ConfigError(f"eval_dataset holds {prepared.kind} data with {prepared.num_negatives} rejected "
@@ -1060,26 +1025,6 @@ def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | No
     body.compile(dynamic=True, **options)
 
 
-def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
-    """Refuse data the loss cannot use: unpaired rows with a paired loss and the reverse, several negatives
-    with LD-DPO. (KTO runs at any batch size: each row carries its KL completion, ``preftune.data.kto``.)"""
-    kind = getattr(data, "kind", "paired")
-    if kind == "unpaired" and not params.is_unpaired:
-        raise ConfigError(
-            f"the data is unpaired (prompt, completion, label), which loss {args.loss_type} cannot use; "
-            "set loss_type: kto, or give paired data (prompt, chosen, rejected)",
-            key="loss_type",
-        )
-    if kind != "unpaired" and params.is_unpaired:
-        raise ConfigError(
-            "loss kto needs unpaired rows (prompt, completion, label: true/false, or LLaMA-Factory's kto_tag); "
-            "the data is paired (prompt, chosen, rejected)",
-            key="loss_type",
-        )
-    if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
-        raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")
-
-
 def _default_args(model: Any) -> DPOConfig:
     """TRL's default arguments: ``output_dir`` "<model name>-DPO" in the current folder."""
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
@@ -1094,33 +1039,6 @@ def _resume_spec(argument: str | bool | None, configured: str | None) -> str | N
     if argument:
         return str(argument)
     return configured or None
-
-
-def _is_stream(source: Any, *, nested: bool = False) -> bool:
-    """Whether ``source`` is a ``datasets.IterableDataset`` (with ``nested``: or a mapping holding one)."""
-    import datasets
-
-    if isinstance(source, datasets.IterableDataset):
-        return True
-    return nested and isinstance(source, dict) and any(isinstance(v, datasets.IterableDataset) for v in source.values())
-
-
-def _materialized(source: Any) -> Any:
-    """An eval source with every ``datasets.IterableDataset`` read into a list of rows (eval sets are finite and
-    are read whole anyway); dicts of named sets keep their names."""
-    import datasets
-
-    if isinstance(source, datasets.IterableDataset):
-        return [dict(row) for row in source]
-    if isinstance(source, dict):
-        return {name: _materialized(value) for name, value in source.items()}
-    return source
-
-
-def _stream_precompute_error() -> ConfigError:
-    return ConfigError("precompute_ref_log_probs is not supported with IterableDataset: a stream is read once, as it "
-                       "trains; give a datasets.Dataset or set precompute_ref_log_probs: false",
-                       key="precompute_ref_log_probs")
 
 
 def _set_global_settings(args: DPOConfig) -> None:
