@@ -4,10 +4,13 @@ weights of 1 process; only the main process writes; resume works with 2 processe
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +21,8 @@ from transformers import AutoModelForCausalLM
 from preftune import DPOConfig, DPOTrainer
 from preftune.checkpoint import read_checkpoint
 from preftune.config import load_config
-from preftune.distributed import rank_share, relaunch_command, should_relaunch
+from preftune.parallel import build_parallelism
+from preftune.parallel.launch import rank_share, relaunch_command, should_relaunch
 from preftune.errors import CheckpointError, ConfigError
 
 from conftest import REPO_ROOT
@@ -34,10 +38,10 @@ TRAIN_PAIRS = STORY_PAIRS + STORY_PAIRS[:2]
 # ------------------------------------------------------------------------------------------ pure parts
 def test_rank_shares_are_contiguous_and_concatenate_to_the_window():
     window = list(range(7))
-    shares = [rank_share(window, rank, 3) for rank in range(3)]
-    assert shares == [[0, 1, 2], [3, 4, 5], [6, None, None]]
-    assert [item for share in shares for item in share if item is not None] == window
-    assert [rank_share([0], rank, 2) for rank in range(2)] == [[0], [None]]  # a stand-in keeps backward counts equal
+    shares = [rank_share(window, rank, 3) for rank in range(3)]  # (item, weight); weight 0: a stand-in
+    assert shares == [[(0, 1), (1, 1), (2, 1)], [(3, 1), (4, 1), (5, 1)], [(6, 1), (0, 0), (0, 0)]]
+    assert [item for share in shares for item, weight in share if weight] == window
+    assert [rank_share([0], rank, 2) for rank in range(2)] == [[(0, 1)], [(0, 0)]]  # a stand-in keeps backward counts equal
 
 
 def test_relaunch_runs_the_same_command_under_torchrun(monkeypatch):
@@ -67,6 +71,16 @@ def test_an_accelerate_config_selecting_deepspeed_or_fsdp_is_refused_clearly(sto
     assert info.value.key == key
 
 
+
+
+@pytest.mark.parametrize("settings", [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 3}}}])
+def test_one_process_ignores_fsdp_and_deepspeed_with_a_warning(settings, caplog):
+    one_process = SimpleNamespace(num_processes=1, process_index=0, distributed_type="NO")
+    with caplog.at_level(logging.WARNING, logger="preftune.parallel"):
+        parallelism = build_parallelism(DPOConfig(**settings), one_process)
+    assert "ignored: this run has one process" in caplog.text
+    assert parallelism.name == "single"  # what summary.json records
+    assert parallelism.allows_padding_free and parallelism.holds_whole_output_layer and not parallelism.lockstep_forwards
 
 
 @pytest.mark.parametrize("settings, key", [
@@ -262,3 +276,44 @@ def test_fsdp_lora_with_a_checkpoint_matches_one_process_and_resumes(stories_mod
     _assert_same_history(history, json.loads((resumed / "log_history.json").read_text()))
     _assert_same_weights(load_file(str(two / adapter)), load_file(str(resumed / adapter)))
 
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_rehearsed_on_one_machine_match_one_process(stories_model_dir, tmp_path):
+    """Two nodes of one process each, each started by its own torchrun (``--nnodes 2 --node_rank R``, a static
+    rendezvous at localhost) with its own data cache, as on two machines: the run ends with the losses, metrics and
+    weights of one process with twice the gradient accumulation."""
+    config = _write_config(tmp_path, stories_model_dir, "two", max_steps=2, ddp_timeout=240)
+    port, launchers = _free_port(), []
+    try:
+        for node in range(2):
+            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"), PREFTUNE_CACHE=str(tmp_path / f"cache{node}"))
+            env.pop("WORLD_SIZE", None)
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                       "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                       "-m", "preftune.cli", "train", str(config)]
+            log = open(tmp_path / f"node{node}.log", "w")  # files, not pipes: a full pipe would stall a node
+            launchers.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        for node, (launcher, log) in enumerate(launchers):
+            assert launcher.wait(timeout=300) == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    finally:
+        for launcher, log in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+            log.close()
+    one = _train_one_process(config, f"output_dir={tmp_path / 'one'}", "gradient_accumulation_steps=2")
+    two = tmp_path / "two"
+    history = json.loads((two / "log_history.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == [1, 2]
+    _assert_same_history(one.state.log_history, history)
+    _assert_same_weights(load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(two / "model.safetensors")),
+                         initial=load_file(str(stories_model_dir / "model.safetensors")))
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["parallelism"] == "ddp"
+    for node in range(2):  # each node's first process tokenized the data into that node's own cache
+        assert list((tmp_path / f"cache{node}" / "tokenized").iterdir())

@@ -132,17 +132,17 @@ def test_save_total_limit_keeps_the_newest(stories_model_dir, tmp_path):
 
 def _poison_step(trainer: DPOTrainer, bad_step: int) -> None:
     """Make the loss of the first micro-batch of ``bad_step`` NaN (as a numerically broken batch would)."""
-    original, calls = trainer._batch_loss, {"n": 0}
+    original, calls = trainer.batch_loss, {"n": 0}
     per_step = trainer.args.gradient_accumulation_steps
 
-    def batch_loss(model, lazy):
-        result = original(model, lazy)
+    def batch_loss(model, lazy, **options):
+        result = original(model, lazy, **options)
         calls["n"] += 1
         if model.training and (calls["n"] - 1) // per_step + 1 == bad_step:
             result = result._replace(losses=result.losses * float("nan"))
         return result
 
-    trainer._batch_loss = batch_loss
+    trainer.batch_loss = batch_loss
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_rows(stories_model_dir, tmp_path):

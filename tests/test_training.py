@@ -156,9 +156,9 @@ def test_optim_selects_the_fused_kernel_or_the_default_with_the_same_updates(sto
 
 def test_optimizer_is_fused_by_default(stories_model_dir, tmp_path):
     trainer = DPOTrainer(model=str(stories_model_dir), args=make_config(tmp_path), train_dataset=STORY_PAIRS)
-    assert trainer._optimizer(trainer.model).defaults["fused"] is True
+    assert trainer.create_optimizer().defaults["fused"] is True
     trainer = DPOTrainer(model=str(stories_model_dir), args=make_config(tmp_path / "b", optim="adamw_torch"), train_dataset=STORY_PAIRS)
-    assert not trainer._optimizer(trainer.model).defaults["fused"]
+    assert not trainer.create_optimizer().defaults["fused"]
 
 
 def test_torch_compile_follows_the_eager_loss_trajectory(stories_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (preftune.zero): the config's "auto" values and refusals, and 2 CPU processes (gloo) under
+"""DeepSpeed ZeRO (preftune.parallel.zero): the config's "auto" values and refusals, and 2 CPU processes (gloo) under
 ZeRO-2 and ZeRO-3 (with optimizer and parameter offload) giving the losses, metrics and final weights of one plain
 process with the same global batch."""
 
@@ -16,7 +16,8 @@ from preftune import DPOConfig
 from preftune.checkpoint import read_checkpoint
 from preftune.config import load_config
 from preftune.errors import ConfigError
-from preftune.zero import read_deepspeed_config, resolve_deepspeed_config, start_deepspeed, zero_stage
+from preftune.parallel.deepspeed_config import read_deepspeed_config, resolve_deepspeed_config, zero_stage
+from preftune.parallel.zero import start_deepspeed
 
 from test_distributed import EXAMPLES, _assert_same_history, _assert_same_weights, _run_two_processes, _train_one_process, _write_config
 

@@ -23,7 +23,7 @@ def _configure_logging(verbose: bool) -> None:
 def _train(args: argparse.Namespace) -> int:
     """Errors first: every problem found before anything loads is printed, one line each (exit 2)."""
     from preftune.config import load_config
-    from preftune.distributed import relaunch, should_relaunch
+    from preftune.parallel.launch import relaunch, should_relaunch
     from preftune.preflight import PreflightError, run_preflight_checks
 
     overrides = [*args.overrides, *([f"nproc={args.nproc}"] if getattr(args, "nproc", None) else [])]

@@ -1319,7 +1319,7 @@ class DPOConfig(BaseModel):
     def _deepspeed_config(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
         """The file is read now, so that a missing or malformed one is named at load time, not after set-up."""
         if value is not None:
-            from preftune.zero import read_deepspeed_config
+            from preftune.parallel.deepspeed_config import read_deepspeed_config
 
             try:
                 read_deepspeed_config(value)

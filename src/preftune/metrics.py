@@ -1,4 +1,5 @@
-"""Metrics: per-batch DPO statistics, their accumulation, and the run's output files.
+"""Metrics: per-batch DPO statistics, their accumulation (a batch's sums, the loop's ``RunTotals``), and the run's
+output files (``RunRecorder``; ``ReplicaRecorder`` on the other processes writes none).
 
 Names follow TRL: ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``,
 ``logits/{chosen,rejected}``. Rewards are ``β·(log π − log π_ref)`` of summed log-probs; logits are the
@@ -13,6 +14,7 @@ import logging
 import math
 import resource
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -239,6 +241,63 @@ class RunRecorder:
         path = self.output_dir / "training_curves.png"
         plot_curves(self.train_records, self.eval_records, path, displacement=self.displacement.finding)
         return path
+
+
+class ReplicaRecorder(RunRecorder):
+    """The history of a process other than the main one: kept in memory (for ``train()``'s result), never written."""
+
+    warns = False  # the main process logs the likelihood-displacement warning
+
+    def _write_history(self) -> None:
+        return None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        return None
+
+    def write_plot(self) -> None:
+        return None
+
+
+@dataclass
+class RunTotals:
+    """The loop's running totals, saved in checkpoints so that a resumed run continues them exactly."""
+
+    window: MetricAccumulator = field(default_factory=MetricAccumulator)  # metrics since the last log
+    run_loss: MetricAccumulator = field(default_factory=MetricAccumulator)  # loss over the whole run
+    window_tokens: int = 0
+    total_pairs: int = 0
+    total_tokens: int = 0
+    last_eval_step: int = -1
+    skipped_steps: list[int] = field(default_factory=list)
+    session_pairs: int = 0  # this process only (for pairs/s), not checkpointed
+    session_tokens: int = 0
+
+    def add_step(self, step_sums: list[tuple[dict[str, float], int]], pairs: int) -> None:
+        for sums, tokens in step_sums:
+            self.window.add(sums)
+            self.run_loss.add({key: sums[key] for key in ("pairs", "loss", "aux_loss") if key in sums})
+            self.window_tokens += tokens
+            self.total_tokens += tokens
+            self.session_tokens += tokens
+        self.total_pairs += pairs
+        self.session_pairs += pairs
+
+    def reset_window(self) -> None:
+        self.window.reset()
+        self.window_tokens = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window": dict(self.window.sums), "run_loss": dict(self.run_loss.sums), "window_tokens": self.window_tokens,
+            "total_pairs": self.total_pairs, "total_tokens": self.total_tokens, "last_eval_step": self.last_eval_step,
+            "skipped_steps": list(self.skipped_steps),
+        }
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.window.sums.update(saved["window"])
+        self.run_loss.sums.update(saved["run_loss"])
+        self.window_tokens, self.total_pairs, self.total_tokens = saved["window_tokens"], saved["total_pairs"], saved["total_tokens"]
+        self.last_eval_step, self.skipped_steps = saved["last_eval_step"], list(saved["skipped_steps"])
 
 
 def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -5,20 +5,21 @@ Flow: config → data → batches → log-probs → loss → optimizer step → 
 ``train()`` reads top to bottom: build optimizer and schedule, then for each optimizer step
 accumulate gradients over micro-batches, clip, step, then log, evaluate and save as the callbacks' ``TrainerControl``
 says (``preftune.callbacks``: the schedule is the first callback; transformers' callbacks and trackers follow).
+What depends on how the processes share the work (one process, DDP, FSDP2, DeepSpeed ZeRO) is the run's
+``Parallelism`` (``preftune.parallel``); checkpoints: ``preftune.training_state``; the data: ``preftune.training_data``;
+what a run reports: ``preftune.summary``.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import math
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from preftune.adapters import (
     merge_and_save,
     save_trainable_weights,
 )
-from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows, padding_free_pays
+from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows
 from preftune.callbacks import (
     TrainerCallback,
     TrainerControl,
@@ -47,38 +48,27 @@ from preftune.callbacks import (
     finish_trackers,
     strategy_name,
 )
-from preftune.checkpoint import (
-    checkpoint_run,
-    claim_output_dir,
-    new_run_id,
-    prune_checkpoints,
-    read_checkpoint,
-    resolve_resume_path,
-    restore_rng_states,
-    rng_states,
-    write_checkpoint,
-)
+from preftune.checkpoint import claim_output_dir, new_run_id, restore_rng_states
 from preftune.config import DPOConfig, interval_to_steps
 from preftune.cpu_memory import keep_freed_memory
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
-from preftune.data.pipeline import PreparedData, default_cache_dir, eval_key, prepare_data, prepare_rows
-from preftune.distributed import (
-    build_accelerator,
-    check_distributed_settings,
-    full_optimizer_state,
-    full_state_dict,
-    gather_objects,
-    load_full_optimizer_state,
-    rank_share,
-    shard_model,
-)
-from preftune.errors import CheckpointError, ConfigError, PreftuneError
+from preftune.data.pipeline import default_cache_dir, eval_key
+from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
 from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_kl_estimate, kto_loss, kto_sft_loss
-from preftune.metrics import MetricAccumulator, RunRecorder, pair_metric_sums, peak_memory_mb, unpaired_metric_sums
-from preftune.moe import resolve_router_aux_loss
+from preftune.metrics import (
+    MetricAccumulator,
+    ReplicaRecorder,
+    RunRecorder,
+    RunTotals,
+    pair_metric_sums,
+    unpaired_metric_sums,
+)
 from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
-from preftune.preflight import check_resume_fingerprint, run_fingerprint, run_preflight_checks, start_fresh_run
+from preftune.moe import resolve_router_aux_loss
+from preftune.parallel import build_parallelism
+from preftune.parallel.launch import build_accelerator
+from preftune.preflight import run_fingerprint, run_preflight_checks, start_fresh_run
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps
 from preftune.reference import (
     AdapterDisabledReference,
@@ -88,17 +78,16 @@ from preftune.reference import (
     build_reference,
     sync_reference,
 )
-from preftune.zero import (
-    initialize_policy,
-    initialize_reference,
-    load_whole_optimizer_state,
-    read_deepspeed_config,
-    resolve_deepspeed_config,
-    start_deepspeed,
-    whole_optimizer_state,
-    whole_state_dict,
-    zero_stage,
+from preftune.summary import run_summary, train_end_record, training_record
+from preftune.training_data import (
+    check_data_fits_loss,
+    check_stream,
+    is_stream,
+    prepare_sources,
+    refuse_precomputing_a_stream,
+    training_windows,
 )
+from preftune.training_state import ResumePoint, open_resume_checkpoint, save_training_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -224,19 +213,9 @@ class DPOTrainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = build_accelerator(self.args)
         self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.fsdp = self.args.fsdp if self.world_size > 1 else None  # FSDP2 options, with several processes only
-        if self.args.fsdp and not self.fsdp:
-            logger.warning("fsdp: %s ignored: this run has one process", self.args.fsdp)
-        # DeepSpeed ZeRO (preftune.zero), with several processes only: the engine is made in train()
-        self.deepspeed = read_deepspeed_config(self.args.deepspeed) if self.args.deepspeed and self.world_size > 1 else None
-        if self.args.deepspeed and not self.deepspeed:
-            logger.warning("deepspeed ignored: this run has one process")
-        self.zero_stage = zero_stage(self.deepspeed) if self.deepspeed else None
-        # Parameters partitioned across processes: every forward is a collective, so all processes run the same ones.
-        self.lockstep_forwards = bool(self.fsdp) or self.zero_stage == 3
-        self._engine = None  # the DeepSpeedEngine while training under DeepSpeed
         _check_supported(self.args, self.accelerator)
-        check_distributed_settings(self.args, self.accelerator)
+        # How the processes share the work (preftune.parallel): DDP, FSDP2 or DeepSpeed ZeRO; the loop never asks which
+        self.parallelism = build_parallelism(self.args, self.accelerator)
         if not self.accelerator.is_main_process:  # replicas log warnings and errors only
             logging.getLogger("preftune").setLevel(logging.WARNING)
         if self.args.keep_freed_cpu_memory and self.accelerator.device.type == "cpu":
@@ -269,16 +248,17 @@ class DPOTrainer:
         self.batch_maker = BatchMaker(self.tokenizer.pad_token_id, self.layout.prefix_sharing, self.layout.padding_free)
 
         eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
-        self.stream = train_source if _is_stream(train_source) else None
+        self.stream = train_source if is_stream(train_source) else None
         with self.accelerator.local_main_process_first():  # each machine's main process fills its caches first
-            self.data = self._prepare_data(None if self.stream is not None else train_source, eval_source)
+            self.data = prepare_sources(self.args, self.tokenizer, None if self.stream is not None else train_source,
+                                        eval_source)
             if self.stream is not None:
-                self._check_stream(self.stream)
+                check_stream(self.args, self.tokenizer, self.loss_params, self.stream, self.data)
             if self.data.train is not None or self.data.eval_sets:
-                _check_data_fits_loss(self.args, self.loss_params, self.data)
+                check_data_fits_loss(self.args, self.loss_params, self.data)
                 if self.args.precompute_ref_log_probs and self.reference is not None:
                     self._precompute_reference()
-        recorder = RunRecorder if self.accelerator.is_main_process else _ReplicaRecorder
+        recorder = RunRecorder if self.accelerator.is_main_process else ReplicaRecorder
         self.recorder = recorder(self.args.output_dir, plot=self.args.plot_loss)
         self.state.log_history = self.recorder.history
         self.callback_handler = build_callback_handler(
@@ -388,7 +368,7 @@ class DPOTrainer:
             )
         reference_model = self.reference.model if self.reference is not None else None
         self.layout = resolve_layout(self.args, self.model, reference_model)
-        if (self.fsdp or self.deepspeed) and self.layout.padding_free is None:  # every process runs the same forwards
+        if not self.parallelism.allows_padding_free and self.layout.padding_free is None:
             self.layout = BatchLayout(prefix_sharing=self.layout.prefix_sharing, padding_free=False)
         # MoE load-balancing loss on the policy's forwards, as TRL adds it (preftune.moe); 0.0: off
         self.router_aux_loss_coef = resolve_router_aux_loss(self.args, self.model, self.layout)
@@ -483,55 +463,13 @@ class DPOTrainer:
             key="precompute_ref_log_probs",
         )
 
-    # ------------------------------------------------------------- data
-    def _prepare_data(self, train_source: Any, eval_source: Any) -> PreparedData:
-        """Read and tokenize the train and eval data (``prepare_data``); a streamed eval set is read whole first."""
-        if self.args.precompute_ref_log_probs and _is_stream(eval_source, nested=True):
-            raise _stream_precompute_error()
-        eval_source = _materialized(eval_source)
-        if train_source is None and eval_source is None:
-            return PreparedData(train=None, eval=None)
-        return prepare_data(self.args, self.tokenizer, train_source, eval_source)
-
-    def _check_stream(self, stream: Any) -> None:
-        """A streamed training set: needs max_steps, cannot have its log-probs precomputed, and its first rows must
-        suit the loss (read and tokenized once here; training reads the stream from its start)."""
-        if self.args.precompute_ref_log_probs:
-            raise _stream_precompute_error()
-        if self.args.max_steps <= 0:
-            raise ConfigError("a streamed train_dataset (datasets.IterableDataset) has no length: set max_steps > 0",
-                              key="max_steps")
-        first_rows = list(itertools.islice(iter(stream), self.args.per_device_train_batch_size))
-        if not first_rows:
-            raise ConfigError("the streamed train_dataset has no rows", key="dataset")
-        sample, _ = prepare_rows(self.args, self.tokenizer, first_rows, source="streamed train_dataset", first_row=0)
-        _check_data_fits_loss(self.args, self.loss_params, sample)
-        if not self.data.eval_sets:
-            self.data.kind, self.data.num_negatives = sample.kind, sample.num_negatives
-        elif (sample.kind, sample.num_negatives) != (self.data.kind, self.data.num_negatives):
-            raise ConfigError("the eval data is not of the streamed train data's kind", key="eval_dataset")
-
-    def _training_windows(self) -> PlannedWindows | StreamingWindows:
-        """The source of the loop's windows: planned over the tokenized train set, or read from the stream."""
-        per_step = self.args.gradient_accumulation_steps * self.world_size
-        batch_size = self.args.per_device_train_batch_size
-        if self.stream is not None:
-            prepare = lambda rows, first_row: prepare_rows(  # noqa: E731
-                self.args, self.tokenizer, rows, source="streamed train_dataset", first_row=first_row
-            )
-            return StreamingWindows(self.stream, self.batch_maker, batch_size=batch_size, per_step=per_step,
-                                    drop_last=self.args.dataloader_drop_last, prepare=prepare)
-        return PlannedWindows(self.data.train.dataset, self.batch_maker, batch_size=batch_size, per_step=per_step,
-                              seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-                              drop_last=self.args.dataloader_drop_last,
-                              max_tokens=self.args.max_tokens_per_batch)
-
     # ------------------------------------------------------------ loss core
-    def _batch_loss(self, model: nn.Module, lazy: LazyBatch, *, stand_in: bool = False) -> BatchLoss:
-        """Per-example loss ``(B,)`` for one micro-batch, its metric sums and rewards (``stand_in``: a zero-weight
-        stand-in)."""
+    def batch_loss(self, model: nn.Module, lazy: LazyBatch, *, counted: bool = True) -> BatchLoss:
+        """Per-example loss ``(B,)`` of one micro-batch, its metric sums and rewards: what the loop and evaluation call
+        for every micro-batch (wrap or override it to change one). ``counted`` False: a weight-0 stand-in
+        (``Parallelism.share``), left out of what processes average (KTO's reference point)."""
         if self.loss_params.is_unpaired:
-            return self._unpaired_batch_loss(model, lazy, stand_in=stand_in)
+            return self._unpaired_batch_loss(model, lazy, counted=counted)
         batch = lazy.collate().to(self.accelerator.device)
         options = self._logprob_options()
         ref_chosen = ref_rejected = None
@@ -565,10 +503,10 @@ class DPOTrainer:
         rewards = torch.cat([out.chosen_rewards.unsqueeze(1), rejected], dim=1).detach()
         return BatchLoss(losses, sums, rewards)
 
-    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch, *, stand_in: bool = False) -> BatchLoss:
+    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch, *, counted: bool = True) -> BatchLoss:
         """KTO: completions scored with gradients; the reference point z, without, from the mismatched completion each
         row carries (``preftune.data.kto``): the micro-batch's mean KL log-ratio, in training averaged over the
-        processes' concurrent micro-batches (as TRL; a ``stand_in``'s is left out), clamped at 0."""
+        processes' concurrent micro-batches (as TRL; a stand-in's is not ``counted``), clamped at 0."""
         batch = lazy.collate().to(self.accelerator.device)
         kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
         options = self._logprob_options()
@@ -580,7 +518,7 @@ class DPOTrainer:
             ref_kl = self.reference.completion_logps(kl_batch, **options)[0]
         kl_logratios = (policy_kl - ref_kl).detach()
         if self.world_size > 1 and model.training:  # every process reaches this at each micro-batch of a step
-            kl_logratios = self._kl_means_of_processes(kl_logratios, counted=not stand_in)
+            kl_logratios = self._kl_means_of_processes(kl_logratios, counted=counted)
         kl = kto_kl_estimate(kl_logratios)
         params = self.loss_params
         logps = policy.logps[0]
@@ -590,7 +528,7 @@ class DPOTrainer:
         )
         if params.rpo_alpha is not None:  # LLaMA-Factory's pref_ftx with KTO
             losses = losses + kto_sft_loss(logps / policy.lengths[0].clamp(min=1), batch.labels, params.rpo_alpha)
-        if policy.aux_loss is not None:  # MoE, as in _batch_loss
+        if policy.aux_loss is not None:  # MoE, as in batch_loss
             losses = losses + self.router_aux_loss_coef * policy.aux_loss
         rewards = params.beta * (logps.detach() - ref)
         return BatchLoss(losses, unpaired_metric_sums(losses, logps, rewards, batch.labels, kl, aux_loss=policy.aux_loss))
@@ -602,14 +540,33 @@ class DPOTrainer:
         return gathered[gathered[:, 1] > 0, 0]
 
     def _logprob_options(self) -> dict[str, Any]:
-        return {  # ZeRO-3 keeps no whole output weight for the chunked head: the model's forward projects
-            "chunked_head": self.args.chunked_lm_head and self.zero_stage != 3,
+        return {  # without the whole output weight (ZeRO-3) the model's own forward projects, not the chunked head
+            "chunked_head": self.args.chunked_lm_head and self.parallelism.holds_whole_output_layer,
             "chunk_size": self.args.lm_head_chunk_size,
             "ld_alpha": self.args.ld_alpha,
         }
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """AdamW; no weight decay on biases and normalisation weights (as transformers' Trainer)."""
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        """``self.optimizer``, made when there is none (transformers' name): AdamW over the policy's trainable
+        parameters, without weight decay on biases and normalisation weights (as transformers' Trainer). ``train()``
+        calls it after the policy is sharded (FSDP)."""
+        if self.optimizer is None:
+            self.optimizer = self._adamw(self.model)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """``self.lr_scheduler``, made when there is none (transformers' name): ``lr_scheduler_type`` with its
+        warm-up over ``num_training_steps``."""
+        if self.lr_scheduler is None:
+            args = self.args
+            self.lr_scheduler = get_scheduler(
+                args.lr_scheduler_type, optimizer if optimizer is not None else self.optimizer,
+                num_warmup_steps=args.resolved_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+            )
+        return self.lr_scheduler
+
+    def _adamw(self, model: nn.Module) -> torch.optim.Optimizer:
         decay, no_decay = [], []
         for name, parameter in model.named_parameters():
             if not parameter.requires_grad:
@@ -654,30 +611,22 @@ class DPOTrainer:
         args, handler = self.args, self.callback_handler
         resume = _resume_spec(resume_from_checkpoint, args.resume_from_checkpoint)
         self._prepare_output_dir(resuming=resume is not None)
-        windows = self._windows = self._training_windows()
+        windows = self._windows = training_windows(self.args, self.tokenizer, self.data, self.stream, self.batch_maker,
+                                                   self.world_size)
         total_steps, steps_per_epoch = self._total_steps(windows)
         self._set_schedule(total_steps, steps_per_epoch)
 
-        saved = self._read_resume_checkpoint(resume) if resume is not None else None
-        if self.fsdp:  # FSDP2 replaces the parameters by shards in place: after the weights are loaded, before the
-            self._shard_models()  # optimizer takes them
-        optimizer = self.optimizer if self.optimizer is not None else self._optimizer(self.model)
-        scheduler = self.lr_scheduler if self.lr_scheduler is not None else get_scheduler(
-            args.lr_scheduler_type, optimizer, num_warmup_steps=args.resolved_warmup_steps(total_steps),
-            num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+        saved = self._read_resume_checkpoint(resume) if resume is not None else None  # weights into the whole model
+        self.parallelism.prepare_models(self.model, self.reference)  # e.g. sharded: before the optimizer takes them
+        optimizer = self.create_optimizer()
+        scheduler = self.create_scheduler(total_steps, optimizer)
+        run = RunTotals()
+        model, optimizer = self.parallelism.prepare(
+            self.model, optimizer, self.reference, optimizer_state=saved.optimizer if saved is not None else None
         )
-        run = _RunTotals()
-        if self.deepspeed:  # DeepSpeed's engine drives the optimizer (preftune.zero); its state is loaded into the engine
-            model = self._start_deepspeed(optimizer)
-        start_step = self._restore_training_state(saved, optimizer, scheduler, run) if saved is not None else 0
-        if self.fsdp:  # sharded already; accelerate would wrap it in DDP on top
-            model, optimizer = self.model, self.accelerator.prepare(optimizer)
-        elif not self.deepspeed:
-            model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        start_step = self._restore_training_state(saved, scheduler, run) if saved is not None else 0
         self.optimizer, self.lr_scheduler = optimizer, scheduler
         handler.model, handler.optimizer, handler.lr_scheduler = self.model, optimizer, scheduler
-        if self.reference is not None and self.zero_stage != 3:
-            self.reference.to(self.accelerator.device)
         model.train()
         logger.info(
             "training: %s, %d steps (%s per epoch), batch %d x accumulation %d, loss %s, beta %g",
@@ -699,45 +648,39 @@ class DPOTrainer:
                 self.control = handler.on_epoch_begin(args, self.state, self.control)
             self.control = handler.on_step_begin(args, self.state, self.control)
             window_pairs = sum(len(lazy.indices) for lazy in window)  # over all processes
-            share = rank_share(window, self.rank, self.world_size)
+            share = self.parallelism.share(window)  # (micro-batch, weight); weight 0: a stand-in, for equal backwards
             step_sums, problem = [], None
-            for index, lazy in enumerate(share):
-                sync = index == len(share) - 1
-                with self.accelerator.no_sync(model) if not sync and not self.deepspeed else nullcontext():
-                    if lazy is None:  # a stand-in (the window ran out before this process's share): zero gradient
-                        self._backward(model, self._batch_loss(model, window[0], stand_in=True).losses.sum() * 0.0, sync)
-                        continue
-                    losses, sums, _ = self._batch_loss(model, lazy)
-                    if not torch.isfinite(losses).all():
+            for index, (lazy, weight) in enumerate(share):
+                boundary = index == len(share) - 1
+                with self.parallelism.accumulating(model, boundary):
+                    losses, sums, _ = self.batch_loss(model, lazy, counted=weight > 0)
+                    if weight and not torch.isfinite(losses).all():
                         problem = problem or f"non-finite loss at step {step} on source rows {lazy.source_rows()}"
                         if self.world_size == 1:
                             break  # with several processes every one goes on, so that the collectives stay in step
-                    # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window. DDP
-                    # averages gradients over processes, hence the factor world_size.
-                    self._backward(model, losses.sum() * self.world_size / window_pairs, sync)
+                    # Sum over pairs / pairs in the window: the same gradient as one batch of the whole window. Every
+                    # backend averages gradients over processes, hence the factor world_size.
+                    self.parallelism.backward(model, losses.sum() * weight * self.world_size / window_pairs, boundary)
+                if not weight:
+                    continue
                 step_sums.append((sums, lazy.num_tokens))
-                if not sync:
+                if not boundary:
                     self.control = handler.on_substep_end(args, self.state, self.control)
-            if self.world_size > 1:  # every process gets the step's metric sums (in window order) and any problem
-                gathered = gather_objects((step_sums, problem))
-                step_sums = [entry for sums_of_rank, _ in gathered for entry in sums_of_rank]
-                problem = next((found for _, found in gathered if found is not None), None)
+            # every process gets the step's metric sums (in window order) and any problem
+            gathered = self.parallelism.gather((step_sums, problem))
+            step_sums = [entry for sums_of_rank, _ in gathered for entry in sums_of_rank]
+            problem = next((found for _, found in gathered if found is not None), None)
             self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
-            # max_grad_norm 0 disables clipping; the norm is still measured (an infinite bound scales nothing).
-            grad_norm = float("nan")
-            if self.deepspeed and problem is None:  # DeepSpeed clips, steps and zeroes the gradients in one call
-                grad_norm = self._deepspeed_step(model, step, window)
-            elif problem is None:
-                norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-                if not math.isfinite(grad_norm):
-                    rows = [row for lazy in window for row in lazy.source_rows()]
-                    problem = f"non-finite gradient norm at step {step} (source rows {rows})"
+            # max_grad_norm 0 disables clipping; the norm is still measured. NaN: not measured (a problem already).
+            grad_norm, updated = self.parallelism.clip_and_step(model, optimizer, update=problem is None)
+            if problem is None and not math.isfinite(grad_norm):
+                rows = [row for lazy in window for row in lazy.source_rows()]
+                problem = f"non-finite gradient norm at step {step} (source rows {rows})"
             learning_rate = scheduler.get_last_lr()[0]
             if problem is None:
-                if not self.deepspeed:
-                    optimizer.step()
                 run.add_step(step_sums, window_pairs)
+            elif updated:  # a backend that measures the norm within its update: too late to skip
+                raise TrainingError(f"{problem}, found after the update was made; stopped, no checkpoint written after it")
             elif args.nonfinite_loss == "stop":
                 raise TrainingError(f"{problem}; nothing was updated (set nonfinite_loss: skip to skip such steps)")
             else:
@@ -745,10 +688,9 @@ class DPOTrainer:
                 run.skipped_steps.append(step)
             self.control = handler.on_optimizer_step(args, self.state, self.control)
             scheduler.step()
-            if not self.deepspeed:  # DeepSpeed's step zeroes its own gradients
-                optimizer.zero_grad(set_to_none=True)
+            self.parallelism.zero_grad(optimizer)
             if args.sync_ref_model and step % args.ref_model_sync_steps == 0:
-                sync_reference(self.reference, self.accelerator.unwrap_model(model), args.ref_model_mixup_alpha)
+                sync_reference(self.reference, self.parallelism.unwrap(model), args.ref_model_mixup_alpha)
             self._empty_device_cache(step)
             self.state.global_step, self.state.epoch = step, epoch_progress
             self.state.num_input_tokens_seen = run.total_tokens
@@ -781,12 +723,12 @@ class DPOTrainer:
 
         if self.data.eval_sets and run.last_eval_step != self.state.global_step:
             self._evaluate_sets(model, run)
-        self.model = self._unwrap(model)
+        self.model = self.parallelism.unwrap(model)
         handler.model = self.model
         self._load_best_model()
         self.save_model()
         training_loss = run.run_loss.means().get("loss", float("nan"))
-        self.log(self._train_summary_record(runtime, run, training_loss, total_steps))
+        self.log(self._train_summary_record(runtime, run, training_loss))
         summary = self._write_summary(runtime, run, training_loss)
         self.control = handler.on_train_end(args, self.state, self.control)
         self.accelerator.wait_for_everyone()  # the replicas wait until the main process has written the outputs
@@ -812,32 +754,19 @@ class DPOTrainer:
         state.save_steps = interval_to_steps(args.save_steps, total_steps)
         state.train_batch_size = args.per_device_train_batch_size
 
-    def _training_record(self, run: "_RunTotals", grad_norm: float, learning_rate: float, elapsed: float) -> dict:
-        """The metrics of the steps since the last log (means over their pairs) with the step's norm and rate."""
-        record = {**run.window.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
-                  "tokens_per_second": run.window_tokens / elapsed if elapsed > 0 else 0.0}
+    def _training_record(self, run: RunTotals, grad_norm: float, learning_rate: float, elapsed: float) -> dict:
+        """``summary.training_record``, with ``num_input_tokens_seen`` unless ``include_num_input_tokens_seen: no``."""
+        record = training_record(run, grad_norm, learning_rate, elapsed)
         if self.args.include_num_input_tokens_seen != "no":
             record["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         return record
 
-    def _train_summary_record(self, runtime: float, run: "_RunTotals", training_loss: float, total_steps: int) -> dict:
-        """The record transformers' Trainer logs when training ends: ``train_runtime``, ``train_samples_per_second``
-        (pairs), ``train_steps_per_second``, ``total_flos`` (6 x non-embedding parameters x tokens trained on, the
-        estimate transformers uses) and ``train_loss`` (the mean loss of the run); with an MoE load-balancing loss also
-        its run mean ``aux_loss``."""
-        steps = self.state.global_step - (self._resumed_at_step or 0)
+    def _train_summary_record(self, runtime: float, run: RunTotals, training_loss: float) -> dict:
+        """``summary.train_end_record``; ``total_flos``: 6 x non-embedding parameters x tokens trained on (the estimate
+        transformers uses)."""
         self.state.total_flos = 6.0 * self._flop_parameters * run.total_tokens
-        record = {
-            "train_runtime": runtime,
-            "train_samples_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
-            "train_steps_per_second": steps / runtime if runtime > 0 else 0.0,
-            "total_flos": self.state.total_flos,
-            "train_loss": training_loss,
-        }
-        run_means = run.run_loss.means()
-        if "aux_loss" in run_means:  # MoE: the run's mean load-balancing loss, as train_loss is the run's mean loss
-            record["aux_loss"] = run_means["aux_loss"]
-        return record
+        steps = self.state.global_step - (self._resumed_at_step or 0)
+        return train_end_record(run, runtime, training_loss, steps, self.state.total_flos)
 
     def log(self, logs: dict[str, Any], start_time: float | None = None) -> None:
         """Record ``logs`` at the current step (history files, ``state.log_history``) and pass them to the callbacks'
@@ -853,106 +782,28 @@ class DPOTrainer:
         if every and step % every == 0 and self.accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _start_deepspeed(self, optimizer: torch.optim.Optimizer) -> Any:
-        """The policy's DeepSpeed engine over ``optimizer``; under stage 3 a separate reference is partitioned too."""
-        start_deepspeed()
-        hidden_size = getattr(unwrap_model(self.model).config, "hidden_size", None)
-        config = resolve_deepspeed_config(self.deepspeed, self.args, self.world_size, hidden_size)
-        self._engine = initialize_policy(self.model.to(self.accelerator.device), optimizer, config)
-        if self.zero_stage == 3 and self.reference is not None and self.reference.separate_model is not None:
-            self.reference.model = initialize_reference(self.reference.model.to(self.accelerator.device), config)
-        return self._engine
-
-    def _backward(self, model: nn.Module, loss: torch.Tensor, boundary: bool) -> None:
-        """One micro-batch's backward; ``boundary``: the last of this process's optimizer step (DeepSpeed reduces
-        the gradients then; DDP's reduction is switched by ``no_sync`` around the call)."""
-        if self.deepspeed:
-            model.set_gradient_accumulation_boundary(boundary)
-            model.backward(loss, scale_wrt_gas=False)
-        else:
-            self.accelerator.backward(loss)
-
-    def _deepspeed_step(self, engine: Any, step: int, window: list[LazyBatch]) -> float:
-        """``engine.step()`` (clipping to ``gradient_clipping`` = max_grad_norm, the update, zeroed gradients); the
-        gradient norm before clipping. DeepSpeed measures it only within its step, so a non-finite norm stops the
-        run after that step, before anything is written."""
-        engine.step()
-        grad_norm = float(engine.get_global_grad_norm())
-        if not math.isfinite(grad_norm):
-            rows = [row for lazy in window for row in lazy.source_rows()]
-            raise TrainingError(
-                f"non-finite gradient norm at step {step} (source rows {rows}) under DeepSpeed; stopped, no checkpoint "
-                "written after it"
-            )
-        return grad_norm
-
-    def _unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if self.deepspeed and model is self._engine else self.accelerator.unwrap_model(model)
-
-    def _whole_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
-        """The whole weights when the model is sharded or partitioned (a collective: every process calls it), on the
-        main process; None when every process holds them (read them from the model)."""
-        if self.fsdp:
-            return full_state_dict(model)
-        if self.deepspeed and self._engine is not None:
-            return whole_state_dict(self._engine)
-        return None
-
-    def _parallelism(self) -> str:
-        """How the processes share the work: ``single``, ``ddp``, ``fsdp <options>`` or ``deepspeed zero-<stage>``."""
-        if self.world_size == 1:
-            return "single"
-        if self.fsdp:
-            return f"fsdp {self.fsdp}"
-        return f"deepspeed zero-{self.zero_stage}" if self.deepspeed else "ddp"
-
-    def _shard_models(self) -> None:
-        """FSDP2: shard the policy, and a separate frozen reference model too (forward-only, no optimizer)."""
-        device, precision = self.accelerator.device, self.accelerator.mixed_precision
-        shard_model(self.model.to(device), self.fsdp, precision)
-        if self.reference is not None and self.reference.separate_model is not None:
-            shard_model(self.reference.model.to(device), self.fsdp, precision, role="the reference model")
-
-    def _read_resume_checkpoint(self, spec: str) -> dict[str, Any]:
-        """Check the checkpoint ``spec`` names and load its weights into the (not yet sharded) model; return the rest
-        of it (``read_checkpoint``) for ``_restore_training_state``."""
-        path = resolve_resume_path(spec, Path(self.args.output_dir))
-        saved = read_checkpoint(path, rank=self.rank)
-        if saved["optimizer"] is None or saved["scheduler"] is None:
-            raise CheckpointError(f"{path} holds no optimizer/scheduler state (saved with save_only_model): cannot resume")
-        saved_world_size = saved["trainer_state"].get("world_size", 1)
-        if saved_world_size != self.world_size:
-            raise CheckpointError(
-                f"{path} was written by a run of {saved_world_size} process(es), this run has {self.world_size}: "
-                "the global batch (per_device_train_batch_size x processes x gradient_accumulation_steps) and the data "
-                "position would differ; resume with the same number of processes"
-            )
-        saved_run_id, saved_fingerprint = checkpoint_run(path)
-        check_resume_fingerprint(saved_fingerprint, self.fingerprint, path, self.args)
-        self.run_id = saved_run_id or self.run_id  # the resumed run keeps its id (one from before run ids: a new one)
+    def _read_resume_checkpoint(self, spec: str) -> ResumePoint:
+        """The checked checkpoint ``spec`` names (``training_state.open_resume_checkpoint``), its weights loaded into
+        the (not yet sharded) model; the run keeps its id and claims ``output_dir``."""
+        saved = open_resume_checkpoint(spec, Path(self.args.output_dir), world_size=self.world_size, rank=self.rank,
+                                       fingerprint=self.fingerprint, args=self.args)
+        self.run_id = saved.run_id or self.run_id  # the resumed run keeps its id (one from before run ids: a new one)
         if self.accelerator.is_main_process:
             claim_output_dir(Path(self.args.output_dir), self.run_id)
-        load_trainable_weights(self.model, path)
-        saved["path"] = path
+        load_trainable_weights(self.model, saved.path)
         return saved
 
-    def _restore_training_state(self, saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-                                run: "_RunTotals") -> int:
-        """Load a checkpoint's optimizer, scheduler, RNG states, totals and history; return its step."""
-        if self.fsdp:  # the whole optimizer state, keyed by parameter name: every process takes its shards
-            load_full_optimizer_state(self.model, optimizer, saved["optimizer"])
-        elif self.deepspeed:  # the same, into DeepSpeed's partitions
-            load_whole_optimizer_state(self._engine, saved["optimizer"])
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["trainer_state"]
+    def _restore_training_state(self, saved: ResumePoint, scheduler: Any, run: RunTotals) -> int:
+        """Load a checkpoint's scheduler, RNG states, totals and history (its optimizer state: ``Parallelism.prepare``);
+        return its step."""
+        scheduler.load_state_dict(saved.scheduler)
+        state = saved.trainer_state
         run.load(state["totals"])
         self.recorder.restore(state["log_history"])
         self.state.global_step, self.state.epoch = state["global_step"], state["epoch"]
         self._resumed_at_step = self.state.global_step
-        restore_rng_states(saved["rng"])
-        logger.info("resumed from %s at step %d", saved["path"], self.state.global_step)
+        restore_rng_states(saved.rng)
+        logger.info("resumed from %s at step %d", saved.path, self.state.global_step)
         return self.state.global_step
 
     # ------------------------------------------------------------- evaluate
@@ -979,10 +830,9 @@ class DPOTrainer:
     def _prepare_new_eval_sets(self, eval_dataset: Any) -> dict:
         """Eval sets given to ``evaluate()``: tokenized like the set-up's, with reference log-probs when those are
         precomputed (``_reference_for_new_data``)."""
-        if self.args.precompute_ref_log_probs and _is_stream(eval_dataset, nested=True):
-            raise _stream_precompute_error()
+        refuse_precomputing_a_stream(self.args, eval_dataset)
         reference = self._reference_for_new_data() if self.args.precompute_ref_log_probs else None
-        prepared = self._prepare_data(None, eval_dataset)
+        prepared = prepare_sources(self.args, self.tokenizer, None, eval_dataset)
         known = self.data.train is not None or self.data.eval_sets or self.stream is not None
         if known and (prepared.kind, prepared.num_negatives) != (self.data.kind, self.data.num_negatives):
             raise ConfigError(f"eval_dataset holds {prepared.kind} data with {prepared.num_negatives} rejected "
@@ -993,7 +843,7 @@ class DPOTrainer:
                 self._attach_reference_logps(data, reference.to(self.accelerator.device), eval_key(name))
         return prepared.eval_sets
 
-    def _evaluate_sets(self, model: nn.Module, run: "_RunTotals") -> None:
+    def _evaluate_sets(self, model: nn.Module, run: RunTotals) -> None:
         """Evaluate every eval set during training (``model``: the prepared, possibly wrapped, policy); keep track
         of the best metric for ``load_best_model_at_end``."""
         metrics: dict[str, float] = {}
@@ -1007,26 +857,25 @@ class DPOTrainer:
     @torch.no_grad()
     def _evaluate_one(self, model: nn.Module, dataset: Any, prefix: str) -> dict[str, float]:
         """Mean metrics over one tokenized eval set, named ``<prefix>_<metric>``; logged, then ``on_evaluate``."""
-        if self.reference is not None:
-            self.reference.to(self.accelerator.device)
+        self.parallelism.place_reference(self.reference)
         model.to(self.accelerator.device)
         was_training = model.training
         model.eval()
-        forward_model = self._unwrap(model)  # no DDP collectives in a forward without backward
+        forward_model = self.parallelism.unwrap(model)  # no DDP collectives in a forward without backward
         accumulator = MetricAccumulator()
         start = time.perf_counter()
         batches = self.batch_maker.batches(dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False)
         results = []
-        for lazy in rank_share(batches, self.rank, self.world_size):  # each process its contiguous share
+        for lazy, weight in self.parallelism.share(batches):  # each process its contiguous share
+            if not weight and not self.parallelism.lockstep_forwards:
+                continue  # a stand-in runs only where each forward gathers parameters from every process
             with self.accelerator.autocast():
-                if lazy is not None:
-                    result = self._batch_loss(forward_model, lazy)
-                    rewards = None if result.rewards is None else result.rewards.float().cpu().numpy()
-                    results.append((result.sums, rewards))
-                elif self.lockstep_forwards:  # a stand-in forward: each forward gathers parameters from every process
-                    self._batch_loss(forward_model, batches[0])
-        if self.world_size > 1:  # every process gets all results, in batch order
-            results = [entry for results_of_rank in gather_objects(results) for entry in results_of_rank]
+                result = self.batch_loss(forward_model, lazy, counted=weight > 0)
+            if weight:
+                rewards = None if result.rewards is None else result.rewards.float().cpu().numpy()
+                results.append((result.sums, rewards))
+        # every process gets all results, in batch order
+        results = [entry for results_of_rank in self.parallelism.gather(results) for entry in results_of_rank]
         for sums, _ in results:
             accumulator.add(sums)
         model.train(was_training)
@@ -1105,57 +954,28 @@ class DPOTrainer:
     def save_model(self, output_dir: str | None = None) -> Path:
         """Save the policy (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained`` loads them."""
         target = Path(output_dir or self.args.output_dir)
-        state_dict = self._whole_weights(self.model)  # FSDP, ZeRO: every process gathers its shards
+        state_dict = self.parallelism.whole_weights(self.model)  # where split: a collective
         if self.accelerator.is_main_process:
-            save_trainable_weights(self._unwrap(self.model), self.tokenizer, target, state_dict)
+            save_trainable_weights(self.parallelism.unwrap(self.model), self.tokenizer, target, state_dict)
         return target
 
     def merge_and_save(self, output_dir: str) -> Path:
         """Write the policy with its LoRA adapter merged in: a full model ``AutoModelForCausalLM`` loads."""
         if not is_peft_model(self.model):
             raise ConfigError("merge_and_save needs a LoRA policy (finetuning_type: lora or peft_config)", key="finetuning_type")
-        if self.lockstep_forwards:
+        if self.parallelism.lockstep_forwards:
             raise ConfigError(
-                "merge_and_save: the model is sharded across processes (FSDP or ZeRO-3); merge the saved adapter with "
-                "`preftune export` instead", key="fsdp" if self.fsdp else "deepspeed",
+                f"merge_and_save: the model is split across processes ({self.parallelism.name}); merge the saved "
+                "adapter with `preftune export` instead", key=self.parallelism.config_key,
             )
         target = Path(output_dir)
         if self.accelerator.is_main_process:
-            merge_and_save(self.accelerator.unwrap_model(self.model), self.tokenizer, target)
+            merge_and_save(self.parallelism.unwrap(self.model), self.tokenizer, target)
         return target
 
-    def _save_checkpoint(self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: "_RunTotals") -> None:
-        """``checkpoint-<step>``, written atomically (``checkpoint.write_checkpoint``) by the main process, with every
-        process's RNG states; never one with non-finite weights. The other processes wait until it is written."""
-        per_rank_rng = gather_objects(rng_states()) if self.world_size > 1 else None
-        weights = self._whole_weights(model)  # FSDP, ZeRO: every process gathers its shards
-        optimizer_state = None if self.args.save_only_model else self._whole_optimizer_state(model, optimizer)
-        if self.accelerator.is_main_process:
-            self._write_checkpoint(model, step, optimizer_state, scheduler, run, per_rank_rng, weights)
-        if self.state.best_global_step == step:
-            self.state.best_model_checkpoint = str(Path(self.args.output_dir) / f"checkpoint-{step}")
-        self.accelerator.wait_for_everyone()
-
-    def _whole_optimizer_state(self, model: nn.Module, optimizer: Any) -> dict | None:
-        """The optimizer's whole state (a collective under FSDP and DeepSpeed, where it is keyed by parameter name
-        and complete on the main process only)."""
-        if self.fsdp:
-            return full_optimizer_state(model, optimizer)
-        if self.deepspeed:  # gathered from DeepSpeed's partitions
-            return whole_optimizer_state(self._engine)
-        return optimizer.state_dict()
-
-    def _write_checkpoint(
-        self, model: nn.Module, step: int, optimizer_state: dict | None, scheduler: Any, run: "_RunTotals",
-        per_rank_rng: list | None, weights: dict[str, torch.Tensor] | None,
-    ) -> None:
-        """``weights``: the whole model's state dict when it is sharded (else read from the model)."""
-        unwrapped = self._unwrap(model)
-        trainable = weights.values() if weights is not None else (p for p in unwrapped.parameters() if p.requires_grad)
-        if not all(torch.isfinite(value).all() for value in trainable):
-            logger.error("step %d: the weights hold non-finite values; checkpoint not written", step)
-            return
-        output_dir = Path(self.args.output_dir)
+    def _save_checkpoint(self, model: nn.Module, step: int, optimizer: Any, scheduler: Any, run: RunTotals) -> None:
+        """``checkpoint-<step>`` (``training_state.save_training_checkpoint``); the other processes wait until it is
+        written."""
         trainer_state = {
             "global_step": step,
             "epoch": self.state.epoch,
@@ -1165,17 +985,15 @@ class DPOTrainer:
             "world_size": self.world_size,
             "run": {"id": self.run_id, "fingerprint": self.fingerprint},  # preftune.checkpoint: runs never mix
         }
-        target = write_checkpoint(
-            output_dir / f"checkpoint-{step}",
-            save_weights=lambda directory: save_trainable_weights(unwrapped, self.tokenizer, directory, weights),
-            trainer_state=trainer_state,
-            optimizer_state=optimizer_state,
-            scheduler_state=None if optimizer_state is None else scheduler.state_dict(),
-            rank_rng_states=per_rank_rng,
-        )
         best = self.state.best_model_checkpoint
-        prune_checkpoints(output_dir, self.args.save_total_limit or 0, newest=target, run_id=self.run_id,
-                          best=Path(best) if best else None)
+        save_training_checkpoint(
+            self.parallelism, model, optimizer, scheduler, Path(self.args.output_dir) / f"checkpoint-{step}",
+            tokenizer=self.tokenizer, trainer_state=trainer_state, with_optimizer=not self.args.save_only_model,
+            keep=self.args.save_total_limit or 0, run_id=self.run_id, best=Path(best) if best else None,
+        )
+        if self.state.best_global_step == step:
+            self.state.best_model_checkpoint = str(Path(self.args.output_dir) / f"checkpoint-{step}")
+        self.accelerator.wait_for_everyone()
 
     def _data_report(self) -> dict[str, Any]:
         """What the data step read, skipped, dropped and truncated, per split (a stream's counts add up)."""
@@ -1184,95 +1002,17 @@ class DPOTrainer:
             report["train"] = self._windows.report
         return report
 
-    def _write_summary(self, runtime: float, run: "_RunTotals", training_loss: float) -> dict[str, Any]:
-        strip = lambda record, prefix="": {  # noqa: E731
-            key[len(prefix) :]: value for key, value in record.items() if key.startswith(prefix) and key not in ("step", "epoch")
-        }
-        train_records, eval_records = self.recorder.train_records, self.recorder.eval_records
-        summary = {
-            "train": strip(train_records[-1]) if train_records else {},
-            "eval": strip(eval_records[-1], "eval_") if eval_records else {},
-            "training_loss_mean": training_loss,
-            "global_step": self.state.global_step,
-            "epoch": self.state.epoch,
-            "runtime_seconds": runtime,
-            "pairs_per_second": run.session_pairs / runtime if runtime > 0 else 0.0,
-            "tokens_per_second": run.session_tokens / runtime if runtime > 0 else 0.0,
-            "total_pairs": run.total_pairs,
-            "num_processes": self.world_size,
-            "parallelism": self._parallelism(),
-            "skipped_nonfinite_steps": {"count": len(run.skipped_steps), "steps": run.skipped_steps[:100]},
-            "memory": peak_memory_mb(),
-            "data": self._data_report(),
-            "config": self.args.to_dict(),
-        }
-        for name in self.data.eval_sets:  # named eval sets: their last metrics under "eval_<name>"
-            if name is not None:
-                prefix = f"{eval_key(name)}_"
-                records = [record for record in self.recorder.history if f"{prefix}loss" in record]
-                summary[eval_key(name)] = strip(records[-1], prefix) if records else {}
-        summary["diagnostics"] = self.recorder.diagnostics()  # likelihood displacement, grad-norm spikes
+    def _write_summary(self, runtime: float, run: RunTotals, training_loss: float) -> dict[str, Any]:
+        """``summary.json`` (``summary.run_summary``) and the training curves, written by the main process."""
+        summary = run_summary(
+            self.recorder, run, runtime=runtime, training_loss=training_loss, global_step=self.state.global_step,
+            epoch=self.state.epoch, num_processes=self.world_size, parallelism=self.parallelism.name,
+            data_report=self._data_report(), config=self.args.to_dict(), eval_sets=self.data.eval_sets,
+        )
         if self.accelerator.is_main_process:
             self.recorder.write_summary(summary)
             self.recorder.write_plot()
         return summary
-
-
-class _ReplicaRecorder(RunRecorder):
-    """The history of a process other than the main one: kept in memory (for ``train()``'s result), never written."""
-
-    warns = False  # the main process logs the likelihood-displacement warning
-
-    def _write_history(self) -> None:
-        return None
-
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        return None
-
-    def write_plot(self) -> None:
-        return None
-
-
-@dataclass
-class _RunTotals:
-    """The loop's running totals, saved in checkpoints so that a resumed run continues them exactly."""
-
-    window: MetricAccumulator = field(default_factory=MetricAccumulator)  # metrics since the last log
-    run_loss: MetricAccumulator = field(default_factory=MetricAccumulator)  # loss over the whole run
-    window_tokens: int = 0
-    total_pairs: int = 0
-    total_tokens: int = 0
-    last_eval_step: int = -1
-    skipped_steps: list[int] = field(default_factory=list)
-    session_pairs: int = 0  # this process only (for pairs/s), not checkpointed
-    session_tokens: int = 0
-
-    def add_step(self, step_sums: list[tuple[dict[str, float], int]], pairs: int) -> None:
-        for sums, tokens in step_sums:
-            self.window.add(sums)
-            self.run_loss.add({key: sums[key] for key in ("pairs", "loss", "aux_loss") if key in sums})
-            self.window_tokens += tokens
-            self.total_tokens += tokens
-            self.session_tokens += tokens
-        self.total_pairs += pairs
-        self.session_pairs += pairs
-
-    def reset_window(self) -> None:
-        self.window.reset()
-        self.window_tokens = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "window": dict(self.window.sums), "run_loss": dict(self.run_loss.sums), "window_tokens": self.window_tokens,
-            "total_pairs": self.total_pairs, "total_tokens": self.total_tokens, "last_eval_step": self.last_eval_step,
-            "skipped_steps": list(self.skipped_steps),
-        }
-
-    def load(self, saved: dict[str, Any]) -> None:
-        self.window.sums.update(saved["window"])
-        self.run_loss.sums.update(saved["run_loss"])
-        self.window_tokens, self.total_pairs, self.total_tokens = saved["window_tokens"], saved["total_pairs"], saved["total_tokens"]
-        self.last_eval_step, self.skipped_steps = saved["last_eval_step"], list(saved["skipped_steps"])
 
 
 def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:
@@ -1289,26 +1029,6 @@ def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | No
     body.compile(dynamic=True, **options)
 
 
-def _check_data_fits_loss(args: DPOConfig, params: LossParams, data: Any) -> None:
-    """Refuse data the loss cannot use: unpaired rows with a paired loss and the reverse, several negatives
-    with LD-DPO. (KTO runs at any batch size: each row carries its KL completion, ``preftune.data.kto``.)"""
-    kind = getattr(data, "kind", "paired")
-    if kind == "unpaired" and not params.is_unpaired:
-        raise ConfigError(
-            f"the data is unpaired (prompt, completion, label), which loss {args.loss_type} cannot use; "
-            "set loss_type: kto, or give paired data (prompt, chosen, rejected)",
-            key="loss_type",
-        )
-    if kind != "unpaired" and params.is_unpaired:
-        raise ConfigError(
-            "loss kto needs unpaired rows (prompt, completion, label: true/false, or LLaMA-Factory's kto_tag); "
-            "the data is paired (prompt, chosen, rejected)",
-            key="loss_type",
-        )
-    if getattr(data, "num_negatives", 1) > 1 and args.ld_alpha is not None:
-        raise ConfigError("ld_alpha is defined for one rejected response per prompt, not several", key="ld_alpha")
-
-
 def _default_args(model: Any) -> DPOConfig:
     """TRL's default arguments: ``output_dir`` "<model name>-DPO" in the current folder."""
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
@@ -1323,33 +1043,6 @@ def _resume_spec(argument: str | bool | None, configured: str | None) -> str | N
     if argument:
         return str(argument)
     return configured or None
-
-
-def _is_stream(source: Any, *, nested: bool = False) -> bool:
-    """Whether ``source`` is a ``datasets.IterableDataset`` (with ``nested``: or a mapping holding one)."""
-    import datasets
-
-    if isinstance(source, datasets.IterableDataset):
-        return True
-    return nested and isinstance(source, dict) and any(isinstance(v, datasets.IterableDataset) for v in source.values())
-
-
-def _materialized(source: Any) -> Any:
-    """An eval source with every ``datasets.IterableDataset`` read into a list of rows (eval sets are finite and
-    are read whole anyway); dicts of named sets keep their names."""
-    import datasets
-
-    if isinstance(source, datasets.IterableDataset):
-        return [dict(row) for row in source]
-    if isinstance(source, dict):
-        return {name: _materialized(value) for name, value in source.items()}
-    return source
-
-
-def _stream_precompute_error() -> ConfigError:
-    return ConfigError("precompute_ref_log_probs is not supported with IterableDataset: a stream is read once, as it "
-                       "trains; give a datasets.Dataset or set precompute_ref_log_probs: false",
-                       key="precompute_ref_log_probs")
 
 
 def _set_global_settings(args: DPOConfig) -> None:

@@ -1,11 +1,11 @@
-"""Several processes (one per device): how a run is split across them, and how it is launched.
+"""Launching and splitting a run over several processes, the same for every backend.
 
-The accelerator (``build_accelerator``; DDP through accelerate, gloo on CPU), the ``nproc`` re-launch under torchrun,
-each process's contiguous share of a step's micro-batches (``rank_share``), gathers of Python values, and FSDP2
-sharding with the whole weights and optimizer state gathered for checkpoints. With N processes a run takes exactly
-the steps of a one-process run with N times the gradient accumulation.
+The accelerator (``build_accelerator``; DDP through accelerate, gloo on CPU) and the checks of the launch
+(``check_distributed_settings``), the ``nproc`` re-launch under torchrun, each process's contiguous share of a step's
+micro-batches as ``(batch, weight)`` pairs (``rank_share``) and gathers of Python values (``gather_objects``). With N
+processes a run takes exactly the steps of a one-process run with N times the gradient accumulation.
 
-The split, the loss scaling, stand-in micro-batches, seeds and FSDP: docs/distributed.md.
+The split, the loss scaling, stand-in micro-batches and seeds: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, Sequence, TypeVar
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-from torch import nn
 
 from preftune.errors import ConfigError
 
@@ -116,68 +115,14 @@ def check_distributed_settings(args: Any, accelerator: Accelerator) -> None:
         )
 
 
-def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[T | None]:
-    """Process ``rank``'s contiguous share of ``items``: ``ceil(len / world_size)`` entries (the last processes' shares
-    may run short; they are padded with None), so that concatenating the shares in rank order gives ``items``."""
+def rank_share(items: Sequence[T], rank: int, world_size: int) -> list[tuple[T, int]]:
+    """Process ``rank``'s contiguous share of ``items`` as ``(item, weight)`` pairs, ``ceil(len / world_size)`` of
+    them on every process: its own items weigh 1; where the last processes' shares run short they are filled with
+    stand-ins of weight 0 (``items[0]``: a real item, whose loss counts 0), so that every process runs as many
+    forwards and backwards. The weight-1 items of the shares, concatenated in rank order, are ``items``."""
     per_rank = math.ceil(len(items) / world_size)
-    share: list[T | None] = list(items[rank * per_rank : (rank + 1) * per_rank])
-    return share + [None] * (per_rank - len(share))
-
-
-def shard_model(model: nn.Module, fsdp: str, mixed_precision: str = "no", role: str = "the model") -> nn.Module:
-    """Shard ``model`` in place with FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder layer, then the whole
-    model (embeddings, final norm, LM head). ``full_shard`` reshards each layer's parameters after its forward;
-    ``shard_grad_op`` keeps them gathered until the backward. Gradients are averaged over processes
-    (reduce-scatter), as DDP's. ``mixed_precision`` "bf16"/"fp16": FSDP's own policy (computation in that dtype,
-    gradients reduced in fp32)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    policy = MixedPrecisionPolicy(param_dtype=dtypes.get(mixed_precision), reduce_dtype=torch.float32)
-    reshard = "full_shard" in fsdp.split()
-    layers = _decoder_layers(model)
-    if not layers:
-        raise ConfigError(f"fsdp: cannot find the decoder layers of {type(model).__name__}", key="fsdp")
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard, mp_policy=policy)
-    # The root keeps its parameters gathered from forward to backward (FSDP's default for the root): the chunked LM
-    # head uses the output layer's weight after the forward returns.
-    fully_shard(model, mp_policy=policy)
-    logger.info("FSDP2 (%s): %d decoder layers and %s sharded over %d processes", fsdp, len(layers), role,
-                torch.distributed.get_world_size())
-    return model
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers causal LM: the modules of its ``_no_split_modules`` classes."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [module for module in model.modules() if type(module).__name__ in names]
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) weights of an FSDP-sharded model, on the CPU (a collective: every process calls it).
-
-    A tied weight appears once, under the name ``named_parameters`` gives it (as ``save_pretrained`` writes it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    return {name: value for name, value in state.items() if name in names}
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The whole optimizer state of an FSDP-sharded model, keyed by parameter name, on the CPU of the main process
-    (the others get an empty dict; a collective: every process calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Give every process its shards of a whole optimizer state saved by ``full_optimizer_state`` (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    share = [(item, 1) for item in items[rank * per_rank : (rank + 1) * per_rank]]
+    return share + [(items[0], 0)] * (per_rank - len(share))
 
 
 def gather_objects(value: T) -> list[T]:

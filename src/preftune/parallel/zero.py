@@ -1,130 +1,26 @@
-"""DeepSpeed ZeRO (stages 0-3, with optimizer and parameter offload): the config and the engine.
-
-``resolve_deepspeed_config`` reads a DeepSpeed config (file or dict), fills its ``"auto"`` values from the preftune
-config and refuses values that disagree; ``initialize_policy`` / ``initialize_reference`` build the engines around
-preftune's own AdamW (not through accelerate's plugin); ``whole_state_dict`` and ``whole_optimizer_state`` gather
-what a checkpoint holds (the same files as an FSDP run's, no pickle).
+"""DeepSpeed ZeRO (stages 0-3, with optimizer and parameter offload): the engines preftune builds around its own
+AdamW (not through accelerate's plugin), and the whole weights and optimizer state gathered from (and scattered back
+into) DeepSpeed's partitions for checkpoints that are the same files as an FSDP run's, no pickle.
 
 Why preftune drives the engine itself, what it does not take from DeepSpeed, and stage 3: docs/distributed.md.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
-from pathlib import Path
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
 from preftune.errors import CheckpointError, ConfigError
+from preftune.logprobs import unwrap_model
+from preftune.parallel.base import Parallelism
+from preftune.parallel.deepspeed_config import read_deepspeed_config, resolve_deepspeed_config, zero_stage
 
 logger = logging.getLogger(__name__)
-
-# Sections of a DeepSpeed config that preftune does not take, and why.
-_SECTIONS_REFUSED = {
-    "optimizer": "preftune builds AdamW from learning_rate, adam_beta1/2, adam_epsilon and weight_decay",
-    "scheduler": "preftune builds the schedule from lr_scheduler_type, warmup_steps/warmup_ratio",
-}
-
-
-def read_deepspeed_config(value: str | os.PathLike | dict) -> dict[str, Any]:
-    """The DeepSpeed config a ``deepspeed:`` value names: a dict as given, or a JSON file (a relative path from the
-    working directory). ConfigError (key ``deepspeed``) naming the file when it cannot be read, is not a JSON object,
-    or holds a section preftune does not take."""
-    if isinstance(value, dict):
-        config, source = copy.deepcopy(value), "the deepspeed dict"
-    else:
-        path = Path(value)
-        source = str(path)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"deepspeed: no such DeepSpeed config file {path}", key="deepspeed") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ConfigError(f"deepspeed: cannot read {path} as JSON: {error}", key="deepspeed") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"deepspeed: {path} holds a JSON {type(config).__name__}, expected an object", key="deepspeed")
-    for section, reason in _SECTIONS_REFUSED.items():
-        if section in config:
-            raise ConfigError(
-                f"deepspeed: {source} has a {section!r} section; {reason}: remove the section", key="deepspeed"
-            )
-    zero = config.get("zero_optimization", {})
-    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed: {source}: zero_optimization.stage must be 0, 1, 2 or 3", key="deepspeed")
-    return config
-
-
-def zero_stage(config: dict[str, Any]) -> int:
-    return int(config.get("zero_optimization", {}).get("stage", 0))
-
-
-def resolve_deepspeed_config(raw: dict[str, Any], args: Any, world_size: int, hidden_size: int | None) -> dict[str, Any]:
-    """The config handed to ``deepspeed.initialize``: ``"auto"`` values filled from ``args``, explicit ones checked.
-
-    The trainer marks accumulation boundaries itself, so DeepSpeed's ``gradient_accumulation_steps`` is 1 and its
-    micro-batch is the trainer's (``per_device_train_batch_size``); ``train_batch_size`` follows from them.
-    ``gradient_clipping`` is ``max_grad_norm`` (DeepSpeed's own default, 1.0, is never used silently)."""
-    config = copy.deepcopy(raw)
-    _settle(config, "train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "per_device_train_batch_size")
-    if config.get("gradient_accumulation_steps", "auto") not in ("auto", args.gradient_accumulation_steps):
-        raise ConfigError(
-            f"deepspeed: gradient_accumulation_steps {config['gradient_accumulation_steps']} differs from "
-            f"gradient_accumulation_steps {args.gradient_accumulation_steps}; set it to \"auto\"",
-            key="deepspeed",
-        )
-    config["gradient_accumulation_steps"] = 1  # the trainer's own boundaries (engine.set_gradient_accumulation_boundary)
-    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
-    if config.get("train_batch_size", "auto") not in ("auto", global_batch):
-        raise ConfigError(
-            f"deepspeed: train_batch_size {config['train_batch_size']} is not per_device_train_batch_size x processes "
-            f"x gradient_accumulation_steps = {global_batch}; set it to \"auto\"",
-            key="deepspeed",
-        )
-    config["train_batch_size"] = args.per_device_train_batch_size * world_size  # one micro-batch per process
-    _settle(config, "gradient_clipping", float(args.max_grad_norm), "max_grad_norm")
-    for precision, on in (("bf16", bool(args.bf16)), ("fp16", bool(args.fp16))):
-        section = config.setdefault(precision, {})
-        _settle(section, "enabled", on, precision, where=f"{precision}.enabled")
-    zero = config.setdefault("zero_optimization", {})
-    if hidden_size:
-        for key, value in (
-            ("reduce_bucket_size", hidden_size * hidden_size),
-            ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-            ("stage3_param_persistence_threshold", 10 * hidden_size),
-        ):
-            if zero.get(key) == "auto":
-                zero[key] = value
-    leftover = _auto_values(config)
-    if leftover:
-        raise ConfigError(f"deepspeed: preftune cannot fill \"auto\" for {', '.join(leftover)}; set a value", key="deepspeed")
-    config.setdefault("zero_allow_untested_optimizer", True)  # preftune's own torch AdamW
-    config.setdefault("zero_force_ds_cpu_optimizer", False)  # ... also with optimizer offload
-    config.setdefault("steps_per_print", 10**9)
-    config.setdefault("wall_clock_breakdown", False)
-    return config
-
-
-def _settle(section: dict, key: str, value: Any, preftune_key: str, where: str | None = None) -> None:
-    """``section[key]``: ``value`` when missing or "auto"; refused when it is set to something else."""
-    given = section.get(key, "auto")
-    if given != "auto" and given != value:
-        raise ConfigError(
-            f"deepspeed: {where or key} is {given!r} but {preftune_key} is {value!r}; set it to \"auto\" (preftune fills "
-            "it) or make them agree",
-            key="deepspeed",
-        )
-    section[key] = value
-
-
-def _auto_values(config: Any, prefix: str = "") -> list[str]:
-    if isinstance(config, dict):
-        return [found for key, value in config.items() for found in _auto_values(value, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if config == "auto" else []
 
 
 def start_deepspeed(backend: str | None = None) -> Any:
@@ -184,7 +80,7 @@ def initialize_reference(model: nn.Module, config: dict[str, Any]) -> nn.Module:
     return module
 
 
-def whole_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+def _whole_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """The whole weights of the engine's model on the main process (a collective: every process calls it); names as
     ``named_parameters``/``named_buffers`` give them (a tied weight once).
 
@@ -213,9 +109,9 @@ def whole_state_dict(engine: Any) -> dict[str, torch.Tensor]:
 _ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
-def whole_optimizer_state(engine: Any) -> dict[str, Any] | None:
+def _whole_optimizer_state(engine: Any) -> dict[str, Any] | None:
     """The whole AdamW state of the engine's trainable parameters, keyed by parameter name (the format of FSDP's
-    whole state, ``preftune.distributed.full_optimizer_state``), gathered from the partitions with DeepSpeed's public
+    whole state, ``FSDP.whole_optimizer_state``), gathered from the partitions with DeepSpeed's public
     ``safe_get_full_optimizer_state`` (a collective: every process calls it). None before the first step."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -233,8 +129,8 @@ def whole_optimizer_state(engine: Any) -> dict[str, Any] | None:
     return {"state": state, "param_groups": groups}
 
 
-def load_whole_optimizer_state(engine: Any, saved: dict[str, Any]) -> None:
-    """Give every process its partitions of a state saved by ``whole_optimizer_state`` (a collective). The optimizer
+def _load_whole_optimizer_state(engine: Any, saved: dict[str, Any]) -> None:
+    """Give every process its partitions of a state saved by ``_whole_optimizer_state`` (a collective). The optimizer
     states are created first (AdamW creates them lazily at its first step), then overwritten fragment by fragment."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -278,3 +174,74 @@ def _flat_partitions(engine: Any) -> list[torch.Tensor]:
         if hasattr(optimizer, attribute):
             return list(getattr(optimizer, attribute))
     return [flat for group in optimizer.optimizer.param_groups for flat in group["params"]]
+
+
+class ZeRO(Parallelism):
+    """DeepSpeed's engine over preftune's optimizer: it averages the gradients over processes at the boundaries the
+    trainer marks, clips them to ``max_grad_norm`` and steps; stage 3 partitions the parameters, and a separate
+    reference model's too."""
+
+    config_key = "deepspeed"
+    allows_padding_free = False
+
+    def __init__(self, args: Any, accelerator: Any) -> None:
+        super().__init__(args, accelerator)
+        self.config = read_deepspeed_config(args.deepspeed)
+        self.stage = zero_stage(self.config)
+        self.lockstep_forwards = self.stage == 3
+        self.holds_whole_output_layer = self.stage != 3  # stage 3: the model's forward projects (no chunked head)
+        self.engine: Any = None  # the policy's DeepSpeedEngine, from ``prepare`` on
+
+    @property
+    def name(self) -> str:
+        return f"deepspeed zero-{self.stage}"
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, reference: Any,
+                optimizer_state: dict[str, Any] | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The policy's engine over ``optimizer`` (which the loop keeps, for the schedule); under stage 3 a separate
+        reference model is partitioned too; a checkpoint's optimizer state goes into the engine's partitions."""
+        start_deepspeed()
+        hidden_size = getattr(unwrap_model(model).config, "hidden_size", None)
+        config = resolve_deepspeed_config(self.config, self.args, self.world_size, hidden_size)
+        engine = initialize_policy(model.to(self.accelerator.device), optimizer, config)
+        if self.stage == 3 and reference is not None and reference.separate_model is not None:
+            reference.model = initialize_reference(reference.model.to(self.accelerator.device), config)
+        self.engine = engine
+        if optimizer_state is not None:
+            self.load_optimizer_state(engine, optimizer, optimizer_state)
+        self.place_reference(reference)
+        return engine, optimizer
+
+    def place_reference(self, reference: Any) -> None:
+        if self.stage != 3 or self.engine is None:  # a stage-3 run's separate reference lives in its engine's partitions
+            super().place_reference(reference)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        _load_whole_optimizer_state(self.engine, state)
+
+    def accumulating(self, model: nn.Module, boundary: bool) -> ContextManager:
+        return nullcontext()  # the engine reduces at the boundary ``backward`` marks
+
+    def backward(self, model: nn.Module, loss: torch.Tensor, boundary: bool) -> None:
+        model.set_gradient_accumulation_boundary(boundary)
+        model.backward(loss, scale_wrt_gas=False)
+
+    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, update: bool) -> tuple[float, bool]:
+        """``engine.step()``: clipping, the update and zeroed gradients in one call. DeepSpeed measures the norm only
+        within it, so a non-finite norm is known after the update (``updated`` is then True)."""
+        if not update:
+            return float("nan"), False
+        model.step()
+        return float(model.get_global_grad_norm()), True
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        return None  # the engine's step zeroed them
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if self.engine is not None and model is self.engine else super().unwrap(model)
+
+    def whole_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        return _whole_state_dict(self.engine) if self.engine is not None else None
+
+    def whole_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        return _whole_optimizer_state(self.engine)
