@@ -49,7 +49,7 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, is_valid_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -2078,18 +2078,10 @@ def _convert_validation_error(error: ValidationError) -> ConfigError:
     return _error(first_message + (f" (also: {others})" if others else ""), first_key)
 
 
-def _is_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _validate_into(config: DPOConfig, data: dict[str, Any], source: _Source) -> None:
     """Run pydantic's validation of ``data`` into ``config`` with ``source`` naming where the values came from."""
     for key in data:  # pydantic-core cannot even read a key that is not valid Unicode text (a lone surrogate)
-        if isinstance(key, str) and not _is_encodable(key):
+        if isinstance(key, str) and not is_valid_unicode(key):
             origin = " (from a command-line override)" if key in source.cli_keys else ""
             raise ConfigError(f"unknown key: not valid UTF-8 text{origin}", key=ascii(key)[1:-1], file=source.file)
     token = _SOURCE.set(source)

@@ -53,3 +53,13 @@ class DataError(PreftuneError, ValueError):
 
 class CheckpointError(PreftuneError):
     """A checkpoint cannot be written or read back."""
+
+
+def is_valid_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8, i.e. holds no lone surrogate (JSON and YAML escapes such as "\\ud800"
+    make them; files, Arrow and SQLite cannot store them), so that it can be written and named in an error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -229,7 +229,7 @@ def _check_weights(folder: Path, key: str, *, stem: str) -> None:
         convert = (
             f"python -c \"from transformers import AutoModelForCausalLM as M; "
             f"M.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}')\""
-            if stem == "model" else f"load it with peft and save it again with save_pretrained (safetensors)"
+            if stem == "model" else "load it with peft and save it again with save_pretrained (safetensors)"
         )
         raise ConfigError(
             f"{folder} has only PyTorch pickle weights ({', '.join(pickles[:3])}); preftune loads safetensors weights "

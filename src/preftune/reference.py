@@ -121,14 +121,14 @@ def _reference_forward(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-class UntouchedPolicyReference:
+class UntouchedPolicyReference(FrozenReference):
     """The policy itself as the reference, valid only while it has not been updated (full fine-tuning before the
     first step): e.g. to score data that arrives after the set-up's reference was dropped for precomputed
     log-probs. Scored without gradients in eval mode; the policy's flags are left exactly as they were."""
 
     separate_model = None  # the reference forward runs the policy's own weights
 
-    def __init__(self, policy: nn.Module) -> None:
+    def __init__(self, policy: nn.Module) -> None:  # not frozen: the policy trains on afterwards
         self.model = policy
 
     def to(self, device: torch.device | str) -> "UntouchedPolicyReference":
@@ -137,16 +137,6 @@ class UntouchedPolicyReference:
     def completion_logps(self, batch: PreferenceBatch, **logprob_options) -> Tensor:
         with _reference_forward(self.model):
             return completion_logprobs(self.model, batch, **logprob_options).logps
-
-    def logps(self, batch: PreferenceBatch, **logprob_options) -> tuple[Tensor, Tensor]:
-        return chosen_and_rejected(self.completion_logps(batch, **logprob_options))
-
-    def fingerprint(self) -> str:
-        return reference_fingerprint(self.model)
-
-    @contextmanager
-    def sampling_model(self) -> Iterator[nn.Module]:
-        yield self.model
 
 
 class AdapterDisabledReference:

@@ -17,28 +17,17 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import EvalPrediction, get_scheduler
 
-from preftune.adapters import (
-    apply_lora,
-    check_quantization,
-    is_peft_model,
-    load_trainable_weights,
-    lora_config_from_args,
-    merge_and_save,
-    save_trainable_weights,
-)
+from preftune.adapters import is_peft_model, load_trainable_weights, merge_and_save, save_trainable_weights
 from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows
 from preftune.callbacks import (
     TrainerCallback,
@@ -54,30 +43,17 @@ from preftune.cpu_memory import keep_freed_memory
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
 from preftune.data.pipeline import default_cache_dir, eval_key
 from preftune.errors import ConfigError, PreftuneError
-from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, completion_logprobs, pair_logprobs, unwrap_model
-from preftune.losses import LossInputs, LossParams, compute_preference_loss, kto_kl_estimate, kto_loss, kto_sft_loss
-from preftune.metrics import (
-    MetricAccumulator,
-    ReplicaRecorder,
-    RunRecorder,
-    RunTotals,
-    pair_metric_sums,
-    unpaired_metric_sums,
-)
-from preftune.models import disable_dropout, ensure_pad_token, load_causal_lm, load_tokenizer
-from preftune.moe import resolve_router_aux_loss
+from preftune.logprobs import unwrap_model
+from preftune.losses import LossParams
+from preftune.metrics import MetricAccumulator, ReplicaRecorder, RunRecorder, RunTotals
+from preftune.models import ensure_pad_token, load_tokenizer
+from preftune.model_setup import check_supported, set_global_settings, set_up_models
+from preftune.objective import BatchLoss, build_objective, logprob_options
 from preftune.parallel import build_parallelism
 from preftune.parallel.launch import build_accelerator
 from preftune.preflight import run_fingerprint, run_preflight_checks, start_fresh_run
 from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps
-from preftune.reference import (
-    AdapterDisabledReference,
-    FrozenReference,
-    Reference,
-    UntouchedPolicyReference,
-    build_reference,
-    sync_reference,
-)
+from preftune.reference import AdapterDisabledReference, Reference, UntouchedPolicyReference, sync_reference
 from preftune.summary import run_summary, train_end_record, training_record
 from preftune.training_data import (
     check_data_fits_loss,
@@ -91,9 +67,6 @@ from preftune.training_state import ResumePoint, open_resume_checkpoint, save_tr
 
 logger = logging.getLogger(__name__)
 
-# Tags added to the model card metadata (``model.add_model_tags``); TRL adds "trl" and "dpo" for the same API.
-MODEL_TAGS = ("trl", "dpo", "preftune")
-
 
 class TrainingError(PreftuneError):
     """Training cannot go on (e.g. a non-finite loss)."""
@@ -105,55 +78,6 @@ class TrainOutput(NamedTuple):
     global_step: int
     training_loss: float
     metrics: dict[str, Any]
-
-
-class BatchLoss(NamedTuple):
-    """One micro-batch's result: per-example loss ``(B,)``, its metric sums, and the per-example rewards of each
-    completion ``(B, K)`` (chosen first; detached) for ``compute_metrics`` (None for unpaired data)."""
-
-    losses: torch.Tensor
-    sums: dict[str, float]
-    rewards: torch.Tensor | None = None
-
-
-def _check_supported(args: DPOConfig, accelerator: Accelerator) -> None:
-    """Fail fast on settings that cannot work here."""
-    check_quantization(args.quantization_bit, accelerator.device.type)
-    if args.quantization_bit is not None:  # bitsandbytes and a GPU are there, but quantized loading is not built yet
-        raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_bit")
-    if args.fp16 and accelerator.device.type == "cpu":
-        raise ConfigError("fp16 is not supported on CPU (no fp16 autocast there); use bf16: true or fp32", key="fp16")
-    if args.bf16 and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("bf16 requested but this GPU does not support bfloat16; use fp16 or fp32", key="bf16")
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How pairs are laid out for the forward pass (all layouts give the same log-probs)."""
-
-    prefix_sharing: bool
-    padding_free: bool | None  # None: decided per batch (``padding_free_pays``)
-
-
-def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
-    """Resolve ``prefix_sharing``/``padding_free``: explicit values win; ``None`` means on where supported.
-
-    Supported: every model is of a type whose 4-D masks and position ids are tested
-    (``CHUNKED_HEAD_MODEL_TYPES``) and uses sdpa or eager attention (flash-attention takes no 4-D mask).
-    """
-    supported = all(
-        getattr(unwrap_model(m).config, "model_type", None) in CHUNKED_HEAD_MODEL_TYPES
-        and getattr(unwrap_model(m).config, "_attn_implementation", None) in ("sdpa", "eager")
-        for m in models
-        if m is not None
-    )
-    if args.prefix_sharing and not supported:
-        logger.warning("prefix_sharing requested for a model without tested 4-D mask support; results may differ")
-    prefix_sharing = supported if args.prefix_sharing is None else bool(args.prefix_sharing)
-    padding_free = (None if supported else False) if args.padding_free is None else bool(args.padding_free)
-    layout = BatchLayout(prefix_sharing=prefix_sharing, padding_free=padding_free)
-    logger.info("batch layout: prefix_sharing=%s, padding_free=%s", layout.prefix_sharing, layout.padding_free)
-    return layout
 
 
 class DPOTrainer:
@@ -213,14 +137,14 @@ class DPOTrainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = build_accelerator(self.args)
         self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        _check_supported(self.args, self.accelerator)
+        check_supported(self.args, self.accelerator.device.type)
         # How the processes share the work (preftune.parallel): DDP, FSDP2 or DeepSpeed ZeRO; the loop never asks which
         self.parallelism = build_parallelism(self.args, self.accelerator)
         if not self.accelerator.is_main_process:  # replicas log warnings and errors only
             logging.getLogger("preftune").setLevel(logging.WARNING)
         if self.args.keep_freed_cpu_memory and self.accelerator.device.type == "cpu":
             keep_freed_memory()
-        _set_global_settings(self.args)  # seed (the same on every process), determinism, TF32, log level
+        set_global_settings(self.args)  # seed (the same on every process), determinism, TF32, log level
         self.loss_params = LossParams.from_config(self.args)
         self.loss_params.validate()
         self.state = TrainerState(
@@ -340,73 +264,20 @@ class DPOTrainer:
                               f"{text[0] if text else ''}); the model stays in {folder}", key="push_to_hub") from None
 
     # ----------------------------------------------------------------- setup
-    def _load_model(self, model: nn.Module | str, key: str, quantization_config: Any = None) -> nn.Module:
-        """A model given as a path, loaded with ``args.from_pretrained_kwargs()`` (``model_init_kwargs``, dtype,
-        revision, attention implementation)."""
-        if isinstance(model, nn.Module):
-            if self.args.model_init_kwargs and key == "model_name_or_path":
-                logger.warning("model_init_kwargs ignored: the model given is already loaded")
-            return model
-        if quantization_config is not None:
-            check_quantization(4, self.accelerator.device.type)  # bitsandbytes and CUDA, or a clear error
-            raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_config")
-        return load_causal_lm(model, key=key, **self.args.from_pretrained_kwargs())
-
     def _setup_models(self, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any,
                       quantization_config: Any = None) -> None:
-        """Policy (with a LoRA adapter when asked), reference, layout, dropout, checkpointing, compilation."""
-        self.model = self._load_model(model, "model_name_or_path", quantization_config)
-        if peft_config is None and self.args.finetuning_type == "lora":
-            peft_config = lora_config_from_args(self.args)
-        if peft_config is not None or is_peft_model(self.model):
-            self.model = apply_lora(self.model, peft_config)
-        self.reference = self._build_reference(ref_model)
-        if self.args.sync_ref_model and (self.reference is None or self.reference.separate_model is None):
-            raise ConfigError(
-                "sync_ref_model needs a separate reference model, not a LoRA adapter-disabled or adapter-copy reference",
-                key="sync_ref_model",
-            )
-        reference_model = self.reference.model if self.reference is not None else None
-        self.layout = resolve_layout(self.args, self.model, reference_model)
-        if not self.parallelism.allows_padding_free and self.layout.padding_free is None:
-            self.layout = BatchLayout(prefix_sharing=self.layout.prefix_sharing, padding_free=False)
-        # MoE load-balancing loss on the policy's forwards, as TRL adds it (preftune.moe); 0.0: off
-        self.router_aux_loss_coef = resolve_router_aux_loss(self.args, self.model, self.layout)
+        """Policy, reference and layout (``model_setup.set_up_models``), and the objective that scores them."""
+        setup = set_up_models(self.args, model, ref_model, peft_config, loss_params=self.loss_params,
+                              device_type=self.accelerator.device.type,
+                              allows_padding_free=self.parallelism.allows_padding_free,
+                              quantization_config=quantization_config)
+        self.model, self.reference, self.layout = setup.model, setup.reference, setup.layout
+        self.router_aux_loss_coef = setup.router_aux_loss_coef  # TRL's attributes
         self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
-        distinct = [m for m in (self.model, reference_model) if m is not None]
-        distinct = [m for i, m in enumerate(distinct) if all(m is not other for other in distinct[:i])]
-        if self.args.disable_dropout:
-            for module in distinct:
-                disable_dropout(module)
-        if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(list(MODEL_TAGS))
-        if self.args.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-            )
-            self.model.config.use_cache = False
-            if is_peft_model(self.model):  # frozen embeddings: checkpointed blocks need inputs that require grad
-                self.model.enable_input_require_grads()
-        if self.args.torch_compile:
-            for module in distinct:
-                compile_body(module, backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
-        inner = unwrap_model(self.model)  # counted now: FSDP and ZeRO-3 later hold only each process's shards
-        self._flop_parameters = inner.num_parameters(exclude_embeddings=True) if hasattr(inner, "num_parameters") else 0
-
-    def _build_reference(self, ref_model: nn.Module | str | None) -> Reference | None:
-        """None for reference-free losses; else a given model, the policy with its adapter disabled (LoRA), a
-        frozen copy of an already-trained adapter, or a frozen copy of the policy as loaded (``build_reference``)."""
-        if not self.loss_params.needs_reference:
-            if ref_model is not None:
-                raise ConfigError(
-                    f"loss {self.args.loss_type} uses no reference model, but ref_model was given; leave it out",
-                    key="ref_model",
-                )
-            return None
-        ref_model = ref_model if ref_model is not None else self.args.ref_model_name_or_path
-        self._initial_reference_is_policy = ref_model is None and not is_peft_model(self.model)
-        loaded = self._load_model(ref_model, "ref_model") if ref_model is not None else None
-        return build_reference(self.model, loaded)
+        self._flop_parameters, self._initial_reference_is_policy = setup.flop_parameters, setup.reference_is_initial_policy
+        self._logprob_options = logprob_options(self.args, self.parallelism.holds_whole_output_layer)
+        self.objective = build_objective(self.args, self.loss_params, self.accelerator, self._logprob_options,
+                                         self.router_aux_loss_coef)
 
     def _precompute_reference(self) -> None:
         """Score every train/eval row with the reference once (or read the cache), attach the values as a column,
@@ -423,7 +294,7 @@ class DPOTrainer:
     def _attach_reference_logps(self, tokenized: Any, reference: Reference, split: str) -> dict[str, Any]:
         """Score ``tokenized``'s rows with ``reference`` (or read them from the cache) and attach them as the
         ``ref_logps`` column in place; returns where the values are cached and whether the cache was reused."""
-        options = self._logprob_options()
+        options = self._logprob_options
         model_config = getattr(unwrap_model(reference.model), "config", None)
         key_parts = {  # everything besides the weights and the tokens that changes the values
             "reference": reference.fingerprint(),
@@ -465,86 +336,10 @@ class DPOTrainer:
 
     # ------------------------------------------------------------ loss core
     def batch_loss(self, model: nn.Module, lazy: LazyBatch, *, counted: bool = True) -> BatchLoss:
-        """Per-example loss ``(B,)`` of one micro-batch, its metric sums and rewards: what the loop and evaluation call
-        for every micro-batch (wrap or override it to change one). ``counted`` False: a weight-0 stand-in
-        (``Parallelism.share``), left out of what processes average (KTO's reference point)."""
-        if self.loss_params.is_unpaired:
-            return self._unpaired_batch_loss(model, lazy, counted=counted)
-        batch = lazy.collate().to(self.accelerator.device)
-        options = self._logprob_options()
-        ref_chosen = ref_rejected = None
-        if self.reference is not None:  # first: the policy's head keeps a softmax chunk until its backward
-            with self.accelerator.autocast():
-                ref_chosen, ref_rejected = self.reference.logps(batch, **options)
-        policy = pair_logprobs(
-            model, batch, **options, wpo=self.loss_params.use_weighting, router_aux_loss=self.aux_loss_enabled
-        )
-        out = compute_preference_loss(
-            self.loss_params,
-            LossInputs(
-                policy_chosen_logps=policy.chosen_logps,
-                policy_rejected_logps=policy.rejected_logps,
-                ref_chosen_logps=ref_chosen,
-                ref_rejected_logps=ref_rejected,
-                chosen_lengths=policy.chosen_lengths,
-                rejected_lengths=policy.rejected_lengths,
-                chosen_wpo_logps=policy.chosen_wpo_logps,
-                rejected_wpo_logps=policy.rejected_wpo_logps,
-            ),
-        )
-        losses = out.per_example
-        if policy.aux_loss is not None:  # MoE: + coef x the forward's load-balancing loss (TRL adds it to the mean)
-            losses = losses + self.router_aux_loss_coef * policy.aux_loss
-        sums = pair_metric_sums(
-            losses, policy, out.chosen_rewards, out.rejected_rewards, nll=out.nll, components=out.components,
-            aux_loss=policy.aux_loss,
-        )
-        rejected = out.rejected_rewards if out.rejected_rewards.dim() == 2 else out.rejected_rewards.unsqueeze(1)
-        rewards = torch.cat([out.chosen_rewards.unsqueeze(1), rejected], dim=1).detach()
-        return BatchLoss(losses, sums, rewards)
-
-    def _unpaired_batch_loss(self, model: nn.Module, lazy: LazyBatch, *, counted: bool = True) -> BatchLoss:
-        """KTO: completions scored with gradients; the reference point z, without, from the mismatched completion each
-        row carries (``preftune.data.kto``): the micro-batch's mean KL log-ratio, in training averaged over the
-        processes' concurrent micro-batches (as TRL; a stand-in's is not ``counted``), clamped at 0."""
-        batch = lazy.collate().to(self.accelerator.device)
-        kl_batch = lazy.collate_mismatched(self.args.max_length).to(self.accelerator.device)
-        options = self._logprob_options()
-        policy = completion_logprobs(model, batch, **options, router_aux_loss=self.aux_loss_enabled)
-        with torch.no_grad():
-            policy_kl = completion_logprobs(model, kl_batch, **options).logps[0]
-        with self.accelerator.autocast():
-            ref = self.reference.completion_logps(batch, **options)[0]
-            ref_kl = self.reference.completion_logps(kl_batch, **options)[0]
-        kl_logratios = (policy_kl - ref_kl).detach()
-        if self.world_size > 1 and model.training:  # every process reaches this at each micro-batch of a step
-            kl_logratios = self._kl_means_of_processes(kl_logratios, counted=counted)
-        kl = kto_kl_estimate(kl_logratios)
-        params = self.loss_params
-        logps = policy.logps[0]
-        losses = kto_loss(
-            logps, ref, kl, batch.labels, beta=params.beta,
-            desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight,
-        )
-        if params.rpo_alpha is not None:  # LLaMA-Factory's pref_ftx with KTO
-            losses = losses + kto_sft_loss(logps / policy.lengths[0].clamp(min=1), batch.labels, params.rpo_alpha)
-        if policy.aux_loss is not None:  # MoE, as in batch_loss
-            losses = losses + self.router_aux_loss_coef * policy.aux_loss
-        rewards = params.beta * (logps.detach() - ref)
-        return BatchLoss(losses, unpaired_metric_sums(losses, logps, rewards, batch.labels, kl, aux_loss=policy.aux_loss))
-
-    def _kl_means_of_processes(self, kl_logratios: torch.Tensor, *, counted: bool) -> torch.Tensor:
-        """``(P,)`` the mean KL log-ratio of each process's current micro-batch, stand-ins left out (a collective)."""
-        mine = torch.stack([kl_logratios.float().mean(), torch.tensor(float(counted), device=kl_logratios.device)])
-        gathered = self.accelerator.gather(mine[None])
-        return gathered[gathered[:, 1] > 0, 0]
-
-    def _logprob_options(self) -> dict[str, Any]:
-        return {  # without the whole output weight (ZeRO-3) the model's own forward projects, not the chunked head
-            "chunked_head": self.args.chunked_lm_head and self.parallelism.holds_whole_output_layer,
-            "chunk_size": self.args.lm_head_chunk_size,
-            "ld_alpha": self.args.ld_alpha,
-        }
+        """Per-example loss ``(B,)`` of one micro-batch, its metric sums and rewards (``objective.Objective``): what the
+        loop and evaluation call for every micro-batch (wrap or override it to change one). ``counted`` False: a
+        weight-0 stand-in (``Parallelism.share``), left out of what processes average (KTO's reference point)."""
+        return self.objective.batch_loss(model, self.reference, lazy, counted=counted)
 
     def create_optimizer(self) -> torch.optim.Optimizer:
         """``self.optimizer``, made when there is none (transformers' name): AdamW over the policy's trainable
@@ -1015,20 +810,6 @@ class DPOTrainer:
         return summary
 
 
-def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:
-    """``torch.compile`` the transformer body in place (``Module.compile``: parameter names and saving unchanged).
-
-    Only the body: the output layer is bypassed by the chunked LM head, and shapes vary from batch to batch,
-    hence ``dynamic=True``. ``backend`` and ``mode`` are ``torch.compile``'s (None: its defaults).
-    """
-    inner = unwrap_model(model)
-    body = getattr(inner, "base_model", None)
-    if body is None or body is inner:
-        raise ConfigError(f"torch_compile: cannot find the transformer body of {type(inner).__name__}", key="torch_compile")
-    options = {name: value for name, value in (("backend", backend), ("mode", mode)) if value is not None}
-    body.compile(dynamic=True, **options)
-
-
 def _default_args(model: Any) -> DPOConfig:
     """TRL's default arguments: ``output_dir`` "<model name>-DPO" in the current folder."""
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "") or "model"
@@ -1043,21 +824,3 @@ def _resume_spec(argument: str | bool | None, configured: str | None) -> str | N
     if argument:
         return str(argument)
     return configured or None
-
-
-def _set_global_settings(args: DPOConfig) -> None:
-    """Process-wide settings of a run: the seed (``full_determinism``: transformers' deterministic mode), TF32
-    matmuls (``tf32``; None leaves torch's setting) and transformers' log level (``log_level``)."""
-    if args.full_determinism:
-        from transformers import enable_full_determinism
-
-        enable_full_determinism(args.seed)
-    else:
-        set_seed(args.seed)
-    if args.tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
-    if args.log_level != "passive" or args.log_level_replica != "passive":
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity(args.get_process_log_level())

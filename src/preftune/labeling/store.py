@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from preftune.errors import DataError, PreftuneError
+from preftune.errors import DataError, PreftuneError, is_valid_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def _checked_candidate(row: Any, index: int, source: str) -> _Candidate:
     responses = row.get("responses")
     if not isinstance(responses, list) or not all(isinstance(text, str) for text in responses):
         raise bad(f"is {responses!r:.60}; expected a list of strings", "responses")
-    if any(not _is_encodable(text) for text in responses):
+    if any(not is_valid_unicode(text) for text in responses):
         raise bad("holds a lone surrogate; expected valid Unicode text", "responses")
     model = row.get("model")
     if model is not None and not isinstance(model, str):
@@ -286,22 +286,14 @@ def _prompt_problem(prompt: Any) -> str | None:
     if isinstance(prompt, str):
         if not prompt.strip():
             return "is empty; expected prompt text"
-        return None if _is_encodable(prompt) else "holds a lone surrogate; expected valid Unicode text"
+        return None if is_valid_unicode(prompt) else "holds a lone surrogate; expected valid Unicode text"
     if not isinstance(prompt, list) or not prompt:
         return f"is {prompt!r:.60}; expected a string or a non-empty list of messages"
     for number, message in enumerate(prompt):
         if (not isinstance(message, dict) or message.get("role") not in ROLES
-                or not isinstance(message.get("content"), str) or not _is_encodable(message["content"])):
+                or not isinstance(message.get("content"), str) or not is_valid_unicode(message["content"])):
             return f"message {number} is {message!r:.60}; expected {{'role': one of {ROLES}, 'content': str}}"
     return None
-
-
-def _is_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _insert_candidate(conn: sqlite3.Connection, candidate: _Candidate, stats: ImportStats, source: str,
@@ -363,7 +355,7 @@ def check_annotator(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise InvalidInputError("annotator: expected a non-empty name")
     name = name.strip()
-    if len(name) > MAX_ANNOTATOR_CHARS or not name.isprintable() or not _is_encodable(name):
+    if len(name) > MAX_ANNOTATOR_CHARS or not name.isprintable() or not is_valid_unicode(name):
         raise InvalidInputError(f"annotator: expected at most {MAX_ANNOTATOR_CHARS} printable characters")
     return name
 
@@ -372,7 +364,7 @@ def check_note(note: Any) -> str:
     """The note (may be empty), at most MAX_NOTE_CHARS characters, stored verbatim. Raises InvalidInputError."""
     if note is None:
         return ""
-    if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS or not _is_encodable(note):
+    if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS or not is_valid_unicode(note):
         raise InvalidInputError(f"note: expected text of at most {MAX_NOTE_CHARS} characters")
     return note
 

@@ -1,0 +1,197 @@
+"""The models of a run, set up before any data is read: the policy (loaded, with a LoRA adapter when asked), its
+reference, the batch layout both support, dropout, gradient checkpointing, compilation, and the process-wide
+settings (seed, determinism, TF32, log level).
+
+``set_up_models`` is what ``DPOTrainer.__init__`` calls; it returns a ``ModelSetup``. Nothing here depends on how
+the processes share the work beyond the ``Parallelism``'s ``allows_padding_free``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from preftune.adapters import apply_lora, check_quantization, is_peft_model, lora_config_from_args
+from preftune.config import DPOConfig
+from preftune.errors import ConfigError
+from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, unwrap_model
+from preftune.losses import LossParams
+from preftune.models import disable_dropout, load_causal_lm
+from preftune.moe import resolve_router_aux_loss
+from preftune.reference import Reference, build_reference
+
+logger = logging.getLogger(__name__)
+
+# Tags added to the model card metadata (``model.add_model_tags``); TRL adds "trl" and "dpo" for the same API.
+MODEL_TAGS = ("trl", "dpo", "preftune")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How pairs are laid out for the forward pass (all layouts give the same log-probs)."""
+
+    prefix_sharing: bool
+    padding_free: bool | None  # None: decided per batch (``padding_free_pays``)
+
+
+@dataclass
+class ModelSetup:
+    """What ``set_up_models`` returns.
+
+    ``reference`` is None for reference-free losses. ``reference_is_initial_policy``: the reference is a copy of
+    the policy as loaded (full fine-tuning, no reference given), so the untouched policy can stand in for it.
+    ``router_aux_loss_coef``: the MoE load-balancing loss weight (0.0: off). ``flop_parameters``: non-embedding
+    parameters, counted before any sharding (for ``total_flos``).
+    """
+
+    model: nn.Module
+    reference: Reference | None
+    layout: BatchLayout
+    router_aux_loss_coef: float
+    flop_parameters: int
+    reference_is_initial_policy: bool
+
+
+def check_supported(args: DPOConfig, device_type: str) -> None:
+    """ConfigError for settings that cannot work on this device (quantized loading, fp16 on CPU, bf16 on an old GPU)."""
+    check_quantization(args.quantization_bit, device_type)
+    if args.quantization_bit is not None:  # bitsandbytes and a GPU are there, but quantized loading is not built yet
+        raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_bit")
+    if args.fp16 and device_type == "cpu":
+        raise ConfigError("fp16 is not supported on CPU (no fp16 autocast there); use bf16: true or fp32", key="fp16")
+    if args.bf16 and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("bf16 requested but this GPU does not support bfloat16; use fp16 or fp32", key="bf16")
+
+
+def set_global_settings(args: DPOConfig) -> None:
+    """Process-wide settings of a run: the seed (``full_determinism``: transformers' deterministic mode), TF32
+    matmuls (``tf32``; None leaves torch's setting) and transformers' log level (``log_level``)."""
+    if args.full_determinism:
+        from transformers import enable_full_determinism
+
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+    if args.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.log_level != "passive" or args.log_level_replica != "passive":
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity(args.get_process_log_level())
+
+
+def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
+    """Resolve ``prefix_sharing``/``padding_free``: explicit values win; ``None`` means on where supported.
+
+    Supported: every model is of a type whose 4-D masks and position ids are tested
+    (``CHUNKED_HEAD_MODEL_TYPES``) and uses sdpa or eager attention (flash-attention takes no 4-D mask).
+    """
+    supported = all(
+        getattr(unwrap_model(m).config, "model_type", None) in CHUNKED_HEAD_MODEL_TYPES
+        and getattr(unwrap_model(m).config, "_attn_implementation", None) in ("sdpa", "eager")
+        for m in models
+        if m is not None
+    )
+    if args.prefix_sharing and not supported:
+        logger.warning("prefix_sharing requested for a model without tested 4-D mask support; results may differ")
+    prefix_sharing = supported if args.prefix_sharing is None else bool(args.prefix_sharing)
+    padding_free = (None if supported else False) if args.padding_free is None else bool(args.padding_free)
+    layout = BatchLayout(prefix_sharing=prefix_sharing, padding_free=padding_free)
+    logger.info("batch layout: prefix_sharing=%s, padding_free=%s", layout.prefix_sharing, layout.padding_free)
+    return layout
+
+
+def load_model(args: DPOConfig, model: nn.Module | str, key: str, device_type: str,
+               quantization_config: Any = None) -> nn.Module:
+    """``model`` as given when loaded already; else loaded from its path with ``args.from_pretrained_kwargs()``
+    (``model_init_kwargs``, dtype, revision, attention implementation). ``key`` names it in errors."""
+    if isinstance(model, nn.Module):
+        if args.model_init_kwargs and key == "model_name_or_path":
+            logger.warning("model_init_kwargs ignored: the model given is already loaded")
+        return model
+    if quantization_config is not None:
+        check_quantization(4, device_type)  # bitsandbytes and CUDA, or a clear error
+        raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_config")
+    return load_causal_lm(model, key=key, **args.from_pretrained_kwargs())
+
+
+def set_up_models(args: DPOConfig, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any, *,
+                  loss_params: LossParams, device_type: str, allows_padding_free: bool,
+                  quantization_config: Any = None) -> ModelSetup:
+    """Policy (with a LoRA adapter when asked), reference, layout, MoE loss weight, dropout, checkpointing and
+    compilation, in that order."""
+    policy = load_model(args, model, "model_name_or_path", device_type, quantization_config)
+    if peft_config is None and args.finetuning_type == "lora":
+        peft_config = lora_config_from_args(args)
+    if peft_config is not None or is_peft_model(policy):
+        policy = apply_lora(policy, peft_config)
+    reference, initial_policy = _reference(args, policy, ref_model, loss_params, device_type)
+    if args.sync_ref_model and (reference is None or reference.separate_model is None):
+        raise ConfigError(
+            "sync_ref_model needs a separate reference model, not a LoRA adapter-disabled or adapter-copy reference",
+            key="sync_ref_model",
+        )
+    reference_model = reference.model if reference is not None else None
+    layout = resolve_layout(args, policy, reference_model)
+    if not allows_padding_free and layout.padding_free is None:
+        layout = BatchLayout(prefix_sharing=layout.prefix_sharing, padding_free=False)
+    # MoE load-balancing loss on the policy's forwards, as TRL adds it (preftune.moe); 0.0: off
+    router_aux_loss_coef = resolve_router_aux_loss(args, policy, layout)
+    _prepare_modules(args, policy, reference_model)
+    inner = unwrap_model(policy)  # counted now: FSDP and ZeRO-3 later hold only each process's shards
+    flop_parameters = inner.num_parameters(exclude_embeddings=True) if hasattr(inner, "num_parameters") else 0
+    return ModelSetup(policy, reference, layout, router_aux_loss_coef, flop_parameters, initial_policy)
+
+
+def _reference(args: DPOConfig, policy: nn.Module, ref_model: nn.Module | str | None, loss_params: LossParams,
+               device_type: str) -> tuple[Reference | None, bool]:
+    """``(reference, whether it is a copy of the policy as loaded)``: None for reference-free losses; else a given
+    model, the policy with its adapter disabled (LoRA), a frozen copy of an already-trained adapter, or a frozen copy
+    of the policy as loaded (``build_reference``)."""
+    if not loss_params.needs_reference:
+        if ref_model is not None:
+            raise ConfigError(f"loss {args.loss_type} uses no reference model, but ref_model was given; leave it out",
+                              key="ref_model")
+        return None, False
+    ref_model = ref_model if ref_model is not None else args.ref_model_name_or_path
+    initial_policy = ref_model is None and not is_peft_model(policy)
+    loaded = load_model(args, ref_model, "ref_model", device_type) if ref_model is not None else None
+    return build_reference(policy, loaded), initial_policy
+
+
+def _prepare_modules(args: DPOConfig, policy: nn.Module, reference_model: nn.Module | None) -> None:
+    """Dropout off, model tags, gradient checkpointing (policy) and compilation, on each distinct module once."""
+    distinct = [policy] if reference_model is None or reference_model is policy else [policy, reference_model]
+    if args.disable_dropout:
+        for module in distinct:
+            disable_dropout(module)
+    if hasattr(policy, "add_model_tags"):
+        policy.add_model_tags(list(MODEL_TAGS))
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        policy.config.use_cache = False
+        if is_peft_model(policy):  # frozen embeddings: checkpointed blocks need inputs that require grad
+            policy.enable_input_require_grads()
+    if args.torch_compile:
+        for module in distinct:
+            compile_body(module, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+
+
+def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:
+    """``torch.compile`` the transformer body in place (``Module.compile``: parameter names and saving unchanged).
+
+    Only the body: the output layer is bypassed by the chunked LM head, and shapes vary from batch to batch,
+    hence ``dynamic=True``. ``backend`` and ``mode`` are ``torch.compile``'s (None: its defaults).
+    """
+    inner = unwrap_model(model)
+    body = getattr(inner, "base_model", None)
+    if body is None or body is inner:
+        raise ConfigError(f"torch_compile: cannot find the transformer body of {type(inner).__name__}", key="torch_compile")
+    options = {name: value for name, value in (("backend", backend), ("mode", mode)) if value is not None}
+    body.compile(dynamic=True, **options)
