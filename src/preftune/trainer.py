@@ -6,8 +6,9 @@ Flow: config → data → batches → log-probs → loss → optimizer step → 
 accumulate gradients over micro-batches, clip, step, then log, evaluate and save as the callbacks' ``TrainerControl``
 says (``preftune.callbacks``: the schedule is the first callback; transformers' callbacks and trackers follow).
 What depends on how the processes share the work (one process, DDP, FSDP2, DeepSpeed ZeRO) is the run's
-``Parallelism`` (``preftune.parallel``); checkpoints: ``preftune.training_state``; the data: ``preftune.training_data``;
-what a run reports: ``preftune.summary``.
+``Parallelism`` (``preftune.parallel``); the models: ``preftune.model_setup``; one micro-batch's loss:
+``preftune.objective``; checkpoints: ``preftune.training_state``; the data: ``preftune.training_data``; what a run
+reports: ``preftune.summary``.
 """
 
 from __future__ import annotations
