@@ -188,7 +188,17 @@ def _row_segments(batch: PreferenceBatch) -> list[tuple[slice, int]]:
     return [(slice(row, row + 1), length) for row, length in enumerate(batch.row_lengths)]
 
 
-def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_attention: bool) -> dict:
+def _dense_mask_for(model: nn.Module, mask: Tensor) -> Tensor:
+    """A bool 4-D mask as the model's attention takes it: eager attention *adds* the mask to its scores, so it needs
+    the additive float form (0 where allowed, the dtype's minimum elsewhere); sdpa takes the bool mask itself."""
+    inner = unwrap_model(model)
+    if mask.dtype != torch.bool or getattr(getattr(inner, "config", None), "_attn_implementation", None) != "eager":
+        return mask
+    dtype = next(inner.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_attention: bool, model: nn.Module) -> dict:
     """Model keywords of one forward. Shared rows (``batch.segments``) go either through the shared-prefix attention
     (their lengths as ``shared_prefix_layout`` and an all-ones mask, for which no mask is built) or, for a model that
     cannot take it, through the dense ``(rows, 1, length, length)`` mask."""
@@ -199,7 +209,9 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_att
         kwargs["attention_mask"] = torch.ones_like(mask)
         kwargs["shared_prefix_layout"] = SharedPrefixLayout.from_segments(batch.segments[rows])
     elif batch.segments is not None:
-        kwargs["attention_mask"] = dense_shared_prefix_mask(batch.segments[rows], length).to(mask.device)
+        kwargs["attention_mask"] = _dense_mask_for(model, dense_shared_prefix_mask(batch.segments[rows], length).to(mask.device))
+    elif mask.dim() == 4:
+        kwargs["attention_mask"] = _dense_mask_for(model, mask)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids[rows, :length]
     return kwargs
@@ -231,7 +243,7 @@ def scored_token_logps(
             in_segment = (batch.score_rows >= rows.start) & (batch.score_rows < rows.stop)
             score_rows = batch.score_rows[in_segment] - rows.start
             score_positions = batch.score_positions[in_segment]
-            kwargs = _segment_kwargs(batch, rows, length, shared_attention)
+            kwargs = _segment_kwargs(batch, rows, length, shared_attention, model)
             first = int(score_positions.min()) if keep_logits and score_positions.numel() else 0
             if keep_logits:
                 kwargs["logits_to_keep"] = length - first  # positions before the first scored one are never projected
