@@ -187,3 +187,46 @@ def test_the_attention_refuses_a_layout_with_a_mask_or_a_short_sliding_window():
         shared_prefix_attention(module, query, key, value, None, shared_prefix_layout=layout, sliding_window=4)
     with pytest.raises(ValueError, match="does not fit"):
         shared_prefix_attention(module, query, key, value, None, shared_prefix_layout=SharedPrefixLayout((5,), ((2, 2),)))
+
+
+# --- the auto choice (preftune.layout) ---------------------------------------------------------------------------
+
+from preftune.batches import BatchMaker  # noqa: E402
+from preftune.layout import SHARED_ROW_OVERHEAD_TOKENS, collate_auto, layout_work, shared_prefix_pays  # noqa: E402
+
+
+def test_layout_work_counts_padded_rows_of_each_layout():
+    examples = random_examples([(10, 5, 7), (3, 20, 2)])
+    # plain: 4 rows padded to max(15, 17, 23, 5) = 23; shared: 2 rows padded to max(22, 25) = 25
+    assert layout_work(examples) == (4 * 23, 2 * 25)
+
+
+def test_auto_shares_a_long_prompt_and_keeps_short_rows_with_tiny_prompts_plain():
+    assert shared_prefix_pays(random_examples([(2000, 100, 120)]))
+    tiny_prompts = random_examples([(2, 30, 30)] * 8)  # saves 16 tokens, costs 16 attention calls
+    plain, shared = layout_work(tiny_prompts)
+    assert shared + SHARED_ROW_OVERHEAD_TOKENS * 16 >= plain and not shared_prefix_pays(tiny_prompts)
+
+
+def test_auto_without_the_shared_attention_refuses_a_dense_mask_growing_past_its_limit():
+    long_rows = random_examples([(3000, 800, 800)])  # 4600² elements > 2^24
+    assert shared_prefix_pays(long_rows) and not shared_prefix_pays(long_rows, shared_attention=False)
+    assert shared_prefix_pays(random_examples([(900, 100, 100)]), shared_attention=False)
+
+
+def test_auto_collate_gives_the_plain_layouts_numbers_either_way():
+    model = tiny_model(seed=17)
+    for examples in (random_examples([(120, 9, 14)], seed=18), random_examples([(2, 6, 5)] * 3, seed=19)):
+        batch = collate_auto(examples, pad_token_id=0)
+        assert (batch.segments is not None) == shared_prefix_pays(examples)
+        assert_same_as_plain(model, examples, batch)
+
+
+def test_batch_maker_with_auto_prefix_sharing_decides_per_batch():
+    import datasets
+
+    rows = random_examples([(300, 10, 12), (2, 5, 6), (2, 7, 3)], seed=20)
+    dataset = datasets.Dataset.from_list(rows)
+    make = BatchMaker(pad_token_id=0, prefix_sharing=None, padding_free=False)
+    assert make(dataset, [0]).collate().segments is not None
+    assert make(dataset, [1, 2]).collate().segments is None
