@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterator
 from datasets import concatenate_datasets
 
 from preftune.data.batching import plan_batches, row_token_counts
-from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
+from preftune.data.collate import PreferenceBatch, mismatched_examples
 from preftune.errors import DataError
+from preftune.layout import collate_for
 
 # Below this mean row length, one padded forward beats a loop of short per-row forwards on CPU: the
 # quickstart's ~22-token rows ran 3x slower row by row, while 500-token rows (benchmark case a) ran as fast and
@@ -75,14 +76,18 @@ def padding_free_pays(batch: PreferenceBatch) -> bool:
 
 @dataclass(frozen=True)
 class BatchMaker:
-    """How a list of row indices becomes a ``LazyBatch``: the layout (prefix sharing, padding-free) and padding id."""
+    """How a list of row indices becomes a ``LazyBatch``: the layout (prefix sharing, padding-free) and padding id.
+
+    ``prefix_sharing`` None: per batch (``preftune.layout.shared_prefix_pays``), knowing whether the models run the
+    shared-prefix attention (``shared_attention``) or need the dense mask."""
 
     pad_token_id: int
-    prefix_sharing: bool
+    prefix_sharing: bool | None
     padding_free: bool | None
+    shared_attention: bool = True
 
     def __call__(self, dataset: Any, indices: list[int]) -> LazyBatch:
-        collate = collate_shared_prefix if self.prefix_sharing else collate_pairs
+        collate = collate_for(self.prefix_sharing, shared_attention=self.shared_attention)
         return LazyBatch(dataset, indices, self.pad_token_id, collate, self.padding_free)
 
     def batches(
@@ -106,7 +111,7 @@ class PlannedWindows:
                  max_tokens: int | None) -> None:
         self.dataset, self.make, self.batch_size, self.per_step = dataset, make, batch_size, per_step
         self.seed, self.drop_last, self.max_tokens = seed, drop_last, max_tokens
-        self._token_counts = row_token_counts(dataset, prompt_once=make.prefix_sharing) if max_tokens else None
+        self._token_counts = row_token_counts(dataset, prompt_once=make.prefix_sharing is True) if max_tokens else None
 
     @property
     def num_rows(self) -> int:

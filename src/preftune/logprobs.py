@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from preftune.chunked_head import chunked_label_logprobs
-from preftune.data.collate import PreferenceBatch
+from preftune.data.collate import PreferenceBatch, dense_shared_prefix_mask
+from preftune.shared_prefix_attention import SharedPrefixLayout, use_shared_prefix_attention
 
 # Model types whose ForCausalLM forward computes logits as lm_head(hidden_states[:, slice]) and nothing else
 # (no logit scaling or soft-capping); each is checked against the full-logits path in tests/test_logprobs.py.
@@ -187,10 +188,30 @@ def _row_segments(batch: PreferenceBatch) -> list[tuple[slice, int]]:
     return [(slice(row, row + 1), length) for row, length in enumerate(batch.row_lengths)]
 
 
-def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int) -> dict:
+def _dense_mask_for(model: nn.Module, mask: Tensor) -> Tensor:
+    """A bool 4-D mask as the model's attention takes it: eager attention *adds* the mask to its scores, so it needs
+    the additive float form (0 where allowed, the dtype's minimum elsewhere); sdpa takes the bool mask itself."""
+    inner = unwrap_model(model)
+    if mask.dtype != torch.bool or getattr(getattr(inner, "config", None), "_attn_implementation", None) != "eager":
+        return mask
+    dtype = next(inner.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_attention: bool, model: nn.Module) -> dict:
+    """Model keywords of one forward. Shared rows (``batch.segments``) go either through the shared-prefix attention
+    (their lengths as ``shared_prefix_layout`` and an all-ones mask, for which no mask is built) or, for a model that
+    cannot take it, through the dense ``(rows, 1, length, length)`` mask."""
     mask = batch.attention_mask[rows]
     mask = mask[..., :length, :length] if mask.dim() == 4 else mask[:, :length]
     kwargs = {"input_ids": batch.input_ids[rows, :length], "attention_mask": mask, "use_cache": False}
+    if batch.segments is not None and shared_attention:
+        kwargs["attention_mask"] = torch.ones_like(mask)
+        kwargs["shared_prefix_layout"] = SharedPrefixLayout.from_segments(batch.segments[rows])
+    elif batch.segments is not None:
+        kwargs["attention_mask"] = _dense_mask_for(model, dense_shared_prefix_mask(batch.segments[rows], length).to(mask.device))
+    elif mask.dim() == 4:
+        kwargs["attention_mask"] = _dense_mask_for(model, mask)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids[rows, :length]
     return kwargs
@@ -215,13 +236,14 @@ def scored_token_logps(
         check_one_padded_forward(batch)
     use_chunked = chunked_head and supports_chunked_head(model)
     keep_logits = _accepts_logits_to_keep(model)
+    shared_attention = batch.segments is not None and use_shared_prefix_attention(unwrap_model(model))
     selected, labels, order, aux_loss = [], [], [], None
     with _output_layer_bypassed(model) if use_chunked else nullcontext() as head:
         for rows, length in _row_segments(batch):
             in_segment = (batch.score_rows >= rows.start) & (batch.score_rows < rows.stop)
             score_rows = batch.score_rows[in_segment] - rows.start
             score_positions = batch.score_positions[in_segment]
-            kwargs = _segment_kwargs(batch, rows, length)
+            kwargs = _segment_kwargs(batch, rows, length, shared_attention, model)
             first = int(score_positions.min()) if keep_logits and score_positions.numel() else 0
             if keep_logits:
                 kwargs["logits_to_keep"] = length - first  # positions before the first scored one are never projected
@@ -250,9 +272,9 @@ def check_one_padded_forward(batch: PreferenceBatch) -> None:
 
     The MoE load-balancing loss averages router statistics over all real tokens of one forward; row-by-row forwards
     (``padding_free``) would each give a loss over their own tokens only, and the prefix-sharing layout holds each
-    prompt once instead of once per completion (and a 4-D mask the loss cannot read).
+    prompt once instead of once per completion.
     """
-    if batch.row_lengths is not None or batch.attention_mask.dim() != 2:
+    if batch.row_lengths is not None or batch.attention_mask.dim() != 2 or batch.segments is not None:
         raise ValueError(
             "the MoE router auxiliary loss needs the plain padded layout (one forward per batch): "
             "prefix_sharing and padding_free must be off"

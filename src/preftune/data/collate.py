@@ -8,9 +8,12 @@ Two layouts, same contract (``PreferenceBatch``):
 
 - ``collate_pairs`` (plain): K·B right-padded rows; rows ``[kB, (k+1)B)`` hold prompt + completion k.
 - ``collate_shared_prefix`` (prefix sharing, Wang & Hegde 2024): B rows ``prompt | completion 0 | … |
-  completion K-1``; the prompt is computed once. A 4-D mask lets each completion's tokens attend to the prompt
-  and to earlier tokens of the same completion only, and their position ids restart right after the prompt, so
-  every token sees exactly the context and positions it has in the plain layout.
+  completion K-1``; the prompt is computed once. Each completion's tokens attend to the prompt and to earlier
+  tokens of the same completion only, and their position ids restart right after the prompt, so every token sees
+  exactly the context and positions it has in the plain layout. The batch says where the pieces are
+  (``segments``: the lengths, O(B·K)); the forward turns them into attention either without any mask
+  (``preftune.shared_prefix_attention``, memory linear in length) or, for a model that cannot take that, into the
+  dense ``(B, 1, T, T)`` mask of ``dense_shared_prefix_mask``.
 
 The scoring plan names, for every completion token, the row and position of the hidden state that predicts it
 (the previous token of *its own* sequence — for the first token of a later completion that is the last prompt
@@ -33,8 +36,9 @@ class PreferenceBatch:
 
     Attributes:
         input_ids: ``(R, T)`` token ids (R = 2B rows plain, B rows with prefix sharing), right-padded.
-        attention_mask: ``(R, T)`` 1 on real tokens (plain), or ``(R, 1, T, T)`` bool, True where a query
-            position may attend to a key position (prefix sharing).
+        attention_mask: ``(R, T)`` 1 on real tokens (both layouts; with prefix sharing ``segments`` says who sees
+            whom), or ``(R, 1, T, T)`` bool, True where a query position may attend to a key position (a dense
+            prefix-sharing mask, ``dense_shared_prefix_mask``).
         position_ids: ``(R, T)`` or None (then 0..T-1 per row).
         score_rows, score_positions: ``(N,)`` where the hidden state predicting each scored token is.
         score_labels: ``(N,)`` the scored (completion) token ids.
@@ -51,6 +55,8 @@ class PreferenceBatch:
         labels: ``(B,)`` bool, desirable or not, for unpaired (KTO) examples; None otherwise.
         ref_logps: ``(K, B)`` precomputed reference log-probs of every completion when the examples carry a
             ``ref_logps`` column (``precompute_ref_log_probs``); None otherwise.
+        segments: ``(R, 1 + K)`` with prefix sharing: each row's prompt length, then its completions' lengths
+            (the row is ``prompt | completion 0 | … | completion K-1 | padding``); None in the plain layout.
     """
 
     input_ids: Tensor
@@ -68,6 +74,7 @@ class PreferenceBatch:
     num_completions: int = 2
     labels: Tensor | None = None
     ref_logps: Tensor | None = None
+    segments: Tensor | None = None
 
     def without_padding(self) -> "PreferenceBatch":
         """The same batch, marked to be forwarded row by row at each row's own length."""
@@ -91,6 +98,7 @@ class PreferenceBatch:
             score_offsets=move(self.score_offsets),
             labels=move(self.labels),
             ref_logps=move(self.ref_logps),
+            segments=move(self.segments),
         )
 
 
@@ -238,6 +246,13 @@ def shared_prefix_mask(prompt_length: int, chosen_length: int, rejected_length: 
     return branch_mask(prompt_length, [chosen_length, rejected_length], total_length)
 
 
+def dense_shared_prefix_mask(segments: Tensor, length: int) -> Tensor:
+    """``(R, 1, length, length)`` bool ``branch_mask`` of each shared row from its ``(R, 1 + K)`` segment lengths:
+    the mask a model without ``preftune.shared_prefix_attention`` needs (memory ``R·length²``)."""
+    rows = segments.tolist()
+    return torch.stack([branch_mask(row[0], row[1:], length) for row in rows])[:, None]
+
+
 def collate_shared_prefix(examples: Sequence[dict], *, pad_token_id: int, pad_to_multiple_of: int | None = None) -> PreferenceBatch:
     """Prefix-sharing layout: one row ``prompt | completion 0 | … | completion K-1`` per example (module docstring)."""
     n = len(examples)
@@ -258,12 +273,11 @@ def collate_shared_prefix(examples: Sequence[dict], *, pad_token_id: int, pad_to
     position_ids = _pad_right(positions, 0, length)
     for i, seq in enumerate(sequences):  # padding continues the positions; its values never reach real tokens
         position_ids[i, len(seq) :] = torch.arange(len(seq), length)
-    masks = torch.stack(
-        [branch_mask(len(ex["prompt_ids"]), [len(c) for c in completions[i]], length) for i, ex in enumerate(examples)]
-    )
+    segments = torch.tensor([[len(ex["prompt_ids"])] + [len(c) for c in completions[i]] for i, ex in enumerate(examples)])
     return PreferenceBatch(
         input_ids=_pad_right(sequences, pad_token_id, length),
-        attention_mask=masks[:, None],
+        attention_mask=_pad_right([[1] * len(s) for s in sequences], 0, length),
+        segments=segments,
         position_ids=position_ids,
         num_pairs=n,
         num_tokens=_logical_tokens(examples, completions),
