@@ -96,7 +96,7 @@ def test_token_budget_with_accumulation_gives_the_whole_epoch_gradient(stories_m
         stories_model_dir, tmp_path / "budget", per_device_train_batch_size=8, max_tokens_per_batch=40,
         gradient_accumulation_steps=8,
     )
-    counts = row_token_counts(budget.data.train.dataset, prompt_once=budget.layout.prefix_sharing)
+    counts = row_token_counts(budget.data.train.dataset, prompt_once=budget.layout.prefix_sharing is True)
     micro_batches = budget.batch_maker.batches(budget.data.train.dataset, 8, shuffle_seed=0, drop_last=False,
                                                max_tokens=40, token_counts=counts)
     assert 1 < len(micro_batches) <= 8  # several budgeted micro-batches, all in the one accumulation window

@@ -123,7 +123,7 @@ def test_speed_modes_follow_the_plain_paths_loss_trajectory(stories_model_dir, t
     )
     assert plain.layout.prefix_sharing is False and plain.layout.padding_free is False
     fast, _ = train_one_step(stories_model_dir, tmp_path / "fast", **settings, **speed_mode)
-    assert fast.layout.prefix_sharing == speed_mode.get("prefix_sharing", True)  # auto: on for llama/sdpa
+    assert fast.layout.prefix_sharing == speed_mode.get("prefix_sharing")  # auto (None): per batch for llama/sdpa
     expected = [record["loss"] for record in plain.recorder.train_records]
     got = [record["loss"] for record in fast.recorder.train_records]
     assert len(got) == len(expected) == 3

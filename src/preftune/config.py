@@ -930,9 +930,10 @@ class DPOConfig(BaseModel):
     disable_dropout: bool = _field(True, "Set every dropout probability in policy and reference models to 0.")
     prefix_sharing: bool | None = _field(
         None,
-        "One sequence per pair, prompt | chosen | rejected: the prompt is computed once; a 4-D mask hides the chosen "
-        "response from the rejected one (Wang & Hegde 2024). Same log-probs as the plain layout. `null` (auto): on "
-        "for llama, mistral, qwen2 and qwen3 models with sdpa or eager attention, off otherwise.",
+        "One sequence per pair, prompt | chosen | rejected: the prompt is computed once and each completion attends "
+        "to the prompt and itself only (Wang & Hegde 2024), without a T x T mask for llama, mistral, qwen2 and qwen3 "
+        "with sdpa attention (a dense mask for eager). Same log-probs as the plain layout. `null` (auto): per batch, "
+        "where it does less work than the plain layout (docs/layouts.md), for those models; off otherwise.",
     )
     padding_free: bool | None = _field(
         None,

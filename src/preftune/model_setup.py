@@ -24,6 +24,7 @@ from preftune.losses import LossParams
 from preftune.models import disable_dropout, load_causal_lm
 from preftune.moe import resolve_router_aux_loss
 from preftune.reference import Reference, build_reference
+from preftune.shared_prefix_attention import supports_shared_prefix_attention
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ MODEL_TAGS = ("trl", "dpo", "preftune")
 class BatchLayout:
     """How pairs are laid out for the forward pass (all layouts give the same log-probs)."""
 
-    prefix_sharing: bool
+    prefix_sharing: bool | None  # None: decided per batch (``layout.shared_prefix_pays``)
     padding_free: bool | None  # None: decided per batch (``padding_free_pays``)
+    shared_attention: bool = False  # shared rows run ``shared_prefix_attention`` (no T x T mask), not a dense mask
 
 
 @dataclass
@@ -87,10 +89,12 @@ def set_global_settings(args: DPOConfig) -> None:
 
 
 def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
-    """Resolve ``prefix_sharing``/``padding_free``: explicit values win; ``None`` means on where supported.
+    """Resolve ``prefix_sharing``/``padding_free``: explicit values win; ``None`` (auto) means decided per batch
+    where supported, off elsewhere.
 
     Supported: every model is of a type whose 4-D masks and position ids are tested
-    (``CHUNKED_HEAD_MODEL_TYPES``) and uses sdpa or eager attention (flash-attention takes no 4-D mask).
+    (``CHUNKED_HEAD_MODEL_TYPES``) and uses sdpa or eager attention (flash-attention takes no 4-D mask). Shared rows
+    run without a T x T mask where every model supports ``shared_prefix_attention``, else with a dense mask.
     """
     supported = all(
         getattr(unwrap_model(m).config, "model_type", None) in CHUNKED_HEAD_MODEL_TYPES
@@ -100,10 +104,13 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
     )
     if args.prefix_sharing and not supported:
         logger.warning("prefix_sharing requested for a model without tested 4-D mask support; results may differ")
-    prefix_sharing = supported if args.prefix_sharing is None else bool(args.prefix_sharing)
-    padding_free = (None if supported else False) if args.padding_free is None else bool(args.padding_free)
-    layout = BatchLayout(prefix_sharing=prefix_sharing, padding_free=padding_free)
-    logger.info("batch layout: prefix_sharing=%s, padding_free=%s", layout.prefix_sharing, layout.padding_free)
+    auto = None if supported else False
+    prefix_sharing = auto if args.prefix_sharing is None else bool(args.prefix_sharing)
+    padding_free = auto if args.padding_free is None else bool(args.padding_free)
+    shared_attention = all(supports_shared_prefix_attention(unwrap_model(m)) for m in models if m is not None)
+    layout = BatchLayout(prefix_sharing, padding_free, shared_attention)
+    logger.info("batch layout: prefix_sharing=%s, padding_free=%s (None: per batch), shared-prefix attention=%s",
+                layout.prefix_sharing, layout.padding_free, layout.shared_attention)
     return layout
 
 
@@ -140,7 +147,7 @@ def set_up_models(args: DPOConfig, model: nn.Module | str, ref_model: nn.Module 
     reference_model = reference.model if reference is not None else None
     layout = resolve_layout(args, policy, reference_model)
     if not allows_padding_free and layout.padding_free is None:
-        layout = BatchLayout(prefix_sharing=layout.prefix_sharing, padding_free=False)
+        layout = BatchLayout(layout.prefix_sharing, False, layout.shared_attention)
     # MoE load-balancing loss on the policy's forwards, as TRL adds it (preftune.moe); 0.0: off
     router_aux_loss_coef = resolve_router_aux_loss(args, policy, layout)
     _prepare_modules(args, policy, reference_model)

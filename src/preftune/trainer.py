@@ -41,7 +41,8 @@ from preftune.callbacks import (
 from preftune.checkpoint import claim_output_dir, new_run_id, restore_rng_states
 from preftune.config import DPOConfig, interval_to_steps
 from preftune.cpu_memory import keep_freed_memory
-from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix
+from preftune.data.collate import PreferenceBatch
+from preftune.layout import collate_for
 from preftune.data.pipeline import default_cache_dir, eval_key
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import unwrap_model
@@ -170,7 +171,8 @@ class DPOTrainer:
             self.tokenizer = load_tokenizer(source, trust_remote_code=self.args.trust_remote_code)
         ensure_pad_token(self.tokenizer)
         self._setup_models(model, ref_model, peft_config, quantization_config)
-        self.batch_maker = BatchMaker(self.tokenizer.pad_token_id, self.layout.prefix_sharing, self.layout.padding_free)
+        self.batch_maker = BatchMaker(self.tokenizer.pad_token_id, self.layout.prefix_sharing, self.layout.padding_free,
+                                      shared_attention=self.layout.shared_attention)
 
         eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
         self.stream = train_source if is_stream(train_source) else None
@@ -304,7 +306,7 @@ class DPOTrainer:
             "ld_alpha": self.args.ld_alpha,
             "chunked_lm_head": self.args.chunked_lm_head,
         }
-        collate = collate_shared_prefix if self.layout.prefix_sharing else collate_pairs
+        collate = collate_for(self.layout.prefix_sharing, shared_attention=self.layout.shared_attention)
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
 
         def score(batch: PreferenceBatch) -> torch.Tensor:
