@@ -628,7 +628,12 @@ def test_supported_schedulers_build_without_extra_arguments(name):
 def test_config_table_lists_every_field_and_alias():
     table = config_table_markdown()
     rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [row.split("|")[1].strip().strip("`") for row in rows] == list(DPOConfig.model_fields)
+    from preftune.loop_config import LoopConfig
+
+    fields = list(DPOConfig.model_fields)
+    loop_keys = [f"loop.{spec.name}" for spec in dataclasses.fields(LoopConfig)]  # rows right after `loop`
+    expected = fields[: fields.index("loop") + 1] + loop_keys + fields[fields.index("loop") + 1:]
+    assert [row.split("|")[1].strip().strip("`") for row in rows] == expected
     for alias in ("pref_beta", "pref_loss", "cutoff_len", "preprocessing_num_workers", "pref_ftx"):
         assert f"`{alias}`" in table
     assert all(row.count(" | ") >= 4 for row in rows)

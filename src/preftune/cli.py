@@ -58,6 +58,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loop(args: argparse.Namespace) -> int:
+    """Iterative DPO; the config (loop section, prompts files, judge) is checked before any model loads."""
+    from preftune.loop import check_loop, run_loop
+
+    config = load_loop_config(args.config, args.overrides)
+    check_loop(config)
+    summary = run_loop(config, progress=not args.no_progress)
+    for record in summary["rounds"]:
+        line = (f"round {record['round']}: sample reward {record['sample_reward']['mean']:.4f}, {record['pairs']} pairs, "
+                f"{record['train']['global_step']} steps, train loss {record['train']['train_loss']:.4f}")
+        generation = record.get("eval_generation") or {}
+        if generation.get("reward"):
+            line += f"; eval reward {generation['reward']['policy']['mean']:.4f}"
+        if generation.get("kl"):
+            line += f", KL {generation['kl']['mean']:.4f} nats"
+        print(line)
+    print(f"summary in {config.output_dir}/summary.json")
+    return 0
+
+
+def load_loop_config(path: str, overrides: list[str]):
+    """The config with ``key=value`` overrides; ``loop.<key>=value`` ones set keys of the loop section."""
+    from preftune.config import load_config, parse_overrides
+    from preftune.loop_config import LoopConfig
+
+    loop_items = [item for item in overrides if item.startswith("loop.")]
+    config = load_config(path, [item for item in overrides if not item.startswith("loop.")])
+    if not loop_items:
+        return config
+    section = dict(config.loop or {})
+    section.update({key[len("loop."):]: value for key, value in parse_overrides(loop_items).items()})
+    return config.model_copy(update={"loop": LoopConfig.from_mapping(section, file=path).to_dict()})
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from preftune.quickstart import run_quickstart
 
@@ -119,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. max_steps=10 beta=0.2")
     train.add_argument("--nproc", type=int, default=None, metavar="N", help="train with N processes (re-launches under torchrun)")
     train.set_defaults(run=_train)
+
+    loop = commands.add_parser(
+        "loop", help="iterative DPO: rounds of sample, judge, train, evaluate (resumable)",
+        description="Run the rounds of the config's `loop:` section: sample from the current policy, judge, build "
+        "pairs, train DPO from the last round's model, evaluate. Files in output_dir/round-K/ and "
+        "output_dir/summary.json; rerunning the same command resumes where it stopped.",
+    )
+    loop.add_argument("config", help="YAML config with a `loop:` section and the training keys")
+    loop.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. beta=0.2 loop.rounds=3")
+    loop.add_argument("--no-progress", action="store_true", help="no progress bars")
+    loop.set_defaults(run=_loop)
 
     quickstart = commands.add_parser("quickstart", help="offline demo: build a tiny model and data, train DPO with eval")
     quickstart.add_argument("--output-dir", default="output/quickstart", help="where the model, data and outputs go")

@@ -396,13 +396,15 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "sync_ref_model": _P,
     "ref_model_mixup_alpha": _P,
     "ref_model_sync_steps": _P,
+    # ---- iterative DPO
+    "loop": _P,
 }
 
 # preftune fields that are not command-line flags of DPOConfig: TRL scripts take the model, its dtype and LoRA from
 # TRL's ModelConfig (whose flags `--model_name_or_path`, `--lora_alpha`, `--lora_dropout`, `--dtype` would collide or
 # say the same thing twice). They stay settable from YAML and Python.
 NOT_FLAGS = frozenset({
-    "model_name_or_path", "model_revision", "torch_dtype", "finetuning_type", "lora_rank", "lora_alpha",
+    "loop", "model_name_or_path", "model_revision", "torch_dtype", "finetuning_type", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_target", "quantization_bit",
 })  # fmt: skip
 
@@ -1201,6 +1203,13 @@ class DPOConfig(BaseModel):
     ref_model_mixup_alpha: float = _field(0.6, "TR-DPO mixing α (1: hard copy of the policy).", gt=0, le=1)
     ref_model_sync_steps: int = _field(512, "TR-DPO: optimizer steps between reference updates.", ge=1)
 
+    # ---- Iterative DPO (preftune loop)
+    loop: dict[str, Any] | None = _field(
+        None,
+        "Iterative DPO settings read by `preftune loop` (a mapping of the `loop.*` keys below); `preftune train` "
+        "ignores it.",
+    )
+
     # ---- Construction ----------------------------------------------------------------------------------------------
 
     def __init__(self, /, **data: Any) -> None:
@@ -1345,6 +1354,19 @@ class DPOConfig(BaseModel):
             if key != "determinism_check" and not isinstance(item, bool):
                 raise _error(f"{key}: got {_format_value(item)}; expected true or false", info.field_name)
         return kwargs
+
+    @field_validator("loop")
+    @classmethod
+    def _loop_section(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The ``loop:`` section, checked key by key (``preftune.loop_config``) and completed with its defaults."""
+        if value is None:
+            return None
+        from preftune.loop_config import LoopConfig
+
+        try:
+            return LoopConfig.from_mapping(value).to_dict()
+        except ConfigError as error:
+            raise _error(error.message, error.key) from None
 
     @field_validator("lr_scheduler_kwargs")
     @classmethod
@@ -2283,4 +2305,10 @@ def config_table_markdown() -> str:
         description = (info.description or "").replace("|", "\\|").replace("\n", " ")
         type_text = _describe_field(name).replace("|", "\\|")
         lines.append(f"| `{name}` | {aliases} | {type_text} | `{_format_default(info.default)}` | {description} |")
+        if name == "loop":
+            from preftune.loop_config import loop_keys_table_rows
+
+            for key, default, doc in loop_keys_table_rows():
+                escaped = doc.replace("|", "\\|")
+                lines.append(f"| `{key}` |  | loop setting | `{_format_default(default)}` | {escaped} |")
     return "\n".join(lines) + "\n"
