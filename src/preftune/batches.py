@@ -23,6 +23,7 @@ from datasets import concatenate_datasets
 
 from preftune.data.batching import plan_batches, row_token_counts
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, mismatched_examples
+from preftune.data.images import ImageInputs
 from preftune.errors import DataError
 
 # Below this mean row length, one padded forward beats a loop of short per-row forwards on CPU: the
@@ -75,14 +76,20 @@ def padding_free_pays(batch: PreferenceBatch) -> bool:
 
 @dataclass(frozen=True)
 class BatchMaker:
-    """How a list of row indices becomes a ``LazyBatch``: the layout (prefix sharing, padding-free) and padding id."""
+    """How a list of row indices becomes a ``LazyBatch``: the layout (prefix sharing, padding-free), padding id,
+    and for a vision-language model the image inputs each batch gets (``images``; the plain layout only)."""
 
     pad_token_id: int
     prefix_sharing: bool
     padding_free: bool | None
+    images: ImageInputs | None = None
 
     def __call__(self, dataset: Any, indices: list[int]) -> LazyBatch:
         collate = collate_shared_prefix if self.prefix_sharing else collate_pairs
+        if self.images is not None:
+            if self.prefix_sharing or self.padding_free is not False:
+                raise ValueError("batches with images use the plain layout: prefix_sharing and padding_free off")
+            collate = self.images.wrap(collate)
         return LazyBatch(dataset, indices, self.pad_token_id, collate, self.padding_free)
 
     def batches(

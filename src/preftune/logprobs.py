@@ -193,6 +193,10 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int) -> dict:
     kwargs = {"input_ids": batch.input_ids[rows, :length], "attention_mask": mask, "use_cache": False}
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids[rows, :length]
+    if batch.model_inputs:  # images: their pixel values belong to the rows of the whole batch, in order
+        if (rows.start, rows.stop, length) != (0, batch.input_ids.shape[0], batch.input_ids.shape[1]):
+            raise ValueError("a batch with images is forwarded in one piece: padding_free must be off")
+        kwargs.update(batch.model_inputs)
     return kwargs
 
 

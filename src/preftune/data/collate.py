@@ -51,6 +51,9 @@ class PreferenceBatch:
         labels: ``(B,)`` bool, desirable or not, for unpaired (KTO) examples; None otherwise.
         ref_logps: ``(K, B)`` precomputed reference log-probs of every completion when the examples carry a
             ``ref_logps`` column (``precompute_ref_log_probs``); None otherwise.
+        model_inputs: further inputs of the forward, by keyword, for rows with images (``preftune.data.images``:
+            ``pixel_values`` of every row's images in row order, ``image_grid_thw``, ``mm_token_type_ids``
+            ``(R, T)``); empty for text. A batch with them is forwarded in one piece.
     """
 
     input_ids: Tensor
@@ -68,6 +71,7 @@ class PreferenceBatch:
     num_completions: int = 2
     labels: Tensor | None = None
     ref_logps: Tensor | None = None
+    model_inputs: dict[str, Tensor] = field(default_factory=dict)
 
     def without_padding(self) -> "PreferenceBatch":
         """The same batch, marked to be forwarded row by row at each row's own length."""
@@ -91,6 +95,7 @@ class PreferenceBatch:
             score_offsets=move(self.score_offsets),
             labels=move(self.labels),
             ref_logps=move(self.ref_logps),
+            model_inputs={key: move(value) for key, value in self.model_inputs.items()},
         )
 
 

@@ -1,0 +1,258 @@
+"""Vision-language DPO (plain layout): rows with images read from every format, tokenized by the processor, scored
+by a vision-language model with the images' pixel values; step-1 loss, rewards and log-probs against TRL 1.16's
+DPOTrainer (the oracle) on the same rows and weights. Tiny random Qwen2-VL built from a config; its processor from
+the shared GPT-2 tokenizer and a PIL image processor: nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import datasets
+import pytest
+import torch
+from conftest import shared_asset
+from PIL import Image
+
+from preftune.data.collate import collate_pairs
+from preftune.data.formats import load_preference_data
+from preftune.data.images import ImageInputs
+from preftune.data.tokenize import TokenizeSettings, tokenize_dataset
+from preftune.errors import ConfigError, DataError
+from preftune.logprobs import pair_logprobs
+from preftune.losses import preference_loss
+from preftune.models import image_only_processor
+
+# A Qwen2-VL-style chat template (image parts become <|vision_start|><|image_pad|><|vision_end|>).
+TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def coloured(name: str, size: tuple[int, int]) -> Image.Image:
+    return Image.new("RGB", size, COLOURS[name])
+
+
+def trl_rows() -> list[dict]:
+    """TRL's vision format: an images list, a conversational prompt with an image part (sizes differ, so rows get
+    different numbers of image tokens; one row has two images)."""
+    questions = [("red", (56, 56), "What colour is the square?"), ("green", (84, 56), "图片是什么颜色？"),
+                 ("blue", (40, 30), "Name the colour."), ("yellow", (28, 28), "Colour?")]
+    rows = []
+    for index, (colour, size, question) in enumerate(questions):
+        images = [coloured(colour, size)] + ([coloured("blue", (28, 56))] if index == 1 else [])
+        parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        wrong = "blue" if colour != "blue" else "red"
+        rows.append({
+            "images": images,
+            "prompt": [{"role": "user", "content": parts}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"It is {colour}."}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"It is {wrong}, I think."}]}],
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"))
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]})
+    tokenizer.pad_token = tokenizer.eos_token
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 84)
+    return image_only_processor(Qwen2VLProcessor, image_processor, tokenizer, chat_template=TEMPLATE)
+
+
+def tiny_qwen2_vl(processor, seed: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, in_channels=3,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=processor.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+    )
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def tokenized_rows(rows, processor, max_length=None):
+    loaded = load_preference_data(rows)
+    return tokenize_dataset(loaded.dataset, processor, TokenizeSettings(max_length=max_length, chat_template=TEMPLATE))
+
+
+def collated(dataset, processor):
+    examples = list(dataset)
+    collate = ImageInputs.of(processor).wrap(collate_pairs)
+    return collate(examples, pad_token_id=processor.tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_step_one_loss_rewards_and_logps_equal_trl(processor, tmp_path, loss_type):
+    trl = pytest.importorskip("trl")
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    policy, reference = tiny_qwen2_vl(processor, seed=0), tiny_qwen2_vl(processor, seed=1)
+    beta = 0.2
+    rows = trl_rows()
+    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], loss_type=[loss_type],
+                         beta=beta, per_device_train_batch_size=len(rows), max_length=None)
+    trainer = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                             train_dataset=datasets.Dataset.from_list(trl_rows()), processing_class=processor)
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False).item()
+    mode = "train" if trainer.model.training else "eval"
+    metrics = {key: values[-1] for key, values in trainer._metrics[mode].items()}
+
+    batch = collated(tokenized_rows(rows, processor).dataset, processor)
+    assert torch.equal(batch.input_ids, inputs["input_ids"])  # same tokens, image tokens expanded alike
+    assert torch.equal(batch.model_inputs["pixel_values"], inputs["pixel_values"])
+    with torch.no_grad():
+        ours, ref = pair_logprobs(policy, batch), pair_logprobs(reference, batch)
+    losses = preference_loss(loss_type, ours.chosen_logps, ours.rejected_logps, ref.chosen_logps, ref.rejected_logps,
+                             beta=beta, chosen_lengths=ours.chosen_lengths, rejected_lengths=ours.rejected_lengths)
+    assert losses.mean().item() == pytest.approx(trl_loss, abs=1e-4)
+    assert ours.chosen_logps.mean().item() == pytest.approx(metrics["logps/chosen"], abs=1e-4)
+    assert ours.rejected_logps.mean().item() == pytest.approx(metrics["logps/rejected"], abs=1e-4)
+    chosen_rewards = beta * (ours.chosen_logps - ref.chosen_logps)
+    rejected_rewards = beta * (ours.rejected_logps - ref.rejected_logps)
+    assert chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"], abs=1e-4)
+    assert rejected_rewards.mean().item() == pytest.approx(metrics["rewards/rejected"], abs=1e-4)
+
+
+def test_the_images_change_the_log_probs(processor):
+    """The pixel values reach the model: the same text with other images scores differently."""
+    policy = tiny_qwen2_vl(processor, seed=0)
+    rows = trl_rows()[:1]
+    recoloured = copy.deepcopy(rows)
+    recoloured[0]["images"] = [coloured("green", (56, 56))]
+    with torch.no_grad():
+        first = pair_logprobs(policy, collated(tokenized_rows(rows, processor).dataset, processor))
+        second = pair_logprobs(policy, collated(tokenized_rows(recoloured, processor).dataset, processor))
+    assert not torch.allclose(first.chosen_logps, second.chosen_logps)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def test_llamafactory_sharegpt_rows_read_images_relative_to_dataset_dir(tmp_path, processor):
+    (tmp_path / "images").mkdir()
+    coloured("red", (56, 56)).save(tmp_path / "images" / "0001.png")
+    rows = [{"conversations": [{"from": "human", "value": "<image>这张图片里有什么颜色？"}],
+             "chosen": {"from": "gpt", "value": "红色。"}, "rejected": {"from": "gpt", "value": "蓝色。"},
+             "images": ["images/0001.png"]}]
+    (tmp_path / "rlhf_v.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    registry = {"rlhf_v_local": {"file_name": "rlhf_v.json", "ranking": True, "formatting": "sharegpt",
+                                 "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+                                             "images": "images"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+    loaded = load_preference_data("rlhf_v_local", dataset_dir=str(tmp_path))
+    row = loaded.dataset[0]
+    assert row["prompt"] == [{"role": "user", "content": "<image>这张图片里有什么颜色？"}]
+    assert row["images"] == [{"bytes": None, "path": str(tmp_path / "images" / "0001.png")}]
+    tokenized = tokenize_dataset(loaded.dataset, processor, TokenizeSettings(max_length=None, chat_template=TEMPLATE))
+    prompt_ids = tokenized.dataset[0]["prompt_ids"]
+    # a 56x56 image in 14-pixel patches merged 2x2: 2x2 = 4 image tokens, between vision start and end
+    tokens = processor.tokenizer.convert_ids_to_tokens(prompt_ids)
+    start = tokens.index("<|vision_start|>")
+    assert tokens[start + 1 : start + 6] == ["<|image_pad|>"] * 4 + ["<|vision_end|>"]
+
+
+def test_images_as_bytes_paths_and_a_datasets_image_column_read_alike(tmp_path):
+    coloured("red", (30, 20)).save(tmp_path / "a.png")
+    text = {"prompt": [{"role": "user", "content": "Colour?"}], "chosen": [{"role": "assistant", "content": "red"}],
+            "rejected": [{"role": "assistant", "content": "blue"}]}
+    as_path = load_preference_data([dict(text, image=str(tmp_path / "a.png"))]).dataset[0]
+    as_bytes = load_preference_data([dict(text, images=[(tmp_path / "a.png").read_bytes()])]).dataset[0]
+    feature = datasets.Features({"image": datasets.Image(), "prompt": [{"role": datasets.Value("string"),
+                                 "content": datasets.Value("string")}], "chosen": [{"role": datasets.Value("string"),
+                                 "content": datasets.Value("string")}], "rejected": [{"role": datasets.Value("string"),
+                                 "content": datasets.Value("string")}]})
+    as_feature = load_preference_data(datasets.Dataset.from_list([dict(text, image=str(tmp_path / "a.png"))],
+                                                                 features=feature)).dataset[0]
+    from preftune.data.images import load_image
+
+    pixels = [list(load_image(row["images"][0]).getdata()) for row in (as_path, as_bytes, as_feature)]
+    assert pixels[0] == pixels[1] == pixels[2] == [COLOURS["red"]] * 600
+    # a prompt without placeholders gets its images before the first user message's text (TRL's rule)
+    assert as_path["prompt"] == [{"role": "user", "content": "<image>Colour?"}]
+
+
+def test_a_missing_image_file_names_the_file_row_and_field(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = {"images": [], "prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant",
+            "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    bad = dict(good, images=["missing.png"])
+    path.write_text("\n".join(json.dumps(row) for row in (good, bad)) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_preference_data(str(path))
+    assert (caught.value.file, caught.value.row, caught.value.field) == (str(path), 1, "images")
+    assert f"image 0: file not found: {tmp_path / 'missing.png'}" in str(caught.value)
+    skipped = load_preference_data(str(path), on_bad_row="skip")
+    assert len(skipped.dataset) == 1 and skipped.skipped_rows[0][0] == 1
+
+
+def test_a_file_that_is_not_an_image_and_a_count_mismatch_are_data_errors(tmp_path):
+    (tmp_path / "fake.png").write_text("not an image", encoding="utf-8")
+    row = {"images": ["fake.png"], "prompt": [{"role": "user", "content": "<image>Hi"}],
+           "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(DataError, match=r"row 0, field 'images': image 0 \(.*fake.png\) cannot be read as an image"):
+        load_preference_data([row], dataset_dir=str(tmp_path))
+    coloured("red", (28, 28)).save(tmp_path / "a.png")
+    two_marks = dict(row, images=["a.png"], prompt=[{"role": "user", "content": "<image><image>Hi"}])
+    with pytest.raises(DataError, match="row 0, field 'images': the row has 1 images but its prompt marks 2"):
+        load_preference_data([two_marks], dataset_dir=str(tmp_path))
+
+
+def test_a_video_column_is_still_refused():
+    row = {"videos": ["clip.mp4"], "prompt": [{"role": "user", "content": "<video>Hi"}],
+           "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(DataError, match=r"field 'videos': not supported yet: video inputs \(column 'videos'\)"):
+        load_preference_data([row], on_bad_row="skip")
+
+
+def test_rows_with_images_need_a_processor(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"))
+    loaded = load_preference_data(trl_rows()[:1])
+    with pytest.raises(ConfigError, match="the data has images but processing_class is a tokenizer"):
+        tokenize_dataset(loaded.dataset, tokenizer, TokenizeSettings(max_length=None, chat_template=TEMPLATE))
+
+
+def test_truncation_never_cuts_an_images_tokens_it_drops_the_pair(processor):
+    rows = trl_rows()
+    full = tokenized_rows(rows, processor).dataset
+    image_token = processor.image_token_id
+    # keep_end cuts a pair's shared prompt at its start: len(prompt) + longest completion - max_length tokens.
+    # Choose max_length so that row 1 (two images) loses its first image token and row 3 keeps everything.
+    def overflow(row):
+        return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+    max_length = overflow(full[1]) - full[1]["prompt_ids"].index(image_token) - 1
+    expected_kept = [i for i, row in enumerate(full)
+                     if max(0, overflow(row) - max_length) <= row["prompt_ids"].index(image_token)]
+    assert 1 not in expected_kept and expected_kept  # the case is the one meant
+    loaded = load_preference_data(rows)
+    cut = tokenize_dataset(loaded.dataset, processor, TokenizeSettings(max_length=max_length, chat_template=TEMPLATE,
+                                                                       truncation_mode="keep_end"))
+    assert [row["row"] for row in cut.dataset] == expected_kept
+    assert cut.stats.dropped_no_room == [i for i in range(len(rows)) if i not in expected_kept]
+    for row in cut.dataset:  # every kept pair keeps all of its image tokens
+        assert row["prompt_ids"].count(image_token) == full[row["row"]]["prompt_ids"].count(image_token)
