@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 
 import datasets
@@ -256,3 +257,92 @@ def test_truncation_never_cuts_an_images_tokens_it_drops_the_pair(processor):
     assert cut.stats.dropped_no_room == [i for i in range(len(rows)) if i not in expected_kept]
     for row in cut.dataset:  # every kept pair keeps all of its image tokens
         assert row["prompt_ids"].count(image_token) == full[row["row"]]["prompt_ids"].count(image_token)
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+def vision_config(tmp_path, **overrides):
+    from preftune.config import DPOConfig
+
+    settings = dict(output_dir=str(tmp_path / "run"), learning_rate=1e-2, max_steps=1, logging_steps=1,
+                    save_strategy="no", per_device_train_batch_size=4, max_length=None, seed=0, overwrite_cache=True,
+                    report_to=[], beta=0.2)
+    return DPOConfig(**(settings | overrides))
+
+
+def test_the_trainers_first_step_loss_and_rewards_equal_trl(processor, tmp_path):
+    trl = pytest.importorskip("trl")
+    from preftune import DPOTrainer
+
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    policy, reference = tiny_qwen2_vl(processor, seed=0), tiny_qwen2_vl(processor, seed=1)
+    rows = trl_rows()
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], beta=0.2,
+                         per_device_train_batch_size=4, max_length=None)
+    oracle = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                            train_dataset=datasets.Dataset.from_list(trl_rows()), processing_class=processor)
+    inputs = oracle.data_collator([oracle.train_dataset[i] for i in range(len(rows))])
+    with torch.no_grad():
+        trl_loss = oracle._compute_loss(oracle.model, inputs, return_outputs=False).item()
+    mode = "train" if oracle.model.training else "eval"
+    metrics = {key: values[-1] for key, values in oracle._metrics[mode].items()}
+
+    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=vision_config(tmp_path),
+                         train_dataset=rows, processing_class=processor)
+    assert (trainer.layout.prefix_sharing, trainer.layout.padding_free) == (False, False)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(trl_loss, abs=1e-4)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert first[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def parameters_by_part(model):
+    from preftune.model_setup import PROJECTOR_KEYS, VISION_TOWER_KEYS, is_under
+
+    parts = {"vision": {}, "projector": {}, "language": {}}
+    for name, parameter in model.named_parameters():
+        part = "projector" if is_under(name, PROJECTOR_KEYS) else "vision" if is_under(name, VISION_TOWER_KEYS) \
+            else "language"
+        parts[part][name] = parameter.detach().clone()
+    return parts
+
+
+@pytest.mark.parametrize(("freeze_vision_tower", "freeze_multi_modal_projector"), [(True, True), (False, False)])
+def test_freeze_keys_decide_which_parts_train(processor, tmp_path, freeze_vision_tower, freeze_multi_modal_projector):
+    from preftune import DPOTrainer
+
+    policy = tiny_qwen2_vl(processor, seed=0)
+    before = parameters_by_part(policy)
+    assert before["vision"] and before["projector"] and before["language"]
+    trainer = DPOTrainer(model=policy, args=vision_config(tmp_path, freeze_vision_tower=freeze_vision_tower,
+                                                          freeze_multi_modal_projector=freeze_multi_modal_projector),
+                         train_dataset=trl_rows(), processing_class=processor)
+    trainer.train()
+    after = parameters_by_part(trainer.model)
+    changed = {part: any(not torch.equal(before[part][name], after[part][name]) for name in before[part])
+               for part in before}
+    assert changed == {"vision": not freeze_vision_tower, "projector": not freeze_multi_modal_projector,
+                       "language": True}
+
+
+def test_lora_adapts_the_language_model_only_and_its_reference_is_the_adapter_disabled_model(processor, tmp_path):
+    from preftune import DPOTrainer
+    from preftune.model_setup import PROJECTOR_KEYS, VISION_TOWER_KEYS, is_under
+
+    policy = tiny_qwen2_vl(processor, seed=0)
+    trainer = DPOTrainer(model=policy, args=vision_config(tmp_path, finetuning_type="lora", lora_rank=4),
+                         train_dataset=trl_rows(), processing_class=processor)
+    adapted = [name for name, _ in trainer.model.named_parameters() if "lora_" in name]
+    assert adapted and not any(is_under(name, VISION_TOWER_KEYS + PROJECTOR_KEYS) for name in adapted)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: policy = reference
+
+
+def test_prefix_sharing_with_a_vision_language_model_is_a_config_error(processor, tmp_path):
+    from preftune import DPOTrainer
+
+    with pytest.raises(ConfigError, match="not supported yet: prefix_sharing with a vision-language model"):
+        DPOTrainer(model=tiny_qwen2_vl(processor, seed=0), args=vision_config(tmp_path, prefix_sharing=True),
+                   train_dataset=trl_rows(), processing_class=processor)
