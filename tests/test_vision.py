@@ -346,3 +346,33 @@ def test_prefix_sharing_with_a_vision_language_model_is_a_config_error(processor
     with pytest.raises(ConfigError, match="not supported yet: prefix_sharing with a vision-language model"):
         DPOTrainer(model=tiny_qwen2_vl(processor, seed=0), args=vision_config(tmp_path, prefix_sharing=True),
                    train_dataset=trl_rows(), processing_class=processor)
+
+
+def test_a_model_folder_with_a_processor_config_loads_processor_and_model_and_sets_pixel_limits(processor, tmp_path):
+    """LLaMA-Factory's way: only a model path. Its processor is loaded (joined from image processor and tokenizer
+    without torchvision), image_max_pixels reaches the image processor, and the images resolve against media_dir."""
+    from preftune import DPOTrainer
+
+    folder = tmp_path / "tiny-qwen2-vl"
+    tiny_qwen2_vl(processor, seed=0).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    media = tmp_path / "media"
+    media.mkdir()
+    rows = []
+    for index, row in enumerate(trl_rows()):
+        names = []
+        for number, image in enumerate(row["images"]):
+            image.save(media / f"{index}-{number}.png")
+            names.append(f"{index}-{number}.png")
+        rows.append(dict(row, images=names))
+    trainer = DPOTrainer(model=str(folder), args=vision_config(tmp_path, image_max_pixels=28 * 28, image_min_pixels=28 * 28,
+                                                              media_dir=str(media)),
+                         train_dataset=rows)
+    loaded = trainer.processing_class
+    assert type(loaded).__name__ == "Qwen2VLProcessor" and loaded.image_processor.size.longest_edge == 28 * 28
+    assert type(trainer.model).__name__ == "Qwen2VLForConditionalGeneration"
+    # at most 28x28 pixels: one 2x2 block of 14-pixel patches, merged into a single image token per image
+    counts = [row["prompt_ids"].count(loaded.image_token_id) for row in trainer.data.train.dataset]
+    assert counts == [1, 2, 1, 1]
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])

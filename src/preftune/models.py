@@ -215,7 +215,8 @@ def _processor_class_name(folder: Path) -> str:
 
 def set_image_pixel_limits(processor: Any, max_pixels: int | None, min_pixels: int | None) -> None:
     """Set the image processor's pixel limits (LLaMA-Factory's ``image_max_pixels``/``image_min_pixels``) where it
-    has them (Qwen-VL: ``size`` = {"longest_edge": max, "shortest_edge": min}, in pixels); None leaves one as is."""
+    has them (Qwen-VL: ``size.longest_edge`` = max, ``size.shortest_edge`` = min, in pixels); None leaves one as
+    is."""
     image_processor = getattr(processor, "image_processor", None)
     size = getattr(image_processor, "size", None)
     for value, edge, name in ((max_pixels, "longest_edge", "max_pixels"), (min_pixels, "shortest_edge", "min_pixels")):
@@ -223,6 +224,8 @@ def set_image_pixel_limits(processor: Any, max_pixels: int | None, min_pixels: i
             continue
         if isinstance(size, dict) and edge in size:
             size[edge] = int(value)
+        elif getattr(size, edge, None) is not None:  # transformers 5's SizeDict
+            setattr(size, edge, int(value))
         if hasattr(image_processor, name):
             setattr(image_processor, name, int(value))
 

@@ -137,6 +137,7 @@ def load_preference_data(
     split: str = "train",
     max_samples: int | None = None,
     on_bad_row: str = "error",
+    media_dir: str | None = None,
 ) -> LoadedData:
     """Read preference data from any supported source into canonical form.
 
@@ -158,6 +159,8 @@ def load_preference_data(
             covers only the rows read).
         on_bad_row: "error" raises DataError on the first bad row; "skip" drops bad rows silently and "warn"
             drops them with a logged warning (the first MAX_LOGGED_BAD_ROWS); both record them in skipped_rows.
+        media_dir: folder of relative image paths (``images`` / ``image`` columns); None: dataset_dir, else the
+            data file's folder, else the working directory.
 
     Raises:
         DataError: unreadable or missing source, a bad row under on_bad_row="error" (including a row whose form,
@@ -166,23 +169,24 @@ def load_preference_data(
         ConfigError: on_bad_row or max_samples out of range.
     """
     _check_options(on_bad_row, max_samples)
+    image_dir = media_dir or dataset_dir
     if isinstance(source, datasets.Dataset):
         return _canonicalize(_iter_records(source), source="in-memory datasets.Dataset", on_bad_row=on_bad_row,
-                             convert=_convert_trl_row, limit=max_samples, image_dir=dataset_dir)
+                             convert=_convert_trl_row, limit=max_samples, image_dir=image_dir)
     if isinstance(source, list):
         if all(isinstance(item, str) for item in source) and source:
-            return _load_many(source, dataset_dir, split, on_bad_row, max_samples)
+            return _load_many(source, dataset_dir, split, on_bad_row, max_samples, image_dir)
         if all(isinstance(item, dict) for item in source):
             return _canonicalize(enumerate(source), source="in-memory list", on_bad_row=on_bad_row,
-                                 convert=_convert_trl_row, limit=max_samples, image_dir=dataset_dir)
+                                 convert=_convert_trl_row, limit=max_samples, image_dir=image_dir)
         raise DataError("a list source must hold only row dicts or only source names/paths", file="in-memory list")
     if not isinstance(source, str):
         raise DataError(f"unsupported source type {type(source).__name__}; expected a path, a dataset name, "
                         "a list of rows or a datasets.Dataset")
     if _resolve_path(source, dataset_dir)[0] is None and "," in source:
         return _load_many([part.strip() for part in source.split(",") if part.strip()], dataset_dir, split,
-                          on_bad_row, max_samples)
-    return _load_one(source.strip(), dataset_dir, split, on_bad_row, max_samples)
+                          on_bad_row, max_samples, image_dir)
+    return _load_one(source.strip(), dataset_dir, split, on_bad_row, max_samples, image_dir)
 
 
 def canonicalize_records(
@@ -247,14 +251,14 @@ def _check_options(on_bad_row: str, max_samples: int | None) -> None:
 
 
 def _load_many(names: list[str], dataset_dir: str | None, split: str, on_bad_row: str,
-               limit: int | None) -> LoadedData:
+               limit: int | None, image_dir: str | None = None) -> LoadedData:
     """Load each source in turn and concatenate; the limit counts rows over all sources."""
     parts: list[LoadedData] = []
     for name in names:
         remaining = None if limit is None else limit - sum(len(part.dataset) for part in parts)
         if remaining is not None and remaining <= 0:
             break
-        parts.append(_load_one(name, dataset_dir, split, on_bad_row, remaining))
+        parts.append(_load_one(name, dataset_dir, split, on_bad_row, remaining, image_dir))
     return _concatenate(parts)
 
 
@@ -304,16 +308,18 @@ def _aligned(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
     return [part.select_columns(list(features)).cast(features) for part in parts]
 
 
-def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, limit: int | None) -> LoadedData:
-    """One name: a registered dataset, else a local path, else a hub dataset id."""
+def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, limit: int | None,
+              image_dir: str | None = None) -> LoadedData:
+    """One name: a registered dataset, else a local path, else a hub dataset id. Relative image paths resolve
+    against ``image_dir`` (None: the data file's folder)."""
     registry, registry_path = _read_registry(dataset_dir)
     if registry is not None and name in registry:
-        return _load_registered(name, registry[name], registry_path, dataset_dir, split, on_bad_row, limit)
+        return _load_registered(name, registry[name], registry_path, dataset_dir, split, on_bad_row, limit, image_dir)
 
     path, looked = _resolve_path(name, dataset_dir)
     if path is not None:
         return _load_path(path, split, on_bad_row, limit, convert=_convert_trl_row, source=str(path),
-                          image_dir=dataset_dir)
+                          image_dir=image_dir)
     if _looks_like_path(name):
         raise DataError(f"file not found; looked at {', '.join(looked)}", file=name)
 
@@ -325,7 +331,7 @@ def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, l
             f"'{name}' is neither a local file (looked at {', '.join(looked)}) nor a registered name "
             f"({registry_note}) nor reachable on the hub ({type(err).__name__}: {err})", file=name) from None
     return _canonicalize(_iter_records(hub_dataset), source=name, on_bad_row=on_bad_row,
-                         convert=_convert_trl_row, limit=limit)
+                         convert=_convert_trl_row, limit=limit, image_dir=image_dir)
 
 
 def _exists(path: Path) -> bool:
@@ -1202,7 +1208,7 @@ def _read_registry(dataset_dir: str | None) -> tuple[dict | None, str | None]:
 
 
 def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_dir: str | None, split: str,
-                     on_bad_row: str, limit: int | None) -> LoadedData:
+                     on_bad_row: str, limit: int | None, image_dir: str | None = None) -> LoadedData:
     """A LLaMA-Factory registry entry from "file_name" (file or folder) or "hf_hub_url": a ranking dataset
     (paired) or a dataset with a kto_tag column (unpaired)."""
     where = f"dataset '{name}'"
@@ -1233,7 +1239,7 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
         if not _exists(path):
             raise DataError(f"{where}: file not found; expected it at {path}", file=str(path))
         return _load_path(path, split, on_bad_row, limit, convert=convert, source=f"{path} (dataset '{name}')",
-                          images_column=images_column, image_dir=dataset_dir or ".")
+                          images_column=images_column, image_dir=image_dir or dataset_dir or ".")
     if "hf_hub_url" in entry:
         hub_id = entry["hf_hub_url"]
         try:
@@ -1244,7 +1250,7 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
                             file=hub_id) from None
         return _canonicalize(_iter_records(hub_dataset), source=f"{hub_id} (dataset '{name}')",
                              on_bad_row=on_bad_row, convert=convert, limit=limit, images_column=images_column,
-                             image_dir=dataset_dir)
+                             image_dir=image_dir or dataset_dir)
     raise DataError(f"{where}: only 'file_name' and 'hf_hub_url' entries are supported "
                     f"(entry has {', '.join(entry)})", file=registry_path)
 
