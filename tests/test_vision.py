@@ -104,11 +104,47 @@ def collated(dataset, processor):
 # ----------------------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_step_one_loss_rewards_and_logps_equal_trl(processor, tmp_path, loss_type):
+LLAVA_TEMPLATE = (  # turns end on a newline: tokens never merge across the prompt/completion boundary
+    "{% for message in messages %}{{ message['role'] }}:\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llava_processor():
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.pad_token = tokenizer.eos_token
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                          num_additional_image_tokens=1)
+
+
+def tiny_llava(processor, seed: int):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=dict(model_type="llama", vocab_size=len(processor.tokenizer), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        image_token_id=processor.image_token_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def check_parity_with_trl(processor, template, build, loss_type, tmp_path):
+    """TRL 1.16's DPOTrainer and preftune on the same rows, policy and reference: same input ids and pixel values;
+    loss, rewards and log-probs within 1e-4."""
     trl = pytest.importorskip("trl")
     logging.getLogger("trl").setLevel(logging.ERROR)
-    policy, reference = tiny_qwen2_vl(processor, seed=0), tiny_qwen2_vl(processor, seed=1)
+    policy, reference = build(processor, seed=0), build(processor, seed=1)
     beta = 0.2
     rows = trl_rows()
     args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], loss_type=[loss_type],
@@ -121,7 +157,9 @@ def test_step_one_loss_rewards_and_logps_equal_trl(processor, tmp_path, loss_typ
     mode = "train" if trainer.model.training else "eval"
     metrics = {key: values[-1] for key, values in trainer._metrics[mode].items()}
 
-    batch = collated(tokenized_rows(rows, processor).dataset, processor)
+    loaded = load_preference_data(rows)
+    tokenized = tokenize_dataset(loaded.dataset, processor, TokenizeSettings(max_length=None, chat_template=template))
+    batch = collated(tokenized.dataset, processor)
     assert torch.equal(batch.input_ids, inputs["input_ids"])  # same tokens, image tokens expanded alike
     assert torch.equal(batch.model_inputs["pixel_values"], inputs["pixel_values"])
     with torch.no_grad():
@@ -135,6 +173,15 @@ def test_step_one_loss_rewards_and_logps_equal_trl(processor, tmp_path, loss_typ
     rejected_rewards = beta * (ours.rejected_logps - ref.rejected_logps)
     assert chosen_rewards.mean().item() == pytest.approx(metrics["rewards/chosen"], abs=1e-4)
     assert rejected_rewards.mean().item() == pytest.approx(metrics["rewards/rejected"], abs=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_qwen2_vl_step_one_loss_rewards_and_logps_equal_trl(processor, tmp_path, loss_type):
+    check_parity_with_trl(processor, TEMPLATE, tiny_qwen2_vl, loss_type, tmp_path)
+
+
+def test_llava_step_one_loss_rewards_and_logps_equal_trl(llava_processor, tmp_path):
+    check_parity_with_trl(llava_processor, LLAVA_TEMPLATE, tiny_llava, "sigmoid", tmp_path)
 
 
 def test_the_images_change_the_log_probs(processor):
@@ -309,11 +356,14 @@ def parameters_by_part(model):
     return parts
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 @pytest.mark.parametrize(("freeze_vision_tower", "freeze_multi_modal_projector"), [(True, True), (False, False)])
-def test_freeze_keys_decide_which_parts_train(processor, tmp_path, freeze_vision_tower, freeze_multi_modal_projector):
+def test_freeze_keys_decide_which_parts_train(request, tmp_path, family, freeze_vision_tower,
+                                              freeze_multi_modal_projector):
     from preftune import DPOTrainer
 
-    policy = tiny_qwen2_vl(processor, seed=0)
+    processor = request.getfixturevalue("processor" if family == "qwen2_vl" else "llava_processor")
+    policy = (tiny_qwen2_vl if family == "qwen2_vl" else tiny_llava)(processor, seed=0)
     before = parameters_by_part(policy)
     assert before["vision"] and before["projector"] and before["language"]
     trainer = DPOTrainer(model=policy, args=vision_config(tmp_path, freeze_vision_tower=freeze_vision_tower,
