@@ -426,3 +426,34 @@ def test_a_model_folder_with_a_processor_config_loads_processor_and_model_and_se
     assert counts == [1, 2, 1, 1]
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
+    saved = trainer.save_model(str(tmp_path / "out"))  # the processor is saved with the model and loads back
+    from preftune.models import load_processor
+
+    assert load_processor(str(saved)).image_processor.size.longest_edge == 28 * 28
+
+
+def test_the_tokenization_cache_sees_an_image_file_replaced_under_the_same_name(processor, tmp_path):
+    coloured("red", (28, 28)).save(tmp_path / "a.png")
+    row = {"images": ["a.png"], "prompt": [{"role": "user", "content": "<image>Colour?"}],
+           "chosen": [{"role": "assistant", "content": "red"}], "rejected": [{"role": "assistant", "content": "blue"}]}
+    settings = TokenizeSettings(max_length=None, chat_template=TEMPLATE)
+
+    def image_tokens():
+        loaded = load_preference_data([row], dataset_dir=str(tmp_path))
+        tokenized = tokenize_dataset(loaded.dataset, processor, settings, cache_dir=str(tmp_path / "cache"))
+        return tokenized.dataset[0]["prompt_ids"].count(processor.image_token_id)
+
+    assert image_tokens() == 1  # 28x28: one merged 2x2 block of patches
+    coloured("red", (56, 56)).save(tmp_path / "a.png")
+    assert image_tokens() == 4
+
+
+def test_data_check_reads_rows_with_images(tmp_path, capsys):
+    from preftune.cli import main
+
+    coloured("red", (28, 28)).save(tmp_path / "a.png")
+    row = {"images": ["a.png"], "prompt": [{"role": "user", "content": "<image>Colour?"}],
+           "chosen": [{"role": "assistant", "content": "red"}], "rejected": [{"role": "assistant", "content": "blue"}]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    assert main(["data", "check", str(path)]) == 0

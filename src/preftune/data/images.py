@@ -10,6 +10,7 @@ tokens. Collation (``ImageInputs``) gives the forward the pixel values of every 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -120,6 +121,19 @@ def load_image(entry: dict) -> Any:
     source = io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"]
     with Image.open(source) as image:
         return image.convert("RGB")
+
+
+def image_files_signature(entries_per_row: Sequence[Sequence[dict] | None]) -> str:
+    """sha256 of the path, size and modification time of every image stored by path (images stored as bytes are in
+    the data already), so that a cache keyed by the data sees an image file replaced under the same name."""
+    hasher = hashlib.sha256()
+    for entries in entries_per_row:
+        for entry in entries or []:
+            path = entry.get("path") if not entry.get("bytes") else None
+            if path:
+                stat = os.stat(path) if os.path.exists(path) else None
+                hasher.update(f"{path}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
+    return hasher.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- placeholders and parts

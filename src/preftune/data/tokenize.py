@@ -21,7 +21,15 @@ from dataclasses import asdict, dataclass
 import datasets
 import jinja2
 
-from preftune.data.images import IMAGE_FEATURE, as_content_parts, image_token_id, is_processor, load_image, text_tokenizer
+from preftune.data.images import (
+    IMAGE_FEATURE,
+    as_content_parts,
+    image_files_signature,
+    image_token_id,
+    is_processor,
+    load_image,
+    text_tokenizer,
+)
 from preftune.data.templates import check_template_name, encode_conversation, get_chat_template
 from preftune.errors import ConfigError, DataError
 
@@ -533,6 +541,8 @@ def tokenization_fingerprint(dataset: datasets.Dataset, tokenizer, settings: Tok
         "settings": asdict(settings),
         "template": repr(get_chat_template(settings.template)) if settings.template is not None else None,
     }
+    if "images" in dataset.column_names:  # image files read by path: their size and time, as the table has no pixels
+        key["image_files"] = image_files_signature(dataset.with_format("arrow")["images"].to_pylist())
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
