@@ -338,8 +338,9 @@ def test_the_trainers_first_step_loss_and_rewards_equal_trl(processor, tmp_path)
     trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=vision_config(tmp_path),
                          train_dataset=rows, processing_class=processor)
     assert (trainer.layout.prefix_sharing, trainer.layout.padding_free) == (False, False)
+    assert trainer.evaluate(eval_dataset=rows)["eval_loss"] == pytest.approx(trl_loss, abs=1e-4)
     trainer.train()
-    first = trainer.state.log_history[0]
+    first = next(record for record in trainer.state.log_history if "loss" in record)
     assert first["loss"] == pytest.approx(trl_loss, abs=1e-4)
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert first[key] == pytest.approx(metrics[key], abs=1e-4), key
@@ -457,3 +458,11 @@ def test_data_check_reads_rows_with_images(tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
     assert main(["data", "check", str(path)]) == 0
+
+
+def test_unpaired_rows_with_images_are_refused(processor):
+    row = {"images": [coloured("red", (28, 28))], "prompt": [{"role": "user", "content": "<image>Colour?"}],
+           "completion": [{"role": "assistant", "content": "red"}], "label": True}
+    loaded = load_preference_data([row, dict(row, label=False)])
+    with pytest.raises(DataError, match="not supported yet: unpaired"):
+        tokenize_dataset(loaded.dataset, processor, TokenizeSettings(max_length=None, chat_template=TEMPLATE))

@@ -607,6 +607,9 @@ def tokenize_dataset(
     with_images = "images" in dataset.column_names
     if with_images and not isinstance(dataset.features["images"], datasets.List):
         raise DataError("the images column is not a list of images", field="images")
+    if with_images and kind == "unpaired":
+        raise DataError("not supported yet: unpaired (KTO) rows with images; give pairs (prompt, chosen, rejected)",
+                        field="images")
     map_kwargs = {}
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
