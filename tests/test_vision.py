@@ -139,6 +139,39 @@ def tiny_llava(processor, seed: int):
     return LlavaForConditionalGeneration(config).eval()
 
 
+@pytest.fixture(scope="module")
+def qwen3_vl_processor():
+    """Qwen3-VL's processor (16-pixel patches) over the same tokenizer and chat template as the Qwen2-VL one."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"))
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]})
+    tokenizer.pad_token = tokenizer.eos_token
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 96, patch_size=16)
+    return image_only_processor(Qwen3VLProcessor, image_processor, tokenizer, chat_template=TEMPLATE)
+
+
+def tiny_qwen3_vl(processor, seed: int):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[1]),
+        image_token_id=processor.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
 def check_parity_with_trl(processor, template, build, loss_type, tmp_path):
     """TRL 1.16's DPOTrainer and preftune on the same rows, policy and reference: same input ids and pixel values;
     loss, rewards and log-probs within 1e-4."""
@@ -178,6 +211,10 @@ def check_parity_with_trl(processor, template, build, loss_type, tmp_path):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_qwen2_vl_step_one_loss_rewards_and_logps_equal_trl(processor, tmp_path, loss_type):
     check_parity_with_trl(processor, TEMPLATE, tiny_qwen2_vl, loss_type, tmp_path)
+
+
+def test_qwen3_vl_step_one_loss_rewards_and_logps_equal_trl(qwen3_vl_processor, tmp_path):
+    check_parity_with_trl(qwen3_vl_processor, TEMPLATE, tiny_qwen3_vl, "sigmoid", tmp_path)
 
 
 def test_llava_step_one_loss_rewards_and_logps_equal_trl(llava_processor, tmp_path):
@@ -357,14 +394,19 @@ def parameters_by_part(model):
     return parts
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+FAMILIES = {"qwen2_vl": ("processor", tiny_qwen2_vl), "qwen3_vl": ("qwen3_vl_processor", tiny_qwen3_vl),
+            "llava": ("llava_processor", tiny_llava)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize(("freeze_vision_tower", "freeze_multi_modal_projector"), [(True, True), (False, False)])
 def test_freeze_keys_decide_which_parts_train(request, tmp_path, family, freeze_vision_tower,
                                               freeze_multi_modal_projector):
     from preftune import DPOTrainer
 
-    processor = request.getfixturevalue("processor" if family == "qwen2_vl" else "llava_processor")
-    policy = (tiny_qwen2_vl if family == "qwen2_vl" else tiny_llava)(processor, seed=0)
+    fixture, build = FAMILIES[family]
+    processor = request.getfixturevalue(fixture)
+    policy = build(processor, seed=0)
     before = parameters_by_part(policy)
     assert before["vision"] and before["projector"] and before["language"]
     trainer = DPOTrainer(model=policy, args=vision_config(tmp_path, freeze_vision_tower=freeze_vision_tower,
