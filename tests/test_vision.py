@@ -355,6 +355,7 @@ def vision_config(tmp_path, **overrides):
     return DPOConfig(**(settings | overrides))
 
 
+@pytest.mark.slow
 def test_the_trainers_first_step_loss_and_rewards_equal_trl(processor, tmp_path):
     trl = pytest.importorskip("trl")
     from preftune import DPOTrainer
@@ -441,6 +442,7 @@ def test_prefix_sharing_with_a_vision_language_model_is_a_config_error(processor
                    train_dataset=trl_rows(), processing_class=processor)
 
 
+@pytest.mark.slow
 def test_a_model_folder_with_a_processor_config_loads_processor_and_model_and_sets_pixel_limits(processor, tmp_path):
     """LLaMA-Factory's way: only a model path. Its processor is loaded (joined from image processor and tokenizer
     without torchvision), image_max_pixels reaches the image processor, and the images resolve against media_dir."""
