@@ -510,3 +510,19 @@ def test_unpaired_rows_with_images_are_refused(processor):
     loaded = load_preference_data([row, dict(row, label=False)])
     with pytest.raises(DataError, match="not supported yet: unpaired"):
         tokenize_dataset(loaded.dataset, processor, TokenizeSettings(max_length=None, chat_template=TEMPLATE))
+
+
+def test_rows_with_the_same_text_and_other_images_are_not_duplicates_and_clean_files_keep_their_images(tmp_path):
+    from preftune.cli import main
+
+    for name in ("red", "green"):
+        coloured(name, (28, 28)).save(tmp_path / f"{name}.png")
+    text = {"prompt": [{"role": "user", "content": "<image>Colour?"}], "chosen": [{"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "assistant", "content": "y"}]}
+    rows = [dict(text, images=["red.png"]), dict(text, images=["green.png"]), dict(text, images=["red.png"])]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    assert main(["data", "check", str(path), "--fix", str(tmp_path / "clean.jsonl")]) in (0, 1)
+    clean = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [row["images"] for row in clean] == [[str(tmp_path / "red.png")], [str(tmp_path / "green.png")]]
+    assert len(load_preference_data(str(tmp_path / "clean.jsonl")).dataset) == 2
