@@ -1228,7 +1228,8 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
         logger.warning("%s: num_samples is ignored; use max_samples to truncate", where)
     _check_column_names(entry, where, registry_path)
     _refuse_registered_media(entry, where, registry_path)
-    images_column = (entry.get("columns") or {}).get("images") or None  # LLaMA-Factory's default: no images
+    columns_block = entry.get("columns")
+    images_column = columns_block.get("images") or None if isinstance(columns_block, dict) else None
     convert = _llamafactory_converter(columns)
 
     if "file_name" in entry:
