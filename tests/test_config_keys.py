@@ -118,13 +118,19 @@ def test_other_stages_say_what_to_write(tmp_path, stage, expected):
     assert caught.value.key == "stage"
 
 
-@pytest.mark.parametrize(("key", "value"), [("image_max_pixels", 262144), ("video_max_pixels", 16384),
-                                            ("freeze_vision_tower", False), ("media_dir", "images/")])
-def test_vision_keys_are_not_supported_yet_and_say_so(tmp_path, key, value):
+@pytest.mark.parametrize(("key", "value"), [("video_max_pixels", 16384), ("freeze_language_model", True)])
+def test_video_keys_are_not_supported_yet_and_say_so(tmp_path, key, value):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, f"{key}: {json.dumps(value)}\n"))
     assert "not supported yet: " + key in str(caught.value)
-    assert "vision-language DPO is planned" in str(caught.value) and caught.value.key == key
+    assert "vision-language DPO takes images only" in str(caught.value) and caught.value.key == key
+
+
+@pytest.mark.parametrize(("key", "value"), [("image_max_pixels", 262144), ("image_min_pixels", 1024),
+                                            ("freeze_vision_tower", False), ("freeze_multi_modal_projector", False),
+                                            ("media_dir", "images/")])
+def test_image_keys_are_fields(tmp_path, key, value):
+    assert getattr(load_config(write(tmp_path, f"{key}: {json.dumps(value)}\n")), key) == value
 
 
 def test_vision_and_other_llama_factory_keys_at_their_defaults_are_accepted(tmp_path):

@@ -138,8 +138,8 @@ def test_a_folder_that_is_no_checkpoint_and_latest_without_checkpoints_are_refus
 
 def test_the_trainer_given_a_path_refuses_before_loading_the_model(tmp_path, data_file, monkeypatch):
     loaded = []
-    monkeypatch.setattr("preftune.trainer.load_causal_lm", lambda *a, **k: loaded.append(a))
-    monkeypatch.setattr("preftune.trainer.load_tokenizer", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("preftune.model_setup.load_causal_lm", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("preftune.model_setup.load_tokenizer", lambda *a, **k: loaded.append(a))
     with pytest.raises(ConfigError, match="no such folder"):
         DPOTrainer(model=str(tmp_path / "nowhere"), args=_config(tmp_path, tmp_path, data_file))
     assert loaded == []

@@ -23,6 +23,7 @@ from datasets import concatenate_datasets
 
 from preftune.data.batching import plan_batches, row_token_counts
 from preftune.data.collate import PreferenceBatch, mismatched_examples
+from preftune.data.images import ImageInputs
 from preftune.errors import DataError
 from preftune.layout import collate_for
 
@@ -76,7 +77,8 @@ def padding_free_pays(batch: PreferenceBatch) -> bool:
 
 @dataclass(frozen=True)
 class BatchMaker:
-    """How a list of row indices becomes a ``LazyBatch``: the layout (prefix sharing, padding-free) and padding id.
+    """How a list of row indices becomes a ``LazyBatch``: the layout (prefix sharing, padding-free), padding id,
+    and for a vision-language model the image inputs each batch gets (``images``; the plain layout only).
 
     ``prefix_sharing`` None: per batch (``preftune.layout.shared_prefix_pays``), knowing whether the models run the
     shared-prefix attention (``shared_attention``) or need the dense mask."""
@@ -85,9 +87,14 @@ class BatchMaker:
     prefix_sharing: bool | None
     padding_free: bool | None
     shared_attention: bool = True
+    images: ImageInputs | None = None
 
     def __call__(self, dataset: Any, indices: list[int]) -> LazyBatch:
         collate = collate_for(self.prefix_sharing, shared_attention=self.shared_attention)
+        if self.images is not None:
+            if self.prefix_sharing is not False or self.padding_free is not False:
+                raise ValueError("batches with images use the plain layout: prefix_sharing and padding_free off")
+            collate = self.images.wrap(collate)
         return LazyBatch(dataset, indices, self.pad_token_id, collate, self.padding_free)
 
     def batches(

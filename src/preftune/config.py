@@ -213,6 +213,8 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "model_init_kwargs": _T("from_pretrained_kwargs(): pass to every from_pretrained of policy and reference"),
     "flash_attn": _T("from_pretrained_kwargs()['attn_implementation']"),
     "finetuning_type": _P,
+    "freeze_vision_tower": _P,
+    "freeze_multi_modal_projector": _P,
     "stage": _P,
     "do_train": _P,
     "do_eval": _P,
@@ -224,6 +226,9 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "val_size": _P,
     "template": _P,
     "enable_thinking": _P,
+    "media_dir": _P,
+    "image_max_pixels": _P,
+    "image_min_pixels": _P,
     "max_samples": _P,
     "max_length": _P,
     "truncation_mode": _P,
@@ -439,16 +444,15 @@ def _known(hint: str, **defaults: Any) -> dict[str, KnownKey]:
     }
 
 
-_VISION = "vision-language DPO is planned"
+_VISION = "vision-language DPO takes images only, with image_max_pixels, image_min_pixels and the freeze_* keys"
 _LF = "LLaMA-Factory"
 
 OTHER_KNOWN_KEYS: dict[str, KnownKey] = {
     **_known(
         _VISION,
-        media_dir=None, image_max_pixels=768 * 768, image_min_pixels=32 * 32, image_do_pan_and_scan=False,
-        crop_to_patches=False, video_max_pixels=256 * 256, video_min_pixels=16 * 16, video_fps=2.0, video_maxlen=128,
-        use_audio_in_video=False, audio_sampling_rate=16000, freeze_vision_tower=True,
-        freeze_multi_modal_projector=True, freeze_language_model=False,
+        image_do_pan_and_scan=False, crop_to_patches=False, video_max_pixels=256 * 256, video_min_pixels=16 * 16,
+        video_fps=2.0, video_maxlen=128, use_audio_in_video=False, audio_sampling_rate=16000,
+        freeze_language_model=False,
     ),  # fmt: skip
     **_known(
         f"{_LF} model loading",
@@ -743,6 +747,19 @@ class DPOConfig(BaseModel):
         True,
         "Reasoning templates (`template: qwen3`, ...; LLaMA-Factory): a response without a thought is trained with an "
         "empty `<think>` block in front (true), or the empty block goes into the prompt (false).",
+    )
+    media_dir: str | None = _field(
+        None, "Folder that relative image paths in the data resolve against; `null`: `dataset_dir`, else the data "
+        "file's folder (LLaMA-Factory's `media_dir`).",
+    )
+    image_max_pixels: int = _field(
+        768 * 768, "Vision-language models: images with more pixels are scaled down to this many (the image "
+        "processor's limit; set on a processor preftune loads from the model folder, not on one given as "
+        "`processing_class`).", ge=1,
+    )
+    image_min_pixels: int = _field(
+        32 * 32, "Vision-language models: images with fewer pixels are scaled up to this many (as "
+        "`image_max_pixels`).", ge=1,
     )
     max_samples: int | None = _field(None, "Use at most this many training rows; `null` uses all.", ge=1)
     max_length: int | None = _field(
@@ -1173,6 +1190,13 @@ class DPOConfig(BaseModel):
         None, "LoRA scaling α; `null` uses 2 × `lora_rank` (only with `finetuning_type: lora`).", ge=1
     )
     lora_dropout: float = _field(0.0, "LoRA dropout (only with `finetuning_type: lora`).", ge=0, lt=1)
+    freeze_vision_tower: bool = _field(
+        True, "Vision-language models: the vision encoder is not trained, nor adapted by LoRA (LLaMA-Factory).",
+    )
+    freeze_multi_modal_projector: bool = _field(
+        True, "Vision-language models: the projector from vision features to the language model is not trained, nor "
+        "adapted by LoRA (LLaMA-Factory).",
+    )
     lora_target: str | list[str] = _field(
         "all",
         "Modules LoRA adapts: `all` linear layers but the LM head, a list of names, or a comma-separated string "

@@ -40,6 +40,7 @@ class DataError(PreftuneError, ValueError):
         self.file = file
         self.row = row
         self.field = field
+        self.message = message
         parts = []
         if file:
             parts.append(f"file {file}")

@@ -214,6 +214,10 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_att
         kwargs["attention_mask"] = _dense_mask_for(model, mask)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids[rows, :length]
+    if batch.model_inputs:  # images: their pixel values belong to the rows of the whole batch, in order
+        if (rows.start, rows.stop, length) != (0, batch.input_ids.shape[0], batch.input_ids.shape[1]):
+            raise ValueError("a batch with images is forwarded in one piece: padding_free must be off")
+        kwargs.update(batch.model_inputs)
     return kwargs
 
 

@@ -221,10 +221,10 @@ def run_round(plan: LoopPlan, files: RoundFiles, policy: str, *, callbacks: Sequ
 def sample_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress: bool = True) -> list[dict]:
     """The round's candidates: sampled now for the prompts not yet in `files.candidates` (appended after each
     batch), then read back in the round's prompt order."""
-    from preftune.generation import SamplingParams, append_candidates, candidate_row, iter_generate, read_candidates
+    from preftune.generation import append_candidates, candidate_row, iter_generate, read_candidates
     from preftune.models import load_causal_lm, load_tokenizer
 
-    settings, prompts = plan.settings, plan.round_prompts[files.index - 1]
+    prompts = plan.round_prompts[files.index - 1]
     params = round_sampling(plan, files.index)
     done = _sampled_ids(files.candidates, params)
     todo = [(key, prompt) for key, prompt in prompts if key not in done]

@@ -21,7 +21,18 @@ from preftune.config import DPOConfig
 from preftune.errors import ConfigError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, unwrap_model
 from preftune.losses import LossParams
-from preftune.models import disable_dropout, load_causal_lm
+from preftune.data.images import is_processor, text_tokenizer
+from preftune.models import (
+    disable_dropout,
+    ensure_pad_token,
+    has_processor,
+    is_vision_language,
+    load_causal_lm,
+    load_image_text_model,
+    load_processor,
+    load_tokenizer,
+    locate_model,
+)
 from preftune.moe import resolve_router_aux_loss
 from preftune.reference import Reference, build_reference
 from preftune.shared_prefix_attention import supports_shared_prefix_attention
@@ -30,6 +41,11 @@ logger = logging.getLogger(__name__)
 
 # Tags added to the model card metadata (``model.add_model_tags``); TRL adds "trl" and "dpo" for the same API.
 MODEL_TAGS = ("trl", "dpo", "preftune")
+# Parameter-name parts of a vision-language model's vision encoder and of its projector into the language model
+# (Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ``visual.*``; LLaVA, Gemma 3: ``vision_tower``, ``multi_modal_projector``), as
+# LLaMA-Factory names them for ``freeze_vision_tower`` and ``freeze_multi_modal_projector``.
+VISION_TOWER_KEYS = ("visual.patch_embed", "visual.pos_embed", "visual.blocks", "vision_tower", "vision_model")
+PROJECTOR_KEYS = ("visual.merger", "visual.deepstack_merger_list", "multi_modal_projector")
 
 
 @dataclass(frozen=True)
@@ -95,7 +111,16 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
     Supported: every model is of a type whose 4-D masks and position ids are tested
     (``CHUNKED_HEAD_MODEL_TYPES``) and uses sdpa or eager attention (flash-attention takes no 4-D mask). Shared rows
     run without a T x T mask where every model supports ``shared_prefix_attention``, else with a dense mask.
+    A vision-language model uses the plain layout (its image inputs follow the rows of one padded forward);
+    asking it for either is a ConfigError.
     """
+    if any(is_vision_language(unwrap_model(m)) for m in models if m is not None):
+        for key in ("prefix_sharing", "padding_free"):
+            if getattr(args, key):
+                raise ConfigError(f"not supported yet: {key} with a vision-language model (it uses the plain "
+                                  "layout); leave it null or set it false", key=key)
+        logger.info("batch layout: plain (vision-language model)")
+        return BatchLayout(prefix_sharing=False, padding_free=False)
     supported = all(
         getattr(unwrap_model(m).config, "model_type", None) in CHUNKED_HEAD_MODEL_TYPES
         and getattr(unwrap_model(m).config, "_attn_implementation", None) in ("sdpa", "eager")
@@ -125,7 +150,58 @@ def load_model(args: DPOConfig, model: nn.Module | str, key: str, device_type: s
     if quantization_config is not None:
         check_quantization(4, device_type)  # bitsandbytes and CUDA, or a clear error
         raise ConfigError("not supported yet: loading the model quantized (QLoRA)", key="quantization_config")
+    source = locate_model(model, key=key)
+    if source.config is not None and source.config.get("vision_config") is not None:
+        return load_image_text_model(model, key=key, **args.from_pretrained_kwargs())
     return load_causal_lm(model, key=key, **args.from_pretrained_kwargs())
+
+
+def load_processing_class(args: DPOConfig, source: str) -> Any:
+    """The processing class for a model path: its processor (tokenizer + image processor, with ``image_max_pixels``
+    and ``image_min_pixels``) when the folder has a processor config, else its tokenizer."""
+    if has_processor(source):
+        return load_processor(source, trust_remote_code=args.trust_remote_code,
+                              image_max_pixels=args.image_max_pixels, image_min_pixels=args.image_min_pixels)
+    return load_tokenizer(source, trust_remote_code=args.trust_remote_code)
+
+
+def prepare_processing_class(args: DPOConfig, processing_class: Any) -> Any:
+    """``processing_class`` ready for the data: its tokenizer has a pad token. A processor (vision-language data)
+    cannot have its reference log-probs precomputed yet (ConfigError, as TRL)."""
+    ensure_pad_token(text_tokenizer(processing_class))
+    if is_processor(processing_class) and args.precompute_ref_log_probs:
+        raise ConfigError("not supported yet: precompute_ref_log_probs with a vision-language processor (the "
+                          "cache is not keyed by the images' content); set precompute_ref_log_probs: false",
+                          key="precompute_ref_log_probs")
+    return processing_class
+
+
+def freeze_vision_parts(args: DPOConfig, model: nn.Module) -> list[str]:
+    """The parameter-name keys left untrained in a vision-language model (``freeze_vision_tower``:
+    ``VISION_TOWER_KEYS``; ``freeze_multi_modal_projector``: ``PROJECTOR_KEYS``); for full fine-tuning their
+    parameters stop requiring gradients here (LoRA leaves them out of its targets: ``exclude_vision_parts``)."""
+    if not is_vision_language(unwrap_model(model)):
+        return []
+    keys = [*(VISION_TOWER_KEYS if args.freeze_vision_tower else ()),
+            *(PROJECTOR_KEYS if args.freeze_multi_modal_projector else ())]
+    for name, parameter in model.named_parameters():
+        if is_under(name, keys):
+            parameter.requires_grad_(False)
+    return keys
+
+
+def is_under(name: str, keys: list[str] | tuple[str, ...]) -> bool:
+    """Whether the dotted parameter or module ``name`` lies under one of ``keys`` (dotted name parts)."""
+    dotted = f".{name}."
+    return any(f".{key}." in dotted for key in keys)
+
+
+def exclude_vision_parts(peft_config: Any, keys: list[str]) -> Any:
+    """``peft_config`` with the modules under ``keys`` (the frozen vision parts) left out of its targets."""
+    if keys and peft_config is not None and hasattr(peft_config, "exclude_modules"):
+        pattern = r".*\.(" + "|".join(key.replace(".", r"\.") for key in keys) + r")\..*"
+        peft_config.exclude_modules = pattern
+    return peft_config
 
 
 def set_up_models(args: DPOConfig, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any, *,
@@ -136,8 +212,9 @@ def set_up_models(args: DPOConfig, model: nn.Module | str, ref_model: nn.Module 
     policy = load_model(args, model, "model_name_or_path", device_type, quantization_config)
     if peft_config is None and args.finetuning_type == "lora":
         peft_config = lora_config_from_args(args)
+    frozen_vision = freeze_vision_parts(args, policy)
     if peft_config is not None or is_peft_model(policy):
-        policy = apply_lora(policy, peft_config)
+        policy = apply_lora(policy, exclude_vision_parts(peft_config, frozen_vision))
     reference, initial_policy = _reference(args, policy, ref_model, loss_params, device_type)
     if args.sync_ref_model and (reference is None or reference.separate_model is None):
         raise ConfigError(

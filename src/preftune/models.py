@@ -28,6 +28,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 CONFIG_FILE = "config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model")
+# Files of a processor (tokenizer + image processor): a folder with one holds a vision-language model's processor.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Config fields that hold a model's context length, by model family (llama/qwen/mistral, gpt2, older gpt-style).
 CONTEXT_LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
@@ -139,6 +141,111 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         logger.info("tokenizer has no pad token; padding with %r (padding is masked out)", tokenizer.pad_token)
+
+
+def has_processor(name_or_path: Any) -> bool:
+    """Whether ``name_or_path`` is a local folder holding a processor config (``PROCESSOR_FILES``)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return False
+    folder = Path(os.path.expanduser(str(name_or_path)))
+    return any((folder / name).is_file() for name in PROCESSOR_FILES)
+
+
+def is_vision_language(model: nn.Module | None) -> bool:
+    """Whether ``model`` (a transformers model, possibly wrapped) is a vision-language model: its config has a
+    ``vision_config``."""
+    inner = model
+    while inner is not None and not hasattr(inner, "config"):
+        inner = getattr(inner, "module", None)
+    config = getattr(inner, "config", None)
+    return getattr(config, "vision_config", None) is not None
+
+
+def image_only_processor(processor_class: type, image_processor: Any, tokenizer: Any,
+                         chat_template: str | None = None) -> Any:
+    """A ``processor_class`` (e.g. ``Qwen2VLProcessor``) built from an image processor and a tokenizer, without the
+    video processor its ``__init__`` also asks for: transformers builds video processors with torchvision, which
+    preftune does not install. The processor saves under its class's name and loads back as one."""
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # noqa: N807
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    image_only = type(processor_class.__name__, (processor_class,), {"__init__": __init__})
+    return image_only(image_processor, tokenizer, chat_template=chat_template)
+
+
+def load_processor(name_or_path: str, *, trust_remote_code: bool = False, image_max_pixels: int | None = None,
+                   image_min_pixels: int | None = None, key: str = "model_name_or_path") -> Any:
+    """The processor of a vision-language model folder (``AutoProcessor``; without torchvision, the image processor
+    and tokenizer joined by ``image_only_processor``), with a pad token and the image pixel limits set.
+
+    Raises ConfigError (``key``) when the folder holds no usable processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
+
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError, AttributeError, TypeError):
+        processor = None  # a processor that wants a video processor (torchvision): joined from its parts below
+    if not isinstance(processor, ProcessorMixin):
+        try:
+            class_name = _processor_class_name(Path(name_or_path))
+            import transformers
+
+            processor_class = getattr(transformers, class_name)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            image_processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            processor = image_only_processor(processor_class, image_processor, tokenizer,
+                                             chat_template=getattr(tokenizer, "chat_template", None))
+        except (OSError, ValueError, ImportError, KeyError, AttributeError, TypeError) as error:
+            raise ConfigError(f"cannot load a processor (tokenizer + image processor) from {name_or_path}: "
+                              f"{_one_line(error)}", key=key) from None
+    ensure_pad_token(processor.tokenizer)
+    set_image_pixel_limits(processor, image_max_pixels, image_min_pixels)
+    return processor
+
+
+def _processor_class_name(folder: Path) -> str:
+    for name in (*PROCESSOR_FILES, "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get("processor_class")
+            if value:
+                return value
+    raise KeyError(f"no processor_class in {', '.join(PROCESSOR_FILES)}")
+
+
+def set_image_pixel_limits(processor: Any, max_pixels: int | None, min_pixels: int | None) -> None:
+    """Set the image processor's pixel limits (LLaMA-Factory's ``image_max_pixels``/``image_min_pixels``) where it
+    has them (Qwen-VL: ``size.longest_edge`` = max, ``size.shortest_edge`` = min, in pixels); None leaves one as
+    is."""
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    for value, edge, name in ((max_pixels, "longest_edge", "max_pixels"), (min_pixels, "shortest_edge", "min_pixels")):
+        if value is None:
+            continue
+        if isinstance(size, dict) and edge in size:
+            size[edge] = int(value)
+        elif getattr(size, edge, None) is not None:  # transformers 5's SizeDict
+            setattr(size, edge, int(value))
+        if hasattr(image_processor, name):
+            setattr(image_processor, name, int(value))
+
+
+def load_image_text_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,
+                          trust_remote_code: bool = False, key: str = "model_name_or_path",
+                          **init_kwargs) -> PreTrainedModel:
+    """Load a vision-language model (``AutoModelForImageTextToText``) from safetensors weights, as
+    ``load_causal_lm`` loads a causal LM."""
+    from transformers import AutoModelForImageTextToText
+
+    source = locate_model(name_or_path, key=key)
+    try:
+        return AutoModelForImageTextToText.from_pretrained(
+            name_or_path, dtype=_resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
+            **init_kwargs,
+        )
+    except (OSError, ValueError, ImportError, KeyError) as error:
+        raise ConfigError(f"cannot load a vision-language model from {_describe(source)}: "
+                          f"{_explain(source, error, 'safetensors weights')}", key=key) from None
 
 
 def load_causal_lm(

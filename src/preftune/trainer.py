@@ -42,14 +42,20 @@ from preftune.checkpoint import claim_output_dir, new_run_id, restore_rng_states
 from preftune.config import DPOConfig, interval_to_steps
 from preftune.cpu_memory import keep_freed_memory
 from preftune.data.collate import PreferenceBatch
+from preftune.data.images import ImageInputs, text_tokenizer
 from preftune.layout import collate_for
 from preftune.data.pipeline import default_cache_dir, eval_key
 from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import unwrap_model
 from preftune.losses import LossParams
 from preftune.metrics import MetricAccumulator, ReplicaRecorder, RunRecorder, RunTotals
-from preftune.models import ensure_pad_token, load_tokenizer
-from preftune.model_setup import check_supported, set_global_settings, set_up_models
+from preftune.model_setup import (
+    check_supported,
+    load_processing_class,
+    prepare_processing_class,
+    set_global_settings,
+    set_up_models,
+)
 from preftune.objective import BatchLoss, build_objective, logprob_options
 from preftune.parallel import build_parallelism
 from preftune.parallel.launch import build_accelerator
@@ -165,14 +171,15 @@ class DPOTrainer:
         if quantization_config is not None and isinstance(model, nn.Module):
             raise ConfigError("quantization_config applies to a model loaded from a path; the model given is already "
                               "loaded", key="quantization_config")
-        self.tokenizer = processing_class if processing_class is not None else tokenizer
+        self.tokenizer = processing_class if processing_class is not None else tokenizer  # a processor for a VLM
         if self.tokenizer is None:
             source = self.args.tokenizer_name_or_path or (model if isinstance(model, str) else model.name_or_path)
-            self.tokenizer = load_tokenizer(source, trust_remote_code=self.args.trust_remote_code)
-        ensure_pad_token(self.tokenizer)
+            self.tokenizer = load_processing_class(self.args, source)
+        self.tokenizer = prepare_processing_class(self.args, self.tokenizer)
         self._setup_models(model, ref_model, peft_config, quantization_config)
-        self.batch_maker = BatchMaker(self.tokenizer.pad_token_id, self.layout.prefix_sharing, self.layout.padding_free,
-                                      shared_attention=self.layout.shared_attention)
+        self.batch_maker = BatchMaker(text_tokenizer(self.tokenizer).pad_token_id, self.layout.prefix_sharing,
+                                      self.layout.padding_free, shared_attention=self.layout.shared_attention,
+                                      images=ImageInputs.of(self.tokenizer))
 
         eval_source = eval_dataset if eval_dataset is not None else self.args.eval_dataset
         self.stream = train_source if is_stream(train_source) else None

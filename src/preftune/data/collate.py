@@ -57,6 +57,9 @@ class PreferenceBatch:
             ``ref_logps`` column (``precompute_ref_log_probs``); None otherwise.
         segments: ``(R, 1 + K)`` with prefix sharing: each row's prompt length, then its completions' lengths
             (the row is ``prompt | completion 0 | … | completion K-1 | padding``); None in the plain layout.
+        model_inputs: further inputs of the forward, by keyword, for rows with images (``preftune.data.images``:
+            ``pixel_values`` of every row's images in row order, ``image_grid_thw``, ``mm_token_type_ids``
+            ``(R, T)``); empty for text. A batch with them is forwarded in one piece.
     """
 
     input_ids: Tensor
@@ -75,6 +78,7 @@ class PreferenceBatch:
     labels: Tensor | None = None
     ref_logps: Tensor | None = None
     segments: Tensor | None = None
+    model_inputs: dict[str, Tensor] = field(default_factory=dict)
 
     def without_padding(self) -> "PreferenceBatch":
         """The same batch, marked to be forwarded row by row at each row's own length."""
@@ -99,6 +103,7 @@ class PreferenceBatch:
             labels=move(self.labels),
             ref_logps=move(self.ref_logps),
             segments=move(self.segments),
+            model_inputs={key: move(value) for key, value in self.model_inputs.items()},
         )
 
 

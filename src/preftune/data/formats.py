@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 
+from preftune.data.images import IMAGE_FEATURE, IMAGE_PLACEHOLDER, messages_as_text, placed_in_prompt, row_images
 from preftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -59,11 +60,10 @@ TOO_DEEP = "nests lists/objects too deeply to read (Python's JSON reader stops n
 
 LABEL_TEXTS = {"true": True, "false": False, "1": True, "0": False}
 
-# Columns of image, video or audio inputs (TRL vision rows: "images" or "image"; LLaMA-Factory: "images", "videos",
-# "audios"), by the kind of input they hold. preftune trains on text only, so data that has any is refused: dropping
-# the column would train a vision-language model on its text alone without a word.
-MEDIA_COLUMNS = {"images": "image/video", "image": "image/video", "videos": "image/video", "video": "image/video",
-                 "audios": "audio", "audio": "audio"}
+# Columns of video or audio inputs (LLaMA-Factory: "videos", "audios"), by the kind of input they hold. preftune
+# trains on text and images only, so data that has any is refused: dropping the column would train a multimodal model
+# on the rest without a word. Images ("images" or "image"): preftune.data.images.
+MEDIA_COLUMNS = {"videos": "video", "video": "video", "audios": "audio", "audio": "audio"}
 
 Message = dict[str, Any]
 RowItem = tuple[int, Any]  # (row index, record dict, or an unraised DataError for an unreadable row)
@@ -137,6 +137,7 @@ def load_preference_data(
     split: str = "train",
     max_samples: int | None = None,
     on_bad_row: str = "error",
+    media_dir: str | None = None,
 ) -> LoadedData:
     """Read preference data from any supported source into canonical form.
 
@@ -158,6 +159,8 @@ def load_preference_data(
             covers only the rows read).
         on_bad_row: "error" raises DataError on the first bad row; "skip" drops bad rows silently and "warn"
             drops them with a logged warning (the first MAX_LOGGED_BAD_ROWS); both record them in skipped_rows.
+        media_dir: folder of relative image paths (``images`` / ``image`` columns); None: dataset_dir, else the
+            data file's folder, else the working directory.
 
     Raises:
         DataError: unreadable or missing source, a bad row under on_bad_row="error" (including a row whose form,
@@ -166,23 +169,24 @@ def load_preference_data(
         ConfigError: on_bad_row or max_samples out of range.
     """
     _check_options(on_bad_row, max_samples)
+    image_dir = media_dir or dataset_dir
     if isinstance(source, datasets.Dataset):
         return _canonicalize(_iter_records(source), source="in-memory datasets.Dataset", on_bad_row=on_bad_row,
-                             convert=_convert_trl_row, limit=max_samples)
+                             convert=_convert_trl_row, limit=max_samples, image_dir=image_dir)
     if isinstance(source, list):
         if all(isinstance(item, str) for item in source) and source:
-            return _load_many(source, dataset_dir, split, on_bad_row, max_samples)
+            return _load_many(source, dataset_dir, split, on_bad_row, max_samples, image_dir)
         if all(isinstance(item, dict) for item in source):
             return _canonicalize(enumerate(source), source="in-memory list", on_bad_row=on_bad_row,
-                                 convert=_convert_trl_row, limit=max_samples)
+                                 convert=_convert_trl_row, limit=max_samples, image_dir=image_dir)
         raise DataError("a list source must hold only row dicts or only source names/paths", file="in-memory list")
     if not isinstance(source, str):
         raise DataError(f"unsupported source type {type(source).__name__}; expected a path, a dataset name, "
                         "a list of rows or a datasets.Dataset")
     if _resolve_path(source, dataset_dir)[0] is None and "," in source:
         return _load_many([part.strip() for part in source.split(",") if part.strip()], dataset_dir, split,
-                          on_bad_row, max_samples)
-    return _load_one(source.strip(), dataset_dir, split, on_bad_row, max_samples)
+                          on_bad_row, max_samples, image_dir)
+    return _load_one(source.strip(), dataset_dir, split, on_bad_row, max_samples, image_dir)
 
 
 def canonicalize_records(
@@ -247,14 +251,14 @@ def _check_options(on_bad_row: str, max_samples: int | None) -> None:
 
 
 def _load_many(names: list[str], dataset_dir: str | None, split: str, on_bad_row: str,
-               limit: int | None) -> LoadedData:
+               limit: int | None, image_dir: str | None = None) -> LoadedData:
     """Load each source in turn and concatenate; the limit counts rows over all sources."""
     parts: list[LoadedData] = []
     for name in names:
         remaining = None if limit is None else limit - sum(len(part.dataset) for part in parts)
         if remaining is not None and remaining <= 0:
             break
-        parts.append(_load_one(name, dataset_dir, split, on_bad_row, remaining))
+        parts.append(_load_one(name, dataset_dir, split, on_bad_row, remaining, image_dir))
     return _concatenate(parts)
 
 
@@ -292,6 +296,9 @@ def _aligned(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
         if any(name in part.column_names for part in parts):
             parts = [part if name in part.column_names
                      else part.add_column(name, [None] * len(part), feature=datasets.Json()) for part in parts]
+    if any("images" in part.column_names for part in parts):
+        parts = [part if "images" in part.column_names
+                 else part.add_column("images", [[]] * len(part), feature=IMAGE_FEATURE) for part in parts]
     json_columns = {name for part in parts for name, feature in part.features.items()
                     if isinstance(feature, datasets.Json)}
     if not json_columns:
@@ -301,15 +308,18 @@ def _aligned(parts: list[datasets.Dataset]) -> list[datasets.Dataset]:
     return [part.select_columns(list(features)).cast(features) for part in parts]
 
 
-def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, limit: int | None) -> LoadedData:
-    """One name: a registered dataset, else a local path, else a hub dataset id."""
+def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, limit: int | None,
+              image_dir: str | None = None) -> LoadedData:
+    """One name: a registered dataset, else a local path, else a hub dataset id. Relative image paths resolve
+    against ``image_dir`` (None: the data file's folder)."""
     registry, registry_path = _read_registry(dataset_dir)
     if registry is not None and name in registry:
-        return _load_registered(name, registry[name], registry_path, dataset_dir, split, on_bad_row, limit)
+        return _load_registered(name, registry[name], registry_path, dataset_dir, split, on_bad_row, limit, image_dir)
 
     path, looked = _resolve_path(name, dataset_dir)
     if path is not None:
-        return _load_path(path, split, on_bad_row, limit, convert=_convert_trl_row, source=str(path))
+        return _load_path(path, split, on_bad_row, limit, convert=_convert_trl_row, source=str(path),
+                          image_dir=image_dir)
     if _looks_like_path(name):
         raise DataError(f"file not found; looked at {', '.join(looked)}", file=name)
 
@@ -321,7 +331,7 @@ def _load_one(name: str, dataset_dir: str | None, split: str, on_bad_row: str, l
             f"'{name}' is neither a local file (looked at {', '.join(looked)}) nor a registered name "
             f"({registry_note}) nor reachable on the hub ({type(err).__name__}: {err})", file=name) from None
     return _canonicalize(_iter_records(hub_dataset), source=name, on_bad_row=on_bad_row,
-                         convert=_convert_trl_row, limit=limit)
+                         convert=_convert_trl_row, limit=limit, image_dir=image_dir)
 
 
 def _exists(path: Path) -> bool:
@@ -350,12 +360,17 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _load_path(path: Path, split: str, on_bad_row: str, limit: int | None,
-               convert: Callable[[Any], _Example], source: str) -> LoadedData:
-    """A data file, a save_to_disk directory, or a directory of data files (read in name order)."""
+               convert: Callable[[Any], _Example], source: str, images_column: str | None = None,
+               image_dir: str | None = None) -> LoadedData:
+    """A data file, a save_to_disk directory, or a directory of data files (read in name order). Relative image
+    paths resolve against ``image_dir``, else the data's folder."""
+    if image_dir is None:
+        image_dir = str(path if path.is_dir() else path.parent)
+    media = {"images_column": images_column, "image_dir": image_dir}
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return _canonicalize(_iter_records(_load_saved(path, split)), source=source, on_bad_row=on_bad_row,
-                                 convert=convert, limit=limit)
+                                 convert=convert, limit=limit, **media)
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(DATA_FILE_SUFFIXES))
         if not files:
             raise DataError(f"directory holds neither a datasets.save_to_disk dataset nor data files "
@@ -365,10 +380,10 @@ def _load_path(path: Path, split: str, on_bad_row: str, limit: int | None,
             remaining = None if limit is None else limit - sum(len(part.dataset) for part in parts)
             if remaining is not None and remaining <= 0:
                 break
-            parts.append(_load_path(file, split, on_bad_row, remaining, convert, str(file)))
+            parts.append(_load_path(file, split, on_bad_row, remaining, convert, str(file), **media))
         return _concatenate(parts)
     return _canonicalize(iter_file_rows(path, source), source=source, on_bad_row=on_bad_row, convert=convert,
-                         limit=limit)
+                         limit=limit, **media)
 
 
 def _load_saved(path: Path, split: str) -> datasets.Dataset:
@@ -499,7 +514,10 @@ def _iter_records(dataset: datasets.Dataset) -> Iterator[RowItem]:
 
 
 def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, convert: Callable[[Any], _Example],
-                  limit: int | None = None) -> LoadedData:
+                  limit: int | None = None, images_column: str | None = None,
+                  image_dir: str | None = None) -> LoadedData:
+    """Convert rows (``convert``), enforce one form, apply the bad-row policy. ``images_column`` names the rows'
+    images column (None: ``images`` or ``image``); relative image paths resolve against ``image_dir``."""
     examples: list[dict[str, Any]] = []
     skipped: list[tuple[int, str]] = []
     first: _Example | None = None  # the first good row decides form, kind and number of rejected responses
@@ -510,7 +528,12 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
         try:
             if isinstance(item, DataError):
                 raise item
+            images = _guarded_images(item, images_column, image_dir, source, row)
+            if images:
+                item = {key: messages_as_text(value) for key, value in item.items()}
             example = _convert_guarded(convert, item, source, row)
+            if images:
+                example = _with_images_placed(example, len(images), source, row)
             if first is not None:
                 _check_like_first(example, first, source, row)
         except DataError as err:
@@ -523,7 +546,7 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
         if first is None:
             first = example
         identical += example.kind == "paired" and example.chosen in example.rejected
-        examples.append(_canonical_row(example, row))
+        examples.append(_canonical_row(example, row) | ({"images": images} if images else {}))
         if limit is not None and len(examples) >= limit:
             break
 
@@ -544,16 +567,37 @@ def _canonicalize(rows: Iterable[RowItem], *, source: str, on_bad_row: str, conv
 
 
 def _media_inputs_refusal(column: str) -> str:
-    """The message refusing image, video or audio inputs found in `column` (a key of MEDIA_COLUMNS)."""
-    kind = MEDIA_COLUMNS[column]
-    planned = "vision-language DPO is planned" if kind == "image/video" else "preftune trains on text only"
-    return f"not supported yet: {kind} inputs (column '{column}'); {planned}"
+    """The message refusing video or audio inputs found in `column` (a key of MEDIA_COLUMNS)."""
+    return f"not supported yet: {MEDIA_COLUMNS[column]} inputs (column '{column}'); preftune trains on text and images"
+
+
+def _guarded_images(record: Any, column: str | None, image_dir: str | None, source: str, row: int) -> list[dict]:
+    """The row's images (``images.row_images``), a bad one as a DataError naming file, row and column."""
+    if not isinstance(record, dict):
+        return []
+    try:
+        return row_images(record, column, image_dir)
+    except DataError as error:
+        raise DataError(error.message, file=source, row=row, field=error.field) from None
+
+
+def _with_images_placed(example: _Example, num_images: int, source: str, row: int) -> _Example:
+    """The example with its images placed in its (conversational) prompt (``images.placed_in_prompt``)."""
+    if not isinstance(example.prompt, list):
+        raise DataError("has images but a text prompt; expected a conversational prompt (a list of messages) whose "
+                        f"user turn holds the images ({IMAGE_PLACEHOLDER} or {{'type': 'image'}} parts)",
+                        file=source, row=row, field="images")
+    try:
+        example.prompt = placed_in_prompt(example.prompt, num_images)
+    except DataError as error:
+        raise DataError(error.message, file=source, row=row, field=error.field) from None
+    return example
 
 
 def _refuse_media_inputs(record: dict, source: str, row: int) -> None:
-    """Raise DataError when `record` has an image, video or audio column holding anything (one that is None or
-    empty, e.g. `"images": []`, is text-only and passes). Raised whatever on_bad_row says: skipping such rows
-    would also train text-only in silence."""
+    """Raise DataError when `record` has a video or audio column holding anything (one that is None or empty,
+    e.g. `"videos": []`, passes). Raised whatever on_bad_row says: skipping such rows would also train on the rest
+    in silence."""
     for column in MEDIA_COLUMNS:
         if not _is_empty_media(record.get(column)):
             raise DataError(_media_inputs_refusal(column), file=source, row=row, field=column)
@@ -583,7 +627,12 @@ def _canonical_row(example: _Example, row: int) -> dict[str, Any]:
 
 def _canonical_dataset(examples: list[dict[str, Any]]) -> datasets.Dataset:
     """The canonical rows as a Dataset: tools / chat_template_kwargs columns when any row has them (null elsewhere),
-    stored as Json; message columns as Json when any message has fields beyond role and content."""
+    stored as Json; message columns as Json when any message has fields beyond role and content; an images column
+    (``images.IMAGE_FEATURE``, [] in rows without) when any row has images."""
+    if any("images" in example for example in examples):
+        images = [example.get("images", []) for example in examples]
+        text = _canonical_dataset([{k: v for k, v in example.items() if k != "images"} for example in examples])
+        return text.add_column("images", images, feature=IMAGE_FEATURE)
     extras = [name for name in TEMPLATE_INPUT_COLUMNS if any(name in example for example in examples)]
     message_columns = [name for name in ("prompt", "chosen", "rejected", "completion")
                        if any(_has_extra_message_fields(example.get(name)) for example in examples)]
@@ -1159,7 +1208,7 @@ def _read_registry(dataset_dir: str | None) -> tuple[dict | None, str | None]:
 
 
 def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_dir: str | None, split: str,
-                     on_bad_row: str, limit: int | None) -> LoadedData:
+                     on_bad_row: str, limit: int | None, image_dir: str | None = None) -> LoadedData:
     """A LLaMA-Factory registry entry from "file_name" (file or folder) or "hf_hub_url": a ranking dataset
     (paired) or a dataset with a kto_tag column (unpaired)."""
     where = f"dataset '{name}'"
@@ -1179,6 +1228,8 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
         logger.warning("%s: num_samples is ignored; use max_samples to truncate", where)
     _check_column_names(entry, where, registry_path)
     _refuse_registered_media(entry, where, registry_path)
+    columns_block = entry.get("columns")
+    images_column = columns_block.get("images") or None if isinstance(columns_block, dict) else None
     convert = _llamafactory_converter(columns)
 
     if "file_name" in entry:
@@ -1188,7 +1239,8 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
         path = Path(dataset_dir or ".") / entry["file_name"]
         if not _exists(path):
             raise DataError(f"{where}: file not found; expected it at {path}", file=str(path))
-        return _load_path(path, split, on_bad_row, limit, convert=convert, source=f"{path} (dataset '{name}')")
+        return _load_path(path, split, on_bad_row, limit, convert=convert, source=f"{path} (dataset '{name}')",
+                          images_column=images_column, image_dir=image_dir or dataset_dir or ".")
     if "hf_hub_url" in entry:
         hub_id = entry["hf_hub_url"]
         try:
@@ -1198,7 +1250,8 @@ def _load_registered(name: str, entry: Any, registry_path: str | None, dataset_d
             raise DataError(f"{where}: cannot load '{hub_id}' from the hub ({type(err).__name__}: {err})",
                             file=hub_id) from None
         return _canonicalize(_iter_records(hub_dataset), source=f"{hub_id} (dataset '{name}')",
-                             on_bad_row=on_bad_row, convert=convert, limit=limit)
+                             on_bad_row=on_bad_row, convert=convert, limit=limit, images_column=images_column,
+                             image_dir=image_dir or dataset_dir)
     raise DataError(f"{where}: only 'file_name' and 'hf_hub_url' entries are supported "
                     f"(entry has {', '.join(entry)})", file=registry_path)
 
@@ -1216,11 +1269,11 @@ def _check_column_names(entry: dict, where: str, registry_path: str | None) -> N
 
 
 def _refuse_registered_media(entry: dict, where: str, registry_path: str | None) -> None:
-    """An entry whose "columns" name image, video or audio columns is multimodal data: refused before reading it."""
+    """An entry whose "columns" name video or audio columns: refused before reading it."""
     columns = entry.get("columns")
     if not isinstance(columns, dict):
         return
-    for key in ("images", "videos", "audios"):
+    for key in ("videos", "audios"):
         if columns.get(key):
             raise DataError(f"{where}: {_media_inputs_refusal(key)} (columns.{key} is '{columns[key]}')",
                             file=registry_path, field=f"columns.{key}")

@@ -254,7 +254,8 @@ class _ReadSplit:
 
 def _read_split(config, source: Any) -> _ReadSplit:
     loaded = load_preference_data(
-        source, dataset_dir=config.dataset_dir, max_samples=config.max_samples, on_bad_row=config.on_bad_row
+        source, dataset_dir=config.dataset_dir, max_samples=config.max_samples, on_bad_row=config.on_bad_row,
+        media_dir=getattr(config, "media_dir", None),
     )
     return _checked(config, loaded)
 

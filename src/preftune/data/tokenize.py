@@ -21,6 +21,15 @@ from dataclasses import asdict, dataclass
 import datasets
 import jinja2
 
+from preftune.data.images import (
+    IMAGE_FEATURE,
+    as_content_parts,
+    image_files_signature,
+    image_token_id,
+    is_processor,
+    load_image,
+    text_tokenizer,
+)
 from preftune.data.templates import check_template_name, encode_conversation, get_chat_template
 from preftune.errors import ConfigError, DataError
 
@@ -36,7 +45,8 @@ UNPAIRED_OUTPUT_COLUMNS = ["prompt_ids", "completion_ids", "label", "row"]
 # 3: named templates encoded as LLaMA-Factory encodes them; per-row tools and chat_template_kwargs; tool-call messages
 # and several-message completions.
 # 5: named templates truncate as LLaMA-Factory does.
-TOKENIZE_VERSION = 5
+# 6: rows with images (tokenized by the processor; the images column carried along).
+TOKENIZE_VERSION = 6
 
 _IDS = datasets.List(datasets.Value("int32"))
 _FLAG_FEATURES = {
@@ -259,6 +269,10 @@ def _full_sequences(
         if value is None:
             raise DataError("missing value", row=row, field=field)
 
+    processor = tokenizer if is_processor(tokenizer) else None
+    tokenizer = text_tokenizer(tokenizer)
+    if example.get("images"):
+        return _image_sequences(example, completions, processor, settings)
     if _is_conversational(example) and settings.template is not None:
         return _named_template_sequences(prompt, completions, tokenizer, settings, row)
     if _is_conversational(example):
@@ -281,6 +295,46 @@ def _full_sequences(
     if settings.add_eos and eos:
         completions = [(field, value if value.endswith(eos) else value + eos) for field, value in completions]
     return encode_text(tokenizer, prompt), [encode_text(tokenizer, prompt + value) for _, value in completions]
+
+
+def _image_sequences(
+    example: dict, completions: list[tuple[str, object]], processor, settings: TokenizeSettings
+) -> tuple[list[int], list[list[int]]]:
+    """(prompt_ids, full ids per completion) of a row with images: its messages (``<image>`` placeholders as image
+    parts) rendered by the processor's chat template and tokenized by the processor, which expands each image into
+    its image tokens (their number depends on the image's size and the image processor's pixel limits)."""
+    row = example.get("row")
+    if processor is None:
+        raise ConfigError("the data has images but processing_class is a tokenizer; give the model's processor "
+                          "(transformers.AutoProcessor), or a model folder that has a processor config",
+                          key="processing_class")
+    if settings.template is not None:
+        raise ConfigError(f"not supported yet: rows with images under the named template {settings.template!r}; "
+                          "remove template to use the processor's chat template", key="template")
+    prompt = example["prompt"]
+    for field, value in [("prompt", prompt), *completions]:
+        check_messages(value, row, field)
+    template = settings.chat_template or _chat_template_for(processor, settings)
+    inputs = template_inputs(example)
+    prompt_text = render_messages(processor, as_content_parts(prompt), template, True, row, "prompt", inputs)
+    full_texts = [render_messages(processor, as_content_parts(list(prompt) + list(value)), template, False, row,
+                                  field, inputs) for field, value in completions]
+    images = [load_image(entry) for entry in example["images"]]
+    bos = processor.tokenizer.bos_token
+
+    def encode(text: str) -> list[int]:
+        add_special_tokens = not (bos and text.startswith(bos))
+        return list(processor(text=[text], images=images, add_special_tokens=add_special_tokens)["input_ids"][0])
+
+    return encode(prompt_text), [encode(text) for text in full_texts]
+
+
+def _keeps_whole_images(prompt_ids: list[int], kept_prompt: list[int], completions: list[list[int]],
+                        image_token: int) -> bool:
+    """Whether truncation kept every image token of the prompt (an image whose tokens are cut no longer matches
+    its pixel values) and put none in a completion."""
+    return kept_prompt.count(image_token) == prompt_ids.count(image_token) and not any(
+        image_token in completion for completion in completions)
 
 
 def _named_template_sequences(
@@ -393,7 +447,11 @@ def tokenize_pair(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
     rejected = rejected_responses(example)
     completions = [("chosen", example.get("chosen"))] + [("rejected", response) for response in rejected]
     prompt_ids, full_ids = _full_sequences(example, completions, tokenizer, settings)
-    prompt, (chosen, *rejected_ids), flags = _split_and_truncate(prompt_ids, full_ids, settings)
+    prompt, kept, flags = _split_and_truncate(prompt_ids, full_ids, settings)
+    if example.get("images") and not flags["no_room"] and not _keeps_whole_images(
+            prompt_ids, prompt, kept, image_token_id(tokenizer)):  # a pair that cannot keep its images whole is dropped
+        prompt, kept, flags = [], [[] for _ in kept], {**flags, "no_room": True, "truncated": False}
+    chosen, *rejected_ids = kept
     return {
         "prompt_ids": prompt,
         "chosen_ids": chosen,
@@ -425,6 +483,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what decides the tokenizer's output: its model/normalizer/post-processor, special tokens and
     chat template (not its file path)."""
     hasher = hashlib.sha256()
+    if is_processor(tokenizer):  # a processor: its tokenizer, its image processor's settings and its chat template
+        hasher.update(type(tokenizer).__name__.encode())
+        image_processor = getattr(tokenizer, "image_processor", None)
+        hasher.update((image_processor.to_json_string() if image_processor is not None else "").encode())
+        hasher.update(str(getattr(tokenizer, "chat_template", None)).encode())
+        tokenizer = tokenizer.tokenizer
     hasher.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -477,16 +541,19 @@ def tokenization_fingerprint(dataset: datasets.Dataset, tokenizer, settings: Tok
         "settings": asdict(settings),
         "template": repr(get_chat_template(settings.template)) if settings.template is not None else None,
     }
+    if "images" in dataset.column_names:  # image files read by path: their size and time, as the table has no pixels
+        key["image_files"] = image_files_signature(dataset.with_format("arrow")["images"].to_pylist())
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _mapped_features(kind: str, num_negatives: int) -> datasets.Features:
+def _mapped_features(kind: str, num_negatives: int, with_images: bool = False) -> datasets.Features:
     if kind == "unpaired":
         columns = {"prompt_ids": _IDS, "completion_ids": _IDS, "label": datasets.Value("bool")}
     else:
         rejected = datasets.List(_IDS) if num_negatives > 1 else _IDS
         columns = {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejected_ids": rejected}
-    return datasets.Features({**columns, **_FLAG_FEATURES})
+    images = {"images": IMAGE_FEATURE} if with_images else {}
+    return datasets.Features({**columns, **_FLAG_FEATURES, **images})
 
 
 def _tokenize_row(
@@ -506,6 +573,8 @@ def _tokenize_row(
             )
         output = tokenize_pair(example, tokenizer, settings)
     output["row"] = row
+    if "images" in example:
+        output["images"] = example["images"] or []
     return output
 
 
@@ -535,6 +604,12 @@ def tokenize_dataset(
     """
     kind, num_negatives = data_kind(dataset)
     fingerprint = tokenization_fingerprint(dataset, tokenizer, settings)
+    with_images = "images" in dataset.column_names
+    if with_images and not isinstance(dataset.features["images"], datasets.List):
+        raise DataError("the images column is not a list of images", field="images")
+    if with_images and kind == "unpaired":
+        raise DataError("not supported yet: unpaired (KTO) rows with images; give pairs (prompt, chosen, rejected)",
+                        field="images")
     map_kwargs = {}
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -546,7 +621,7 @@ def tokenize_dataset(
         with_indices=True,
         fn_kwargs={"tokenizer": tokenizer, "settings": settings, "kind": kind, "num_negatives": num_negatives},
         remove_columns=list(dataset.column_names),
-        features=_mapped_features(kind, num_negatives),
+        features=_mapped_features(kind, num_negatives, with_images),
         new_fingerprint=fingerprint,
         desc=desc,
         **map_kwargs,
@@ -564,7 +639,8 @@ def tokenize_dataset(
     )
 
     result = mapped if not dropped else mapped.select(kept, keep_in_memory=True)
-    result = result.select_columns(UNPAIRED_OUTPUT_COLUMNS if kind == "unpaired" else OUTPUT_COLUMNS)
+    columns = UNPAIRED_OUTPUT_COLUMNS if kind == "unpaired" else OUTPUT_COLUMNS
+    result = result.select_columns(columns + (["images"] if with_images else []))
     _log_stats(stats, settings, "rows" if kind == "unpaired" else "pairs")
     return TokenizedData(dataset=result, stats=stats, kind=kind, num_negatives=num_negatives, fingerprint=fingerprint)
 

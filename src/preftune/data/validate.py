@@ -27,6 +27,7 @@ rejected responses, or unpaired KTO rows):
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -280,7 +281,8 @@ def find_problems(loaded: LoadedData, settings: CheckSettings | None = None,
         "turn_order": lambda: _turn_order_problems(columns, loaded) if loaded.is_conversational else [],
         "prompt_too_long": lambda: _long_prompts(columns, settings) if _can_count_tokens(settings) else [],
         "duplicate": lambda: _duplicates(prompts, responses,
-                                         table.column("label").to_pylist() if loaded.kind == "unpaired" else None),
+                                         table.column("label").to_pylist() if loaded.kind == "unpaired" else None,
+                                         _image_keys(table)),
     }
     return {name: checks[name]() for name in rules if name in checks}
 
@@ -295,6 +297,8 @@ def write_clean(checked: CheckedData, path: str | Path) -> int:
 
     def output_row(row: dict) -> dict:
         extras = {name: row[name] for name in TEMPLATE_INPUT_COLUMNS if row.get(name) is not None}
+        if row.get("images"):
+            extras["images"] = [_image_path(entry, row) for entry in row["images"]]
         return {name: row[name] for name in columns} | extras
 
     kept = (output_row(row) for position, row in enumerate(checked.loaded.dataset) if position not in checked.flagged)
@@ -304,6 +308,14 @@ def write_clean(checked: CheckedData, path: str | Path) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # Rules on rows that were read (each returns positions in loaded.dataset)
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _image_path(entry: dict, row: dict) -> str:
+    """The (absolute) path an image was read from; an image held as bytes has none to write (DataError)."""
+    if entry.get("bytes") or not entry.get("path"):
+        raise DataError("cannot write an image held in memory (bytes or a PIL image) to JSON Lines; save the images "
+                        "as files and give their paths", row=row.get("row"), field="images")
+    return entry["path"]
 
 
 def _text(response: Any) -> str:
@@ -474,11 +486,22 @@ def _long_prompts(columns: dict, settings: CheckSettings) -> list[int]:
     return found
 
 
-def _duplicates(prompts: list[str], responses: list[list[str]], labels: list | None) -> list[int]:
-    """Positions of rows equal (prompt, responses in order, and label) to an earlier row."""
+def _image_keys(table: pa.Table) -> list | None:
+    """One key per row for its images (each image's path, or a hash of its bytes), or None without images: rows
+    with the same text and other images are not duplicates."""
+    if "images" not in table.column_names:
+        return None
+    return [tuple(entry["path"] if not entry.get("bytes") else hashlib.sha256(entry["bytes"]).hexdigest()
+                  for entry in entries or []) for entries in table.column("images").to_pylist()]
+
+
+def _duplicates(prompts: list[str], responses: list[list[str]], labels: list | None,
+                images: list | None = None) -> list[int]:
+    """Positions of rows equal (prompt, responses in order, label, and images) to an earlier row."""
     seen: set = set()
     found = []
-    keys = zip(prompts, map(tuple, responses), labels if labels is not None else [None] * len(prompts))
+    none = [None] * len(prompts)
+    keys = zip(prompts, map(tuple, responses), labels if labels is not None else none, images or none)
     for position, key in enumerate(keys):
         if key in seen:
             found.append(position)

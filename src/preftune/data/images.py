@@ -1,0 +1,249 @@
+"""Images in preference rows: reading them, where they sit in the prompt, and their model inputs in a batch.
+
+A canonical row with images (``preftune.data.formats``) has an ``images`` column: a list of ``{"bytes", "path"}``
+entries (``datasets.Image(decode=False)``'s storage: a path on disk, or the encoded file's bytes), and its prompt
+marks where each image goes with the placeholder ``<image>`` in a message's text (LLaMA-Factory's convention; TRL's
+``{"type": "image"}`` content parts are read into it). Tokenization (``preftune.data.tokenize``) turns the
+placeholders back into content parts for the processor's chat template, which expands each image into its image
+tokens. Collation (``ImageInputs``) gives the forward the pixel values of every row's images, in row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import datasets
+import torch
+
+from preftune.errors import DataError
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_COLUMNS = ("images", "image")
+IMAGE_FEATURE = datasets.List(datasets.Image(decode=False))
+
+
+def is_processor(processing_class: Any) -> bool:
+    """Whether ``processing_class`` is a transformers processor (``ProcessorMixin``: a tokenizer and an image
+    processor), rather than a tokenizer alone."""
+    from transformers import ProcessorMixin
+
+    return isinstance(processing_class, ProcessorMixin)
+
+
+def text_tokenizer(processing_class: Any) -> Any:
+    """The tokenizer of a processor, or ``processing_class`` itself when it is a tokenizer."""
+    return processing_class.tokenizer if is_processor(processing_class) else processing_class
+
+
+def image_token_id(processor: Any) -> int:
+    """The id of the token each image is expanded into (``<|image_pad|>`` for Qwen-VL, ``<image>`` for LLaVA)."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(token_id)
+
+
+# ------------------------------------------------------------------------------------------------ reading images
+
+
+def row_images(record: dict, column: str | None, base_dir: str | None) -> list[dict]:
+    """The images of a raw row as ``{"bytes", "path"}`` entries, each opened once with PIL to check it.
+
+    ``column`` names the row's images column (None: ``images``, else ``image``). A value is a list of images or
+    one image; an image is a path (relative ones resolve against ``base_dir``, else the working directory), the
+    file's bytes, a ``{"bytes", "path"}`` mapping (a ``datasets`` Image column read undecoded) or a PIL image (a
+    decoded Image column; stored as PNG bytes). Empty values (None, "", []) mean no image.
+
+    Raises:
+        DataError: an image that is missing, unreadable or of another type (field: the column; the caller adds the
+            file and row).
+    """
+    names = [column] if column else list(IMAGE_COLUMNS)
+    for name in names:
+        value = record.get(name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        items = [item for item in items if not _is_empty(item)]
+        if items:
+            return [_image_entry(item, name, index, base_dir) for index, item in enumerate(items)]
+    return []
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, bytes, dict, list, tuple)) and not value) or (
+        isinstance(value, dict) and not value.get("bytes") and not value.get("path"))
+
+
+def _image_entry(item: Any, field: str, index: int, base_dir: str | None) -> dict:
+    from PIL import Image
+
+    where = f"image {index}"
+    if isinstance(item, Image.Image):
+        buffer = io.BytesIO()
+        item.save(buffer, format="PNG")
+        entry = {"bytes": buffer.getvalue(), "path": None}
+    elif isinstance(item, (bytes, bytearray)):
+        entry = {"bytes": bytes(item), "path": None}
+    elif isinstance(item, dict) and (item.get("bytes") or item.get("path")):
+        entry = {"bytes": item.get("bytes") or None, "path": item.get("path") or None}
+        if entry["bytes"] is None:
+            entry["path"] = _resolved(entry["path"], base_dir)
+    elif isinstance(item, str):
+        entry = {"bytes": None, "path": _resolved(item, base_dir)}
+    else:
+        raise DataError(f"{where} is {type(item).__name__}; expected a file path, the file's bytes or a PIL image",
+                        field=field)
+    if entry["bytes"] is None and not os.path.isfile(entry["path"]):
+        raise DataError(f"{where}: file not found: {entry['path']}", field=field)
+    try:
+        load_image(entry)
+    except Exception as error:  # noqa: BLE001 - PIL raises several types for a file that is not an image
+        raise DataError(f"{where} ({entry['path'] or 'bytes'}) cannot be read as an image ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})", field=field) from None
+    return entry
+
+
+def _resolved(path: str, base_dir: str | None) -> str:
+    candidate = Path(os.path.expanduser(path))
+    if not candidate.is_absolute() and base_dir:
+        candidate = Path(base_dir) / candidate
+    return str(candidate.absolute())
+
+
+def load_image(entry: dict) -> Any:
+    """The PIL image (RGB) of a ``{"bytes", "path"}`` entry."""
+    from PIL import Image
+
+    source = io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"]
+    with Image.open(source) as image:
+        return image.convert("RGB")
+
+
+def image_files_signature(entries_per_row: Sequence[Sequence[dict] | None]) -> str:
+    """sha256 of the path, size and modification time of every image stored by path (images stored as bytes are in
+    the data already), so that a cache keyed by the data sees an image file replaced under the same name."""
+    hasher = hashlib.sha256()
+    for entries in entries_per_row:
+        for entry in entries or []:
+            path = entry.get("path") if not entry.get("bytes") else None
+            if path:
+                stat = os.stat(path) if os.path.exists(path) else None
+                hasher.update(f"{path}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
+    return hasher.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- placeholders and parts
+
+
+def content_as_text(content: Any) -> Any:
+    """Message content as text: TRL's content parts joined, each ``{"type": "image"}`` part as ``<image>``; other
+    content unchanged."""
+    if not isinstance(content, list):
+        return content
+    pieces = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image":
+            pieces.append(IMAGE_PLACEHOLDER)
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            return content  # not content parts: left for the message checks to name
+    return "".join(pieces)
+
+
+def messages_as_text(value: Any) -> Any:
+    """A message list with every content-part list as text (``content_as_text``); other values unchanged."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return [{**m, "content": content_as_text(m["content"])} if "content" in m else m for m in value]
+    if isinstance(value, list):  # several rejected responses: a list of message lists
+        return [messages_as_text(item) for item in value]
+    return value
+
+
+def count_placeholders(messages: list[dict]) -> int:
+    return sum(m.get("content", "").count(IMAGE_PLACEHOLDER) for m in messages if isinstance(m.get("content"), str))
+
+
+def placed_in_prompt(prompt: list[dict], num_images: int) -> list[dict]:
+    """The prompt with its ``num_images`` images placed: as marked by ``<image>`` placeholders, or, when it has
+    none, all before the first user message's text (TRL's rule, ``prepare_multimodal_messages``).
+
+    Raises:
+        DataError: the prompt marks another number of images than the row has (field ``images``).
+    """
+    marked = count_placeholders(prompt)
+    if marked == 0:
+        first_user = next(i for i, m in enumerate(prompt) if m["role"] == "user")
+        prompt = [dict(m) for m in prompt]
+        prompt[first_user]["content"] = IMAGE_PLACEHOLDER * num_images + prompt[first_user]["content"]
+    elif marked != num_images:
+        raise DataError(f"the row has {num_images} images but its prompt marks {marked} ({IMAGE_PLACEHOLDER} "
+                        "placeholders or image parts); expected one per image", field="images")
+    return prompt
+
+
+def as_content_parts(messages: list[dict]) -> list[dict]:
+    """Messages for a processor's chat template: every text content as parts, each ``<image>`` as an image part
+    (TRL's structured form)."""
+    structured = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, str):
+            structured.append(message)
+            continue
+        parts: list[dict] = []
+        for index, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+            if index:
+                parts.append({"type": "image"})
+            if text:
+                parts.append({"type": "text", "text": text})
+        structured.append({**message, "content": parts})
+    return structured
+
+
+# -------------------------------------------------------------------------------------------- batch inputs
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """The forward's image inputs for a batch whose rows carry ``images``: the image processor's outputs for every
+    row's images in row order (``pixel_values``, and ``image_grid_thw`` for Qwen-VL), plus ``mm_token_type_ids``
+    (1 on image tokens) for models whose processor returns it (Qwen-VL's multimodal RoPE needs it)."""
+
+    image_processor: Any
+    image_token_id: int
+    token_type_key: str | None = None
+
+    @classmethod
+    def of(cls, processing_class: Any) -> "ImageInputs | None":
+        """The image inputs of a processor; None for a tokenizer."""
+        if not is_processor(processing_class) or getattr(processing_class, "image_processor", None) is None:
+            return None
+        token_type_key = "mm_token_type_ids" if getattr(processing_class, "return_mm_token_type_ids", False) else None
+        return cls(processing_class.image_processor, image_token_id(processing_class), token_type_key)
+
+    def __call__(self, row_images: Sequence[Sequence[dict]], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``row_images[r]``: the images of row r of ``input_ids`` (R rows), in the order of its image tokens."""
+        images = [load_image(entry) for entries in row_images for entry in entries]
+        inputs: dict[str, torch.Tensor] = {}
+        if images:
+            processed = self.image_processor(images=images, return_tensors="pt")
+            inputs = {key: value for key, value in processed.items() if isinstance(value, torch.Tensor)}
+        if self.token_type_key is not None:
+            inputs[self.token_type_key] = (input_ids == self.image_token_id).long()
+        return inputs
+
+    def wrap(self, collate: Callable[..., Any]) -> Callable[..., Any]:
+        """``collate`` (the plain layout's) with these inputs added to each batch it makes (``model_inputs``)."""
+
+        def collate_with_images(examples: Sequence[dict], **kwargs: Any) -> Any:
+            batch = collate(examples, **kwargs)
+            per_row = [list(example.get("images") or []) for example in examples] * batch.num_completions
+            batch.model_inputs = self(per_row, batch.input_ids)
+            return batch
+
+        return collate_with_images
