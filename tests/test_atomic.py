@@ -115,3 +115,10 @@ def test_a_full_model_save_removes_the_shards_of_an_earlier_save(tmp_path):
     assert not {"model-00001-of-00003.safetensors", "model.safetensors.index.json",
                 "adapter_model.safetensors"} & set(_entries(output))
     assert _entries(tmp_path) == ["final"]
+
+
+def test_finite_json_replaces_non_finite_floats_at_any_depth():
+    value = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf"), "d": "nan"}], "e": (2, float("nan"))}
+    cleaned = atomic.finite_json(value)
+    assert cleaned == {"a": None, "b": [1.5, None, {"c": None, "d": "nan"}], "e": [2, None]}
+    json.loads(json.dumps(cleaned, allow_nan=False))  # strict JSON

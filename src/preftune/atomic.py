@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import shutil
 import uuid
@@ -85,6 +86,18 @@ def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2, e
                default: Callable[[Any], Any] | None = None) -> None:
     """Write ``value`` as one JSON document (UTF-8; non-ASCII text written as itself by default) atomically."""
     write_text(path, json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, default=default))
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth of dicts, lists and tuples, replaced by None (JSON has no
+    NaN or Infinity; ``json.dumps`` would write them as bare words other readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> int:

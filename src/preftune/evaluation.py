@@ -315,24 +315,13 @@ def write_eval_results(results: dict[str, Any], output_dir: str | Path, *, plot:
     """``eval_results.json`` (atomically) and, with ``plot``, ``eval_results.png``; returns the paths written."""
     output_dir = Path(output_dir)
     path = output_dir / "eval_results.json"
-    atomic.write_json(path, _json_clean(results), default=str)
+    atomic.write_json(path, atomic.finite_json(results), default=str)
     written = [path]
     if plot:
         png = plot_eval_results(results, output_dir / "eval_results.png")
         if png is not None:
             written.append(png)
     return written
-
-
-def _json_clean(value: Any) -> Any:
-    """Non-finite floats become None (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_clean(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_clean(item) for item in value]
-    return value
 
 
 def plot_eval_results(results: dict[str, Any], path: Path) -> Path | None:

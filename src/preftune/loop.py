@@ -184,7 +184,7 @@ def run_loop(config: DPOConfig, *, callbacks: Sequence[Any] | None = None, progr
         files.folder.mkdir(parents=True, exist_ok=True)
         policy = plan.initial_model if index == 1 else str(round_files(output_dir, index - 1).model)
         metrics = run_round(plan, files, policy, callbacks=callbacks, progress=progress)
-        atomic.write_json(files.metrics, _json_clean(metrics))
+        atomic.write_json(files.metrics, atomic.finite_json(metrics))
         rounds.append(metrics)
         write_summary(plan, rounds)
     return write_summary(plan, rounds)
@@ -352,7 +352,7 @@ def write_summary(plan: LoopPlan, rounds: list[dict[str, Any]]) -> dict[str, Any
     output_dir = Path(plan.config.output_dir)
     summary = {"rounds_planned": plan.settings.rounds, "rounds_done": len(rounds), "loop": plan.settings.to_dict(),
                "rounds": rounds, "config": plan.config.to_dict()}
-    summary = _json_clean(summary)
+    summary = atomic.finite_json(summary)
     atomic.write_json(output_dir / "summary.json", summary, default=str)
     plot_summary(rounds, output_dir / "summary.png")
     return summary
@@ -411,12 +411,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise DataError(f"cannot read ({error})", file=str(path)) from None
 
 
-def _json_clean(value: Any) -> Any:
-    """Non-finite floats become None (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_clean(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_clean(item) for item in value]
-    return value
