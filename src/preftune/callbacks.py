@@ -14,11 +14,13 @@ built here with a one-line error when a tracker is not installed.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterable
 
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
+from preftune.config import interval_to_steps
 from preftune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -127,3 +129,14 @@ def finish_trackers(handler: CallbackHandler) -> None:
         if backend is not None and getattr(callback, "_initialized", False):
             backend.finish()
             callback._initialized = False
+
+
+def set_schedule(state: TrainerState, args: Any, total_steps: int, steps_per_epoch: int | None) -> None:
+    """The run's length and intervals in whole steps, where the schedule callback reads them (as in transformers'
+    ``TrainerState``)."""
+    state.max_steps = total_steps
+    state.num_train_epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else 1
+    state.logging_steps = interval_to_steps(args.logging_steps, total_steps)
+    state.eval_steps = interval_to_steps(args.resolved_eval_steps, total_steps)
+    state.save_steps = interval_to_steps(args.save_steps, total_steps)
+    state.train_batch_size = args.per_device_train_batch_size

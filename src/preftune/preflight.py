@@ -346,6 +346,18 @@ def check_resume_fingerprint(saved: dict[str, Any] | None, current: dict[str, An
     )
 
 
+def check_writable(output_dir: Path) -> None:
+    """Create ``output_dir`` and write and remove a probe file in it: ConfigError (key ``output_dir``) now, not at
+    the first checkpoint hours later."""
+    probe = output_dir / f".preftune-write-test-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output_dir {output_dir} is not writable: {error}", key="output_dir") from error
+
+
 def start_fresh_run(output_dir: Path, run_id: str) -> None:
     """A run that does not resume takes ``output_dir`` over: ``run.json`` names it, and an earlier run's top-level
     outputs (``RUN_OUTPUT_FILES``) are removed now rather than when this run first overwrites each (its checkpoints

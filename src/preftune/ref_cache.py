@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from preftune import atomic
 from preftune.data.collate import PreferenceBatch, completions_of
+from preftune.data.pipeline import default_cache_dir
 from preftune.errors import ConfigError, DataError
-from preftune.logprobs import chosen_and_rejected
+from preftune.logprobs import chosen_and_rejected, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +313,35 @@ def attach_reference_logps(dataset: datasets.Dataset, values: Tensor) -> dataset
         feature=datasets.List(datasets.Value("float32")),
         new_fingerprint=fingerprint,
     )
+
+
+def score_into_column(tokenized: Any, reference: Any, split: str, *, args: Any, accelerator: Any,
+                      options: dict[str, Any], collate_fn: Callable, pad_token_id: int) -> dict[str, Any]:
+    """Score ``tokenized``'s rows (a ``TokenizedData``: ``.dataset``) with ``reference`` (or read them from the cache
+    under ``$PREFTUNE_CACHE``) and attach them as the ``ref_logps`` column in place; returns where the values are
+    cached and whether the cache was reused. ``options``: the run's log-prob options; the cache key holds everything
+    besides the weights and the tokens that changes the values."""
+    model_config = getattr(unwrap_model(reference.model), "config", None)
+    key_parts = {
+        "reference": reference.fingerprint(),
+        "model_config": model_config.to_json_string() if model_config is not None else None,
+        "mixed_precision": accelerator.mixed_precision,
+        "ld_alpha": args.ld_alpha,
+        "chunked_lm_head": args.chunked_lm_head,
+    }
+
+    def score(batch: PreferenceBatch) -> Tensor:
+        with accelerator.autocast():
+            return reference.completion_logps(batch, **options)
+
+    result = precompute_reference_logps(
+        score, tokenized.dataset, collate_fn=collate_fn, pad_token_id=pad_token_id,
+        batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size,
+        cache_dir=default_cache_dir().parent / "reference", key_parts=key_parts, desc=f"Reference log-probs ({split})",
+        device=accelerator.device, overwrite=args.overwrite_cache and accelerator.is_local_main_process,  # others reuse it
+    )
+    tokenized.dataset = attach_reference_logps(tokenized.dataset, result.values)
+    return {"cache_file": str(result.path), "reused": result.reused}
 
 
 class PrecomputedReference:

@@ -7,8 +7,8 @@ accumulate gradients over micro-batches, clip, step, then log, evaluate and save
 says (``preftune.callbacks``: the schedule is the first callback; transformers' callbacks and trackers follow).
 What depends on how the processes share the work (one process, DDP, FSDP2, DeepSpeed ZeRO) is the run's
 ``Parallelism`` (``preftune.parallel``); the models: ``preftune.model_setup``; one micro-batch's loss:
-``preftune.objective``; checkpoints: ``preftune.training_state``; the data: ``preftune.training_data``; what a run
-reports: ``preftune.summary``.
+``preftune.objective``; optimizer and schedule: ``preftune.optim``; evaluation: ``preftune.eval_loop``; checkpoints:
+``preftune.training_state``; the data: ``preftune.training_data``; what a run reports: ``preftune.summary``.
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import EvalPrediction, get_scheduler
 
 from preftune.adapters import is_peft_model, load_trainable_weights, merge_and_save, save_trainable_weights
 from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows
@@ -35,20 +32,21 @@ from preftune.callbacks import (
     TrainerControl,
     TrainerState,
     build_callback_handler,
+    set_schedule,
     finish_trackers,
     strategy_name,
 )
 from preftune.checkpoint import claim_output_dir, new_run_id, restore_rng_states
-from preftune.config import DPOConfig, interval_to_steps
+from preftune.config import DPOConfig
 from preftune.cpu_memory import keep_freed_memory
-from preftune.data.collate import PreferenceBatch
 from preftune.data.images import ImageInputs, text_tokenizer
 from preftune.layout import collate_for
-from preftune.data.pipeline import default_cache_dir, eval_key
+from preftune.data.pipeline import eval_key
 from preftune.errors import ConfigError, PreftuneError
-from preftune.logprobs import unwrap_model
+from preftune.eval_loop import computed_metrics, mean_metrics, track_best_metric
+from preftune.hub import push_folder
 from preftune.losses import LossParams
-from preftune.metrics import MetricAccumulator, ReplicaRecorder, RunRecorder, RunTotals
+from preftune.metrics import ReplicaRecorder, RunRecorder, RunTotals
 from preftune.model_setup import (
     check_supported,
     load_processing_class,
@@ -57,13 +55,15 @@ from preftune.model_setup import (
     set_up_models,
 )
 from preftune.objective import BatchLoss, build_objective, logprob_options
+from preftune.optim import build_adamw, build_scheduler
 from preftune.parallel import build_parallelism
 from preftune.parallel.launch import build_accelerator
-from preftune.preflight import run_fingerprint, run_preflight_checks, start_fresh_run
-from preftune.ref_cache import PrecomputedReference, attach_reference_logps, precompute_reference_logps
+from preftune.preflight import check_writable, run_fingerprint, run_preflight_checks, start_fresh_run
+from preftune.ref_cache import PrecomputedReference, score_into_column
 from preftune.reference import AdapterDisabledReference, Reference, UntouchedPolicyReference, sync_reference
 from preftune.summary import run_summary, train_end_record, training_record
 from preftune.training_data import (
+    total_training_steps,
     check_data_fits_loss,
     check_stream,
     is_stream,
@@ -257,21 +257,9 @@ class DPOTrainer:
 
         Raises ConfigError when the Hub cannot be reached (offline mode or no network), in one line.
         """
-        from huggingface_hub import HfApi, constants
-
         folder = Path(self.args.output_dir)
-        repo_id = self.args.hub_model_id or folder.name
-        if constants.HF_HUB_OFFLINE:
-            raise ConfigError(f"push_to_hub: the Hugging Face Hub is not reachable (HF_HUB_OFFLINE is set); the model "
-                              f"stays in {folder}", key="push_to_hub")
-        try:
-            api = HfApi(token=self.args.hub_token)
-            api.create_repo(repo_id, private=bool(self.args.hub_private_repo), exist_ok=True)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
-        except Exception as error:  # network and authentication errors alike: one line, the files stay local
-            text = str(error).strip().splitlines()
-            raise ConfigError(f"push_to_hub to {repo_id} failed ({type(error).__name__}: "
-                              f"{text[0] if text else ''}); the model stays in {folder}", key="push_to_hub") from None
+        return push_folder(folder, self.args.hub_model_id or folder.name, token=self.args.hub_token,
+                           private=bool(self.args.hub_private_repo), commit_message=commit_message)
 
     # ----------------------------------------------------------------- setup
     def _setup_models(self, model: nn.Module | str, ref_model: nn.Module | str | None, peft_config: Any,
@@ -302,32 +290,12 @@ class DPOTrainer:
         gc.collect()
 
     def _attach_reference_logps(self, tokenized: Any, reference: Reference, split: str) -> dict[str, Any]:
-        """Score ``tokenized``'s rows with ``reference`` (or read them from the cache) and attach them as the
-        ``ref_logps`` column in place; returns where the values are cached and whether the cache was reused."""
-        options = self._logprob_options
-        model_config = getattr(unwrap_model(reference.model), "config", None)
-        key_parts = {  # everything besides the weights and the tokens that changes the values
-            "reference": reference.fingerprint(),
-            "model_config": model_config.to_json_string() if model_config is not None else None,
-            "mixed_precision": self.accelerator.mixed_precision,
-            "ld_alpha": self.args.ld_alpha,
-            "chunked_lm_head": self.args.chunked_lm_head,
-        }
-        collate = collate_for(self.layout.prefix_sharing, shared_attention=self.layout.shared_attention)
-        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-
-        def score(batch: PreferenceBatch) -> torch.Tensor:
-            with self.accelerator.autocast():
-                return reference.completion_logps(batch, **options)
-
-        result = precompute_reference_logps(
-            score, tokenized.dataset, collate_fn=collate, pad_token_id=self.tokenizer.pad_token_id,
-            batch_size=batch_size, cache_dir=default_cache_dir().parent / "reference", key_parts=key_parts,
-            desc=f"Reference log-probs ({split})", device=self.accelerator.device,
-            overwrite=self.args.overwrite_cache and self.accelerator.is_local_main_process,  # others reuse it
+        """``ref_cache.score_into_column`` with this run's layout, precision and log-prob options."""
+        return score_into_column(
+            tokenized, reference, split, args=self.args, accelerator=self.accelerator, options=self._logprob_options,
+            collate_fn=collate_for(self.layout.prefix_sharing, shared_attention=self.layout.shared_attention),
+            pad_token_id=self.tokenizer.pad_token_id,
         )
-        tokenized.dataset = attach_reference_logps(tokenized.dataset, result.values)
-        return {"cache_file": str(result.path), "reused": result.reused}
 
     def _reference_for_new_data(self) -> Reference:
         """The reference to score data that arrives after set-up (``evaluate(eval_dataset=...)``) when its log-probs
@@ -356,51 +324,15 @@ class DPOTrainer:
         parameters, without weight decay on biases and normalisation weights (as transformers' Trainer). ``train()``
         calls it after the policy is sharded (FSDP)."""
         if self.optimizer is None:
-            self.optimizer = self._adamw(self.model)
+            self.optimizer = build_adamw(self.model, self.args)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         """``self.lr_scheduler``, made when there is none (transformers' name): ``lr_scheduler_type`` with its
         warm-up over ``num_training_steps``."""
         if self.lr_scheduler is None:
-            args = self.args
-            self.lr_scheduler = get_scheduler(
-                args.lr_scheduler_type, optimizer if optimizer is not None else self.optimizer,
-                num_warmup_steps=args.resolved_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
-                scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
-            )
+            self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.args, num_training_steps)
         return self.lr_scheduler
-
-    def _adamw(self, model: nn.Module) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for name, parameter in model.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-        groups = [  # no empty group: DeepSpeed's ZeRO-3 drops them, and the schedule must see the same groups
-            group
-            for group in ({"params": decay, "weight_decay": self.args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if group["params"]
-        ]
-        settings = dict(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
-        if self.args.optim == "adamw_torch_fused":
-            try:
-                return torch.optim.AdamW(groups, fused=True, **settings)
-            except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel
-                logger.warning("fused AdamW unavailable (%s); using the default implementation", error)
-        return torch.optim.AdamW(groups, **settings)
-
-    def _total_steps(self, windows: PlannedWindows | StreamingWindows) -> tuple[int, int | None]:
-        """``(total optimizer steps, steps per epoch)``; a stream has no steps per epoch (None)."""
-        if windows.streaming:
-            return self.args.max_steps, None
-        per_epoch = windows.steps_per_epoch()
-        if per_epoch == 0:
-            raise ConfigError(f"{windows.num_rows} training pairs do not fill one batch of "
-                              f"{self.args.per_device_train_batch_size}", key="per_device_train_batch_size")
-        if self.args.max_steps > 0:
-            return self.args.max_steps, per_epoch
-        return max(1, math.ceil(self.args.num_train_epochs * per_epoch)), per_epoch
 
     # ------------------------------------------------------------------ loop
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
@@ -418,8 +350,8 @@ class DPOTrainer:
         self._prepare_output_dir(resuming=resume is not None)
         windows = self._windows = training_windows(self.args, self.tokenizer, self.data, self.stream, self.batch_maker,
                                                    self.world_size)
-        total_steps, steps_per_epoch = self._total_steps(windows)
-        self._set_schedule(total_steps, steps_per_epoch)
+        total_steps, steps_per_epoch = total_training_steps(self.args, windows)
+        set_schedule(self.state, self.args, total_steps, steps_per_epoch)
 
         saved = self._read_resume_checkpoint(resume) if resume is not None else None  # weights into the whole model
         self.parallelism.prepare_models(self.model, self.reference)  # e.g. sharded: before the optimizer takes them
@@ -548,17 +480,6 @@ class DPOTrainer:
             return self.args.disable_tqdm
         return logging.getLogger().getEffectiveLevel() > logging.WARNING
 
-    def _set_schedule(self, total_steps: int, steps_per_epoch: int | None) -> None:
-        """The run's length and intervals in whole steps, where the schedule callback reads them (as in
-        transformers' ``TrainerState``)."""
-        args, state = self.args, self.state
-        state.max_steps = total_steps
-        state.num_train_epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else 1
-        state.logging_steps = interval_to_steps(args.logging_steps, total_steps)
-        state.eval_steps = interval_to_steps(args.resolved_eval_steps, total_steps)
-        state.save_steps = interval_to_steps(args.save_steps, total_steps)
-        state.train_batch_size = args.per_device_train_batch_size
-
     def _training_record(self, run: RunTotals, grad_norm: float, learning_rate: float, elapsed: float) -> dict:
         """``summary.training_record``, with ``num_input_tokens_seen`` unless ``include_num_input_tokens_seen: no``."""
         record = training_record(run, grad_norm, learning_rate, elapsed)
@@ -655,7 +576,7 @@ class DPOTrainer:
         for name, data in self.data.eval_sets.items():
             metrics.update(self._evaluate_one(model, data.dataset, eval_key(name)))
         run.last_eval_step = self.state.global_step
-        improved = self._track_best_metric(metrics)
+        improved = track_best_metric(self.args, self.state, metrics)
         if improved and strategy_name(self.args.save_strategy) == "best":  # transformers' "best": save what improved
             self.control.should_save = True
 
@@ -667,25 +588,17 @@ class DPOTrainer:
         was_training = model.training
         model.eval()
         forward_model = self.parallelism.unwrap(model)  # no DDP collectives in a forward without backward
-        accumulator = MetricAccumulator()
         start = time.perf_counter()
-        batches = self.batch_maker.batches(dataset, self.args.per_device_eval_batch_size, shuffle_seed=None, drop_last=False)
-        results = []
-        for lazy, weight in self.parallelism.share(batches):  # each process its contiguous share
-            if not weight and not self.parallelism.lockstep_forwards:
-                continue  # a stand-in runs only where each forward gathers parameters from every process
+
+        def score(lazy: LazyBatch, counted: bool) -> BatchLoss:
             with self.accelerator.autocast():
-                result = self.batch_loss(forward_model, lazy, counted=weight > 0)
-            if weight:
-                rewards = None if result.rewards is None else result.rewards.float().cpu().numpy()
-                results.append((result.sums, rewards))
-        # every process gets all results, in batch order
-        results = [entry for results_of_rank in self.parallelism.gather(results) for entry in results_of_rank]
-        for sums, _ in results:
-            accumulator.add(sums)
+                return self.batch_loss(forward_model, lazy, counted=counted)
+
+        means, rewards = mean_metrics(score, dataset, batch_maker=self.batch_maker, parallelism=self.parallelism,
+                                      batch_size=self.args.per_device_eval_batch_size)
         model.train(was_training)
-        metrics = {f"{prefix}_{key}": value for key, value in accumulator.means().items()}
-        metrics.update(self._computed_metrics([rewards for _, rewards in results], prefix))
+        metrics = {f"{prefix}_{key}": value for key, value in means.items()}
+        metrics.update(computed_metrics(self.compute_metrics, rewards, prefix))
         metrics[f"{prefix}_runtime"] = time.perf_counter() - start
         self.log(metrics)
         shown = [key for key in ("loss", "rewards/accuracies", "rewards/margins", "kl") if f"{prefix}_{key}" in metrics]
@@ -693,37 +606,6 @@ class DPOTrainer:
                     ", ".join(f"{key} {metrics[f'{prefix}_{key}']:.4g}" for key in shown))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
-
-    def _computed_metrics(self, rewards: list, prefix: str) -> dict[str, float]:
-        """``compute_metrics`` on the eval set's rewards ``(pairs, 1 + negatives)`` (chosen first), with label 0
-        (the chosen column is preferred) for every pair; its keys get the metric prefix."""
-        if self.compute_metrics is None or not rewards or any(r is None for r in rewards):
-            return {}
-        predictions = np.concatenate(rewards)
-        labels = np.zeros(len(predictions), dtype=np.int64)
-        computed = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels)) or {}
-        return {key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": value for key, value in computed.items()}
-
-    def _track_best_metric(self, metrics: dict[str, float]) -> bool:
-        """``metric_for_best_model``: the best value so far and its step (``state.best_metric``,
-        ``state.best_global_step``), higher or lower is better by ``greater_is_better`` (default: lower for names
-        ending in "loss", as transformers). Returns whether this evaluation improved on the best."""
-        name = self.args.metric_for_best_model
-        if not name:
-            if not self.args.load_best_model_at_end:
-                return False
-            name = "loss"
-        key = name if name.startswith("eval_") else f"eval_{name}"
-        if key not in metrics:
-            raise ConfigError(f"metric_for_best_model {name!r} is not among the eval metrics "
-                              f"({', '.join(sorted(metrics))})", key="metric_for_best_model")
-        greater = self.args.greater_is_better
-        greater = (not name.endswith("loss")) if greater is None else greater
-        value, best = metrics[key], self.state.best_metric
-        if best is None or (value > best if greater else value < best):
-            self.state.best_metric, self.state.best_global_step = value, self.state.global_step
-            return True
-        return False
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: load the weights of the best checkpoint (by ``metric_for_best_model``)."""
@@ -743,13 +625,7 @@ class DPOTrainer:
                 key="overwrite_output_dir",
             )
         self.accelerator.wait_for_everyone()  # every process has looked before any writes its probe
-        probe = output_dir / f".preftune-write-test-{os.getpid()}"
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as error:
-            raise ConfigError(f"output_dir {output_dir} is not writable: {error}", key="output_dir") from error
+        check_writable(output_dir)
         # This run's identity (preftune.checkpoint): a fresh run takes output_dir over; a resume keeps the id of its
         # checkpoint (``_read_resume_checkpoint``), after its fingerprint is compared with this one.
         self.run_id, self.fingerprint = new_run_id(), run_fingerprint(self.args, model=self.model, data=self.data)

@@ -5,6 +5,7 @@ trains on (planned over the tokenized set, or read from the stream as it trains)
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 from preftune.batches import BatchMaker, PlannedWindows, StreamingWindows
@@ -108,3 +109,17 @@ def training_windows(args: Any, tokenizer: Any, data: PreparedData, stream: Any,
     return PlannedWindows(data.train.dataset, batch_maker, batch_size=batch_size, per_step=per_step,
                           seed=args.data_seed if args.data_seed is not None else args.seed,
                           drop_last=args.dataloader_drop_last, max_tokens=args.max_tokens_per_batch)
+
+
+def total_training_steps(args: Any, windows: PlannedWindows | StreamingWindows) -> tuple[int, int | None]:
+    """``(total optimizer steps, steps per epoch)``: ``max_steps`` when set, else ``num_train_epochs`` epochs; a
+    stream has no steps per epoch (None). ConfigError when the data does not fill one batch."""
+    if windows.streaming:
+        return args.max_steps, None
+    per_epoch = windows.steps_per_epoch()
+    if per_epoch == 0:
+        raise ConfigError(f"{windows.num_rows} training pairs do not fill one batch of "
+                          f"{args.per_device_train_batch_size}", key="per_device_train_batch_size")
+    if args.max_steps > 0:
+        return args.max_steps, per_epoch
+    return max(1, math.ceil(args.num_train_epochs * per_epoch)), per_epoch
