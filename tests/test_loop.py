@@ -123,7 +123,7 @@ def test_loop_overrides_set_keys_of_the_loop_section(tmp_path, capsys):
     config = tmp_path / "loop.yaml"
     config.write_text(f"loop:\n  prompts: {tmp_path}/prompts.jsonl\n  judge: preftune.judges:sentiment_word_score\n",
                       encoding="utf-8")
-    from preftune.cli import load_loop_config
+    from preftune.loop import load_loop_config
 
     loaded = load_loop_config(str(config), ["loop.rounds=4", "beta=0.3"])
     assert loaded.loop["rounds"] == 4 and loaded.beta == 0.3

@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _loop(args: argparse.Namespace) -> int:
     """Iterative DPO; the config (loop section, prompts files, judge) is checked before any model loads."""
-    from preftune.loop import check_loop, run_loop
+    from preftune.loop import check_loop, load_loop_config, run_loop
 
     config = load_loop_config(args.config, args.overrides)
     check_loop(config)
@@ -76,20 +76,6 @@ def _loop(args: argparse.Namespace) -> int:
         print(line)
     print(f"summary in {config.output_dir}/summary.json")
     return 0
-
-
-def load_loop_config(path: str, overrides: list[str]):
-    """The config with ``key=value`` overrides; ``loop.<key>=value`` ones set keys of the loop section."""
-    from preftune.config import load_config, parse_overrides
-    from preftune.loop_config import LoopConfig
-
-    loop_items = [item for item in overrides if item.startswith("loop.")]
-    config = load_config(path, [item for item in overrides if not item.startswith("loop.")])
-    if not loop_items:
-        return config
-    section = dict(config.loop or {})
-    section.update({key[len("loop."):]: value for key, value in parse_overrides(loop_items).items()})
-    return config.model_copy(update={"loop": LoopConfig.from_mapping(section, file=path).to_dict()})
 
 
 def _quickstart(args: argparse.Namespace) -> int:

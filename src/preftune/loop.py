@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from preftune import atomic
-from preftune.config import DPOConfig
+from preftune.config import DPOConfig, load_config, parse_overrides
 from preftune.errors import ConfigError, DataError
 from preftune.loop_config import LoopConfig
 
@@ -393,6 +393,17 @@ def plot_summary(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     save_figure(figure, path)
     plt.close(figure)
     return path
+
+
+def load_loop_config(path: str, overrides: Sequence[str]) -> DPOConfig:
+    """The config with ``key=value`` overrides; ``loop.<key>=value`` ones set keys of the loop section."""
+    loop_items = [item for item in overrides if item.startswith("loop.")]
+    config = load_config(path, [item for item in overrides if not item.startswith("loop.")])
+    if not loop_items:
+        return config
+    section = dict(config.loop or {})
+    section.update({key[len("loop."):]: value for key, value in parse_overrides(loop_items).items()})
+    return config.model_copy(update={"loop": LoopConfig.from_mapping(section, file=path).to_dict()})
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
