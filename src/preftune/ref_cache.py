@@ -338,7 +338,8 @@ def score_into_column(tokenized: Any, reference: Any, split: str, *, args: Any, 
         score, tokenized.dataset, collate_fn=collate_fn, pad_token_id=pad_token_id,
         batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size,
         cache_dir=default_cache_dir().parent / "reference", key_parts=key_parts, desc=f"Reference log-probs ({split})",
-        device=accelerator.device, overwrite=args.overwrite_cache and accelerator.is_local_main_process,  # others reuse it
+        device=accelerator.device,
+        overwrite=args.overwrite_cache and accelerator.is_local_main_process,  # the other processes reuse it
     )
     tokenized.dataset = attach_reference_logps(tokenized.dataset, result.values)
     return {"cache_file": str(result.path), "reused": result.reused}

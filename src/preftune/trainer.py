@@ -272,7 +272,8 @@ class DPOTrainer:
         self.model, self.reference, self.layout = setup.model, setup.reference, setup.layout
         self.router_aux_loss_coef = setup.router_aux_loss_coef  # TRL's attributes
         self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
-        self._flop_parameters, self._initial_reference_is_policy = setup.flop_parameters, setup.reference_is_initial_policy
+        self._flop_parameters = setup.flop_parameters
+        self._initial_reference_is_policy = setup.reference_is_initial_policy
         self._logprob_options = logprob_options(self.args, self.parallelism.holds_whole_output_layer)
         self.objective = build_objective(self.args, self.loss_params, self.accelerator, self._logprob_options,
                                          self.router_aux_loss_coef)
@@ -331,7 +332,8 @@ class DPOTrainer:
         """``self.lr_scheduler``, made when there is none (transformers' name): ``lr_scheduler_type`` with its
         warm-up over ``num_training_steps``."""
         if self.lr_scheduler is None:
-            self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.args, num_training_steps)
+            optimizer = self.optimizer if optimizer is None else optimizer
+            self.lr_scheduler = build_scheduler(optimizer, self.args, num_training_steps)
         return self.lr_scheduler
 
     # ------------------------------------------------------------------ loop
