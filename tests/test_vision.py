@@ -59,14 +59,22 @@ def trl_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def processor():
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+def gpt2_tokenizer_with(*special_tokens: str):
+    """The shared GPT-2 tokenizer with a model family's special tokens added; padding with EOS."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"))
-    tokenizer.add_special_tokens({"additional_special_tokens": [
-        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    tokenizer = gpt2_tokenizer_with("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+                                    "<|im_start|>", "<|im_end|>")
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 84)
     return image_only_processor(Qwen2VLProcessor, image_processor, tokenizer, chat_template=TEMPLATE)
 
@@ -114,11 +122,9 @@ LLAVA_TEMPLATE = (  # turns end on a newline: tokens never merge across the prom
 
 @pytest.fixture(scope="module")
 def llava_processor():
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = gpt2_tokenizer_with("<image>")
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                           vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
@@ -142,12 +148,10 @@ def tiny_llava(processor, seed: int):
 @pytest.fixture(scope="module")
 def qwen3_vl_processor():
     """Qwen3-VL's processor (16-pixel patches) over the same tokenizer and chat template as the Qwen2-VL one."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLProcessor
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"))
-    tokenizer.add_special_tokens({"additional_special_tokens": [
-        "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]})
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = gpt2_tokenizer_with("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+                                    "<|im_start|>", "<|im_end|>")
     image_processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 96, patch_size=16)
     return image_only_processor(Qwen3VLProcessor, image_processor, tokenizer, chat_template=TEMPLATE)
 

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, completions_of
 
 SHARED_ROW_OVERHEAD_TOKENS = 64
-"""Fixed cost of one completion of one shared row, in tokens of position-wise work (measured, docs/layouts.md)."""
+"""Fixed cost of one completion of one shared row, in tokens of position-wise work: an estimate from the per-call
+cost, not yet fitted (docs/layouts.md)."""
 
 DENSE_MASK_MAX_ELEMENTS = 1 << 24
 """Largest dense shared-prefix mask (B·T² booleans, 16 Mi: 16 MiB bool, 64 MiB once made additive float) the auto
