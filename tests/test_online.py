@@ -4,6 +4,7 @@ stories260K."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -219,3 +220,72 @@ def test_steps_change_the_policy_not_the_reference_and_are_reproducible(stories_
     assert changed
     for name, value in runs[0][1].items():
         assert torch.equal(value, runs[1][1][name]), name
+
+
+# ------------------------------------------------------------------------------------------ `preftune loop` online
+def online_loop_config(tmp_path, model_dir, output="out", **loop):
+    from test_loop import OPENINGS, loop_config
+
+    assert len(OPENINGS) >= 8
+    settings = {"online": True, "rounds": 2, "prompts_per_round": 4, "steps_per_round": 2, "max_new_tokens": 8,
+                **loop}
+    return loop_config(tmp_path, model_dir, output, **settings)
+
+
+def test_online_settings_are_checked_before_any_model_loads(tmp_path, monkeypatch):
+    import preftune.models
+    from preftune.config import DPOConfig
+    from preftune.errors import ConfigError
+    from preftune.loop import check_loop
+
+    monkeypatch.setattr(preftune.models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError) as caught:
+        DPOConfig(loop={"prompts": "p.jsonl", "judge": "m:f", "missing_eos_penalty": 1.0})
+    assert caught.value.key == "loop.missing_eos_penalty"
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"prompt": "p", "response_a": "x", "response_b": "y", "winner": "c"}\n', encoding="utf-8")
+    from preftune.errors import DataError
+
+    with pytest.raises(DataError, match="winner"):  # a labels file is read when the loop is checked
+        check_loop(online_loop_config(tmp_path, tmp_path, judge=str(labels)))
+    with pytest.raises(ConfigError) as caught:  # and is no judge of an iterative loop
+        check_loop(online_loop_config(tmp_path, tmp_path, judge=str(labels), online=False))
+    assert caught.value.key == "loop.judge"
+
+
+@pytest.mark.slow
+def test_online_rounds_train_step_by_step_and_a_rerun_skips_finished_rounds(stories_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from preftune.judges import sentiment_word_score
+    from preftune.loop import run_loop
+
+    summary = run_loop(online_loop_config(tmp_path, stories_model_dir, missing_eos_penalty=0.5), progress=False)
+    out = tmp_path / "out"
+    assert summary["rounds_done"] == 2 and [r["mode"] for r in summary["rounds"]] == ["online", "online"]
+    for index in (1, 2):
+        steps = [json.loads(line) for line in (out / f"round-{index}" / "online.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == [1, 2]
+        for step in steps:
+            assert len(step["records"]) == 2 and math.isfinite(step["loss"])
+            for record in step["records"]:  # the judge's score, the penalty, TRL's order
+                expected = [score - (0.0 if stopped else 0.5) for score, stopped in
+                            zip(sentiment_word_score([""] * 2, record["completions"]), record["stopped"])]
+                assert record["scores"] == pytest.approx(expected)
+                assert record["chosen"] == (0 if expected[0] >= expected[1] else 1)
+        metrics = json.loads((out / f"round-{index}" / "metrics.json").read_text())
+        assert metrics["train"]["global_step"] == 2 and metrics["pairs"] == 4
+    initial = load_file(str(stories_model_dir / "model.safetensors"))
+    round_one = load_file(str(out / "round-1" / "model" / "model.safetensors"))
+    assert any(not torch.equal(round_one[name], initial[name]) for name in round_one)
+    round_two = (out / "round-2" / "metrics.json").read_text()
+    assert json.loads(round_two)["policy"] == str(out / "round-1" / "model")
+
+    (out / "round-2" / "metrics.json").unlink()  # round 2 interrupted: it runs again, to the same weights
+    expected = load_file(str(out / "round-2" / "model" / "model.safetensors"))
+    round_one_metrics = (out / "round-1" / "metrics.json").read_text()
+    run_loop(online_loop_config(tmp_path, stories_model_dir, missing_eos_penalty=0.5), progress=False)
+    assert (out / "round-1" / "metrics.json").read_text() == round_one_metrics
+    again = load_file(str(out / "round-2" / "model" / "model.safetensors"))
+    for name, value in expected.items():
+        assert torch.equal(again[name], value), name

@@ -1,5 +1,9 @@
 """Iterative DPO (`preftune loop`): rounds of sample → judge → pairs → DPO → evaluate, each from the last round's model.
 
+With `loop.online: true` a round is online DPO instead (`run_online_round`, `preftune.online`): each optimizer
+step samples two responses per prompt of its batch from the current policy, judges them and takes the DPO step;
+the round writes `online.jsonl` (per step) and `model/`, then evaluates as below.
+
 Round K (1-based) of `run_loop(config)` works in `output_dir/round-K/`:
 
 1. `candidates.jsonl`: `loop.num_samples` responses per prompt of the round's prompts, sampled from the round's
@@ -116,7 +120,7 @@ def check_loop(config: DPOConfig) -> LoopPlan:
     for key, (refuse, reason) in refused.items():
         if refuse:
             raise ConfigError(reason, key=key, file=file)
-    _check_judge_spec(settings.judge, file)
+    _check_judge_spec(settings.judge, file, labels_allowed=settings.online)
     prompts = read_prompts(_existing(settings.prompts, "loop.prompts", file))
     eval_prompts = None
     if settings.eval_prompts is not None:
@@ -130,12 +134,16 @@ def _existing(path: str, key: str, file: str | None) -> str:
     return path
 
 
-def _check_judge_spec(spec: str, file: str | None) -> None:
+def _check_judge_spec(spec: str, file: str | None, *, labels_allowed: bool = False) -> None:
     """A reward-model directory must hold a config.json; a function spec is imported now (cheap, and a typo is
-    named before any model loads)."""
-    from preftune.judges import load_judge
+    named before any model loads); with `labels_allowed` (online DPO) a `.jsonl`/`.json` pairwise-labels file is
+    read now."""
+    from preftune.judges import PairwiseLabels, load_judge
 
     path = Path(spec)
+    if labels_allowed and path.is_file() and path.suffix in (".jsonl", ".json"):
+        PairwiseLabels.from_file(path)
+        return
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"'{spec}' has no config.json; expected a reward-model directory or "
@@ -196,6 +204,8 @@ def run_round(plan: LoopPlan, files: RoundFiles, policy: str, *, callbacks: Sequ
     from preftune.judges import load_judge, pairs_from_candidates, score_candidates
 
     settings, index = plan.settings, files.index
+    if settings.online:
+        return run_online_round(plan, files, policy, progress=progress)
     rows = sample_round(plan, files, policy, progress=progress)
     judge = load_judge(settings.judge, device=_device(plan.config))
     scores = score_candidates(judge, rows)
@@ -312,6 +322,92 @@ def _model_finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+# ---------------------------------------------------------------------------------------------- online rounds
+def online_steps(plan: LoopPlan, index: int) -> int:
+    """Optimizer steps of an online round: `loop.steps_per_round`, else `max_steps` (> 0), else enough batches of
+    `per_device_train_batch_size × gradient_accumulation_steps` prompts for `num_train_epochs` passes."""
+    config = plan.config
+    if plan.settings.steps_per_round is not None:
+        return plan.settings.steps_per_round
+    if config.max_steps > 0:
+        return config.max_steps
+    prompts = len(plan.round_prompts[index - 1])
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    return max(1, math.ceil(prompts * config.num_train_epochs / per_step))
+
+
+def run_online_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress: bool = True) -> dict[str, Any]:
+    """An online-DPO round (`preftune.online`): `online_steps` steps from `policy`, each sampling two responses per
+    prompt of its batch (the round's prompts in order, cycled; seeds keyed by step and prompt id), judging them
+    and taking the DPO step. Writes `online.jsonl` (one line per step: metrics and each prompt's responses,
+    scores and choice) and the model to `files.model`; then evaluates as an iterative round does. An interrupted
+    online round runs again from its start (the same samples: they are seeded)."""
+    import torch
+
+    from preftune.generation import append_candidates
+    from preftune.losses import LossParams
+    from preftune.models import disable_dropout, load_causal_lm, load_tokenizer
+    from preftune.online import OnlineDPO, resolve_judge, run_online
+    from preftune.optim import build_adamw, build_scheduler
+
+    settings, index = plan.settings, files.index
+    config = round_training_config(plan, files, policy)
+    device = _device(config)
+    tokenizer = load_tokenizer(str(config.tokenizer_name_or_path), key="model_name_or_path")
+    torch.manual_seed(config.seed)
+    model = load_causal_lm(policy, key="model_name_or_path").to(device)
+    reference = None
+    if config.ref_model_name_or_path:
+        reference = load_causal_lm(config.ref_model_name_or_path, key="ref_model_name_or_path").to(device)
+    if config.disable_dropout:
+        for loaded in (model, reference):
+            if loaded is not None:
+                disable_dropout(loaded)
+    judge = resolve_judge(settings.judge, device=device)
+    steps = online_steps(plan, index)
+    optimizer = build_adamw(model, config)
+    trainer = OnlineDPO(model, tokenizer, judge, loss=LossParams.from_config(config),
+                        sampling=round_sampling(plan, index), reference=reference, optimizer=optimizer,
+                        scheduler=build_scheduler(optimizer, config, steps),
+                        missing_eos_penalty=settings.missing_eos_penalty, max_length=config.max_length,
+                        max_grad_norm=config.max_grad_norm, template=config.template)
+    log = files.folder / "online.jsonl"
+    log.unlink(missing_ok=True)  # a round interrupted earlier starts again from its first step
+    records: list[dict[str, Any]] = []
+
+    def write_step(step: int, result) -> None:
+        records.extend(result.records)
+        append_candidates(log, [atomic.finite_json({"step": step, **result.metrics, "records": result.records})])
+        if progress:
+            logger.info("round %d step %d/%d: loss %.4f", index, step, steps, result.metrics.get("loss", float("nan")))
+
+    history = run_online(trainer, plan.round_prompts[index - 1], steps, batch_size=config.per_device_train_batch_size,
+                         accumulation=config.gradient_accumulation_steps, on_step=write_step)
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    atomic.write_folder(files.model, save)
+    return {"round": index, "policy": policy, "mode": "online", **online_round_metrics(records, history),
+            **evaluate_round(plan, config, files, judge, progress=progress)}
+
+
+def online_round_metrics(records: list[dict[str, Any]], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """An online round's counts, the mean score of its samples (scoring judges) and its training summary."""
+    pairs = [record["scores"] for record in records if record["scores"] is not None]
+    flat = [score for pair in pairs for score in pair]
+    losses = [row["loss"] for row in history if "loss" in row]
+    return {
+        "prompts": len(records), "responses": 2 * len(records),
+        "sample_reward": {"mean": math.fsum(flat) / len(flat),
+                          "per_prompt_best": math.fsum(max(pair) for pair in pairs) / len(pairs)} if pairs else None,
+        "pairs": sum(record["chosen"] is not None for record in records), "ties_skipped": 0,
+        "train": {"global_step": len(history), "train_loss": math.fsum(losses) / len(losses) if losses else None,
+                  "last_step": {key: value for key, value in history[-1].items() if key != "step"} if history else {}},
+    }
+
+
 def evaluate_round(plan: LoopPlan, round_config: DPOConfig, files: RoundFiles, judge: Any, *,
                    progress: bool = True) -> dict[str, Any]:
     """`{"eval_pairs": ...}` (held-out pairs, when the config has `eval_dataset`) and `{"eval_generation": ...}`
@@ -375,7 +471,9 @@ def plot_summary(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     has_kl = all(g.get("kl") for g in generation)
     figure, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(9 if has_kl else 5, 3.5), squeeze=False)
     reward = axes[0][0]
-    reward.plot(xs, [r["sample_reward"]["mean"] for r in rounds], "o-", label="round samples (before training)")
+    if all(r.get("sample_reward") for r in rounds):  # none with a pairwise judge
+        reward.plot(xs, [r["sample_reward"]["mean"] for r in rounds], "o-", label="round samples (while training)"
+                    if rounds[0].get("mode") == "online" else "round samples (before training)")
     if all(g.get("reward") for g in generation):
         reward.errorbar(xs, [g["reward"]["policy"]["mean"] for g in generation],
                         yerr=[g["reward"]["policy"].get("stderr") or 0 for g in generation], fmt="s-",

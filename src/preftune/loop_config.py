@@ -1,4 +1,4 @@
-"""The `loop:` section of a config: the settings of iterative DPO (`preftune loop`, `preftune.loop.run_loop`).
+"""The `loop:` section of a config: the settings of iterative and online DPO (`preftune loop`, `preftune.loop.run_loop`).
 
 `LoopConfig.from_mapping` checks every key and value and raises ConfigError naming the key as `loop.<key>`. The
 section is a plain mapping in `DPOConfig.loop` (validated by this module when the config is built); the rest of the
@@ -58,6 +58,13 @@ class LoopConfig:
         "Prompts for each round's sampled evaluation against the initial model (judge reward, win rate, KL); "
         "`null`: none."))
     eval_num_samples: int = field(default=2, metadata=_doc("Responses per evaluation prompt and model."))
+    online: bool = field(default=False, metadata=_doc(
+        "Online DPO (TRL's OnlineDPOTrainer): each round trains step by step, every step sampling two responses per "
+        "prompt of its batch from the current policy, judging them and taking one DPO step on the pair; "
+        "`num_samples`, `pair_mode` and `min_gap` are not used, `judge` may also be a pairwise-labels file."))
+    missing_eos_penalty: float | None = field(default=None, metadata=_doc(
+        "With `online`: subtracted from the score of a response that ran to `max_new_tokens` without a stop token "
+        "(scoring judges only); `null`: none."))
 
     @classmethod
     def from_mapping(cls, data: Any, *, file: str | None = None) -> LoopConfig:
@@ -101,6 +108,9 @@ class LoopConfig:
         need(self.reference in REFERENCE_MODES, "reference", " or ".join(REFERENCE_MODES))
         need(self.eval_prompts is None or _is_text(self.eval_prompts), "eval_prompts", "a prompts file path or null")
         need(_is_int(self.eval_num_samples) and self.eval_num_samples >= 1, "eval_num_samples", "an integer >= 1")
+        need(isinstance(self.online, bool), "online", "true or false")
+        need(self.missing_eos_penalty is None or _is_number(self.missing_eos_penalty) and self.online,
+             "missing_eos_penalty", "a number with online: true, or null")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
