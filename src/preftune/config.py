@@ -1230,7 +1230,7 @@ class DPOConfig(BaseModel):
     # ---- Iterative DPO (preftune loop)
     loop: dict[str, Any] | None = _field(
         None,
-        "Iterative DPO settings read by `preftune loop` (a mapping of the `loop.*` keys below); `preftune train` "
+        "Iterative or online DPO settings read by `preftune loop` (a mapping of the `loop.*` keys below); `preftune train` "
         "ignores it.",
     )
 
