@@ -251,6 +251,11 @@ def test_online_settings_are_checked_before_any_model_loads(tmp_path, monkeypatc
     with pytest.raises(ConfigError) as caught:  # and is no judge of an iterative loop
         check_loop(online_loop_config(tmp_path, tmp_path, judge=str(labels), online=False))
     assert caught.value.key == "loop.judge"
+    for update, key in (({"loss_type": "kto"}, "loss_type"), ({"use_weighting": True}, "use_weighting"),
+                        ({"precompute_ref_log_probs": True}, "precompute_ref_log_probs")):
+        with pytest.raises(ConfigError) as caught:
+            check_loop(online_loop_config(tmp_path, tmp_path).model_copy(update=update))
+        assert caught.value.key == key
 
 
 @pytest.mark.slow

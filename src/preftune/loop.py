@@ -117,6 +117,8 @@ def check_loop(config: DPOConfig) -> LoopPlan:
         "sync_ref_model": (config.sync_ref_model, "the loop sets each round's reference (loop.reference); remove "
                            "sync_ref_model"),
     }
+    if settings.online:
+        refused.update(online_refusals(config))
     for key, (refuse, reason) in refused.items():
         if refuse:
             raise ConfigError(reason, key=key, file=file)
@@ -126,6 +128,19 @@ def check_loop(config: DPOConfig) -> LoopPlan:
     if settings.eval_prompts is not None:
         eval_prompts = [prompt for _, prompt in read_prompts(_existing(settings.eval_prompts, "loop.eval_prompts", file))]
     return LoopPlan(config, settings, _split_prompts(prompts, settings, file), eval_prompts)
+
+
+def online_refusals(config: DPOConfig) -> dict[str, tuple[bool, str]]:
+    """What online rounds cannot run with: {key: (refused, reason)}."""
+    from preftune.losses import LossParams
+
+    params = LossParams.from_config(config)
+    return {
+        "loss_type": (params.is_unpaired, "online DPO trains on pairs; kto is unpaired"),
+        "use_weighting": (config.use_weighting, "not supported with loop.online: WPO weighting"),
+        "precompute_ref_log_probs": (config.precompute_ref_log_probs, "online DPO samples new responses every step; "
+                                     "their reference log-probs cannot be precomputed"),
+    }
 
 
 def _existing(path: str, key: str, file: str | None) -> str:
