@@ -218,3 +218,38 @@ def test_a_loop_killed_mid_round_and_at_a_round_boundary_resumes_to_the_same_wei
         resumed = weights(tmp_path / run / "round-2" / "model")
         for name, value in expected.items():
             assert torch.equal(resumed[name], value), (run, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["initial", "previous"])
+def test_lora_rounds_train_an_adapter_each_and_start_from_the_merged_model(stories_model_dir, tmp_path, reference):
+    """Round 2's first logged step is taken before any update, with the policy = round 1's merged model: its DPO
+    rewards are 0 exactly when the reference is that same model (previous: the adapter-disabled base) and not 0
+    when it is the initial model."""
+    from preftune.adapters import export_merged
+
+    config = loop_config(tmp_path, stories_model_dir, reference=reference, steps_per_round=2).model_copy(update={
+        "finetuning_type": "lora", "lora_rank": 4, "learning_rate": 5e-2})
+    summary = run_loop(config, progress=False)
+    out = tmp_path / "out"
+    assert summary["rounds_done"] == 2
+    for index in (1, 2):
+        model = out / f"round-{index}" / "model"
+        assert (model / "adapter_model.safetensors").is_file() and not (model / "model.safetensors").exists()
+        assert (out / f"round-{index}" / "merged" / "model.safetensors").is_file()
+    initial, merged = load_file(str(stories_model_dir / "model.safetensors")), weights(out / "round-1" / "merged")
+    assert any(not torch.equal(merged[name], initial[name]) for name in initial)
+    export_merged(out / "round-1" / "model", tmp_path / "again", base_model=str(stories_model_dir))
+    for name, value in weights(tmp_path / "again").items():  # merged onto the round's starting model
+        assert torch.equal(merged[name], value), name
+
+    round_two = json.loads((out / "round-2" / "model" / "summary.json").read_text())
+    assert round_two["config"]["model_name_or_path"] == str(out / "round-1" / "merged")
+    expected_reference = str(stories_model_dir) if reference == "initial" else None
+    assert round_two["config"]["ref_model_name_or_path"] == expected_reference
+    log = json.loads((out / "round-2" / "model" / "log_history.json").read_text())
+    first = next(row for row in log if "rewards/chosen" in row and row["step"] == 1)
+    if reference == "previous":
+        assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    else:
+        assert first["rewards/chosen"] != 0.0 or first["rewards/rejected"] != 0.0

@@ -13,7 +13,11 @@ Round K (1-based) of `run_loop(config)` works in `output_dir/round-K/`:
    (`preftune.judges.pairs_from_candidates`).
 3. `model/`: DPO on the pairs with the config's training settings (any loss), for `loop.steps_per_round` steps
    (or the config's `max_steps` / `num_train_epochs`), starting from the round's starting policy; the reference is
-   the initial model (`loop.reference: initial`) or the round's starting policy (`previous`).
+   the initial model (`loop.reference: initial`) or the round's starting policy (`previous`). With
+   `finetuning_type: lora`, `model/` holds the round's adapter (trained fresh on the round's starting model) and
+   `merged/` the starting model with it merged in: the next round's policy. The reference is then the
+   adapter-disabled starting model where that is the reference asked for (`previous`, and `initial` in round 1),
+   else the initial model loaded as a separate reference.
 4. `metrics.json`: the mean judge score of the round's samples, pair counts, the training loss, the held-out pair
    metrics (the config's `eval_dataset`) and, with `loop.eval_prompts`, the sampled evaluation against the initial
    model (`preftune.evaluation.evaluate_generations`: judge reward, win rate, KL). Written last: a round with a
@@ -68,6 +72,11 @@ class RoundFiles:
         return self.folder / "model"
 
     @property
+    def merged(self) -> Path:
+        """With LoRA: the round's starting model with the round's adapter merged in (the next round's policy)."""
+        return self.folder / "merged"
+
+    @property
     def metrics(self) -> Path:
         return self.folder / ROUND_COMPLETE
 
@@ -93,6 +102,14 @@ class LoopPlan:
     def initial_reference(self) -> str:
         return str(self.config.ref_model_name_or_path or self.config.model_name_or_path)
 
+    @property
+    def lora(self) -> bool:
+        return self.config.finetuning_type == "lora"
+
+    def trained_policy(self, files: RoundFiles) -> Path:
+        """The full model a finished round leaves: its training output, or with LoRA the merged model."""
+        return files.merged if self.lora else files.model
+
 
 # ---------------------------------------------------------------------------------------------------------- checks
 def check_loop(config: DPOConfig) -> LoopPlan:
@@ -110,9 +127,8 @@ def check_loop(config: DPOConfig) -> LoopPlan:
         "dataset": (config.dataset is not None, "the loop builds each round's pairs itself; remove dataset"),
         "resume_from_checkpoint": (config.resume_from_checkpoint is not None,
                                    "the loop resumes by itself when run again; remove resume_from_checkpoint"),
-        "finetuning_type": (config.finetuning_type == "lora",
-                            "not supported yet: finetuning_type lora in preftune loop (each round starts from a full "
-                            "model); use full or freeze"),
+        "finetuning_type": (config.finetuning_type == "lora" and settings.online,
+                            "not supported yet: finetuning_type lora with loop.online; use full or freeze"),
         "nproc": ((config.nproc or 1) > 1, "not supported yet: preftune loop runs in one process"),
         "sync_ref_model": (config.sync_ref_model, "the loop sets each round's reference (loop.reference); remove "
                            "sync_ref_model"),
@@ -205,7 +221,7 @@ def run_loop(config: DPOConfig, *, callbacks: Sequence[Any] | None = None, progr
             rounds.append(_read_json(files.metrics))
             continue
         files.folder.mkdir(parents=True, exist_ok=True)
-        policy = plan.initial_model if index == 1 else str(round_files(output_dir, index - 1).model)
+        policy = plan.initial_model if index == 1 else str(plan.trained_policy(round_files(output_dir, index - 1)))
         metrics = run_round(plan, files, policy, callbacks=callbacks, progress=progress)
         atomic.write_json(files.metrics, atomic.finite_json(metrics))
         rounds.append(metrics)
@@ -239,6 +255,10 @@ def run_round(plan: LoopPlan, files: RoundFiles, policy: str, *, callbacks: Sequ
     }
     round_config = round_training_config(plan, files, policy)
     metrics["train"] = train_round(round_config, files, callbacks=callbacks)
+    if plan.lora and not (files.merged / "model.safetensors").is_file():
+        from preftune.adapters import export_merged
+
+        export_merged(files.model, files.merged, base_model=policy)
     metrics.update(evaluate_round(plan, round_config, files, judge, progress=progress))
     return metrics
 
@@ -303,6 +323,8 @@ def round_training_config(plan: LoopPlan, files: RoundFiles, policy: str) -> DPO
     config = plan.config
     needs_reference = LossParams.from_config(config).needs_reference
     reference = (plan.initial_reference if plan.settings.reference == "initial" else policy) if needs_reference else None
+    if plan.lora and reference == policy and not config.ref_model_name_or_path:
+        reference = None  # the adapter-disabled policy is the round's starting model: no second copy
     updates: dict[str, Any] = {
         "model_name_or_path": policy, "ref_model_name_or_path": reference, "dataset": str(files.pairs),
         "dataset_dir": None, "output_dir": str(files.model), "loop": None, "do_train": True,
@@ -334,7 +356,8 @@ def train_round(config: DPOConfig, files: RoundFiles, *, callbacks: Sequence[Any
 
 
 def _model_finished(folder: Path) -> bool:
-    return (folder / "summary.json").is_file() and (folder / "model.safetensors").is_file()
+    weights = ("model.safetensors", "adapter_model.safetensors")
+    return (folder / "summary.json").is_file() and any((folder / name).is_file() for name in weights)
 
 
 # ---------------------------------------------------------------------------------------------- online rounds
@@ -429,14 +452,19 @@ def evaluate_round(plan: LoopPlan, round_config: DPOConfig, files: RoundFiles, j
     (with `loop.eval_prompts`: sampled from the round's model and the initial model, judged, KL to the initial
     model) for the round's finished model."""
     from preftune.evaluation import evaluate_generations
+    from preftune.losses import LossParams
     from preftune.models import load_causal_lm, load_tokenizer
 
     results: dict[str, Any] = {}
     if plan.config.eval_dataset:
         from preftune.trainer import DPOTrainer
 
+        reference = round_config.ref_model_name_or_path
+        if plan.lora and reference is None and LossParams.from_config(round_config).needs_reference:
+            reference = round_config.model_name_or_path  # what the adapter-disabled reference was
         eval_config = round_config.model_copy(update={
-            "model_name_or_path": str(files.model), "do_train": False, "dataset": None,
+            "model_name_or_path": str(plan.trained_policy(files)), "ref_model_name_or_path": reference,
+            "finetuning_type": "full", "do_train": False, "dataset": None,
             "output_dir": str(files.folder / "eval"), "precompute_ref_log_probs": False, "plot_loss": False})
         trainer = DPOTrainer(args=eval_config, eval_dataset=plan.config.eval_dataset)
         metrics = trainer.evaluate()
@@ -445,7 +473,7 @@ def evaluate_round(plan: LoopPlan, round_config: DPOConfig, files: RoundFiles, j
     if plan.eval_prompts:
         device = _device(plan.config)
         tokenizer = load_tokenizer(round_config.tokenizer_name_or_path or plan.initial_model, key="model_name_or_path")
-        policy = load_causal_lm(str(files.model), key="model_name_or_path").to(device)
+        policy = load_causal_lm(str(plan.trained_policy(files)), key="model_name_or_path").to(device)
         reference = load_causal_lm(plan.initial_model, key="model_name_or_path").to(device)
         settings = plan.settings
         params = round_sampling(plan, 1)  # the same seeds every round: rounds differ by their model only
