@@ -294,3 +294,47 @@ def test_online_rounds_train_step_by_step_and_a_rerun_skips_finished_rounds(stor
     again = load_file(str(out / "round-2" / "model" / "model.safetensors"))
     for name, value in expected.items():
         assert torch.equal(again[name], value), name
+
+
+# ------------------------------------------------------------------------------------- reward model, LoRA policy
+def test_a_reward_model_directory_orders_each_pair_by_its_logit(stories_model_dir, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    reward = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=0)).eval()
+    reward.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(stories_model_dir).save_pretrained(tmp_path / "rm")
+    rm_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    online = make_online(stories_model_dir, judge=str(tmp_path / "rm"))
+    prompts = PROMPTS + ["The cat"]
+    first, second = online.sample(prompts, ["a", "b", "c"])
+    step = online.pair_loss(prompts, first, second)
+    with torch.no_grad():  # each text alone: the logit of prompt + response
+        for record, prompt in zip(step.records, prompts):
+            logits = [reward(**rm_tokenizer(prompt + text, return_tensors="pt")).logits[0, 0].item()
+                      for text in record["completions"]]
+            assert record["scores"] == pytest.approx(logits, abs=1e-5)
+            assert record["chosen"] == (0 if record["scores"][0] >= record["scores"][1] else 1)
+
+
+def test_a_lora_policy_is_judged_against_its_adapter_disabled_base(stories_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = load_tokenizer(str(stories_model_dir))
+    base = load_causal_lm(str(stories_model_dir))
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    online = OnlineDPO(policy, tokenizer, letter_score, sampling=SamplingParams(max_new_tokens=8, seed=1),
+                       learning_rate=5e-2)
+    assert online.reference is None  # no copy: the adapter off is the reference
+    first, second = online.sample(PROMPTS, ["a", "b"])
+    start = online.pair_loss(PROMPTS, first, second)  # a fresh adapter (B = 0) is the base itself
+    assert start.metrics["objective/kl"] == 0.0 and start.metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    online.step(PROMPTS, ["0/a", "0/b"])
+    after = online.pair_loss(PROMPTS, first, second)
+    assert after.metrics["objective/kl"] != 0.0
+    for name, value in online.policy.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(value, before[name.replace(".base_layer", "")]), name
