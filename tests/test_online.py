@@ -338,3 +338,21 @@ def test_a_lora_policy_is_judged_against_its_adapter_disabled_base(stories_model
     for name, value in online.policy.get_base_model().named_parameters():
         if "lora_" not in name:
             assert torch.equal(value, before[name.replace(".base_layer", "")]), name
+
+
+@pytest.mark.slow
+def test_online_lora_rounds_save_the_adapter_and_continue_from_the_merged_model(stories_model_dir, tmp_path):
+    from preftune.loop import run_loop
+
+    config = online_loop_config(tmp_path, stories_model_dir, reference="previous", steps_per_round=1).model_copy(
+        update={"finetuning_type": "lora", "lora_rank": 4, "learning_rate": 5e-2})
+    summary = run_loop(config, progress=False)
+    out = tmp_path / "out"
+    assert summary["rounds_done"] == 2
+    for index in (1, 2):
+        assert (out / f"round-{index}" / "model" / "adapter_model.safetensors").is_file()
+        assert (out / f"round-{index}" / "merged" / "model.safetensors").is_file()
+    assert summary["rounds"][1]["policy"] == str(out / "round-1" / "merged")
+    steps = [json.loads(line) for line in (out / "round-2" / "online.jsonl").read_text().splitlines()]
+    assert steps[0]["objective/kl"] == 0.0  # previous: the adapter-disabled merged round-1 model is the reference
+

@@ -127,8 +127,6 @@ def check_loop(config: DPOConfig) -> LoopPlan:
         "dataset": (config.dataset is not None, "the loop builds each round's pairs itself; remove dataset"),
         "resume_from_checkpoint": (config.resume_from_checkpoint is not None,
                                    "the loop resumes by itself when run again; remove resume_from_checkpoint"),
-        "finetuning_type": (config.finetuning_type == "lora" and settings.online,
-                            "not supported yet: finetuning_type lora with loop.online; use full or freeze"),
         "nproc": ((config.nproc or 1) > 1, "not supported yet: preftune loop runs in one process"),
         "sync_ref_model": (config.sync_ref_model, "the loop sets each round's reference (loop.reference); remove "
                            "sync_ref_model"),
@@ -378,7 +376,8 @@ def run_online_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress
     """An online-DPO round (`preftune.online`): `online_steps` steps from `policy`, each sampling two responses per
     prompt of its batch (the round's prompts in order, cycled; seeds keyed by step and prompt id), judging them
     and taking the DPO step. Writes `online.jsonl` (one line per step: metrics and each prompt's responses,
-    scores and choice) and the model to `files.model`; then evaluates as an iterative round does. An interrupted
+    scores and choice) and the model to `files.model` (with LoRA: the adapter there, the merged model in
+    `files.merged`); then evaluates as an iterative round does. An interrupted
     online round runs again from its start (the same samples: they are seeded)."""
     import torch
 
@@ -401,6 +400,10 @@ def run_online_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress
         for loaded in (model, reference):
             if loaded is not None:
                 disable_dropout(loaded)
+    if plan.lora:  # a fresh adapter; without a reference model given, the adapter-disabled model is the reference
+        from preftune.adapters import apply_lora, lora_config_from_args
+
+        model = apply_lora(model, lora_config_from_args(config))
     judge = resolve_judge(settings.judge, device=device)
     steps = online_steps(plan, index)
     optimizer = build_adamw(model, config)
@@ -426,7 +429,11 @@ def run_online_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
-    atomic.write_folder(files.model, save)
+    atomic.write_folder(files.model, save)  # with LoRA: the adapter
+    if plan.lora:
+        from preftune.adapters import merge_and_save
+
+        merge_and_save(model, tokenizer, files.merged)
     return {"round": index, "policy": policy, "mode": "online", **online_round_metrics(records, history),
             **evaluate_round(plan, config, files, judge, progress=progress)}
 
