@@ -286,14 +286,57 @@ def test_online_rounds_train_step_by_step_and_a_rerun_skips_finished_rounds(stor
     round_two = (out / "round-2" / "metrics.json").read_text()
     assert json.loads(round_two)["policy"] == str(out / "round-1" / "model")
 
-    (out / "round-2" / "metrics.json").unlink()  # round 2 interrupted: it runs again, to the same weights
-    expected = load_file(str(out / "round-2" / "model" / "model.safetensors"))
-    round_one_metrics = (out / "round-1" / "metrics.json").read_text()
+    # killed while evaluating round 2: its training is not repeated; round 1 is skipped
+    (out / "round-2" / "metrics.json").unlink()
+    trained = (out / "round-2" / "model" / "model.safetensors").stat().st_mtime_ns
+    round_one_metrics, round_two_log = [(out / f"round-{k}" / name).read_text() for k, name in
+                                        ((1, "metrics.json"), (2, "online.jsonl"))]
     run_loop(online_loop_config(tmp_path, stories_model_dir, missing_eos_penalty=0.5), progress=False)
     assert (out / "round-1" / "metrics.json").read_text() == round_one_metrics
-    again = load_file(str(out / "round-2" / "model" / "model.safetensors"))
+    assert (out / "round-2" / "model" / "model.safetensors").stat().st_mtime_ns == trained
+    assert (out / "round-2" / "online.jsonl").read_text() == round_two_log
+    assert json.loads((out / "round-2" / "metrics.json").read_text())["train"] == json.loads(round_two)["train"]
+
+
+@pytest.mark.slow
+def test_an_online_round_killed_mid_way_resumes_from_its_checkpoint_to_the_same_weights(stories_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    import preftune.online
+    from preftune.loop import run_loop
+
+    def config(output):
+        return online_loop_config(tmp_path, stories_model_dir, output, rounds=1, steps_per_round=3)
+
+    run_loop(config("whole"), progress=False)
+    original = preftune.online.OnlineDPO.step
+    calls = []
+
+    def killed_at_step_three(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args, **kwargs)
+
+    preftune.online.OnlineDPO.step = killed_at_step_three
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_loop(config("killed"), progress=False)
+    finally:
+        preftune.online.OnlineDPO.step = original
+    folder = tmp_path / "killed" / "round-1"
+    assert json.loads((folder / "online-checkpoint" / "state.json").read_text())["step"] == 2
+    with open(folder / "online.jsonl", "a", encoding="utf-8") as log:
+        log.write('{"step": 3, "torn')  # a line cut by the kill
+    run_loop(config("killed"), progress=False)
+
+    assert not (folder / "online-checkpoint").exists()
+    whole = tmp_path / "whole" / "round-1"
+    assert (folder / "online.jsonl").read_text() == (whole / "online.jsonl").read_text()
+    expected = load_file(str(whole / "model" / "model.safetensors"))
+    resumed = load_file(str(folder / "model" / "model.safetensors"))
     for name, value in expected.items():
-        assert torch.equal(again[name], value), name
+        assert torch.equal(resumed[name], value), name
 
 
 # ------------------------------------------------------------------------------------- reward model, LoRA policy

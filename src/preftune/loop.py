@@ -377,18 +377,44 @@ def run_online_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress
     prompt of its batch (the round's prompts in order, cycled; seeds keyed by step and prompt id), judging them
     and taking the DPO step. Writes `online.jsonl` (one line per step: metrics and each prompt's responses,
     scores and choice) and the model to `files.model` (with LoRA: the adapter there, the merged model in
-    `files.merged`); then evaluates as an iterative round does. An interrupted
-    online round runs again from its start (the same samples: they are seeded)."""
+    `files.merged`); then evaluates as an iterative round does.
+
+    With `save_strategy: steps`, `online-checkpoint/` is replaced every `save_steps` steps; an interrupted round
+    continues after it (exactly: the samples are seeded by step and prompt), or from its first step without one.
+    A round whose training finished (its model written) is not trained again."""
+    from preftune.online import resolve_judge
+
+    settings, index = plan.settings, files.index
+    config = round_training_config(plan, files, policy)
+    log = files.folder / "online.jsonl"
+    trained = files.model.is_dir() and (not plan.lora or (files.merged / "model.safetensors").is_file())
+    if trained:
+        logger.info("round %d: online training finished earlier (%s)", index, files.model)
+        done = _online_log(log)
+        records = [record for row in done for record in row["records"]]
+        history = [{key: value for key, value in row.items() if key != "records"} for row in done]
+        judge = resolve_judge(settings.judge, device=_device(config))
+    else:
+        judge, records, history = train_online_round(plan, config, files, policy, progress=progress)
+    return {"round": index, "policy": policy, "mode": "online", **online_round_metrics(records, history),
+            **evaluate_round(plan, config, files, judge, progress=progress)}
+
+
+def train_online_round(plan: LoopPlan, config: DPOConfig, files: RoundFiles, policy: str, *, progress: bool = True
+                       ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train an online round's model (from its checkpoint when there is one): (the judge, every prompt's record,
+    every step's metrics)."""
+    import shutil
+
     import torch
 
     from preftune.generation import append_candidates
     from preftune.losses import LossParams
     from preftune.models import disable_dropout, load_causal_lm, load_tokenizer
-    from preftune.online import OnlineDPO, resolve_judge, run_online
+    from preftune.online import OnlineDPO, load_checkpoint, resolve_judge, run_online, save_checkpoint
     from preftune.optim import build_adamw, build_scheduler
 
     settings, index = plan.settings, files.index
-    config = round_training_config(plan, files, policy)
     device = _device(config)
     tokenizer = load_tokenizer(str(config.tokenizer_name_or_path), key="model_name_or_path")
     torch.manual_seed(config.seed)
@@ -412,18 +438,26 @@ def run_online_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress
                         scheduler=build_scheduler(optimizer, config, steps),
                         missing_eos_penalty=settings.missing_eos_penalty, max_length=config.max_length,
                         max_grad_norm=config.max_grad_norm, template=config.template)
-    log = files.folder / "online.jsonl"
-    log.unlink(missing_ok=True)  # a round interrupted earlier starts again from its first step
-    records: list[dict[str, Any]] = []
+    log, checkpoint = files.folder / "online.jsonl", files.folder / "online-checkpoint"
+    start = load_checkpoint(trainer, checkpoint) if checkpoint.is_dir() else 0
+    if start:
+        logger.info("round %d: resuming online training after step %d (%s)", index, start, checkpoint)
+    done = [row for row in _online_log(log) if row["step"] <= start]
+    atomic.write_jsonl(log, done)  # steps after the checkpoint (or all, without one) are taken again
+    records = [record for row in done for record in row["records"]]
+    history = [{key: value for key, value in row.items() if key != "records"} for row in done]
+    every = config.save_steps if config.save_steps >= 1 else math.ceil(config.save_steps * steps)
 
     def write_step(step: int, result) -> None:
         records.extend(result.records)
         append_candidates(log, [atomic.finite_json({"step": step, **result.metrics, "records": result.records})])
+        if config.save_strategy == "steps" and step % every == 0 and step < steps:
+            save_checkpoint(trainer, checkpoint, step)
         if progress:
             logger.info("round %d step %d/%d: loss %.4f", index, step, steps, result.metrics.get("loss", float("nan")))
 
-    history = run_online(trainer, plan.round_prompts[index - 1], steps, batch_size=config.per_device_train_batch_size,
-                         accumulation=config.gradient_accumulation_steps, on_step=write_step)
+    history += run_online(trainer, plan.round_prompts[index - 1], steps, batch_size=config.per_device_train_batch_size,
+                          accumulation=config.gradient_accumulation_steps, on_step=write_step, start=start)
 
     def save(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
@@ -434,8 +468,23 @@ def run_online_round(plan: LoopPlan, files: RoundFiles, policy: str, *, progress
         from preftune.adapters import merge_and_save
 
         merge_and_save(model, tokenizer, files.merged)
-    return {"round": index, "policy": policy, "mode": "online", **online_round_metrics(records, history),
-            **evaluate_round(plan, config, files, judge, progress=progress)}
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return judge, records, history
+
+
+def _online_log(path: Path) -> list[dict[str, Any]]:
+    """The whole step lines of an online round's log (a line torn by a kill, and anything after it, dropped)."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
 
 
 def online_round_metrics(records: list[dict[str, Any]], history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -23,12 +23,15 @@ Each step's metrics carry TRL's names: `loss`, `objective/kl` (Σ log π − log
 (score − β·KL), `objective/scores` (mean score), `objective/scores_margin` (chosen − rejected score),
 `rewards/chosen|rejected|margins|accuracies`, `logps/chosen|rejected` and `val/contain_eos_token`, and `beta`.
 
-`OnlineDPO` holds the models, judge and optimizer (`step(prompts)`); `preftune.loop` runs it as `loop.online: true`.
+`OnlineDPO` holds the models, judge and optimizer (`step(prompts)`); `run_online` takes several steps;
+`save_checkpoint`/`load_checkpoint` write and restore what continuing needs; `preftune.loop` runs it as
+`loop.online: true`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +40,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from preftune.errors import ConfigError, DataError
+from preftune import atomic
+from preftune.errors import CheckpointError, ConfigError, DataError
 from preftune.generation import GeneratedSample, SamplingParams, iter_generate
 from preftune.judges import FunctionJudge, PairwiseLabels, load_judge
 from preftune.logprobs import token_logps
@@ -306,16 +310,61 @@ def batch_prompts(prompts: Sequence[tuple[str, Any]], step: int, size: int) -> l
 
 
 def run_online(trainer: OnlineDPO, prompts: Sequence[tuple[str, Any]], steps: int, *, batch_size: int,
-               accumulation: int = 1, on_step: Callable[[int, OnlineStep], None] | None = None) -> list[dict]:
-    """`steps` optimizer steps over `prompts` ((id, prompt) items, taken in order and cycled), `batch_size` prompts
-    per micro-batch; completion seeds are keyed by "step/prompt_id". Returns each step's metrics (`step`: 1-based);
+               accumulation: int = 1, on_step: Callable[[int, OnlineStep], None] | None = None,
+               start: int = 0) -> list[dict]:
+    """Optimizer steps `start + 1` .. `steps` over `prompts` ((id, prompt) items, taken in order and cycled),
+    `batch_size` prompts per micro-batch; completion seeds are keyed by "step/prompt_id", so the steps after a
+    resumed checkpoint sample what an uninterrupted run would. Returns each step's metrics (`step`: 1-based);
     `on_step(step, result)` is called after each."""
     history = []
-    for step in range(steps):
+    for step in range(start, steps):
         items = batch_prompts(prompts, step, batch_size * accumulation)
         result = trainer.step([p for _, p in items], [f"{step}/{key}" for key, _ in items], accumulation=accumulation)
         history.append({"step": step + 1, **result.metrics})
         if on_step is not None:
             on_step(step + 1, result)
     return history
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(trainer: OnlineDPO, folder: str | Path, step: int) -> Path:
+    """Write (atomically, replacing `folder`) what continuing after optimizer step `step` needs: the trainable
+    weights (`trainable.safetensors`), the optimizer's and the schedule's states and `state.json`. The samples need
+    no random state: they are seeded by step and prompt."""
+    from safetensors.torch import save_file
+
+    def write(staging: Path) -> None:
+        weights = {name: p.detach().cpu().contiguous() for name, p in trainer.policy.named_parameters() if p.requires_grad}
+        save_file(weights, str(staging / "trainable.safetensors"))
+        torch.save(trainer.optimizer.state_dict(), staging / "optimizer.pt")
+        if trainer.scheduler is not None:
+            torch.save(trainer.scheduler.state_dict(), staging / "scheduler.pt")
+        (staging / "state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
+
+    return atomic.write_folder(folder, write)
+
+
+def load_checkpoint(trainer: OnlineDPO, folder: str | Path) -> int:
+    """Restore a `save_checkpoint` folder into `trainer` (built as for the run that wrote it); returns its step.
+    CheckpointError naming the folder when it does not fit the policy or cannot be read."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        step = int(json.loads((folder / "state.json").read_text(encoding="utf-8"))["step"])
+        weights = load_file(str(folder / "trainable.safetensors"))
+        parameters = {name: p for name, p in trainer.policy.named_parameters() if p.requires_grad}
+        if set(weights) != set(parameters):
+            raise CheckpointError(f"{folder} holds weights of another model ({len(weights)} trainable tensors, this "
+                                  f"policy has {len(parameters)}); remove it to start the round again")
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+        device = model_device(trainer.policy)
+        trainer.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+        if trainer.scheduler is not None:
+            trainer.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"cannot resume from {folder}: {str(error).strip().splitlines()[0]}") from None
+    return step
 
