@@ -42,6 +42,11 @@ SHARED_PREFIX_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Model types whose attention goes through ``AttentionInterface`` and hands forward keywords down to it, checked
 against the plain layout in tests/test_prefix_sharing_linear.py."""
 
+SHARED_PREFIX_VISION_MODEL_TYPES = frozenset({"qwen2_vl_text", "qwen3_vl_text", "llama"})
+"""Language-model types (``text_config.model_type``) of vision-language models (Qwen2-VL, Qwen3-VL, LLaVA over
+Llama) whose shared rows go through the shared-prefix attention, checked against the plain layout in
+tests/test_vision_layouts.py."""
+
 
 @dataclass(frozen=True)
 class SharedPrefixLayout:
@@ -150,13 +155,24 @@ def _sliding_window_in_use(config: object) -> bool:
     return True
 
 
-def supports_shared_prefix_attention(model: nn.Module) -> bool:
-    """Whether ``model`` (a transformers causal LM, already unwrapped from DDP/PEFT) can run shared rows through
-    ``shared_prefix_attention``: a tested model type (``SHARED_PREFIX_MODEL_TYPES``), sdpa attention (or already
-    switched) and no sliding window in use."""
+def _language_config(model: nn.Module) -> tuple[object, bool]:
+    """``(config of the attention that shared rows go through, whether the model is vision-language)``: a
+    vision-language model's ``text_config`` (its vision encoder keeps its own attention), else the model's config."""
     config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+        return config.text_config, True
+    return config, False
+
+
+def supports_shared_prefix_attention(model: nn.Module) -> bool:
+    """Whether ``model`` (a transformers causal LM or vision-language model, already unwrapped from DDP/PEFT) can run
+    shared rows through ``shared_prefix_attention``: a tested (language) model type (``SHARED_PREFIX_MODEL_TYPES``,
+    or ``SHARED_PREFIX_VISION_MODEL_TYPES`` for the language model of a vision-language one), sdpa attention (or
+    already switched) and no sliding window in use."""
+    config, vision = _language_config(model)
+    tested = SHARED_PREFIX_VISION_MODEL_TYPES if vision else SHARED_PREFIX_MODEL_TYPES
     return (
-        getattr(config, "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+        getattr(config, "model_type", None) in tested
         and getattr(config, "_attn_implementation", None) in ("sdpa", SHARED_PREFIX_ATTENTION)
         and not _sliding_window_in_use(config)
     )
@@ -166,10 +182,13 @@ def use_shared_prefix_attention(model: nn.Module) -> bool:
     """Switch ``model`` (unwrapped) to ``SHARED_PREFIX_ATTENTION`` when supported; True when it now uses it.
 
     Idempotent. The switch stays (it must: gradient checkpointing recomputes attention during the backward, after
-    the forward has returned) and changes nothing for forwards that pass no ``shared_prefix_layout``.
+    the forward has returned) and changes nothing for forwards that pass no ``shared_prefix_layout``. A
+    vision-language model switches its language model only: the ``shared_prefix_layout`` keyword also reaches the
+    vision encoder's attention, which stays sdpa and ignores it.
     """
     if not supports_shared_prefix_attention(model):
         return False
-    if model.config._attn_implementation != SHARED_PREFIX_ATTENTION:
-        model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
-    return model.config._attn_implementation == SHARED_PREFIX_ATTENTION
+    config, vision = _language_config(model)
+    if config._attn_implementation != SHARED_PREFIX_ATTENTION:
+        model.set_attn_implementation({"text_config": SHARED_PREFIX_ATTENTION} if vision else SHARED_PREFIX_ATTENTION)
+    return _language_config(model)[0]._attn_implementation == SHARED_PREFIX_ATTENTION
