@@ -153,6 +153,27 @@ def test_prefix_sharing_auto_picks_shared_rows_where_images_make_the_prompt_long
     assert trainer.state.log_history[0]["loss"] > 0
 
 
+@pytest.mark.slow
+def test_a_lora_training_step_on_shared_rows_equals_one_on_plain_rows(request, tmp_path):
+    """The trainer's wiring: LoRA (the reference is the adapter-disabled policy), images with each layout, one step."""
+    from preftune import DPOTrainer
+
+    vision_processor = request.getfixturevalue("processor")
+    policy = tiny_qwen2_vl(vision_processor, seed=0)
+    logged = {}
+    for prefix_sharing in (False, True):
+        args = vision_config(tmp_path / str(prefix_sharing), finetuning_type="lora", lora_rank=4, max_steps=2,
+                             prefix_sharing=prefix_sharing)
+        trainer = DPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=trl_rows(),
+                             processing_class=vision_processor)
+        assert trainer.layout.prefix_sharing is prefix_sharing
+        trainer.train()
+        logged[prefix_sharing] = [record for record in trainer.state.log_history if "loss" in record]
+    for plain, shared in zip(logged[False], logged[True], strict=True):  # step 2 runs on the updated adapter
+        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/chosen"):
+            assert shared[key] == pytest.approx(plain[key], abs=1e-5), key
+
+
 def test_padding_free_and_prefix_sharing_without_the_shared_attention_are_config_errors(request, tmp_path):
     from preftune import DPOTrainer
     from preftune.errors import ConfigError
