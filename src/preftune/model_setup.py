@@ -143,8 +143,8 @@ def resolve_vision_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLa
                           "rows of one padded forward); leave it null or set it false", key="padding_free")
     shared_attention = all(supports_shared_prefix_attention(unwrap_model(m)) for m in models if m is not None)
     if args.prefix_sharing and not shared_attention:
-        raise ConfigError("not supported yet: prefix_sharing with this vision-language model (it needs sdpa attention "
-                          "in a Qwen2-VL, Qwen3-VL or LLaVA-over-Llama model); leave it null or set it false",
+        raise ConfigError("not supported yet: prefix_sharing with this vision-language model (it needs a Qwen2-VL, "
+                          "Qwen3-VL or LLaVA model with sdpa attention); leave it null or set it false",
                           key="prefix_sharing")
     prefix_sharing = (None if shared_attention else False) if args.prefix_sharing is None else bool(args.prefix_sharing)
     logger.info("batch layout (vision-language model): prefix_sharing=%s (None: per batch), padding_free=False",

@@ -42,10 +42,14 @@ SHARED_PREFIX_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Model types whose attention goes through ``AttentionInterface`` and hands forward keywords down to it, checked
 against the plain layout in tests/test_prefix_sharing_linear.py."""
 
-SHARED_PREFIX_VISION_MODEL_TYPES = frozenset({"qwen2_vl_text", "qwen3_vl_text", "llama"})
-"""Language-model types (``text_config.model_type``) of vision-language models (Qwen2-VL, Qwen3-VL, LLaVA over
-Llama) whose shared rows go through the shared-prefix attention, checked against the plain layout in
-tests/test_vision_layouts.py."""
+SHARED_PREFIX_VISION_MODEL_TYPES = {
+    "qwen2_vl": frozenset({"qwen2_vl_text"}),
+    "qwen3_vl": frozenset({"qwen3_vl_text"}),
+    "llava": SHARED_PREFIX_MODEL_TYPES,  # LLaVA runs its language model's own base model, keywords passed down
+}
+"""Vision-language model types and the language-model types (``text_config.model_type``) under them whose shared
+rows go through the shared-prefix attention, checked against the plain layout in tests/test_vision_layouts.py
+(LLaVA over Llama)."""
 
 
 @dataclass(frozen=True)
@@ -166,11 +170,12 @@ def _language_config(model: nn.Module) -> tuple[object, bool]:
 
 def supports_shared_prefix_attention(model: nn.Module) -> bool:
     """Whether ``model`` (a transformers causal LM or vision-language model, already unwrapped from DDP/PEFT) can run
-    shared rows through ``shared_prefix_attention``: a tested (language) model type (``SHARED_PREFIX_MODEL_TYPES``,
-    or ``SHARED_PREFIX_VISION_MODEL_TYPES`` for the language model of a vision-language one), sdpa attention (or
-    already switched) and no sliding window in use."""
+    shared rows through ``shared_prefix_attention``: a tested model type (``SHARED_PREFIX_MODEL_TYPES``, or for a
+    vision-language model ``SHARED_PREFIX_VISION_MODEL_TYPES`` with its language model's type), sdpa attention in
+    the language model (or already switched) and no sliding window in use."""
     config, vision = _language_config(model)
-    tested = SHARED_PREFIX_VISION_MODEL_TYPES if vision else SHARED_PREFIX_MODEL_TYPES
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    tested = SHARED_PREFIX_VISION_MODEL_TYPES.get(model_type, frozenset()) if vision else SHARED_PREFIX_MODEL_TYPES
     return (
         getattr(config, "model_type", None) in tested
         and getattr(config, "_attn_implementation", None) in ("sdpa", SHARED_PREFIX_ATTENTION)
