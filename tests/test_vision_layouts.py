@@ -243,3 +243,15 @@ def test_precomputed_reference_log_probs_of_image_rows_are_the_references_and_a_
     assert not reused and changed_ids == first_ids
     assert not torch.allclose(changed[0], first[0])
     torch.testing.assert_close(changed[1:], first[1:], atol=1e-6, rtol=0)
+
+
+def test_the_image_content_fingerprint_follows_the_pixels_not_the_names(tmp_path):
+    from preftune.data.images import image_content_fingerprint
+
+    coloured("red", (28, 28)).save(tmp_path / "a.png")
+    red = (tmp_path / "a.png").read_bytes()
+    coloured("green", (28, 28)).save(tmp_path / "b.png")
+    by_path = image_content_fingerprint([[{"bytes": None, "path": str(tmp_path / "a.png")}], []])
+    assert by_path == image_content_fingerprint([[{"bytes": red, "path": None}], []])  # same bytes, same key
+    assert by_path != image_content_fingerprint([[{"bytes": None, "path": str(tmp_path / "b.png")}], []])
+    assert by_path != image_content_fingerprint([[], [{"bytes": red, "path": None}]])  # another row's image
