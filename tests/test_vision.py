@@ -1,6 +1,8 @@
-"""Vision-language DPO (plain layout): rows with images read from every format, tokenized by the processor, scored
+"""Vision-language DPO: rows with images read from every format, tokenized by the processor, scored
 by a vision-language model with the images' pixel values; step-1 loss, rewards and log-probs against TRL 1.16's
-DPOTrainer (the oracle) on the same rows and weights. Tiny random Qwen2-VL built from a config; its processor from
+DPOTrainer (the oracle) on the same rows and weights, in the plain and the prefix-shared layouts (the layouts
+checked against each other: tests/test_vision_layouts.py). Tiny random Qwen2-VL, Qwen3-VL and LLaVA built from configs;
+processors from
 the shared GPT-2 tokenizer and a PIL image processor: nothing is downloaded."""
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from conftest import shared_asset
 from PIL import Image
 
-from preftune.data.collate import collate_pairs
+from preftune.data.collate import collate_pairs, collate_shared_prefix
 from preftune.data.formats import load_preference_data
 from preftune.data.images import ImageInputs
 from preftune.data.tokenize import TokenizeSettings, tokenize_dataset
@@ -103,9 +105,9 @@ def tokenized_rows(rows, processor, max_length=None):
     return tokenize_dataset(loaded.dataset, processor, TokenizeSettings(max_length=max_length, chat_template=TEMPLATE))
 
 
-def collated(dataset, processor):
+def collated(dataset, processor, layout=collate_pairs):
     examples = list(dataset)
-    collate = ImageInputs.of(processor).wrap(collate_pairs)
+    collate = ImageInputs.of(processor).wrap(layout)
     return collate(examples, pad_token_id=processor.tokenizer.pad_token_id)
 
 
@@ -178,7 +180,8 @@ def tiny_qwen3_vl(processor, seed: int):
 
 def check_parity_with_trl(processor, template, build, loss_type, tmp_path):
     """TRL 1.16's DPOTrainer and preftune on the same rows, policy and reference: same input ids and pixel values;
-    loss, rewards and log-probs within 1e-4."""
+    loss, rewards and log-probs within 1e-4, in the plain layout and in the prefix-shared one (one row
+    ``prompt | chosen | rejected`` per pair, each image encoded once)."""
     trl = pytest.importorskip("trl")
     logging.getLogger("trl").setLevel(logging.ERROR)
     policy, reference = build(processor, seed=0), build(processor, seed=1)
@@ -199,6 +202,14 @@ def check_parity_with_trl(processor, template, build, loss_type, tmp_path):
     batch = collated(tokenized.dataset, processor)
     assert torch.equal(batch.input_ids, inputs["input_ids"])  # same tokens, image tokens expanded alike
     assert torch.equal(batch.model_inputs["pixel_values"], inputs["pixel_values"])
+    shared = collated(tokenized.dataset, processor, collate_shared_prefix)
+    images_once = inputs["pixel_values"][: inputs["pixel_values"].shape[0] // 2]  # TRL: chosen rows' images first
+    assert torch.equal(shared.model_inputs["pixel_values"], images_once)
+    for layout in (batch, shared):
+        check_layout_against_trl(policy, reference, layout, loss_type, beta, trl_loss, metrics)
+
+
+def check_layout_against_trl(policy, reference, batch, loss_type, beta, trl_loss, metrics):
     with torch.no_grad():
         ours, ref = pair_logprobs(policy, batch), pair_logprobs(reference, batch)
     losses = preference_loss(loss_type, ours.chosen_logps, ours.rejected_logps, ref.chosen_logps, ref.rejected_logps,
@@ -379,7 +390,7 @@ def test_the_trainers_first_step_loss_and_rewards_equal_trl(processor, tmp_path)
 
     trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=vision_config(tmp_path),
                          train_dataset=rows, processing_class=processor)
-    assert (trainer.layout.prefix_sharing, trainer.layout.padding_free) == (False, False)
+    assert (trainer.layout.prefix_sharing, trainer.layout.padding_free) == (None, False)  # shared rows where they pay
     assert trainer.evaluate(eval_dataset=rows)["eval_loss"] == pytest.approx(trl_loss, abs=1e-4)
     trainer.train()
     first = next(record for record in trainer.state.log_history if "loss" in record)
@@ -436,14 +447,6 @@ def test_lora_adapts_the_language_model_only_and_its_reference_is_the_adapter_di
     assert adapted and not any(is_under(name, VISION_TOWER_KEYS + PROJECTOR_KEYS) for name in adapted)
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: policy = reference
-
-
-def test_prefix_sharing_with_a_vision_language_model_is_a_config_error(processor, tmp_path):
-    from preftune import DPOTrainer
-
-    with pytest.raises(ConfigError, match="not supported yet: prefix_sharing with a vision-language model"):
-        DPOTrainer(model=tiny_qwen2_vl(processor, seed=0), args=vision_config(tmp_path, prefix_sharing=True),
-                   train_dataset=trl_rows(), processing_class=processor)
 
 
 @pytest.mark.slow

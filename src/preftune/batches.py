@@ -78,7 +78,7 @@ def padding_free_pays(batch: PreferenceBatch) -> bool:
 @dataclass(frozen=True)
 class BatchMaker:
     """How a list of row indices becomes a ``LazyBatch``: the layout (prefix sharing, padding-free), padding id,
-    and for a vision-language model the image inputs each batch gets (``images``; the plain layout only).
+    and for a vision-language model the image inputs each batch gets (``images``; never padding-free).
 
     ``prefix_sharing`` None: per batch (``preftune.layout.shared_prefix_pays``), knowing whether the models run the
     shared-prefix attention (``shared_attention``) or need the dense mask."""
@@ -90,12 +90,16 @@ class BatchMaker:
     images: ImageInputs | None = None
 
     def __call__(self, dataset: Any, indices: list[int]) -> LazyBatch:
+        return LazyBatch(dataset, indices, self.pad_token_id, self.collate_function(), self.padding_free)
+
+    def collate_function(self) -> Callable[..., PreferenceBatch]:
+        """``collate(examples, pad_token_id=...)`` of this layout, with the image inputs when there are images."""
         collate = collate_for(self.prefix_sharing, shared_attention=self.shared_attention)
-        if self.images is not None:
-            if self.prefix_sharing is not False or self.padding_free is not False:
-                raise ValueError("batches with images use the plain layout: prefix_sharing and padding_free off")
-            collate = self.images.wrap(collate)
-        return LazyBatch(dataset, indices, self.pad_token_id, collate, self.padding_free)
+        if self.images is None:
+            return collate
+        if self.padding_free is not False:
+            raise ValueError("batches with images are forwarded in one piece: padding_free off")
+        return self.images.wrap(collate)
 
     def batches(
         self, dataset: Any, batch_size: int, *, shuffle_seed: int | None, drop_last: bool, max_tokens: int | None = None,

@@ -952,19 +952,20 @@ class DPOConfig(BaseModel):
         "One sequence per pair, prompt | chosen | rejected: the prompt is computed once and each completion attends "
         "to the prompt and itself only (Wang & Hegde 2024), without a T x T mask for llama, mistral, qwen2 and qwen3 "
         "with sdpa attention (a dense mask for eager). Same log-probs as the plain layout. `null` (auto): per batch, "
-        "where it does less work than the plain layout (docs/layouts.md), for those models; off otherwise.",
+        "where it does less work than the plain layout (docs/layouts.md), for those models; off otherwise. "
+        "Vision-language models (Qwen2-VL, Qwen3-VL, LLaVA; sdpa): each image is encoded once per pair.",
     )
     padding_free: bool | None = _field(
         None,
         "Compute no padding: the forward runs row by row, each at its own length (exact). `null` (auto): where "
         "prefix sharing is supported, per batch when its rows average >= 256 tokens (shorter rows run faster "
-        "padded).",
+        "padded). Not with images.",
     )
     chunked_lm_head: bool = _field(
         True,
         "Compute label log-probs from the final hidden states chunk by chunk, with a custom backward: no "
-        "batch x length x vocabulary logits tensor. Used for llama, mistral, qwen2 and qwen3 models; other "
-        "model types fall back to full logits.",
+        "batch x length x vocabulary logits tensor. Used for llama, mistral, qwen2 and qwen3 models and the "
+        "vision-language qwen2_vl, qwen3_vl and llava; other model types fall back to full logits.",
     )
     lm_head_chunk_size: int = _field(1024, "Tokens per chunk of the chunked LM head.", ge=1)
     torch_compile: bool = _field(
@@ -1213,7 +1214,8 @@ class DPOConfig(BaseModel):
         False,
         "Compute the reference log-probs of every train and eval row in one pass before training and keep no "
         "reference model in memory while training. Stored in a cache keyed by the reference weights, the tokenized "
-        "data and the settings (under `$PREFTUNE_CACHE`); a rerun with the same inputs reuses it.",
+        "data (and its images' content) and the settings (under `$PREFTUNE_CACHE`); a rerun with the same inputs "
+        "reuses it.",
     )
     precompute_ref_batch_size: int | None = _field(
         None, "Pairs per batch of the precompute pass; `null` uses `per_device_eval_batch_size`.", ge=1

@@ -31,11 +31,16 @@ from torch import Tensor, nn
 
 from preftune.chunked_head import chunked_label_logprobs
 from preftune.data.collate import PreferenceBatch, dense_shared_prefix_mask
+from preftune.multimodal_positions import needs_rope_index, rope_index_of, shared_rope_position_ids
 from preftune.shared_prefix_attention import SharedPrefixLayout, use_shared_prefix_attention
 
 # Model types whose ForCausalLM forward computes logits as lm_head(hidden_states[:, slice]) and nothing else
 # (no logit scaling or soft-capping); each is checked against the full-logits path in tests/test_logprobs.py.
 CHUNKED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+# Vision-language models whose ForConditionalGeneration forward is likewise lm_head(language model's hidden states
+# [:, slice]) (LLaVA's whatever its language model: the head is its own); checked in tests/test_vision_layouts.py.
+CHUNKED_HEAD_VISION_MODEL_TYPES = frozenset({"qwen2_vl", "qwen3_vl", "llava"})
 
 
 @dataclass
@@ -123,7 +128,8 @@ def supports_chunked_head(model: nn.Module) -> bool:
     inner = unwrap_model(model)
     model_type = getattr(getattr(inner, "config", None), "model_type", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    return model_type in CHUNKED_HEAD_MODEL_TYPES and isinstance(head, nn.Linear)
+    supported = CHUNKED_HEAD_MODEL_TYPES | CHUNKED_HEAD_VISION_MODEL_TYPES
+    return model_type in supported and isinstance(head, nn.Linear)
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -217,7 +223,16 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_att
     if batch.model_inputs:  # images: their pixel values belong to the rows of the whole batch, in order
         if (rows.start, rows.stop, length) != (0, batch.input_ids.shape[0], batch.input_ids.shape[1]):
             raise ValueError("a batch with images is forwarded in one piece: padding_free must be off")
+        if batch.segments is not None and not shared_attention:
+            raise ValueError("shared rows with images need the shared-prefix attention (sdpa attention in a supported "
+                             "model): use the plain layout (prefix_sharing false)")
         kwargs.update(batch.model_inputs)
+        if needs_rope_index(batch):  # multimodal RoPE: each completion at its positions in prompt | completion
+            rope_index = rope_index_of(unwrap_model(model))
+            if rope_index is None:
+                raise ValueError(f"{type(unwrap_model(model)).__name__} takes image grids but has no get_rope_index "
+                                 "to place shared rows' completions: use the plain layout (prefix_sharing false)")
+            kwargs["position_ids"] = shared_rope_position_ids(rope_index, batch)
     return kwargs
 
 

@@ -21,7 +21,7 @@ from preftune.config import DPOConfig
 from preftune.errors import ConfigError
 from preftune.logprobs import CHUNKED_HEAD_MODEL_TYPES, unwrap_model
 from preftune.losses import LossParams
-from preftune.data.images import is_processor, text_tokenizer
+from preftune.data.images import text_tokenizer
 from preftune.models import (
     disable_dropout,
     ensure_pad_token,
@@ -111,16 +111,11 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
     Supported: every model is of a type whose 4-D masks and position ids are tested
     (``CHUNKED_HEAD_MODEL_TYPES``) and uses sdpa or eager attention (flash-attention takes no 4-D mask). Shared rows
     run without a T x T mask where every model supports ``shared_prefix_attention``, else with a dense mask.
-    A vision-language model uses the plain layout (its image inputs follow the rows of one padded forward);
-    asking it for either is a ConfigError.
+    A vision-language model is never padding-free (its image inputs follow the rows of one forward; asking for it
+    is a ConfigError) and shares prefixes only through the shared-prefix attention (``resolve_vision_layout``).
     """
     if any(is_vision_language(unwrap_model(m)) for m in models if m is not None):
-        for key in ("prefix_sharing", "padding_free"):
-            if getattr(args, key):
-                raise ConfigError(f"not supported yet: {key} with a vision-language model (it uses the plain "
-                                  "layout); leave it null or set it false", key=key)
-        logger.info("batch layout: plain (vision-language model)")
-        return BatchLayout(prefix_sharing=False, padding_free=False)
+        return resolve_vision_layout(args, *models)
     supported = all(
         getattr(unwrap_model(m).config, "model_type", None) in CHUNKED_HEAD_MODEL_TYPES
         and getattr(unwrap_model(m).config, "_attn_implementation", None) in ("sdpa", "eager")
@@ -137,6 +132,24 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
     logger.info("batch layout: prefix_sharing=%s, padding_free=%s (None: per batch), shared-prefix attention=%s",
                 layout.prefix_sharing, layout.padding_free, layout.shared_attention)
     return layout
+
+
+def resolve_vision_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
+    """The layout of a vision-language run: padding-free off (asking for it is a ConfigError); prefix sharing where
+    every model's language model runs ``shared_prefix_attention`` (auto: per batch, explicit: always), else plain
+    (asking for it then is a ConfigError: the dense-mask fallback of text models is not tested with images)."""
+    if args.padding_free:
+        raise ConfigError("not supported yet: padding_free with a vision-language model (its image inputs follow the "
+                          "rows of one padded forward); leave it null or set it false", key="padding_free")
+    shared_attention = all(supports_shared_prefix_attention(unwrap_model(m)) for m in models if m is not None)
+    if args.prefix_sharing and not shared_attention:
+        raise ConfigError("not supported yet: prefix_sharing with this vision-language model (it needs a Qwen2-VL, "
+                          "Qwen3-VL or LLaVA model with sdpa attention); leave it null or set it false",
+                          key="prefix_sharing")
+    prefix_sharing = (None if shared_attention else False) if args.prefix_sharing is None else bool(args.prefix_sharing)
+    logger.info("batch layout (vision-language model): prefix_sharing=%s (None: per batch), padding_free=False",
+                prefix_sharing)
+    return BatchLayout(prefix_sharing, False, shared_attention)
 
 
 def load_model(args: DPOConfig, model: nn.Module | str, key: str, device_type: str,
@@ -166,13 +179,8 @@ def load_processing_class(args: DPOConfig, source: str) -> Any:
 
 
 def prepare_processing_class(args: DPOConfig, processing_class: Any) -> Any:
-    """``processing_class`` ready for the data: its tokenizer has a pad token. A processor (vision-language data)
-    cannot have its reference log-probs precomputed yet (ConfigError, as TRL)."""
+    """``processing_class`` ready for the data: its tokenizer has a pad token."""
     ensure_pad_token(text_tokenizer(processing_class))
-    if is_processor(processing_class) and args.precompute_ref_log_probs:
-        raise ConfigError("not supported yet: precompute_ref_log_probs with a vision-language processor (the "
-                          "cache is not keyed by the images' content); set precompute_ref_log_probs: false",
-                          key="precompute_ref_log_probs")
     return processing_class
 
 

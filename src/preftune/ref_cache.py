@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from preftune import atomic
 from preftune.data.collate import PreferenceBatch, completions_of
+from preftune.data.images import ImageInputs, image_content_fingerprint
 from preftune.data.pipeline import default_cache_dir
 from preftune.errors import ConfigError, DataError
 from preftune.logprobs import chosen_and_rejected, unwrap_model
@@ -316,11 +317,13 @@ def attach_reference_logps(dataset: datasets.Dataset, values: Tensor) -> dataset
 
 
 def score_into_column(tokenized: Any, reference: Any, split: str, *, args: Any, accelerator: Any,
-                      options: dict[str, Any], collate_fn: Callable, pad_token_id: int) -> dict[str, Any]:
+                      options: dict[str, Any], collate_fn: Callable, pad_token_id: int,
+                      images: ImageInputs | None = None) -> dict[str, Any]:
     """Score ``tokenized``'s rows (a ``TokenizedData``: ``.dataset``) with ``reference`` (or read them from the cache
     under ``$PREFTUNE_CACHE``) and attach them as the ``ref_logps`` column in place; returns where the values are
     cached and whether the cache was reused. ``options``: the run's log-prob options; the cache key holds everything
-    besides the weights and the tokens that changes the values."""
+    besides the weights and the tokens that changes the values: for rows with images (``collate_fn`` gives their
+    pixel values), the images' content (``image_content_fingerprint``) and the settings of ``images``' processor."""
     model_config = getattr(unwrap_model(reference.model), "config", None)
     key_parts = {
         "reference": reference.fingerprint(),
@@ -329,6 +332,9 @@ def score_into_column(tokenized: Any, reference: Any, split: str, *, args: Any, 
         "ld_alpha": args.ld_alpha,
         "chunked_lm_head": args.chunked_lm_head,
     }
+    if "images" in tokenized.dataset.column_names:
+        key_parts["images"] = image_content_fingerprint(tokenized.dataset.with_format("arrow")["images"].to_pylist())
+        key_parts["image_processor"] = images.settings() if images is not None else None
 
     def score(batch: PreferenceBatch) -> Tensor:
         with accelerator.autocast():

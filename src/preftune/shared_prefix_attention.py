@@ -42,6 +42,15 @@ SHARED_PREFIX_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Model types whose attention goes through ``AttentionInterface`` and hands forward keywords down to it, checked
 against the plain layout in tests/test_prefix_sharing_linear.py."""
 
+SHARED_PREFIX_VISION_MODEL_TYPES = {
+    "qwen2_vl": frozenset({"qwen2_vl_text"}),
+    "qwen3_vl": frozenset({"qwen3_vl_text"}),
+    "llava": SHARED_PREFIX_MODEL_TYPES,  # LLaVA runs its language model's own base model, keywords passed down
+}
+"""Vision-language model types and the language-model types (``text_config.model_type``) under them whose shared
+rows go through the shared-prefix attention, checked against the plain layout in tests/test_vision_layouts.py
+(LLaVA over Llama)."""
+
 
 @dataclass(frozen=True)
 class SharedPrefixLayout:
@@ -150,13 +159,25 @@ def _sliding_window_in_use(config: object) -> bool:
     return True
 
 
-def supports_shared_prefix_attention(model: nn.Module) -> bool:
-    """Whether ``model`` (a transformers causal LM, already unwrapped from DDP/PEFT) can run shared rows through
-    ``shared_prefix_attention``: a tested model type (``SHARED_PREFIX_MODEL_TYPES``), sdpa attention (or already
-    switched) and no sliding window in use."""
+def _language_config(model: nn.Module) -> tuple[object, bool]:
+    """``(config of the attention that shared rows go through, whether the model is vision-language)``: a
+    vision-language model's ``text_config`` (its vision encoder keeps its own attention), else the model's config."""
     config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+        return config.text_config, True
+    return config, False
+
+
+def supports_shared_prefix_attention(model: nn.Module) -> bool:
+    """Whether ``model`` (a transformers causal LM or vision-language model, already unwrapped from DDP/PEFT) can run
+    shared rows through ``shared_prefix_attention``: a tested model type (``SHARED_PREFIX_MODEL_TYPES``, or for a
+    vision-language model ``SHARED_PREFIX_VISION_MODEL_TYPES`` with its language model's type), sdpa attention in
+    the language model (or already switched) and no sliding window in use."""
+    config, vision = _language_config(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    tested = SHARED_PREFIX_VISION_MODEL_TYPES.get(model_type, frozenset()) if vision else SHARED_PREFIX_MODEL_TYPES
     return (
-        getattr(config, "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+        getattr(config, "model_type", None) in tested
         and getattr(config, "_attn_implementation", None) in ("sdpa", SHARED_PREFIX_ATTENTION)
         and not _sliding_window_in_use(config)
     )
@@ -166,10 +187,13 @@ def use_shared_prefix_attention(model: nn.Module) -> bool:
     """Switch ``model`` (unwrapped) to ``SHARED_PREFIX_ATTENTION`` when supported; True when it now uses it.
 
     Idempotent. The switch stays (it must: gradient checkpointing recomputes attention during the backward, after
-    the forward has returned) and changes nothing for forwards that pass no ``shared_prefix_layout``.
+    the forward has returned) and changes nothing for forwards that pass no ``shared_prefix_layout``. A
+    vision-language model switches its language model only: the ``shared_prefix_layout`` keyword also reaches the
+    vision encoder's attention, which stays sdpa and ignores it.
     """
     if not supports_shared_prefix_attention(model):
         return False
-    if model.config._attn_implementation != SHARED_PREFIX_ATTENTION:
-        model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
-    return model.config._attn_implementation == SHARED_PREFIX_ATTENTION
+    config, vision = _language_config(model)
+    if config._attn_implementation != SHARED_PREFIX_ATTENTION:
+        model.set_attn_implementation({"text_config": SHARED_PREFIX_ATTENTION} if vision else SHARED_PREFIX_ATTENTION)
+    return _language_config(model)[0]._attn_implementation == SHARED_PREFIX_ATTENTION

@@ -40,7 +40,6 @@ from preftune.checkpoint import claim_output_dir, new_run_id, restore_rng_states
 from preftune.config import DPOConfig
 from preftune.cpu_memory import keep_freed_memory
 from preftune.data.images import ImageInputs, text_tokenizer
-from preftune.layout import collate_for
 from preftune.data.pipeline import eval_key
 from preftune.errors import ConfigError, PreftuneError
 from preftune.eval_loop import computed_metrics, mean_metrics, track_best_metric
@@ -294,8 +293,8 @@ class DPOTrainer:
         """``ref_cache.score_into_column`` with this run's layout, precision and log-prob options."""
         return score_into_column(
             tokenized, reference, split, args=self.args, accelerator=self.accelerator, options=self._logprob_options,
-            collate_fn=collate_for(self.layout.prefix_sharing, shared_attention=self.layout.shared_attention),
-            pad_token_id=self.tokenizer.pad_token_id,
+            collate_fn=self.batch_maker.collate_function(), pad_token_id=self.batch_maker.pad_token_id,
+            images=self.batch_maker.images,
         )
 
     def _reference_for_new_data(self) -> Reference:

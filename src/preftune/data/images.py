@@ -136,6 +136,23 @@ def image_files_signature(entries_per_row: Sequence[Sequence[dict] | None]) -> s
     return hasher.hexdigest()
 
 
+def image_content_fingerprint(entries_per_row: Sequence[Sequence[dict] | None]) -> str:
+    """sha256 of the content of every row's images (the stored bytes, or the file read from its path), row by row,
+    so that a cache keyed by it never serves values computed from other images, whatever the file names."""
+    hasher = hashlib.sha256()
+    for entries in entries_per_row:
+        for entry in entries or []:
+            if entry.get("bytes"):
+                content = entry["bytes"]
+            else:
+                with open(entry["path"], "rb") as handle:
+                    content = handle.read()
+            hasher.update(f"{len(content)}:".encode())
+            hasher.update(hashlib.sha256(content).digest())
+        hasher.update(b"|")  # row boundary: [a, b] | [] differs from [a] | [b]
+    return hasher.hexdigest()
+
+
 # ------------------------------------------------------------------------------------- placeholders and parts
 
 
@@ -226,6 +243,12 @@ class ImageInputs:
         token_type_key = "mm_token_type_ids" if getattr(processing_class, "return_mm_token_type_ids", False) else None
         return cls(processing_class.image_processor, image_token_id(processing_class), token_type_key)
 
+    def settings(self) -> str:
+        """The image processor's settings as JSON (resizing limits, normalization…): what turns the same image into
+        other pixel values, for cache keys."""
+        to_json = getattr(self.image_processor, "to_json_string", None)
+        return to_json() if callable(to_json) else repr(self.image_processor)
+
     def __call__(self, row_images: Sequence[Sequence[dict]], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """``row_images[r]``: the images of row r of ``input_ids`` (R rows), in the order of its image tokens."""
         images = [load_image(entry) for entries in row_images for entry in entries]
@@ -238,11 +261,15 @@ class ImageInputs:
         return inputs
 
     def wrap(self, collate: Callable[..., Any]) -> Callable[..., Any]:
-        """``collate`` (the plain layout's) with these inputs added to each batch it makes (``model_inputs``)."""
+        """``collate`` (either layout, or the auto choice between them) with these inputs added to each batch it
+        makes (``model_inputs``): the images of a plain batch once per completion block, of a shared batch once per
+        example, so that the vision encoder runs once per pair there."""
 
         def collate_with_images(examples: Sequence[dict], **kwargs: Any) -> Any:
             batch = collate(examples, **kwargs)
-            per_row = [list(example.get("images") or []) for example in examples] * batch.num_completions
+            # plain rows hold each example's prompt (and its images) once per completion; shared rows once
+            repeats = batch.num_completions if batch.segments is None else 1
+            per_row = [list(example.get("images") or []) for example in examples] * repeats
             batch.model_inputs = self(per_row, batch.input_ids)
             return batch
 
