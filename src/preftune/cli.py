@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dataset-dir", default=None, help="folder of dataset_info.json and relative data paths (default: the config's)")
     check.set_defaults(run=_data_check)
 
+    from preftune.board.cli import add_commands as add_board_commands
     from preftune.cli_eval import add_commands as add_eval_commands
     from preftune.cli_generate import add_commands as add_generate_commands
     from preftune.labeling.cli import add_commands as add_label_commands
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_commands(commands)
     add_generate_commands(commands)
     add_eval_commands(commands)
+    add_board_commands(commands)
     keys = commands.add_parser("config-keys", help="print the table of config keys (Markdown)")
     keys.set_defaults(run=_config_keys)
     return parser
