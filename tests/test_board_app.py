@@ -116,6 +116,8 @@ def test_with_a_token_requests_without_it_get_401_and_a_wrong_one_403(runs_dir):
     assert client.get("/api/runs", headers={"X-Preftune-Token": "nope", **JSON}).status_code == 403
     assert client.post("/api/runs", json={"name": "x", "settings": {}}, headers=JSON).status_code == 401
     assert client.get("/api/runs", headers={"X-Preftune-Token": "board-secret", **JSON}).status_code == 200
+    page = client.get("/")  # a browser without the token: the reason, as JSON
+    assert page.status_code == 401 and "?token=" in page.json["error"]
     login = client.get("/?token=board-secret")
     assert login.status_code == 303 and "token" not in login.headers["Location"]
     assert client.get("/api/runs").status_code == 200  # the cookie now
@@ -200,6 +202,27 @@ def test_report_of_a_run_is_the_report_commands_text(client, runs_dir, capsys):
     assert main(["report", str(folder)]) == 0
     assert text.strip() == capsys.readouterr().out.strip()
     assert "displacement" in text.lower()
+
+
+def test_a_run_still_training_from_an_earlier_board_is_seen_stopped_and_blocks_a_second(client, runs_dir):
+    import signal
+    import subprocess
+    import sys
+
+    folder = fake_run(runs_dir, "earlier", {"max_steps": 30}, healthy_records(5))
+    # stands in for `preftune train runs/earlier/config.yaml` left running by a board that was closed
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(folder / CONFIG_FILE)])
+    try:
+        (folder / "board.json").write_text(json.dumps({"pid": process.pid, "returncode": None}))
+        wait_for(lambda: str(folder).encode() in Path(f"/proc/{process.pid}/cmdline").read_bytes(), 10, "exec")
+        assert client.get("/api/runs/earlier").json["state"] == "running"
+        second = client.post("/api/runs", json={"name": "next", "settings": {}})
+        assert second.status_code == 409 and "earlier" in second.json["error"]
+        assert client.post("/api/runs/earlier/stop").status_code == 200
+        assert process.wait(timeout=20) != 0 and process.returncode in (1, -signal.SIGINT)  # KeyboardInterrupt
+        assert client.get("/api/runs/earlier").json["state"] == "stopped"  # 5 of 30 steps logged
+    finally:
+        process.kill()
 
 
 def test_status_of_an_unknown_run_is_404(client):

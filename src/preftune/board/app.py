@@ -44,7 +44,7 @@ TOKEN_ENV = "PREFTUNE_BOARD_TOKEN"
 def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunManager | None = None) -> Flask:
     """The board over the runs in ``runs_dir`` (created if missing); with ``token``, every request must carry it."""
     app = Flask("preftune.board")
-    app.config.update(PREFTUNE_TOKEN=token or None, MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES)
+    app.config.update(PREFTUNE_TOKEN=token or None, PREFTUNE_JSON_ERRORS=True, MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES)
     app.extensions["preftune_runs"] = manager or RunManager(runs_dir)
     app.before_request(check_access)
     app.register_error_handler(BoardError, _board_error)

@@ -59,6 +59,8 @@ FORM_KEYS: tuple[tuple[str, Any], ...] = (
     ("eval_strategy", None),
     ("eval_steps", None),
 )
+CORE_KEYS = frozenset({"model_name_or_path", "dataset", "loss_type", "beta", "learning_rate", "finetuning_type",
+                       "max_steps"})
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,15 @@ class FormField:
 
     key: str
     kind: str
-    default: Any
+    default: Any  # what the form starts with
+    schema_default: Any  # the config's default (a value equal to it need not be written)
     choices: tuple[str, ...]
     description: str
+    core: bool  # always written into the YAML, even at its default (the settings a reader looks for first)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "kind": self.kind, "default": self.default, "choices": list(self.choices),
-                "description": self.description}
+        return {"key": self.key, "kind": self.kind, "default": self.default, "schema_default": self.schema_default,
+                "choices": list(self.choices), "description": self.description, "core": self.core}
 
 
 def form_fields() -> list[FormField]:
@@ -96,7 +100,7 @@ def form_fields() -> list[FormField]:
         if key == "finetuning_type":
             choices = tuple(choice for choice in choices if choice != "freeze")  # refused by the schema anyway
         kind = "select" if choices else "number" if _is_numeric(annotation) else "text"
-        fields.append(FormField(key, kind, default, choices, info.description or ""))
+        fields.append(FormField(key, kind, default, info.default, choices, info.description or "", key in CORE_KEYS))
     return fields
 
 
@@ -249,6 +253,7 @@ class RunManager:
         if folder.exists():
             raise BoardError(f"a run named {name!r} exists already; choose another name", 409,
                              {"name": "a run with this name exists already"})
+        self._check_idle()  # first: no use fixing the settings of a run that cannot start yet
         checked = self.validate(name, form)
         if not checked.ok:
             raise BoardError("the settings have problems (see each field)", 400, checked.errors)
@@ -262,9 +267,12 @@ class RunManager:
     def stop(self, name: str) -> dict[str, Any]:
         """Ask the running process to stop (SIGINT: it saves a checkpoint after the current step, then ends)."""
         with self._lock:
-            if self._active != name or self._process is None or self._process.poll() is not None:
+            if self._active == name and self._process is not None and self._process.poll() is None:
+                self._process.send_signal(signal.SIGINT)
+            elif (pid := self._earlier_process(name)) is not None:
+                os.kill(pid, signal.SIGINT)
+            else:
                 raise BoardError(f"run {name!r} is not running", 409)
-            self._process.send_signal(signal.SIGINT)
             self._update_state(name, stop_requested=time.time())
         return self.status(name)
 
@@ -283,6 +291,25 @@ class RunManager:
     def _check_idle(self) -> None:
         if self._process is not None and self._process.poll() is None:
             raise BoardError(f"run {self._active!r} is still training; stop it or wait (one run at a time)", 409)
+        for name in self.names():
+            if self._earlier_process(name) is not None:
+                raise BoardError(f"run {name!r} (started by an earlier board) is still training; stop it or wait "
+                                 "(one run at a time)", 409)
+
+    def _earlier_process(self, name: str) -> int | None:
+        """The pid of `preftune train` on this run's config when a previous board started it and it still runs
+        (read from /proc: None where there is none)."""
+        state = self._state(name)
+        pid = state.get("pid")
+        if not isinstance(pid, int) or state.get("returncode") is not None:
+            return None
+        if self._process is not None and self._process.pid == pid:
+            return None
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if str(self.runs_dir / name / CONFIG_FILE).encode() in command else None
 
     def _launch(self, name: str, overrides: list[str], *, resumed: bool) -> None:
         folder = self.runs_dir / name
@@ -328,9 +355,10 @@ class RunManager:
         atomic.write_text(self.runs_dir / name / STATE_FILE, json.dumps(state, indent=2))
 
     def names(self) -> list[str]:
-        """Run folders (those with a config.yaml), newest first."""
+        """Run folders (those with a config.yaml), newest first (by their config.yaml, written once)."""
         found = [path for path in self.runs_dir.iterdir() if (path / CONFIG_FILE).is_file() and RUN_NAME.match(path.name)]
-        return [path.name for path in sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)]
+        newest_first = sorted(found, key=lambda path: ((path / CONFIG_FILE).stat().st_mtime, path.name), reverse=True)
+        return [path.name for path in newest_first]
 
     def settings(self, name: str) -> dict[str, Any]:
         """The run's config.yaml as written."""
@@ -356,19 +384,20 @@ class RunManager:
         train = [record for record in records if "loss" in record]
         step = max((record["step"] for record in records), default=0)
         running = self._active == name and self._process is not None and self._process.poll() is None
+        running = running or self._earlier_process(name) is not None
         code = state.get("returncode")
+        max_steps = settings.get("max_steps") if isinstance(settings.get("max_steps"), int) else None
+        max_steps = max_steps if max_steps and max_steps > 0 else None
         if running:
             phase = "stopping" if state.get("stop_requested") else "running"
-        elif code is None:
-            phase = "created" if not records else "stopped"  # e.g. the board restarted meanwhile
+        elif code is None:  # no record of its end (a board restarted meanwhile, or a folder made elsewhere)
+            phase = "created" if not records else "finished" if max_steps and step >= max_steps else "stopped"
         elif code != 0:
             phase = "failed"
         elif state.get("stop_requested"):
             phase = "stopped"
         else:
             phase = "finished"
-        max_steps = settings.get("max_steps") if isinstance(settings.get("max_steps"), int) else None
-        max_steps = max_steps if max_steps and max_steps > 0 else None
         eta = None
         started, start_step = state.get("started"), state.get("start_step", 0)
         if running and max_steps and started and step > start_step:

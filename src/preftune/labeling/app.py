@@ -130,7 +130,7 @@ def _wants_json() -> bool:
 
 
 def _error_response(status: int, message: str) -> Response:
-    if _wants_json():
+    if _wants_json() or current_app.config.get("PREFTUNE_JSON_ERRORS"):  # the board answers JSON only
         response = jsonify(error=message)
     else:
         response = Response(render_template_string(pages.ERROR, layout=_layout(), status=status, message=message))

@@ -135,12 +135,16 @@ async function buildForm() {
   validate();
 }
 
+// The form's values; a value equal to the config's default is left out (the YAML stays short), except core keys.
 function formSettings() {
   const settings = {};
+  const lora = $("f-finetuning_type").checked;
   for (const field of schema) {
     const input = $("f-" + field.key);
-    if (field.key === "finetuning_type") settings[field.key] = input.checked ? "lora" : "full";
-    else if (input.value.trim() !== "") settings[field.key] = input.value.trim();
+    const value = field.key === "finetuning_type" ? (lora ? "lora" : "full") : input.value.trim();
+    if (value === "" || (field.key === "lora_rank" && !lora)) continue;
+    if (!field.core && field.schema_default !== null && value === String(field.schema_default)) continue;
+    settings[field.key] = value;
   }
   return settings;
 }
@@ -167,8 +171,13 @@ async function validate() {
     link.href = URL.createObjectURL(new Blob([data.yaml], { type: "application/x-yaml" }));
     link.download = ($("run-name").value || "config") + ".yaml";
   }
-  $("start-message").textContent = data.ok ? t("new.ok") : t("new.problems");
+  setMessage(data.ok ? "new.ok" : "new.problems");
   return data;
+}
+
+function setMessage(key) {  // a label that follows the language switch
+  $("start-message").dataset.i18n = key;
+  $("start-message").textContent = t(key);
 }
 
 async function startRun() {
@@ -176,11 +185,12 @@ async function startRun() {
   const { ok, data } = await api("/api/runs", { body: { name, settings: formSettings() } });
   if (!ok) {
     showErrors(Object.keys(data.errors || {}).length ? data.errors : { _general: data.error });
+    delete $("start-message").dataset.i18n;
     $("start-message").textContent = data.error || "";
     return;
   }
-  $("start-message").textContent = t("new.started");
-  watched = name;
+  setMessage("new.started");
+  watchRun(name, data);
   $("run-name").value = "";
   showTab("watch");
 }
@@ -205,9 +215,21 @@ async function loadRuns() {
     select.appendChild(option);
   }
   if (keep && runs.some((run) => run.name === keep)) select.value = keep;
-  if (select.value !== watched) { watched = select.value || null; logOffset = 0; $("log").textContent = ""; $("report").textContent = ""; }
+  if (select.value !== watched) watchRun(select.value || null);
   buildCompareChoices();
   pollWatched();
+}
+
+// Show run `name` from now on (its status when known): nothing of the previous run stays on screen.
+function watchRun(name, status = null) {
+  watched = name;
+  lastStatus = status;
+  lastMetrics = null;
+  logOffset = 0;
+  for (const id of ["log", "report", "charts", "run-state", "progress", "eta"]) $(id).textContent = "";
+  $("run-state").dataset.state = "";
+  $("run-state").dataset.run = "";
+  refreshWatch();
 }
 
 async function pollWatched() {
@@ -241,6 +263,7 @@ function refreshWatch() {
   if (!status) return;
   $("run-state").textContent = t("state." + status.state);
   $("run-state").dataset.state = status.state;
+  $("run-state").dataset.run = status.name;
   $("progress").textContent = status.max_steps ? `${t("watch.step")} ${status.step} / ${status.max_steps}` : `${t("watch.step")} ${status.step}`;
   $("progress-bar").style.width = `${Math.round(100 * (status.progress || 0))}%`;
   $("eta").textContent = status.eta_seconds != null ? `${t("watch.eta")} ${formatSeconds(status.eta_seconds)}` : "";
@@ -274,7 +297,7 @@ function drawWatchCharts(metrics) {
   const finding = metrics.displacement;
   const banner = $("displacement");
   banner.hidden = !finding;
-  if (finding) banner.textContent = `⚠ ${t("watch.displacement")}: ${finding.message}`;
+  if (finding) banner.textContent = lang === "zh" ? `⚠ ${t("watch.displacement")}：${finding.message}` : `⚠ ${finding.message}`;
   for (const panel of PANELS) {
     let box = $("panel-" + panel.id);
     if (!box) {
@@ -307,8 +330,8 @@ function formatNumber(value) {
 }
 
 // lines: [{name, color, points: [[x, y]], dots}], spans: [{from, to, label}] shaded, marks: [[x, y]] red circles
-function drawChart(box, title, lines, spans = [], marks = []) {
-  const W = 420, H = 210, L = 56, R = 10, T = 8, B = 34;
+function drawChart(box, title, lines, spans = [], marks = [], wide = false) {
+  const W = wide ? 900 : 420, H = wide ? 300 : 210, L = 56, R = 10, T = 8, B = 34;
   box.textContent = "";
   const heading = document.createElement("h3");
   heading.textContent = title;
@@ -381,6 +404,8 @@ const COMPARE_METRICS = ["loss", "rewards/margins", "rewards/accuracies", "rewar
 
 function buildCompareChoices() {
   const box = $("compare-runs");
+  const shown = [...box.querySelectorAll("input")].map((input) => input.value);
+  if (shown.join("\n") === runs.map((run) => run.name).join("\n")) return;  // unchanged: keep the ticks as they are
   const checked = new Set([...box.querySelectorAll("input:checked")].map((input) => input.value));
   box.textContent = "";
   for (const run of runs) {
@@ -415,7 +440,7 @@ async function compare() {
   });
   const box = $("compare-chart");
   box.dataset.runs = String(lines.filter((line) => line.points.length).length);
-  drawChart(box, metric, lines);
+  drawChart(box, metric, lines, [], [], true);
   const { data } = await api(`/api/compare?runs=${names.map(encodeURIComponent).join(",")}`);
   const keys = ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"];
   const evalKeys = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"];
@@ -454,7 +479,7 @@ $("lang").addEventListener("click", () => { lang = lang === "en" ? "zh" : "en"; 
 $("btn-validate").addEventListener("click", validate);
 $("btn-start").addEventListener("click", startRun);
 $("run-name").addEventListener("input", scheduleValidate);
-$("watch-run").addEventListener("change", () => { watched = $("watch-run").value; logOffset = 0; $("log").textContent = ""; $("report").textContent = ""; lastMetrics = null; $("charts").textContent = ""; pollWatched(); });
+$("watch-run").addEventListener("change", () => { watchRun($("watch-run").value); pollWatched(); });
 $("btn-stop").addEventListener("click", stopRun);
 $("btn-resume").addEventListener("click", resumeRun);
 $("btn-report").addEventListener("click", loadReport);
