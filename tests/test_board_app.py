@@ -284,3 +284,55 @@ def test_start_stop_resume_a_tiny_run_keeps_every_step_once(runs_dir, stories_mo
     assert steps == list(range(1, 41))  # every step once across stop and resume
     assert client.get("/api/runs/tiny/config.yaml").headers["Content-Disposition"].startswith("attachment")
     assert "What to try next" in client.get("/api/runs/tiny/report").json["text"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data page: data check, labeling pages for a store
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_data_check_answers_the_reports_of_preftune_data_check(client, tmp_path, capsys):
+    from preftune.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [*STORY_PAIRS[:3], {"prompt": "Hi", "chosen": "", "rejected": "Go away."}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    answer = client.post("/api/data/check", json={"target": str(data)})
+    assert answer.status_code == 200
+    assert main(["data", "check", str(data), "--json"]) == 0
+    assert answer.json["reports"] == json.loads(capsys.readouterr().out)
+    assert answer.json["reports"]["train"]["rows_with_problems"] == 1
+    missing = client.post("/api/data/check", json={"target": str(tmp_path / "none.jsonl")})
+    assert missing.status_code == 400 and "none.jsonl" in missing.json["error"]
+
+
+def test_labeling_pages_open_for_a_store_with_the_boards_token(runs_dir, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from preftune.labeling.store import import_candidates
+
+    db = tmp_path / "labels.sqlite"
+    import_candidates(db, [{"prompt_id": "p", "prompt": "Hi", "responses": ["Hello!", "Go away.", "Hey."]}])
+    with BoardServer(runs_dir, token="tok") as server:
+        def post(body):
+            request = urllib.request.Request(server.url + "/api/label/open", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json", "X-Preftune-Token": "tok"})
+            try:
+                with urllib.request.urlopen(request) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        status, answer = post({"db": str(db)})
+        assert status == 200 and answer["url"].startswith("http://127.0.0.1:")
+        assert post({"db": str(db)})[1]["url"] == answer["url"]  # the same server, not a second one
+        progress = urllib.request.Request(answer["url"] + "api/progress?annotator=ann",
+                                          headers={"X-Preftune-Token": "tok", **JSON})
+        with urllib.request.urlopen(progress) as response:
+            assert json.loads(response.read()) == {"annotator": "ann", "done": 0, "total": 3}  # 3 responses: 3 pairs
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(answer["url"] + "api/progress?annotator=ann")
+        assert refused.value.code == 401
+        status, answer = post({"db": str(tmp_path / "none.sqlite")})
+        assert status == 400 and "no labeling store" in answer["errors"]["db"]

@@ -17,6 +17,8 @@ Routes (the page is one HTML file and one script, ``static/board.js``; everythin
     POST /api/runs/NAME/resume          `preftune train config.yaml resume_from_checkpoint=latest`
     GET  /api/compare?runs=A,B          final metrics of each run and the settings that differ
     POST /api/data/check                {"target"} -> `preftune data check`'s report (JSON and table text)
+    POST /api/label/open                {"db"} -> {"url"}: the labeling app over that store, on another port of the
+                                        same address with the same token (started once per store, kept open)
 
 Access as in the labeling app (``preftune.labeling.app.check_access``): with a token every request carries it
 (header, bearer, or the cookie set by opening the page once with ``?token=``); cross-site POSTs are refused; binding
@@ -46,6 +48,8 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
     app = Flask("preftune.board")
     app.config.update(PREFTUNE_TOKEN=token or None, PREFTUNE_JSON_ERRORS=True, MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES)
     app.extensions["preftune_runs"] = manager or RunManager(runs_dir)
+    app.extensions["preftune_label_servers"] = {}  # store path -> LabelServer
+    app.extensions["preftune_bind"] = "127.0.0.1"  # the address label servers bind (BoardServer sets its own)
     app.before_request(check_access)
     app.register_error_handler(BoardError, _board_error)
     app.register_error_handler(PreftuneError, _library_error)
@@ -57,7 +61,7 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
         ("/api/runs/<name>/log", _log, "GET"), ("/api/runs/<name>/config.yaml", _config_file, "GET"),
         ("/api/runs/<name>/report", _report, "GET"), ("/api/runs/<name>/stop", _stop, "POST"),
         ("/api/runs/<name>/resume", _resume, "POST"), ("/api/compare", _compare, "GET"),
-        ("/api/data/check", _data_check, "POST"),
+        ("/api/data/check", _data_check, "POST"), ("/api/label/open", _open_labeling, "POST"),
     ]
     for rule, view, method in rules:
         app.add_url_rule(rule, endpoint=f"{view.__name__}_{method}", view_func=view, methods=[method])
@@ -193,6 +197,26 @@ def _data_check() -> Response:
                    text="\n\n".join(f"[{split}] {item.report.format_table()}" for split, item in checked.items()))
 
 
+def _open_labeling() -> Response:
+    """Start (once per store) the labeling app over a store (`preftune label serve`), on a free port of the board's
+    address with the board's token; answer its address. The store must exist (`preftune label import`)."""
+    from preftune.labeling.app import LabelServer
+
+    db = str(_body().get("db", "")).strip()
+    if not db:
+        raise BoardError("db: expected the path of a labeling store", 400, {"db": "expected the path of a labeling store"})
+    path = str(Path(db).resolve())
+    servers = current_app.extensions["preftune_label_servers"]
+    if path not in servers:
+        if not Path(path).is_file():
+            raise BoardError(f"no labeling store at {db} (create one with preftune label import)", 400,
+                             {"db": f"no labeling store at {db} (create one with preftune label import)"})
+        servers[path] = LabelServer(path, host=current_app.extensions["preftune_bind"], port=0,
+                                    token=current_app.config["PREFTUNE_TOKEN"]).start()
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    return jsonify(url=f"http://{host}:{servers[path].port}/", db=path)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Serving
 # --------------------------------------------------------------------------------------------------------------
@@ -206,6 +230,7 @@ class BoardServer(AppServer):
                  threads: int = 8, manager: RunManager | None = None):
         check_bind(host, token, what="the board", token_env=TOKEN_ENV)
         super().__init__(create_app(runs_dir, token=token, manager=manager), host=host, port=port, threads=threads)
+        self.app.extensions["preftune_bind"] = host
 
     @property
     def runs(self) -> RunManager:
@@ -213,4 +238,6 @@ class BoardServer(AppServer):
 
     def stop(self) -> None:
         super().stop()
+        for server in self.app.extensions["preftune_label_servers"].values():
+            server.stop()
         self.runs.shutdown()

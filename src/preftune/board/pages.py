@@ -89,6 +89,11 @@ th:first-child, td:first-child { text-align: left; }
     <button id="btn-data-check" data-i18n="data.check">Check data</button></div>
   <span class="error" id="err-target"></span>
   <pre id="data-report"></pre>
+  <div class="row"><label><span data-i18n="data.store">Labeling store (SQLite)</span>
+    <input id="label-db" type="text" size="60"></label>
+    <button id="btn-label-open" data-i18n="data.open_labeling">Open the labeling pages</button>
+    <a id="label-link" target="_blank" rel="noopener"></a></div>
+  <span class="error" id="err-db"></span>
 </section>
 <script src="/static/board.js"></script>
 </body></html>"""

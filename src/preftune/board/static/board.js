@@ -17,6 +17,7 @@ const LABELS = {
     "compare.runs": "Runs", "compare.metric": "Metric", "compare.go": "Compare", "compare.final": "Final metrics",
     "compare.settings": "Settings that differ", "compare.run": "run", "compare.step": "step",
     "data.target": "Data file, dataset name or config YAML", "data.check": "Check data",
+    "data.store": "Labeling store (SQLite)", "data.open_labeling": "Open the labeling pages",
     "panel.loss": "Loss", "panel.rewards": "Rewards (chosen / rejected / margins)", "panel.accuracies": "Accuracies",
     "panel.logps": "Log-probs (chosen / rejected)", "panel.grad_norm": "Gradient norm",
     "panel.learning_rate": "Learning rate",
@@ -42,6 +43,7 @@ const LABELS = {
     "compare.runs": "运行", "compare.metric": "指标", "compare.go": "对比", "compare.final": "最终指标",
     "compare.settings": "不同的设置", "compare.run": "运行", "compare.step": "步",
     "data.target": "数据文件、数据集名称或配置 YAML", "data.check": "检查数据",
+    "data.store": "标注数据库（SQLite）", "data.open_labeling": "打开标注页面",
     "panel.loss": "损失", "panel.rewards": "奖励（chosen / rejected / margins）", "panel.accuracies": "准确率",
     "panel.logps": "对数概率（chosen / rejected）", "panel.grad_norm": "梯度范数", "panel.learning_rate": "学习率",
     "field.model_name_or_path": "模型文件夹", "field.dataset": "数据集（文件或已注册名称）",
@@ -473,6 +475,13 @@ async function checkData() {
   $("data-report").textContent = ok ? data.text : "";
 }
 
+async function openLabeling() {
+  const { ok, data } = await api("/api/label/open", { body: { db: $("label-db").value } });
+  showErrors(ok ? {} : (Object.keys(data.errors || {}).length ? data.errors : { db: data.error }));
+  $("label-link").textContent = ok ? data.url : "";
+  $("label-link").href = ok ? data.url : "#";
+}
+
 // ---------------------------------------------------------------------------------------------------- wiring
 for (const button of document.querySelectorAll("nav button")) button.addEventListener("click", () => showTab(button.dataset.tab));
 $("lang").addEventListener("click", () => { lang = lang === "en" ? "zh" : "en"; localStorage.setItem("preftune-board-lang", lang); applyLanguage(); });
@@ -485,6 +494,7 @@ $("btn-resume").addEventListener("click", resumeRun);
 $("btn-report").addEventListener("click", loadReport);
 $("btn-compare").addEventListener("click", compare);
 $("btn-data-check").addEventListener("click", checkData);
+$("btn-label-open").addEventListener("click", openLabeling);
 
 setInterval(() => { if ($("watch").classList.contains("active")) pollWatched(); }, 1000);
 applyLanguage();
