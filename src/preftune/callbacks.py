@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 from typing import Any, Iterable
 
 from transformers import TrainerCallback, TrainerControl, TrainerState
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CallbackHandler",
     "ScheduleCallback",
+    "StopOnSignal",
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",
@@ -77,6 +80,50 @@ class ScheduleCallback(DefaultFlowCallback):
         if strategy_name(args.save_strategy) == "epoch":
             control.should_save = True
         return control
+
+
+class StopOnSignal(TrainerCallback):
+    """A graceful stop: the first SIGINT (Ctrl-C) or SIGTERM during training ends it after the current optimizer
+    step, which is saved as a checkpoint (``checkpoint-N``, resumable with ``resume_from_checkpoint: latest``); the
+    run then ends as any run does (final evaluation, model and ``summary.json``). A second signal interrupts at once
+    (KeyboardInterrupt). Handlers are installed at ``on_train_begin`` (main thread only; elsewhere it does nothing)
+    and the previous ones restored at ``on_train_end``. For a single process: with several, the processes would
+    stop at different steps.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None  # the signal received, if any
+        self._previous: dict[int, Any] = {}
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in self.SIGNALS:
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.requested is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = number
+        logger.warning("%s: stopping after this step and saving a checkpoint (send it again to stop at once)",
+                       signal.Signals(number).name)
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+        if self.requested is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
 
 def strategy_name(value: Any) -> str:

@@ -39,6 +39,12 @@ def _train(args: argparse.Namespace) -> int:
         for problem in error.problems:
             print(f"preftune: error: {problem}", file=sys.stderr)
         return 2
+    stopper = None
+    if trainer.world_size == 1:  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, end the run
+        from preftune.callbacks import StopOnSignal
+
+        stopper = StopOnSignal()
+        trainer.add_callback(stopper)
     if not trainer.accelerator.is_main_process:  # replicas (several processes) run the same calls, print nothing
         if config.do_train:
             trainer.train()
@@ -48,6 +54,9 @@ def _train(args: argparse.Namespace) -> int:
     if config.do_train:
         result = trainer.train()
         eval_metrics = result.metrics.get("eval", {})
+        if stopper is not None and stopper.requested is not None:
+            print(f"stopped at step {result.global_step} of {trainer.state.max_steps}: checkpoint-{result.global_step} "
+                  "saved; resume with resume_from_checkpoint=latest")
         print(f"trained {result.global_step} steps; final train loss {result.metrics['train'].get('loss', float('nan')):.4f}")
         if eval_metrics:
             print(f"eval: loss {eval_metrics['loss']:.4f}, rewards/accuracies {eval_metrics['rewards/accuracies']:.3f}")
@@ -185,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dataset-dir", default=None, help="folder of dataset_info.json and relative data paths (default: the config's)")
     check.set_defaults(run=_data_check)
 
+    from preftune.board.cli import add_commands as add_board_commands
     from preftune.cli_eval import add_commands as add_eval_commands
     from preftune.cli_generate import add_commands as add_generate_commands
     from preftune.labeling.cli import add_commands as add_label_commands
@@ -192,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_commands(commands)
     add_generate_commands(commands)
     add_eval_commands(commands)
+    add_board_commands(commands)
     keys = commands.add_parser("config-keys", help="print the table of config keys (Markdown)")
     keys.set_defaults(run=_config_keys)
     return parser

@@ -52,7 +52,7 @@ def create_app(db_path: str | Path, *, token: str | None = None) -> Flask:
         pass  # fail now (DataError) on a missing or unreadable store, not on the first request
     app = Flask("preftune.labeling")
     app.config.update(PREFTUNE_DB=str(db_path), PREFTUNE_TOKEN=token or None, MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES)
-    app.before_request(_check_access)
+    app.before_request(check_access)
     app.extensions["preftune_connections"] = threading.local()
     app.register_error_handler(LabelingError, _labeling_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -79,8 +79,9 @@ def _db() -> sqlite3.Connection:
     return local.conn
 
 
-def _check_access() -> Response | None:
-    """Refuse cross-site POSTs, then (with a token) requests without the right token; `?token=` logs in."""
+def check_access() -> Response | None:
+    """Refuse cross-site POSTs, then (with a token: `app.config["PREFTUNE_TOKEN"]`) requests without the right
+    token; `?token=` logs in. A `before_request` hook, shared with the board (`preftune.board.app`)."""
     if request.method == "POST" and not _same_origin():
         return _error_response(403, "cross-site request refused")
     expected = current_app.config["PREFTUNE_TOKEN"]
@@ -129,7 +130,7 @@ def _wants_json() -> bool:
 
 
 def _error_response(status: int, message: str) -> Response:
-    if _wants_json():
+    if _wants_json() or current_app.config.get("PREFTUNE_JSON_ERRORS"):  # the board answers JSON only
         response = jsonify(error=message)
     else:
         response = Response(render_template_string(pages.ERROR, layout=_layout(), status=status, message=message))
@@ -238,26 +239,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, token: str | None) -> None:
+def check_bind(host: str, token: str | None, *, what: str = "the labeling app",
+               token_env: str = "PREFTUNE_LABEL_TOKEN") -> None:
     """Refuse (ConfigError) to bind a non-loopback host without an access token."""
     if not is_loopback(host) and not token:
-        raise ConfigError(f"binding {host} makes the labeling app reachable from other machines; give an access token "
-                          "(--token or PREFTUNE_LABEL_TOKEN), or bind 127.0.0.1", key="host")
+        raise ConfigError(f"binding {host} makes {what} reachable from other machines; give an access token "
+                          f"(--token or {token_env}), or bind 127.0.0.1", key="host")
 
 
-class LabelServer:
-    """The app on a waitress server (a pool of `threads` worker threads), run in a background thread.
+class AppServer:
+    """A Flask app on a waitress server (a pool of `threads` worker threads), run in a background thread; the
+    labeling app's (`LabelServer`) and the board's. The caller has checked the binding (`check_bind`).
 
     `port=0` takes a free port; `.url` is the address once started. Use as a context manager, or start()/stop().
     """
 
-    def __init__(self, db_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 threads: int = 8):
+    def __init__(self, app: Flask, *, host: str = "127.0.0.1", port: int = 0, threads: int = 8):
         from waitress.server import create_server
 
-        check_bind(host, token)
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" under load is normal
-        self.app = create_app(db_path, token=token)
+        self.app = app
         self._map: dict = {}
         self._server = create_server(self.app, map=self._map, host=host, port=port, threads=threads,
                                      clear_untrusted_proxy_headers=True)
@@ -278,8 +279,8 @@ class LabelServer:
         finally:
             self._server.task_dispatcher.shutdown()
 
-    def start(self) -> LabelServer:
-        self._thread = threading.Thread(target=self.serve_forever, name="preftune-label-server", daemon=True)
+    def start(self) -> AppServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="preftune-server", daemon=True)
         self._thread.start()
         return self
 
@@ -292,8 +293,18 @@ class LabelServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> LabelServer:
+    def __enter__(self) -> AppServer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class LabelServer(AppServer):
+    """The labeling app over the store at `db_path` on a waitress server (`AppServer`); refuses a non-loopback
+    `host` without a `token`."""
+
+    def __init__(self, db_path: str | Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 threads: int = 8):
+        check_bind(host, token)
+        super().__init__(create_app(db_path, token=token), host=host, port=port, threads=threads)
