@@ -77,6 +77,7 @@ NOT_FINGERPRINTED: dict[str, str] = {
     "padding_free": _SAME_VALUES,
     "chunked_lm_head": _SAME_VALUES,
     "lm_head_chunk_size": _SAME_VALUES,
+    "lm_head_chunk_mib": _SAME_VALUES,
     "torch_compile": _SAME_VALUES,
     "gradient_checkpointing": _SAME_VALUES,
     "keep_freed_cpu_memory": "memory policy only",
