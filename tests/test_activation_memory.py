@@ -225,6 +225,37 @@ def test_offloading_with_checkpointing_moves_at_least_every_layers_input():
     assert layer_inputs <= offload.offloaded_bytes < 3 * layer_inputs
 
 
+def test_under_autocast_the_low_precision_weight_copies_stay_and_gradients_match():
+    model = tiny_model(seed=17)
+    batch = collate_pairs(random_examples(seed=18), pad_token_id=0)
+
+    def run(offload):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), offload:
+            logps = completion_logprobs(model, batch).logps
+        logps.sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = run(saved_tensors_hooks(lambda t: t, lambda t: t))
+    offload = ActivationOffload(model.parameters(), device_type="cpu")
+    moved_shapes = []
+    pack = offload._pack
+
+    def recording_pack(tensor):
+        packed = pack(tensor)
+        if packed is not tensor:
+            moved_shapes.append(tuple(tensor.shape))
+        return packed
+
+    offload.pack_hook = recording_pack
+    actual = run(offload)
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    assert moved_shapes and not weight_shapes.intersection(moved_shapes)
+    torch.testing.assert_close(actual[0], expected[0])
+    for name, grad in actual[1].items():
+        torch.testing.assert_close(grad, expected[1][name], msg=name)
+
+
 def test_a_tensor_saved_by_several_operations_is_copied_once():
     weight = torch.randn(64, 64, requires_grad=True)
     hidden = torch.randn(32, 64, requires_grad=True)
@@ -307,3 +338,51 @@ def test_a_model_with_a_large_vocabulary_scores_the_same_under_a_small_budget():
     unbudgeted = logps_loss_and_grads(model, batch, chunk_size=1024)
     budgeted = logps_loss_and_grads(model, batch, chunk_size=1024, max_chunk_bytes=8 * 3000 * 4)  # 8-row chunks
     assert_same(budgeted, unbudgeted)
+
+
+# ------------------------------------------------------------------------------------------------ through the trainer
+STORY_PAIRS = [
+    {"prompt": "Once upon a time, there was a little girl named Lily.", "chosen": " She loved to play outside.",
+     "rejected": " The dog ran away and hid."},
+    {"prompt": "Tom had a red ball.", "chosen": " He was happy.", "rejected": " It was sad and cold."},
+    {"prompt": "The cat sat on the mat. It was", "chosen": " warm and soft.", "rejected": " very big and loud."},
+    {"prompt": "Ben wanted to bake a cake.", "chosen": " His mom helped him.", "rejected": " The oven was broken."},
+]
+
+
+def train_two_steps(model_dir, output_dir, **overrides):
+    from preftune import DPOTrainer
+
+    settings = dict(output_dir=str(output_dir), learning_rate=1e-3, max_steps=2, logging_steps=1, save_strategy="no",
+                    per_device_train_batch_size=4, max_length=64, seed=0, overwrite_cache=True, adam_epsilon=1.0)
+    trainer = DPOTrainer(model=str(model_dir), args=DPOConfig(**{**settings, **overrides}), train_dataset=STORY_PAIRS)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.slow  # two short trainings per case (20-55 s on the shared 2-core machine)
+@pytest.mark.parametrize("settings", [
+    {"prefix_sharing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+    {"prefix_sharing": False, "padding_free": True},
+    {"finetuning_type": "lora", "lora_rank": 4, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+])
+def test_training_with_gradient_checkpointing_follows_the_same_trajectory(stories_model_dir, tmp_path, settings):
+    plain = train_two_steps(stories_model_dir, tmp_path / "plain", **settings)
+    checkpointed = train_two_steps(stories_model_dir, tmp_path / "checkpointed", gradient_checkpointing=True,
+                                   **settings)
+    layers = [m for m in checkpointed.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert layers and all(m.gradient_checkpointing for m in layers)
+    losses = [[entry["loss"] for entry in t.state.log_history if "loss" in entry] for t in (plain, checkpointed)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-6)
+    trained = 0
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), checkpointed.model.named_parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
+        trained += a.requires_grad
+    assert trained
+
+
+def test_activation_offloading_trains_on_cpu_with_a_warning(stories_model_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        trainer = train_two_steps(stories_model_dir, tmp_path, activation_offloading=True)
+    assert "activation_offloading has no effect on CPU" in caplog.text
+    assert trainer.state.global_step == 2

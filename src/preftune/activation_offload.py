@@ -1,8 +1,8 @@
 """Activation offloading (``activation_offloading``, TRL's key): the tensors autograd saves for the backward of the
 policy's forward are copied to CPU memory when they are made and copied back when the backward needs them.
 
-What moves: every saved tensor that lives on the accelerator, holds at least ``min_bytes`` and is not a parameter
-(weights stay where they are; the optimizer needs them there anyway). A tensor saved by several operations (a layer's
+What moves: every saved tensor that lives on the accelerator, holds at least ``min_bytes`` and is an activation: not a
+parameter and not autocast's per-step copy of one (weights stay where they are; the optimizer needs them there). A tensor saved by several operations (a layer's
 input, read by its q, k and v projections) is copied once. The chunked LM head saves only the selected hidden states
 and per-row sums, and keeps its softmax chunk outside autograd, so nothing of vocabulary size is copied. With
 ``gradient_checkpointing`` the saved tensors are each layer's input (what checkpointing keeps), so the two together
@@ -42,6 +42,26 @@ class OffloadedTensor(NamedTuple):
     device: torch.device
 
 
+VIEW_NODES = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                        "ExpandBackward0", "AliasBackward0"})
+"""Backward nodes of views: a view of a weight copy is still a weight copy."""
+
+
+def is_parameter_copy(tensor: Tensor) -> bool:
+    """Whether a saved tensor is a per-step copy of weights rather than an activation: autocast's low-precision cast of
+    a trained parameter (a ``ToCopyBackward0`` straight from a leaf) or a tensor with no gradient history at all (a
+    frozen weight's cast under LoRA; also rotary tables and masks, which stay too). Copying weights to the host every
+    step would move the whole model twice per step."""
+    node = tensor.grad_fn
+    if node is None:
+        return not tensor.requires_grad
+    while node is not None and node.name() in VIEW_NODES:  # linear saves the cast weight transposed
+        node = node.next_functions[0][0]
+    return node is not None and node.name() == "ToCopyBackward0" and any(
+        type(parent).__name__ == "AccumulateGrad" for parent, _ in node.next_functions if parent is not None
+    )
+
+
 class ActivationOffload(saved_tensors_hooks):
     """Context manager: saved tensors made inside it are kept in CPU memory until the backward unpacks them.
 
@@ -66,13 +86,18 @@ class ActivationOffload(saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     def should_offload(self, tensor: Tensor) -> bool:
-        """On the offload device, large enough, not a parameter's storage and not a broadcast view (stride 0: its
-        copy would be larger than its storage)."""
+        """On the offload device, large enough, not a broadcast view (stride 0: its copy would be larger than its
+        storage) and an activation: not a parameter's storage nor a copy of a parameter (``is_parameter_copy``)."""
+        try:
+            storage = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage stay where they are
+            return False
         return (
             tensor.device.type == self.device_type
             and tensor.element_size() * tensor.nelement() >= self.min_bytes
             and 0 not in tensor.stride()
-            and tensor.untyped_storage().data_ptr() not in self.parameter_storages
+            and storage not in self.parameter_storages
+            and not is_parameter_copy(tensor)
         )
 
     def _pack(self, tensor: Tensor) -> Tensor | OffloadedTensor:
