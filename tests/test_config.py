@@ -82,7 +82,6 @@ NOT_SUPPORTED_YET = {
     "use_liger_kernel": True,
     "liger_kernel_config": {"rope": True},
     "neftune_noise_alpha": 5.0,
-    "activation_offloading": True,
     "trackio_space_id": "me/space",
     "trackio_bucket_id": "bucket",
     "trackio_static_space_id": "me/static",

@@ -33,6 +33,18 @@ several interleaved rounds on a busy machine): float32 256/512/1024/2048 → 4.6
 (naive full logits 3.98 s); bfloat16 → 5.41/4.79/4.11/4.50 s (naive 13.6 s). 1024 is fastest or within
 noise of it for both, with a peak of about 0.2–0.33 GB extra against 2.0 GB for full logits."""
 
+DEFAULT_CHUNK_MIB = 256
+"""Memory budget of one chunk's ``(C, V)`` float32 logits, in MiB: 1024 rows up to a 65,536-entry vocabulary (GPT-2,
+Llama 2, Mistral: today's chunks), 512 rows for Llama 3's 128k, 431 for Qwen's 152k, 256 for Gemma's 256k."""
+
+
+def rows_per_chunk(chunk_size: int, vocab_size: int, max_chunk_bytes: int | None, element_size: int = 4) -> int:
+    """Rows per chunk: ``chunk_size``, lowered so that one chunk's ``rows × vocab_size × element_size`` bytes of
+    logits stay within ``max_chunk_bytes`` (None: no budget); at least 1 row."""
+    if max_chunk_bytes is None:
+        return chunk_size
+    return max(1, min(chunk_size, max_chunk_bytes // max(1, vocab_size * element_size)))
+
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float32 for bf16/fp16/fp32 inputs, float64 when any input is float64 (e.g. gradcheck)."""
@@ -224,8 +236,10 @@ def chunked_label_logprobs(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     with_log_sum_sq: bool = False,
+    max_chunk_bytes: int | None = None,
 ) -> tuple[Tensor, ...]:
-    """Log-prob of each label and the vocabulary-mean logit, projecting ``chunk_size`` rows at a time.
+    """Log-prob of each label and the vocabulary-mean logit, projecting ``chunk_size`` rows at a time (fewer where
+    ``max_chunk_bytes`` says so: ``rows_per_chunk``).
 
     Args:
         hidden: ``(N, d)`` final hidden states of the positions whose next token is scored (already
@@ -240,6 +254,10 @@ def chunked_label_logprobs(
         logit_scale: multiplies the logits (Cohere's ``logit_scale``); 1.0 for none.
         softcap: ``logits = softcap · tanh(logits / softcap)`` when given (Gemma-2); None for none.
         with_log_sum_sq: also return ``log Σ_v p_v²`` per row (detached), WPO's alignment term.
+        max_chunk_bytes: budget of one chunk's ``(C, V)`` compute-dtype logits buffer in bytes; chunks get
+            ``rows_per_chunk(chunk_size, V, max_chunk_bytes, itemsize)`` rows (a large vocabulary, fewer rows).
+            The forward keeps one such buffer until the backward; with ``softcap`` the backward holds two. None: no
+            budget, ``chunk_size`` rows.
 
     Returns:
         ``(logps, mean_logits)``, each ``(N,)`` in the compute dtype: float32, or float64 when an input
@@ -283,6 +301,12 @@ def chunked_label_logprobs(
         raise ValueError(f"chunked_label_logprobs: chunk_size must be a positive integer, got {chunk_size!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"chunked_label_logprobs: softcap must be positive or None, got {softcap!r}")
+    if max_chunk_bytes is not None and (isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int)
+                                        or max_chunk_bytes < 1):
+        raise ValueError(f"chunked_label_logprobs: max_chunk_bytes must be a positive integer or None, got "
+                         f"{max_chunk_bytes!r}")
+    element_size = torch.empty(0, dtype=_compute_dtype(hidden, weight, bias)).element_size()
+    chunk_size = rows_per_chunk(chunk_size, vocab_size, max_chunk_bytes, element_size)
     labels = labels.long()
     if num_rows and (int(labels.min()) < 0 or int(labels.max()) >= vocab_size):
         raise ValueError(

@@ -305,6 +305,7 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "padding_free": _P,
     "chunked_lm_head": _P,
     "lm_head_chunk_size": _P,
+    "lm_head_chunk_mib": _P,
     "torch_compile": _P,
     "torch_compile_backend": _T("backend= of torch.compile (None: inductor); setting it turns torch_compile on"),
     "torch_compile_mode": _T("mode= of torch.compile; setting it turns torch_compile on"),
@@ -316,7 +317,7 @@ FIELD_POLICY: dict[str, FieldPolicy] = {
     "use_cache": _N("training forwards never use a KV cache (TRL's DPOTrainer ignores it too)"),
     "neftune_noise_alpha": _L(),
     "torch_empty_cache_steps": _T("every N optimizer steps, empty the accelerator's cache (torch.cuda.empty_cache)"),
-    "activation_offloading": _L(),
+    "activation_offloading": _P,
     "average_tokens_across_devices": _N(
         "the losses are means over pairs and preftune scales gradients to the exact mean over all processes' pairs"
     ),
@@ -967,7 +968,17 @@ class DPOConfig(BaseModel):
         "batch x length x vocabulary logits tensor. Used for llama, mistral, qwen2 and qwen3 models and the "
         "vision-language qwen2_vl, qwen3_vl and llava; other model types fall back to full logits.",
     )
-    lm_head_chunk_size: int = _field(1024, "Tokens per chunk of the chunked LM head.", ge=1)
+    lm_head_chunk_size: int = _field(
+        1024, "Tokens per chunk of the chunked LM head (at most; `lm_head_chunk_mib` lowers it for large vocabularies).",
+        ge=1,
+    )
+    lm_head_chunk_mib: int | None = _field(
+        256,
+        "Memory budget of one LM-head chunk's float32 logits (tokens x vocabulary x 4 bytes), in MiB: chunks get "
+        "fewer than `lm_head_chunk_size` tokens where the vocabulary is large (256 MiB: 1024 tokens up to a 64k "
+        "vocabulary, 256 for 256k). `null`: no budget.",
+        ge=1,
+    )
     torch_compile: bool = _field(
         False,
         "Compile the transformer body of policy and reference with `torch.compile(dynamic=True)` (the LM head stays "
@@ -1002,7 +1013,12 @@ class DPOConfig(BaseModel):
     torch_empty_cache_steps: int | None = _field(
         None, "Empty the accelerator's memory cache every N optimizer steps (less memory, slower); `null`: never.", gt=0
     )
-    activation_offloading: bool = _field(False, "Offload activations to the CPU (TRL).")
+    activation_offloading: bool = _field(
+        False,
+        "Keep the activations saved for the backward in CPU memory (copied there in the forward, back in the "
+        "backward; parameters and tensors under 1 KiB stay): less accelerator memory, slower steps; with "
+        "`gradient_checkpointing` only each layer's input moves. No effect on CPU (a warning).",
+    )
     average_tokens_across_devices: bool = _field(
         True, "Average the loss over the tokens of all processes (transformers)."
     )

@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from preftune.chunked_head import chunked_label_logprobs
+from preftune.chunked_head import chunked_label_logprobs, rows_per_chunk
 from preftune.data.collate import PreferenceBatch, dense_shared_prefix_mask
 from preftune.multimodal_positions import needs_rope_index, rope_index_of, shared_rope_position_ids
 from preftune.shared_prefix_attention import SharedPrefixLayout, use_shared_prefix_attention
@@ -159,9 +159,11 @@ def _identity(hidden: Tensor) -> Tensor:
 
 
 def token_logps(
-    logits: Tensor, targets: Tensor, *, chunk_size: int = 1024, with_log_sum_sq: bool = False
+    logits: Tensor, targets: Tensor, *, chunk_size: int = 1024, with_log_sum_sq: bool = False,
+    max_chunk_bytes: int | None = None,
 ) -> tuple[Tensor, ...]:
-    """Log-prob of each target under ``logits`` and the vocabulary-mean logit, chunk by chunk of tokens.
+    """Log-prob of each target under ``logits`` and the vocabulary-mean logit, chunk by chunk of tokens (at most
+    ``chunk_size``, fewer where one chunk's float32 copy would exceed ``max_chunk_bytes``: ``rows_per_chunk``).
 
     Args:
         logits: ``(N, V)`` next-token logits (any float dtype; computed in float32).
@@ -172,6 +174,7 @@ def token_logps(
         ``(log_probs, mean_logits)``, each ``(N,)`` float32, plus ``log_sum_sq`` with ``with_log_sum_sq``.
     """
     log_probs, mean_logits, log_sum_sq = [], [], []
+    chunk_size = rows_per_chunk(chunk_size, logits.shape[-1], max_chunk_bytes)
     for logit_chunk, target_chunk in zip(logits.split(chunk_size), targets.split(chunk_size)):
         logit_chunk = logit_chunk.float()
         label_logits = logit_chunk.gather(-1, target_chunk.unsqueeze(-1)).squeeze(-1)
@@ -242,11 +245,13 @@ def scored_token_logps(
     *,
     chunked_head: bool = True,
     chunk_size: int = 1024,
+    max_chunk_bytes: int | None = None,
     wpo: bool = False,
     router_aux_loss: bool = False,
 ) -> ScoredTokens:
     """Log-prob of every scored token, its vocabulary-mean logit, its ``log Σ_v p_v²`` (with ``wpo``), the
     permutation back to the batch's plan, and (``router_aux_loss``) the model's MoE load-balancing loss.
+    ``chunk_size`` and ``max_chunk_bytes``: rows projected at once and the budget of one chunk's logits.
 
     Tokens come out grouped by forward segment, so the order may differ from the batch's plan.
     ``router_aux_loss`` needs a batch forwarded in one piece with a 2-D mask (``check_one_padded_forward``).
@@ -279,10 +284,12 @@ def scored_token_logps(
         selected, labels, order = torch.cat(selected), torch.cat(labels), torch.cat(order)
         if use_chunked:
             logps, mean_logits, *extra = chunked_label_logprobs(
-                selected, head.weight, labels, bias=head.bias, chunk_size=chunk_size, with_log_sum_sq=wpo
+                selected, head.weight, labels, bias=head.bias, chunk_size=chunk_size, with_log_sum_sq=wpo,
+                max_chunk_bytes=max_chunk_bytes,
             )
         else:
-            logps, mean_logits, *extra = token_logps(selected, labels, chunk_size=chunk_size, with_log_sum_sq=wpo)
+            logps, mean_logits, *extra = token_logps(selected, labels, chunk_size=chunk_size, with_log_sum_sq=wpo,
+                                                     max_chunk_bytes=max_chunk_bytes)
     return ScoredTokens(logps, mean_logits, (extra[0] if wpo else None), order, aux_loss)
 
 
@@ -328,6 +335,7 @@ def completion_logprobs(
     *,
     chunked_head: bool = True,
     chunk_size: int = 1024,
+    max_chunk_bytes: int | None = None,
     ld_alpha: float | None = None,
     wpo: bool = False,
     router_aux_loss: bool = False,
@@ -338,7 +346,8 @@ def completion_logprobs(
     ``router_aux_loss``: also return the MoE model's load-balancing loss of this forward (``scored_token_logps``);
     only the policy's forward asks for it, never the reference's."""
     logps, mean_logits, log_sum_sq, order, aux_loss = scored_token_logps(
-        model, batch, chunked_head=chunked_head, chunk_size=chunk_size, wpo=wpo, router_aux_loss=router_aux_loss
+        model, batch, chunked_head=chunked_head, chunk_size=chunk_size, max_chunk_bytes=max_chunk_bytes, wpo=wpo,
+        router_aux_loss=router_aux_loss,
     )
     sequences = batch.score_sequences[order]
     count = batch.num_completions * batch.num_pairs

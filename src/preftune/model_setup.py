@@ -266,13 +266,32 @@ def _prepare_modules(args: DPOConfig, policy: nn.Module, reference_model: nn.Mod
     if hasattr(policy, "add_model_tags"):
         policy.add_model_tags(list(MODEL_TAGS))
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-        policy.config.use_cache = False
-        if is_peft_model(policy):  # frozen embeddings: checkpointed blocks need inputs that require grad
-            policy.enable_input_require_grads()
+        enable_activation_checkpointing(policy, args.gradient_checkpointing_kwargs)
     if args.torch_compile:
         for module in distinct:
             compile_body(module, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+
+
+def enable_activation_checkpointing(policy: nn.Module, checkpoint_kwargs: dict[str, Any] | None = None) -> None:
+    """Checkpoint every decoder layer of ``policy`` (transformers' own wrapping, ``torch.utils.checkpoint`` with
+    ``checkpoint_kwargs``; ``use_reentrant`` defaults to false, as in TRL): a layer keeps only its input in the forward
+    and recomputes the rest in the backward. Every layout runs through it unchanged (the shared-prefix layout's
+    ``shared_prefix_layout`` keyword travels with the layer's inputs) and the chunked head, outside the layers, is
+    not touched.
+
+    Only forwards with gradients are checkpointed (transformers skips the wrapping under ``no_grad``), so reference
+    forwards, evaluation and precomputation run as before. With frozen input embeddings (LoRA) the embeddings' output
+    is made to require grad, which reentrant checkpointing needs for gradients to reach the adapters.
+    """
+    kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
+    enable = getattr(policy, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x; gradient_checkpointing_enable is its deprecated alias
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    unwrap_model(policy).config.use_cache = False
+    if is_peft_model(policy) or not any(p.requires_grad for p in policy.get_input_embeddings().parameters()):
+        policy.enable_input_require_grads()
 
 
 def compile_body(model: nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:

@@ -41,6 +41,7 @@ def logprob_options(args: DPOConfig, holds_whole_output_layer: bool) -> dict[str
     return {  # without the whole output weight (ZeRO-3) the model's own forward projects, not the chunked head
         "chunked_head": args.chunked_lm_head and holds_whole_output_layer,
         "chunk_size": args.lm_head_chunk_size,
+        "max_chunk_bytes": None if args.lm_head_chunk_mib is None else args.lm_head_chunk_mib << 20,
         "ld_alpha": args.ld_alpha,
     }
 

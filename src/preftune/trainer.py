@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from preftune.adapters import is_peft_model, load_trainable_weights, merge_and_save, save_trainable_weights
 from preftune.batches import BatchMaker, LazyBatch, PlannedWindows, StreamingWindows
+from preftune.activation_offload import offloading_objective
 from preftune.callbacks import (
     TrainerCallback,
     TrainerControl,
@@ -274,8 +275,9 @@ class DPOTrainer:
         self._flop_parameters = setup.flop_parameters
         self._initial_reference_is_policy = setup.reference_is_initial_policy
         self._logprob_options = logprob_options(self.args, self.parallelism.holds_whole_output_layer)
-        self.objective = build_objective(self.args, self.loss_params, self.accelerator, self._logprob_options,
-                                         self.router_aux_loss_coef)
+        objective = build_objective(self.args, self.loss_params, self.accelerator, self._logprob_options,
+                                    self.router_aux_loss_coef)
+        self.objective = offloading_objective(objective, self.args.activation_offloading, self.accelerator.device)
 
     def _precompute_reference(self) -> None:
         """Score every train/eval row with the reference once (or read the cache), attach the values as a column,
