@@ -304,16 +304,18 @@ def test_layout_work_counts_padded_rows_of_each_layout():
 
 def test_auto_shares_whenever_shared_rows_do_less_work_and_keeps_plain_rows_otherwise():
     assert shared_prefix_pays(random_examples([(2000, 100, 120)]))
-    tiny_prompts = random_examples([(2, 30, 30)] * 8)  # saves 16 tokens of 496: measured faster on CPU all the same
-    assert layout_work(tiny_prompts) == (16 * 32, 8 * 62) and shared_prefix_pays(tiny_prompts)
+    tiny_prompts = random_examples([(5, 8, 8)] * 16)  # saves 80 tokens of 416 for 32 completions: pays
+    assert layout_work(tiny_prompts) == (32 * 13, 16 * 21) and shared_prefix_pays(tiny_prompts)
+    one_token_prompts = random_examples([(1, 30, 30)] * 8)  # saves 8 tokens of 496 for 16 completions: does not
+    assert layout_work(one_token_prompts) == (16 * 31, 8 * 61) and not shared_prefix_pays(one_token_prompts)
     assert not shared_prefix_pays(random_examples([(0, 30, 30)] * 8))  # nothing to share: the same work
-    # with the dense mask (no shared-prefix attention) sharing 16 tokens does not pay for 16 masked rows
+    # with the dense mask (no shared-prefix attention) 80 tokens do not pay for 32 masked completions
     assert not shared_prefix_pays(tiny_prompts, shared_attention=False)
 
 
 def test_batches_the_auto_choice_shares_keep_less_for_their_backward_than_plain_rows():
     model = tiny_model(seed=26).train()
-    for lengths in ([(2, 30, 30)] * 4, [(3, 200, 10), (40, 5, 150)], [(1, 60, 50, 40, 70)], [(90, 8, 9)]):
+    for lengths in ([(6, 30, 30)] * 4, [(3, 200, 10), (40, 5, 150)], [(1, 60, 50, 40, 70)], [(90, 8, 9)]):
         examples = random_examples(lengths, seed=27)
         assert shared_prefix_pays(examples)
         plain = storage_bytes_kept_for_backward(model, collate_pairs(examples, pad_token_id=0))

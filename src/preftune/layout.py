@@ -24,10 +24,10 @@ from typing import Callable, Sequence
 
 from preftune.data.collate import PreferenceBatch, collate_pairs, collate_shared_prefix, completions_of
 
-SHARED_ROW_OVERHEAD_TOKENS = 0
+SHARED_ROW_OVERHEAD_TOKENS = 2
 """Fixed cost of one completion of one shared row, in tokens of position-wise work, fitted on CPU by
-``benchmarks/layout_rule_sweep.py`` (docs/layouts.md): no measurable cost, the shared rows were faster at every
-point, down to 4-token prompts. Kept as a named constant so that a fit on other hardware can change it."""
+``benchmarks/layout_rule_sweep.py`` (1.9 tokens; docs/layouts.md): the shared rows were faster at every point
+measured, down to 4-token prompts."""
 
 DENSE_ROW_OVERHEAD_TOKENS = 64
 """The same cost for shared rows with the dense mask (models without the shared-prefix attention): their attention

@@ -205,7 +205,9 @@ def shared_prefix_attention(
     """A transformers attention function: sdpa, or, given ``shared_prefix_layout``, the attention of shared rows.
 
     Args: as transformers' ``sdpa_attention_forward`` (``query`` ``(R, H, T, d)``, ``key``/``value``
-    ``(R, H_kv, T, d)``); with a layout the mask must be None and no cache may be in use.
+    ``(R, H_kv, T, d)``); with a layout the mask must be None and no cache may be in use. Under ``torch.compile``
+    transformers cannot see that preftune's 2-D mask is all ones and builds the causal mask of it: with a layout that
+    mask is dropped (the layout says more), and the attention of the rows runs uncompiled.
 
     Returns:
         ``((R, T, H, d) attention output, None)``; with a layout, padding positions get zeros.
@@ -217,6 +219,8 @@ def shared_prefix_attention(
     if shared_prefix_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layout, (rows, _, length, _) = shared_prefix_layout, query.shape
+    if torch.compiler.is_compiling():
+        attention_mask = None
     if attention_mask is not None or key.shape[2] != length:
         raise ValueError("shared-prefix attention takes no attention mask and no cache (the layout replaces both)")
     if len(layout.prompt_lengths) != rows or any(layout.real_length(r) > length for r in range(rows)):
@@ -224,12 +228,20 @@ def shared_prefix_attention(
     window = kwargs.get("sliding_window")
     if window is not None and any(layout.real_length(r) > window for r in range(rows)):
         raise ValueError(f"shared-prefix attention does not implement a sliding window ({window} tokens) shorter than a row")
+    return _shared_rows_output(module, query, key, value, layout, dropout, scaling), None
+
+
+@torch.compiler.disable  # loops over each batch's lengths: compiled, it would recompile for every batch
+def _shared_rows_output(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: SharedPrefixLayout, dropout: float,
+    scaling: float | None,
+) -> Tensor:
     if merged_blocks_apply(query, dropout):
-        return SharedRowsAttention.apply(query, key, value, layout, scaling), None
-    output = torch.stack(
+        return SharedRowsAttention.apply(query, key, value, layout, scaling)
+    rows = query.shape[0]
+    return torch.stack(
         [_replayed_row_attention(module, query, key, value, layout, r, dropout, scaling) for r in range(rows)]
     )
-    return output, None
 
 
 AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
