@@ -7,7 +7,10 @@ completions of C tokens (or the lengths given). The step is preftune's policy st
 
 Layouts:
   plain         ``collate_pairs``: 2 rows prompt + completion (``prefix_sharing: false``)
-  shared        ``collate_shared_prefix`` through ``preftune.shared_prefix_attention`` (linear in length)
+  shared        ``collate_shared_prefix`` through ``preftune.shared_prefix_attention`` (linear in length; on CPU the
+                merged key blocks of ``SharedRowsAttention``)
+  shared_replay the same, forced onto the replaying path (the prompt's queries recomputed per extra completion;
+                what shared rows ran on CPU before the merged blocks, and what they run off CPU)
   shared_dense  the same rows with the dense (1, 1, T, T) mask (the layout before issue 18; the fallback for models
                 without the shared-prefix attention)
 
@@ -66,6 +69,10 @@ def one_step(layout: str, prompt: int, completions: list[int]) -> dict:
         import preftune.logprobs as logprobs
 
         logprobs.use_shared_prefix_attention = lambda model: False
+    if layout == "shared_replay":
+        import preftune.shared_prefix_attention as attention
+
+        attention.merged_blocks_apply = lambda query, dropout: False
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     start = time.perf_counter()
     out = pair_logprobs(model, batch)
@@ -82,7 +89,8 @@ def one_step(layout: str, prompt: int, completions: list[int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", nargs="+", default=["500+7000x2", "14000+1000x2"])
-    parser.add_argument("--layouts", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "shared_dense"])
+    parser.add_argument("--layouts", nargs="+", default=["plain", "shared"],
+                        choices=["plain", "shared", "shared_replay", "shared_dense"])
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--child", nargs=2, metavar=("LAYOUT", "LENGTHS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -3,9 +3,10 @@
 The oracle is the plain layout (``collate_pairs``: one padded row per completion, transformers' own causal sdpa
 attention): log-probs, a loss weighing every sequence differently and its gradients must match it at fp32
 tolerances, at several lengths, with padding, with several negatives, padding-free, under LoRA, for the reference
-(adapters disabled) and with gradient checkpointing. Memory: every tensor an aten op creates during the shared
-forward + backward is counted, and none may hold T x T elements (the dense-mask layout does, which the same check
-shows).
+(adapters disabled) and with gradient checkpointing. The attention function itself (both its CPU path of merged key
+blocks and its replaying path) is checked against a naive masked softmax in float64. Memory: every tensor an aten op
+creates during the shared forward + backward is counted, and none may hold T x T elements (the dense-mask layout
+does, which the same check shows); and what a shared step keeps for its backward must not exceed the plain step's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from preftune.data.collate import collate_pairs, collate_shared_prefix, dense_shared_prefix_mask
 from preftune.logprobs import completion_logprobs
 from preftune.reference import AdapterDisabledReference
+import preftune.shared_prefix_attention as shared_attention_module
 from preftune.shared_prefix_attention import (
     SHARED_PREFIX_ATTENTION,
     SharedPrefixLayout,
@@ -189,10 +191,109 @@ def test_the_attention_refuses_a_layout_with_a_mask_or_a_short_sliding_window():
         shared_prefix_attention(module, query, key, value, None, shared_prefix_layout=SharedPrefixLayout((5,), ((2, 2),)))
 
 
+def naive_shared_attention(query, key, value, layout, scale):
+    """``(R, T, H, d)`` attention by the definition: each row's visibility matrix written out from its lengths
+    (prompt: causal; completion k: the prompt and its own earlier tokens), a masked softmax, zeros on padding."""
+    rows, heads, length, _ = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    visible = torch.zeros(rows, length, length, dtype=torch.bool)
+    for row in range(rows):
+        prompt = layout.prompt_lengths[row]
+        piece_of = [0] * prompt  # 0 for the prompt, k + 1 for completion k
+        for k, n in enumerate(layout.completion_lengths[row]):
+            piece_of += [k + 1] * n
+        for i, piece_i in enumerate(piece_of):
+            for j in range(i + 1):
+                visible[row, i, j] = piece_of[j] in (0, piece_i)
+    scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~visible[:, None], float("-inf"))
+    real = visible.any(-1)[:, None, :, None]  # padding queries see nothing: output zero
+    weights = torch.where(real, scores, 0.0).softmax(-1) * real
+    return (weights @ value).transpose(1, 2)
+
+
+ATTENTION_LAYOUTS = {
+    "one row": SharedPrefixLayout((5,), ((4, 6),)),
+    "padded rows, several negatives": SharedPrefixLayout((3, 7), ((2, 5, 1, 4), (6, 1, 3, 0))),
+    "no prompt": SharedPrefixLayout((0,), ((5, 3),)),
+    "long pieces": SharedPrefixLayout((40, 9), ((70, 55), (30, 80))),
+}
+
+
+@pytest.mark.parametrize("path", ["merged key blocks", "replayed prompt"])
+@pytest.mark.parametrize("case", sorted(ATTENTION_LAYOUTS))
+def test_shared_attention_and_its_gradients_equal_a_naive_masked_softmax(monkeypatch, path, case):
+    if path == "replayed prompt":  # the path off CPU and with attention dropout
+        monkeypatch.setattr(shared_attention_module, "merged_blocks_apply", lambda query, dropout: False)
+    layout = ATTENTION_LAYOUTS[case]
+    rows = len(layout.prompt_lengths)
+    length = max(layout.real_length(row) for row in range(rows)) + 3  # and padding
+    generator = torch.Generator().manual_seed(21)
+    def draw(heads):  # (rows, heads, length, 8) over (rows, length, heads, 8) memory, as the model's projections
+        return torch.randn(rows, length, heads, 8, generator=generator, dtype=torch.float64).transpose(1, 2)
+
+    query, key, value = (draw(h).requires_grad_() for h in (4, 2, 2))  # 4 query heads on 2 key/value heads
+    upstream = torch.randn(rows, length, 4, 8, generator=generator, dtype=torch.float64)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    actual, _ = shared_prefix_attention(module, query, key, value, None, scaling=0.3, shared_prefix_layout=layout)
+    actual_grads = torch.autograd.grad((actual * upstream).sum(), (query, key, value))
+    expected = naive_shared_attention(query, key, value, layout, 0.3)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (query, key, value))
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10)
+    for name, got, want in zip("qkv", actual_grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_model_forwards_on_cpu_take_the_merged_key_blocks(monkeypatch):
+    decisions = []
+    decide = shared_attention_module.merged_blocks_apply
+    record = lambda query, dropout: decisions.append(decide(query, dropout)) or decisions[-1]  # noqa: E731
+    monkeypatch.setattr(shared_attention_module, "merged_blocks_apply", record)
+    assert_same_as_plain(tiny_model(seed=22), random_examples([(6, 9, 4, 7)], seed=23))
+    assert decisions and all(decisions)  # every layer of the forward (and none fell back to replaying)
+
+
+def storage_bytes_kept_for_backward(model, batch=None, **inputs) -> int:
+    """Bytes of every distinct storage autograd saves during one forward (of ``batch`` through
+    ``completion_logprobs``, or of the model on ``inputs``), parameters excluded."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        if batch is not None:
+            result = completion_logprobs(model, batch).logps
+        else:
+            result = model(**inputs, use_cache=False).logits
+    del result
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("lengths", [(8, 300, 280), (300, 20, 24), (10, 150, 140, 160)])
+def test_a_shared_row_keeps_for_its_backward_what_one_causal_row_of_its_length_keeps(lengths):
+    """What sdpa keeps (queries, keys, values, output, log-sum-exp) and no more: no joined copies of the prompt's
+    keys, no replayed outputs. (A plain step keeps more: its K rows together are longer than the shared row.)"""
+    model = tiny_model(seed=24).train()
+    batch = collate_shared_prefix(random_examples([lengths], seed=25), pad_token_id=0)
+    ones = torch.ones_like(batch.input_ids)
+    causal = storage_bytes_kept_for_backward(model, input_ids=batch.input_ids, attention_mask=ones)
+    layout = SharedPrefixLayout.from_segments(batch.segments)
+    model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
+    shared = storage_bytes_kept_for_backward(model, input_ids=batch.input_ids, attention_mask=ones,
+                                             position_ids=batch.position_ids, shared_prefix_layout=layout)
+    assert shared <= causal
+
+
 # --- the auto choice (preftune.layout) ---------------------------------------------------------------------------
 
 from preftune.batches import BatchMaker  # noqa: E402
-from preftune.layout import SHARED_ROW_OVERHEAD_TOKENS, collate_auto, layout_work, shared_prefix_pays  # noqa: E402
+from preftune.layout import collate_auto, layout_work, shared_prefix_pays  # noqa: E402
 
 
 def test_layout_work_counts_padded_rows_of_each_layout():
@@ -201,11 +302,25 @@ def test_layout_work_counts_padded_rows_of_each_layout():
     assert layout_work(examples) == (4 * 23, 2 * 25)
 
 
-def test_auto_shares_a_long_prompt_and_keeps_short_rows_with_tiny_prompts_plain():
+def test_auto_shares_whenever_shared_rows_do_less_work_and_keeps_plain_rows_otherwise():
     assert shared_prefix_pays(random_examples([(2000, 100, 120)]))
-    tiny_prompts = random_examples([(2, 30, 30)] * 8)  # saves 16 tokens, costs 16 attention calls
-    plain, shared = layout_work(tiny_prompts)
-    assert shared + SHARED_ROW_OVERHEAD_TOKENS * 16 >= plain and not shared_prefix_pays(tiny_prompts)
+    tiny_prompts = random_examples([(5, 8, 8)] * 16)  # saves 80 tokens of 416 for 32 completions: pays
+    assert layout_work(tiny_prompts) == (32 * 13, 16 * 21) and shared_prefix_pays(tiny_prompts)
+    one_token_prompts = random_examples([(1, 30, 30)] * 8)  # saves 8 tokens of 496 for 16 completions: does not
+    assert layout_work(one_token_prompts) == (16 * 31, 8 * 61) and not shared_prefix_pays(one_token_prompts)
+    assert not shared_prefix_pays(random_examples([(0, 30, 30)] * 8))  # nothing to share: the same work
+    # with the dense mask (no shared-prefix attention) 80 tokens do not pay for 32 masked completions
+    assert not shared_prefix_pays(tiny_prompts, shared_attention=False)
+
+
+def test_batches_the_auto_choice_shares_keep_less_for_their_backward_than_plain_rows():
+    model = tiny_model(seed=26).train()
+    for lengths in ([(6, 30, 30)] * 4, [(3, 200, 10), (40, 5, 150)], [(1, 60, 50, 40, 70)], [(90, 8, 9)]):
+        examples = random_examples(lengths, seed=27)
+        assert shared_prefix_pays(examples)
+        plain = storage_bytes_kept_for_backward(model, collate_pairs(examples, pad_token_id=0))
+        shared = storage_bytes_kept_for_backward(model, collate_shared_prefix(examples, pad_token_id=0))
+        assert shared <= plain, lengths
 
 
 def test_auto_without_the_shared_attention_refuses_a_dense_mask_growing_past_its_limit():
@@ -216,7 +331,7 @@ def test_auto_without_the_shared_attention_refuses_a_dense_mask_growing_past_its
 
 def test_auto_collate_gives_the_plain_layouts_numbers_either_way():
     model = tiny_model(seed=17)
-    for examples in (random_examples([(120, 9, 14)], seed=18), random_examples([(2, 6, 5)] * 3, seed=19)):
+    for examples in (random_examples([(120, 9, 14)], seed=18), random_examples([(0, 6, 6)] * 3, seed=19)):
         batch = collate_auto(examples, pad_token_id=0)
         assert (batch.segments is not None) == shared_prefix_pays(examples)
         assert_same_as_plain(model, examples, batch)
@@ -225,7 +340,7 @@ def test_auto_collate_gives_the_plain_layouts_numbers_either_way():
 def test_batch_maker_with_auto_prefix_sharing_decides_per_batch():
     import datasets
 
-    rows = random_examples([(300, 10, 12), (2, 5, 6), (2, 7, 3)], seed=20)
+    rows = random_examples([(300, 10, 12), (0, 5, 5), (0, 4, 5)], seed=20)  # rows 1, 2: nothing to share
     dataset = datasets.Dataset.from_list(rows)
     make = BatchMaker(pad_token_id=0, prefix_sharing=None, padding_free=False)
     assert make(dataset, [0]).collate().segments is not None

@@ -3,16 +3,26 @@
 A shared row is ``prompt | completion 0 | … | completion K-1`` (``preftune.data.collate.collate_shared_prefix``):
 completion k must see the prompt and its own earlier tokens, never another completion. A dense 4-D mask says
 this with ``T × T`` booleans per row, which transformers turns into a float mask and which forces a masked kernel;
-its memory grows like ``T²``. This module computes the same attention from the row's lengths alone:
+its memory grows like ``T²``. This module computes the same attention from the row's lengths alone.
 
-- ``prompt | completion 0`` is one causal ``scaled_dot_product_attention`` call (``is_causal=True``);
-- completion k ≥ 1 is one causal call over the concatenation ``prompt | completion k`` of queries, keys and values,
-  of which only the completion's outputs are kept: the prompt's queries are replayed (their attention is
-  recomputed, ``P² / 2`` pairs per extra completion) so that every call is square and causal. Their outputs are
-  discarded, so no gradient flows through them, and every kept output sees exactly the keys, in the same order, that
-  it sees in the plain layout.
+On CPU (no attention dropout), the attention of all shared rows is one autograd function, ``SharedRowsAttention``,
+built on the flash-attention kernels that return each query's log-sum-exp of scores:
 
-Every tensor is ``O(T)`` (per head); the kernels are the causal ones (flash on CPU and CUDA).
+- ``prompt | completion 0`` is one causal call;
+- completion k ≥ 1 is two calls, its queries over the prompt's keys (every pair visible) and over its own keys
+  (causal), merged exactly through their log-sum-exps (the softmax over both key blocks is the two partial softmaxes
+  reweighted by ``exp(lse_block − lse)``);
+- it keeps for the backward what one sdpa call of the plain layout keeps: queries, keys, values, the output and one
+  log-sum-exp per query and head. The backward runs the flash backward kernel once per key block with the merged
+  output and log-sum-exp (with those, each block's gradient is exact: the kernel's probabilities are
+  ``exp(score − lse)`` and its softmax correction is ``Σ dout · out`` of the merged output).
+
+So each completion costs the same attention pairs as its plain row (the prompt is never replayed) and no joined or
+stacked copies are kept. Elsewhere (CUDA, attention dropout) completion k ≥ 1 is one causal sdpa call over the
+concatenation ``prompt | completion k`` of queries, keys and values whose prompt outputs are dropped (the prompt's
+queries are replayed, ``P² / 2`` pairs per extra completion, and the joined copies are kept for the backward).
+
+Every tensor is ``O(T)`` (per head); the kernels are the causal ones.
 
 How it is wired into transformers: the function is registered with ``AttentionInterface`` under
 ``SHARED_PREFIX_ATTENTION`` (its mask function is sdpa's), and ``use_shared_prefix_attention`` switches a supported
@@ -84,11 +94,12 @@ def _causal_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     )
 
 
-def _shared_row_attention(
+def _replayed_row_attention(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: SharedPrefixLayout, row: int,
     dropout: float, scaling: float | None,
 ) -> Tensor:
-    """``(T, H, d)`` attention output of one shared row (zeros on padding)."""
+    """``(T, H, d)`` attention output of one shared row (zeros on padding), replaying the prompt's queries for every
+    completion after the first (the path off CPU or with attention dropout)."""
     prompt = layout.prompt_lengths[row]
     q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
     pieces, start = [], prompt
@@ -107,6 +118,88 @@ def _shared_row_attention(
     return torch.cat(pieces, dim=2)[0].transpose(0, 1)
 
 
+Block = tuple[slice, slice, bool]
+"""One attention call of a shared row: its queries, its keys (and values), whether it is causal."""
+
+
+def row_blocks(layout: SharedPrefixLayout, row: int) -> list[list[Block]]:
+    """The attention calls of one shared row, grouped by query span (each group's outputs are merged).
+
+    ``prompt | completion 0`` is one causal block; completion k ≥ 1 is a block over the prompt's keys (all visible)
+    and a causal block over its own keys. Empty spans are left out.
+    """
+    prompt = layout.prompt_lengths[row]
+    groups, start = [], prompt
+    for index, length in enumerate(layout.completion_lengths[row]):
+        if index == 0 and prompt + length:
+            groups.append([(slice(0, prompt + length), slice(0, prompt + length), True)])
+        elif index and length:
+            own = slice(start, start + length)
+            groups.append(([(own, slice(0, prompt), False)] if prompt else []) + [(own, own, True)])
+        start += length
+    return groups
+
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class SharedRowsAttention(torch.autograd.Function):
+    """The attention of shared rows on CPU: ``(R, H, T, d)`` queries, ``(R, H_kv, T, d)`` keys and values (grouped
+    query heads allowed) → ``(R, T, H, d)`` output, zeros on padding. Exact; saves queries, keys, values, the output
+    and ``(R, H, T)`` log-sum-exps (float32, float64 for float64; see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, layout: SharedPrefixLayout, scaling: float | None):
+        rows, heads, length, _ = query.shape
+        out = query.new_zeros(rows, length, heads, value.shape[-1])
+        accumulate = torch.promote_types(query.dtype, torch.float32)  # the kernel's log-sum-exp dtype
+        lse = query.new_zeros(rows, heads, length, dtype=accumulate)
+        out_by_head = out.transpose(1, 2)
+        for row in range(rows):
+            q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
+            for group in row_blocks(layout, row):
+                queries = group[0][0]
+                partial = [_flash_forward(q[:, :, queries], k[:, :, keys], v[:, :, keys], 0.0, causal, scale=scaling)
+                           for _, keys, causal in group]
+                if len(partial) == 1:
+                    merged, merged_lse = partial[0]
+                else:  # softmax over both key blocks: each block's output weighted by its share of the exp-sum
+                    merged_lse = torch.logaddexp(partial[0][1], partial[1][1])
+                    merged = sum(o.to(accumulate) * (lse_of_block - merged_lse).exp().unsqueeze(-1)
+                                 for o, lse_of_block in partial)
+                out_by_head[row : row + 1, :, queries] = merged
+                lse[row : row + 1, :, queries] = merged_lse
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.layout, ctx.scaling = layout, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        query, key, value, out, lse = ctx.saved_tensors
+        grad_query = torch.zeros_like(out).transpose(1, 2)  # (R, H, T, d) over (R, T, H, d) memory, as query is
+        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        grad_by_head, out_by_head = grad_out.transpose(1, 2), out.transpose(1, 2)
+        for row in range(query.shape[0]):
+            r = slice(row, row + 1)
+            for group in row_blocks(ctx.layout, row):
+                for queries, keys, causal in group:
+                    dq, dk, dv = _flash_backward(
+                        grad_by_head[r, :, queries], query[r, :, queries], key[r, :, keys], value[r, :, keys],
+                        out_by_head[r, :, queries], lse[r, :, queries], 0.0, causal, scale=ctx.scaling,
+                    )
+                    grad_query[r, :, queries] += dq
+                    grad_key[r, :, keys] += dk
+                    grad_value[r, :, keys] += dv
+        return grad_query, grad_key, grad_value, None, None
+
+
+def merged_blocks_apply(query: Tensor, dropout: float) -> bool:
+    """Whether ``SharedRowsAttention`` runs these rows: CPU tensors and no attention dropout (the CPU flash kernel's
+    limits); otherwise the replaying path does."""
+    return query.device.type == "cpu" and dropout == 0.0
+
+
 def shared_prefix_attention(
     module: nn.Module,
     query: Tensor,
@@ -121,7 +214,9 @@ def shared_prefix_attention(
     """A transformers attention function: sdpa, or, given ``shared_prefix_layout``, the attention of shared rows.
 
     Args: as transformers' ``sdpa_attention_forward`` (``query`` ``(R, H, T, d)``, ``key``/``value``
-    ``(R, H_kv, T, d)``); with a layout the mask must be None and no cache may be in use.
+    ``(R, H_kv, T, d)``); with a layout the mask must be None and no cache may be in use. Under ``torch.compile``
+    transformers cannot see that preftune's 2-D mask is all ones and builds the causal mask of it: with a layout that
+    mask is dropped (the layout says more), and the attention of the rows runs uncompiled.
 
     Returns:
         ``((R, T, H, d) attention output, None)``; with a layout, padding positions get zeros.
@@ -133,6 +228,8 @@ def shared_prefix_attention(
     if shared_prefix_layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layout, (rows, _, length, _) = shared_prefix_layout, query.shape
+    if torch.compiler.is_compiling():
+        attention_mask = None
     if attention_mask is not None or key.shape[2] != length:
         raise ValueError("shared-prefix attention takes no attention mask and no cache (the layout replaces both)")
     if len(layout.prompt_lengths) != rows or any(layout.real_length(r) > length for r in range(rows)):
@@ -140,10 +237,20 @@ def shared_prefix_attention(
     window = kwargs.get("sliding_window")
     if window is not None and any(layout.real_length(r) > window for r in range(rows)):
         raise ValueError(f"shared-prefix attention does not implement a sliding window ({window} tokens) shorter than a row")
-    output = torch.stack(
-        [_shared_row_attention(module, query, key, value, layout, r, dropout, scaling) for r in range(rows)]
+    return _shared_rows_output(module, query, key, value, layout, dropout, scaling), None
+
+
+@torch.compiler.disable  # loops over each batch's lengths: compiled, it would recompile for every batch
+def _shared_rows_output(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: SharedPrefixLayout, dropout: float,
+    scaling: float | None,
+) -> Tensor:
+    if merged_blocks_apply(query, dropout):
+        return SharedRowsAttention.apply(query, key, value, layout, scaling)
+    rows = query.shape[0]
+    return torch.stack(
+        [_replayed_row_attention(module, query, key, value, layout, r, dropout, scaling) for r in range(rows)]
     )
-    return output, None
 
 
 AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
