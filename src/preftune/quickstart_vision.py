@@ -49,10 +49,10 @@ VISION_QUICKSTART_TRAINING = {
     "max_grad_norm": 1.0,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
-    "max_steps": 100,
+    "max_steps": 60,
     "max_length": 64,
     "eval_strategy": "steps",
-    "eval_steps": 50,
+    "eval_steps": 30,
     "logging_steps": 10,
     "seed": 0,
     "freeze_vision_tower": False,
@@ -128,8 +128,8 @@ def draw_image(colour: str, size: int, rng: random.Random) -> Any:
     return image
 
 
-TRAIN_SQUARE_SIZES = (20, 22, 24, 28, 30, 32)
-HELD_OUT_SQUARE_SIZES = (21, 26, 31)
+TRAIN_SQUARE_SIZES = (30, 32, 34, 38, 40, 42)
+HELD_OUT_SQUARE_SIZES = (33, 36, 41)
 
 
 def build_rows(count: int, sizes: tuple[int, ...], image_dir: Path, rng: random.Random) -> list[dict]:
