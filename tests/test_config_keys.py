@@ -118,12 +118,18 @@ def test_other_stages_say_what_to_write(tmp_path, stage, expected):
     assert caught.value.key == "stage"
 
 
-@pytest.mark.parametrize(("key", "value"), [("video_max_pixels", 16384), ("freeze_language_model", True)])
-def test_video_keys_are_not_supported_yet_and_say_so(tmp_path, key, value):
+@pytest.mark.parametrize(("key", "value"), [("image_do_pan_and_scan", True), ("freeze_language_model", True)])
+def test_vision_keys_not_built_yet_are_not_supported_and_say_so(tmp_path, key, value):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, f"{key}: {json.dumps(value)}\n"))
     assert "not supported yet: " + key in str(caught.value)
     assert "vision-language DPO takes images only" in str(caught.value) and caught.value.key == key
+
+
+def test_video_keys_load_at_any_value_as_video_columns_are_refused_anyway(tmp_path):
+    """LLaMA-Factory's qwen3vl_lora_dpo.yaml sets video_max_pixels: 16384; they only act on video inputs."""
+    config = load_config(write(tmp_path, "video_max_pixels: 16384\nvideo_fps: 1.0\nvideo_maxlen: 4\n"))
+    assert config.beta == 0.1
 
 
 @pytest.mark.parametrize(("key", "value"), [("image_max_pixels", 262144), ("image_min_pixels", 1024),

@@ -88,9 +88,14 @@ def _loop(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    if args.vision:
+        from preftune.quickstart_vision import run_vision_quickstart
+
+        run_vision_quickstart(args.output_dir or "output/quickstart-vision")
+        return 0
     from preftune.quickstart import run_quickstart
 
-    run_quickstart(args.output_dir)
+    run_quickstart(args.output_dir or "output/quickstart")
     return 0
 
 
@@ -161,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     loop.set_defaults(run=_loop)
 
     quickstart = commands.add_parser("quickstart", help="offline demo: build a tiny model and data, train DPO with eval")
-    quickstart.add_argument("--output-dir", default="output/quickstart", help="where the model, data and outputs go")
+    quickstart.add_argument("--output-dir", default=None,
+                            help="where the model, data and outputs go (default output/quickstart, or "
+                                 "output/quickstart-vision with --vision)")
+    quickstart.add_argument("--vision", action="store_true",
+                            help="the vision demo: a tiny vision-language model learns to name a square's colour")
     quickstart.set_defaults(run=_quickstart)
 
     export = commands.add_parser(

@@ -222,6 +222,61 @@ def as_content_parts(messages: list[dict]) -> list[dict]:
     return structured
 
 
+# ------------------------------------------------------------------------------- named templates (LLaMA-Factory)
+
+# LLaMA-Factory's multimodal plugins whose image expansion preftune writes, with the texts that replace each
+# <image>: (opening text, the image token, closing text); the image token is repeated once per merged patch.
+PLUGIN_IMAGE_TOKENS = {
+    "Qwen2VL": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "Qwen3VL": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+}
+
+
+def image_token_counts(processor: Any, images: Sequence[Any]) -> list[int]:
+    """How many image tokens each image takes for a Qwen-VL image processor: its patch grid (t x h x w, as the
+    image processor resizes it within its pixel limits) divided by the merged block (``merge_size`` squared), as
+    LLaMA-Factory's Qwen2-VL and Qwen3-VL plugins count them."""
+    image_processor = processor.image_processor
+    grids = image_processor(images=list(images), return_tensors="pt")["image_grid_thw"]
+    merged = int(image_processor.merge_size) ** 2
+    return [int(grid.prod()) // merged for grid in grids]
+
+
+def expand_image_placeholders(messages: list[dict], images: Sequence[Any], processor: Any, template_name: str,
+                              plugin: str | None) -> list[dict]:
+    """The messages with each ``<image>`` replaced, in order, by the model's image tokens as LLaMA-Factory's
+    multimodal plugin ``plugin`` writes them before encoding with a named template (for Qwen-VL:
+    ``<|vision_start|>`` + ``<|image_pad|>`` once per merged patch + ``<|vision_end|>``). ``images``: the row's PIL
+    images, one per placeholder.
+
+    Raises:
+        ConfigError: the template has no multimodal plugin, or one whose image tokens preftune does not write yet,
+            or the processor's image token is not the plugin's (key ``template``).
+    """
+    from preftune.errors import ConfigError
+
+    if plugin is None:
+        raise ConfigError(f"the data has images but template {template_name!r} is text-only; use the model's "
+                          "multimodal template (e.g. qwen2_vl, qwen3_vl_nothink) or remove template", key="template")
+    if plugin not in PLUGIN_IMAGE_TOKENS:
+        raise ConfigError(f"not supported yet: rows with images under template {template_name!r} (LLaMA-Factory's "
+                          f"{plugin} plugin); remove template to use the processor's chat template", key="template")
+    opening, token, closing = PLUGIN_IMAGE_TOKENS[plugin]
+    if image_token_id(processor) != processor.tokenizer.convert_tokens_to_ids(token):
+        raise ConfigError(f"template {template_name!r} writes images as {token} but the processor's image token is "
+                          f"{getattr(processor, 'image_token', '?')}; use the model's own template", key="template")
+    counts = iter(image_token_counts(processor, images) if images else [])
+    expanded = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) and IMAGE_PLACEHOLDER in content:
+            pieces = content.split(IMAGE_PLACEHOLDER)
+            content = pieces[0] + "".join(opening + token * next(counts) + closing + piece for piece in pieces[1:])
+            message = {**message, "content": content}
+        expanded.append(message)
+    return expanded
+
+
 # -------------------------------------------------------------------------------------------- batch inputs
 
 

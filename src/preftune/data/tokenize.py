@@ -24,6 +24,7 @@ import jinja2
 from preftune.data.images import (
     IMAGE_FEATURE,
     as_content_parts,
+    expand_image_placeholders,
     image_files_signature,
     image_token_id,
     is_processor,
@@ -308,12 +309,14 @@ def _image_sequences(
         raise ConfigError("the data has images but processing_class is a tokenizer; give the model's processor "
                           "(transformers.AutoProcessor), or a model folder that has a processor config",
                           key="processing_class")
-    if settings.template is not None:
-        raise ConfigError(f"not supported yet: rows with images under the named template {settings.template!r}; "
-                          "remove template to use the processor's chat template", key="template")
     prompt = example["prompt"]
     for field, value in [("prompt", prompt), *completions]:
         check_messages(value, row, field)
+    if settings.template is not None:  # LLaMA-Factory's way: <image> expanded into image tokens, then the template
+        images = [load_image(entry) for entry in example["images"]]
+        template = get_chat_template(settings.template)
+        expanded = expand_image_placeholders(list(prompt), images, processor, template.name, template.multimodal)
+        return _named_template_sequences(expanded, completions, processor.tokenizer, settings, row)
     template = settings.chat_template or _chat_template_for(processor, settings)
     inputs = template_inputs(example)
     prompt_text = render_messages(processor, as_content_parts(prompt), template, True, row, "prompt", inputs)
