@@ -137,7 +137,7 @@ def test_judge_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_frontier_example_smoke_run(tmp_path):
+def test_frontier_example_smoke_run_has_offline_iterative_and_online_points_at_one_judged_budget(tmp_path):
     pytest.importorskip("trl")
     from conftest import shared_asset
 
@@ -145,17 +145,28 @@ def test_frontier_example_smoke_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / "reward_kl_frontier" / "run.py"), "--smoke", "--model", str(model_dir),
-         "--output-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+         "--output-dir", str(tmp_path), "--methods", "offline", "iterative", "online"],
+        capture_output=True, text=True, env=env, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "frontier.json").read_text())
-    engines = {point["engine"] for point in results["points"]}
-    assert engines == {"preftune", "trl"}
+    series = {(point["method"], point["engine"]) for point in results["points"]}
+    assert series == {("offline", "preftune"), ("offline", "trl"), ("iterative", "preftune"), ("online", "preftune")}
     for point in results["points"]:
         assert point["kl"] == pytest.approx(point["kl"])  # finite numbers
         assert point["kl_stderr"] >= 0 and point["reward_stderr"] >= 0
+    settings = results["settings"]
+    budget = settings["train_prompts"] * settings["num_samples"]  # judged samples of the offline run
+    (iterative,) = [p for p in results["points"] if p["method"] == "iterative"]
+    loop_summary = json.loads((tmp_path / "work" / "iterative_beta0.1" / "summary.json").read_text())
+    judged = sum(r["responses"] for r in loop_summary["rounds"])
+    assert len(iterative["rounds"]) == settings["rounds"] and judged == budget
+    assert loop_summary["rounds"][1]["policy"].endswith("round-1/model")  # round 2 samples from round 1's model
+    (online,) = [p for p in results["points"] if p["method"] == "online"]
+    assert online["online"]["steps"] * settings["batch_size"] * 2 == budget
     assert (tmp_path / "frontier.png").stat().st_size > 0
     table = (tmp_path / "frontier.md").read_text()
-    assert "| preftune |" in table and "| trl |" in table and "reference" in table
+    assert "| offline | preftune |" in table and "| offline | trl |" in table and "reference" in table
+    assert "| iterative | preftune |" in table and "| online | preftune |" in table
 
 
 @pytest.mark.slow

@@ -12,6 +12,14 @@ Top to bottom:
    so an unbiased estimate), through `preftune.evaluation`;
 6. frontier.png (reward vs KL, one marker per β, both engines), frontier.md (the table), frontier.json.
 
+`--methods` adds on-policy training at the same budget of judged samples (offline: train_prompts × num_samples):
+- `iterative`: `preftune.loop.run_loop`, --rounds rounds of train_prompts / rounds fresh openings × num_samples,
+  each round sampled from the previous round's model, judged, paired best vs worst and trained with DPO (the same
+  settings, num_train_epochs per round; the reference stays the pretrained model);
+- `online`: `preftune.online` (per batch of prompts: two samples from the current policy, judged, one DPO step
+  on the pair), one pass over train_prompts × num_samples / 2 distinct openings (the training openings, then
+  openings after the held-out ones), batch_size prompts per step.
+
     python examples/reward_kl_frontier/run.py            # full run (< 20 min on 2 CPU cores)
     python examples/reward_kl_frontier/run.py --smoke    # tiny version (< 60 s), for the test suite
 """
@@ -30,6 +38,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune import DPOConfig, DPOTrainer
+from preftune.loop import run_loop
+from preftune.losses import LossParams
+from preftune.models import disable_dropout
+from preftune.online import OnlineDPO, run_online
+from preftune.optim import build_adamw, build_scheduler
 from preftune.evaluation import outcomes_from_scores, per_prompt_mean, sampled_kl, sequence_logps, win_rate
 from preftune.generation import SamplingParams, append_candidates, candidate_row, generate_samples
 from preftune.judges import pairs_from_candidates, score_candidates, sentiment_word_score, load_judge
@@ -42,9 +55,10 @@ DEFAULT_MODEL = HERE.parents[1].parent / "shared" / "assets" / "stories260K-hf"
 JUDGE = "preftune.judges:sentiment_word_score"
 
 FULL = dict(train_prompts=400, eval_prompts=100, num_samples=4, eval_samples=4, max_new_tokens=48,
-            betas=[0.05, 0.1, 0.5, 1.0], epochs=2.0, learning_rate=5e-4, batch_size=8)
+            betas=[0.05, 0.1, 0.5, 1.0], epochs=2.0, learning_rate=5e-4, batch_size=8, rounds=4)
 SMOKE = dict(train_prompts=16, eval_prompts=6, num_samples=4, eval_samples=2, max_new_tokens=12,
-             betas=[0.1], epochs=1.0, learning_rate=5e-4, batch_size=8)
+             betas=[0.1], epochs=1.0, learning_rate=5e-4, batch_size=8, rounds=2)
+METHODS = ("offline", "iterative", "online")
 
 logger = logging.getLogger("frontier")
 
@@ -112,6 +126,58 @@ def train_trl(model_dir: Path, tokenizer, pairs: list[dict], beta: float, settin
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 4b. On-policy DPO at the same budget of judged samples
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_prompts_file(prompts: list[str], path: Path) -> Path:
+    path.write_text("".join(json.dumps({"id": f"opening-{i}", "prompt": text}) + "\n" for i, text in enumerate(prompts)))
+    return path
+
+
+def train_iterative(model_dir: Path, prompts: list[str], beta: float, settings: dict, out: Path):
+    """`settings["rounds"]` rounds of `preftune.loop` on fresh slices of `prompts`: sample num_samples continuations
+    from the current policy, judge, pair best vs worst, DPO for `epochs` epochs (reference: the pretrained model).
+    Returns (the last round's model, per-round {sample reward, pairs, steps})."""
+    loop = dict(prompts=str(write_prompts_file(prompts, out.parent / f"{out.name}_prompts.jsonl")), judge=JUDGE,
+                rounds=settings["rounds"], prompts_per_round=len(prompts) // settings["rounds"],
+                prompt_selection="fresh", num_samples=settings["num_samples"], temperature=1.0,
+                max_new_tokens=settings["max_new_tokens"], sampling_seed=0, sampling_batch_size=256,
+                pair_mode="best_vs_worst", reference="initial")
+    config = DPOConfig(model_name_or_path=str(model_dir), output_dir=str(out), beta=beta,
+                       learning_rate=settings["learning_rate"], num_train_epochs=settings["epochs"],
+                       per_device_train_batch_size=settings["batch_size"], max_length=settings["max_length"], seed=0,
+                       logging_steps=10, save_strategy="no", plot_loss=False, overwrite_cache=True, loop=loop)
+    summary = run_loop(config, progress=False)
+    rounds = [{"round": r["round"], "sample_reward": r["sample_reward"]["mean"], "pairs": r["pairs"],
+               "steps": r["train"]["global_step"]} for r in summary["rounds"]]
+    policy = AutoModelForCausalLM.from_pretrained(out / f"round-{settings['rounds']}" / "model")
+    return policy.eval(), rounds
+
+
+def train_online(model_dir: Path, tokenizer, prompts: list[str], beta: float, settings: dict):
+    """Online DPO (`preftune.online`), one pass over `prompts`, batch_size prompts per step, with the offline run's
+    optimizer (AdamW, linear decay over the steps), dropout off and the pretrained model as the reference.
+    Returns (the policy, {steps, mean score of the samples drawn while training})."""
+    config = DPOConfig(output_dir="unused", beta=beta, learning_rate=settings["learning_rate"],
+                       per_device_train_batch_size=settings["batch_size"], max_length=settings["max_length"], seed=0)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    disable_dropout(policy)
+    steps = math.ceil(len(prompts) / settings["batch_size"])
+    optimizer = build_adamw(policy, config)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=settings["max_new_tokens"], seed=0, batch_size=256)
+    trainer = OnlineDPO(policy, tokenizer, JUDGE, loss=LossParams.from_config(config), sampling=sampling,
+                        optimizer=optimizer, scheduler=build_scheduler(optimizer, config, steps),
+                        max_length=settings["max_length"], max_grad_norm=config.max_grad_norm)
+    history = run_online(trainer, [(f"opening-{i}", text) for i, text in enumerate(prompts)], steps,
+                         batch_size=settings["batch_size"])
+    scores = [row["objective/scores"] for row in history]
+    return policy.eval(), {"steps": steps, "sample_reward": sum(scores) / len(scores),
+                           "sample_reward_last_10_steps": sum(scores[-10:]) / len(scores[-10:])}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # 5. Reward and KL of a policy's samples
 # --------------------------------------------------------------------------------------------------------------
 
@@ -154,29 +220,42 @@ def evaluate_policy(policy, reference, tokenizer, prompts, params, reference_sco
 # --------------------------------------------------------------------------------------------------------------
 
 
+def series(point: dict) -> str:
+    """The plot line and table row group of a point: the engine for offline DPO, else the method."""
+    method = point.get("method", "offline")
+    return point["engine"] if method == "offline" else method
+
+
+SERIES = {  # name: (legend label, matplotlib style)
+    "preftune": ("preftune DPO, offline", dict(color="tab:blue", marker="o", markersize=11, markerfacecolor="none",
+                                               linewidth=2)),
+    "preftune-rpo": ("preftune-rpo DPO, offline", dict(color="tab:green", marker="^", markersize=8, linewidth=1.5)),
+    "trl": ("trl DPO, offline", dict(color="tab:orange", marker="s", markersize=5, linestyle="--", linewidth=1.2)),
+    "iterative": ("preftune iterative DPO (loop)", dict(color="tab:red", marker="D", markersize=7, linewidth=1.5)),
+    "online": ("preftune online DPO", dict(color="tab:purple", marker="v", markersize=8, linestyle=":",
+                                           linewidth=1.5)),
+}
+
+
 def plot_frontier(points: list[dict], reference: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    figure, axis = plt.subplots(figsize=(7.2, 4.8))
     # preftune as large open circles, TRL as small filled squares on top: where the engines agree, both show.
-    styles = {"preftune": dict(color="tab:blue", marker="o", markersize=11, markerfacecolor="none", linewidth=2),
-              "preftune-rpo": dict(color="tab:green", marker="^", markersize=8, linewidth=1.5),
-              "trl": dict(color="tab:orange", marker="s", markersize=5, linestyle="--", linewidth=1.2)}
-    labelled = set()
-    for engine, style in styles.items():
-        mine = sorted((p for p in points if p["engine"] == engine), key=lambda p: p["kl"])
+    for name, (label, style) in SERIES.items():
+        mine = sorted((p for p in points if series(p) == name), key=lambda p: p["kl"])
         if not mine:
             continue
         axis.errorbar([p["kl"] for p in mine], [p["reward"] for p in mine], xerr=[p["kl_stderr"] for p in mine],
-                      yerr=[p["reward_stderr"] for p in mine], label=f"{engine} DPO", capsize=3, **style)
+                      yerr=[p["reward_stderr"] for p in mine], label=label, capsize=3, **style)
+        if name == "trl":
+            continue  # its points coincide with preftune's
         for p in mine:
-            if (p["beta"], engine == "preftune-rpo") not in labelled:
-                labelled.add((p["beta"], engine == "preftune-rpo"))
-                axis.annotate(f"β={p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(8, -12),
-                              fontsize=8, color=style["color"])
+            axis.annotate(f"β={p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(8, -12),
+                          fontsize=8, color=style["color"])
     axis.errorbar([0.0], [reference["reward"]], yerr=[reference["reward_stderr"]], color="black", marker="*",
                   markersize=11, linestyle="none", label="reference (pretrained)", capsize=3)
     axis.set_xlabel("KL(π ‖ π_ref), nats per continuation (sampled)")
@@ -193,6 +272,7 @@ def _agreement(points: list[dict]) -> list[str]:
     """One line per β comparing the engines: rewards and KLs within 2 combined standard errors, or not, and the
     largest difference between their trained weights."""
     lines = []
+    points = [p for p in points if p.get("method", "offline") == "offline"]
     for beta in sorted({p["beta"] for p in points}):
         by_engine = {p["engine"]: p for p in points if p["beta"] == beta}
         if not {"preftune", "trl"} <= set(by_engine):
@@ -210,25 +290,76 @@ def _agreement(points: list[dict]) -> list[str]:
     return lines
 
 
+def _on_policy_comparison(points: list[dict]) -> list[str]:
+    """One line per on-policy point: its reward and KL minus offline preftune DPO's at the same β, with 2 combined
+    standard errors."""
+    offline = {p["beta"]: p for p in points if series(p) == "preftune"}
+    lines = []
+    for p in sorted((p for p in points if series(p) in ("iterative", "online")), key=lambda p: (series(p), p["beta"])):
+        base = offline.get(p["beta"])
+        if base is None:
+            continue
+        parts = []
+        for key, label in (("reward", "reward"), ("kl", "KL")):
+            gap = p[key] - base[key]
+            tolerance = 2 * math.hypot(p[f"{key}_stderr"], base[f"{key}_stderr"])
+            parts.append(f"{label} {gap:+.2f} (2 SE = {tolerance:.2f})")
+        lines.append(f"- {series(p)} β = {p['beta']:g} − offline: " + "; ".join(parts))
+    return lines
+
+
 def write_table(points: list[dict], reference: dict, settings: dict, stats: dict, path: Path) -> None:
     lines = [
-        "| engine | β | mean reward ± SE | KL(π‖π_ref) ± SE | win rate vs reference [95% CI] | train s |",
-        "|---|---|---|---|---|---|",
-        f"| reference | – | {reference['reward']:.2f} ± {reference['reward_stderr']:.2f} | 0 | – | – |",
+        "| method | engine | β | mean reward ± SE | KL(π‖π_ref) ± SE | win rate vs reference [95% CI] | train s |",
+        "|---|---|---|---|---|---|---|",
+        f"| reference | – | – | {reference['reward']:.2f} ± {reference['reward_stderr']:.2f} | 0 | – | – |",
     ]
-    for p in sorted(points, key=lambda p: (p["engine"], p["beta"])):
+    order = {name: i for i, name in enumerate(("offline",) + METHODS[1:])}
+    for p in sorted(points, key=lambda p: (order[p.get("method", "offline")], p["engine"], p["beta"])):
         low, high = p["win_rate_interval"]
-        lines.append(f"| {p['engine']} | {p['beta']:g} | {p['reward']:.2f} ± {p['reward_stderr']:.2f} | "
-                     f"{p['kl']:.1f} ± {p['kl_stderr']:.1f} | {p['win_rate']:.2f} [{low:.2f}, {high:.2f}] | "
-                     f"{p['train_seconds']:.0f} |")
-    setup = (f"{stats['pairs']} best-vs-worst pairs ({settings['train_prompts']} prompts × {settings['num_samples']} "
-             f"samples, {settings['max_new_tokens']} new tokens, temperature 1; {stats['ties_skipped']} ties skipped), "
-             f"{settings['epochs']:g} epochs, lr {settings['learning_rate']:g}, batch {settings['batch_size']}, "
-             f"sigmoid loss; evaluation on {settings['eval_prompts']} held-out prompts × {settings['eval_samples']} "
-             f"samples (temperature 1). SE = standard error over prompts.")
+        lines.append(f"| {p.get('method', 'offline')} | {p['engine']} | {p['beta']:g} | {p['reward']:.2f} ± "
+                     f"{p['reward_stderr']:.2f} | {p['kl']:.1f} ± {p['kl_stderr']:.1f} | {p['win_rate']:.2f} "
+                     f"[{low:.2f}, {high:.2f}] | {p['train_seconds']:.0f} |")
+    budget = settings["train_prompts"] * settings["num_samples"]
+    setup = (f"Offline: {stats['pairs']} best-vs-worst pairs ({settings['train_prompts']} prompts × "
+             f"{settings['num_samples']} samples from the pretrained model, {settings['max_new_tokens']} new tokens, "
+             f"temperature 1; {stats['ties_skipped']} ties skipped), {settings['epochs']:g} epochs, lr "
+             f"{settings['learning_rate']:g}, batch {settings['batch_size']}, sigmoid loss. "
+             f"Every method judges {budget} samples. Iterative (`preftune.loop`): {settings['rounds']} rounds × "
+             f"{settings['train_prompts'] // settings['rounds']} fresh prompts × {settings['num_samples']} samples "
+             f"from the current policy, {settings['epochs']:g} epochs per round on its pairs, reference = the "
+             f"pretrained model. Online (`preftune.online`): {budget // 2} prompts × 2 samples from the current "
+             f"policy, one DPO step per batch of {settings['batch_size']} prompts, one pass. Evaluation on "
+             f"{settings['eval_prompts']} held-out prompts × {settings['eval_samples']} samples (temperature 1). "
+             f"SE = standard error over prompts.")
+    comparison = _on_policy_comparison(points)
     text = "\n".join(["# Reward vs KL frontier (stories260K, sentiment-word reward)", "", setup, "", *lines, "",
-                      "Engines at the same β:", "", *(_agreement(points) or ["- (one engine only)"]), ""])
+                      "Engines at the same β (offline):", "", *(_agreement(points) or ["- (one engine only)"]), "",
+                      *(["On-policy minus offline preftune DPO at the same β:", "", *comparison, ""] if comparison
+                        else [])])
     path.write_text(text)
+
+
+def write_outputs(results: dict, output: Path) -> None:
+    """frontier.json, frontier.png and frontier.md from what is measured so far (rewritten after each point)."""
+    (output / "frontier.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    plot_frontier(results["points"], results["reference"], output / "frontier.png")
+    write_table(results["points"], results["reference"], results["settings"],
+                {"pairs": results["pairs"], "ties_skipped": results["ties_skipped"]}, output / "frontier.md")
+
+
+def merged_points(path: Path, settings: dict, planned: set) -> tuple[list[dict], dict]:
+    """The points of an earlier run's frontier.json that this run does not compute (same prompts, sample counts and
+    lengths required), and its offline pair counts."""
+    earlier = json.loads(path.read_text())
+    for key in ("train_prompts", "eval_prompts", "num_samples", "eval_samples", "max_new_tokens"):
+        if earlier["settings"].get(key) != settings[key]:
+            raise SystemExit(f"--merge {path}: its {key} is {earlier['settings'].get(key)}, this run's {settings[key]}")
+    kept = [p for p in earlier["points"]
+            if (p.get("method", "offline"), p["engine"], p["beta"]) not in planned]
+    for point in kept:
+        point.setdefault("method", "offline")
+    return kept, {"pairs": earlier.get("pairs"), "ties_skipped": earlier.get("ties_skipped")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,13 +372,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (< 60 s), for the test suite")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="stories260K-hf directory")
     parser.add_argument("--output-dir", default=str(HERE), help="where frontier.png/.md/.json go (work files in work/)")
+    parser.add_argument("--methods", nargs="+", default=["offline"], choices=METHODS,
+                        help="offline: DPO on pairs sampled once from the pretrained model (with --engines); "
+                             "iterative: preftune.loop rounds; online: preftune.online (same judged-sample budget)")
     parser.add_argument("--engines", nargs="+", default=["preftune", "trl"], choices=["preftune", "trl", "preftune-rpo"],
-                        help="preftune-rpo: preftune DPO plus RPO's NLL term on the chosen responses (--rpo-alpha)")
+                        help="offline engines; preftune-rpo: preftune DPO plus RPO's NLL term on the chosen "
+                             "responses (--rpo-alpha)")
     parser.add_argument("--rpo-alpha", type=float, default=1.0, help="RPO weight of the preftune-rpo engine")
     parser.add_argument("--betas", nargs="+", type=float, default=None, help="override the β list")
     parser.add_argument("--train-prompts", type=int, default=None)
     parser.add_argument("--eval-prompts", type=int, default=None)
     parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="iterative rounds (train_prompts / rounds each)")
+    parser.add_argument("--merge", default=None,
+                        help="an earlier run's frontier.json: its points this run does not compute are kept")
     return parser.parse_args(argv)
 
 
@@ -257,7 +395,7 @@ def main(argv=None) -> int:
     for noisy in ("preftune", "transformers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = dict(SMOKE if args.smoke else FULL)
-    for key in ("betas", "train_prompts", "eval_prompts", "epochs"):
+    for key in ("betas", "train_prompts", "eval_prompts", "epochs", "rounds"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["max_length"] = 128  # prompt (< 30 tokens) + continuation + EOS: nothing is ever cut
@@ -270,12 +408,24 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.unk_token  # stories260K has no pad token
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    openings = story_openings(settings["train_prompts"] + settings["eval_prompts"])
-    train_prompts, eval_prompts = openings[: settings["train_prompts"]], openings[settings["train_prompts"]:]
+    budget = settings["train_prompts"] * settings["num_samples"]
+    online_count = budget // 2
+    held_out_end = settings["train_prompts"] + settings["eval_prompts"]
+    openings = story_openings(held_out_end + max(0, online_count - settings["train_prompts"]))
+    train_prompts, eval_prompts = openings[: settings["train_prompts"]], openings[settings["train_prompts"]: held_out_end]
+    online_prompts = (train_prompts + openings[held_out_end:])[:online_count]  # never a held-out opening
 
-    train_params = SamplingParams(temperature=1.0, max_new_tokens=settings["max_new_tokens"],
-                                  num_samples=settings["num_samples"], seed=0, batch_size=256)
-    pairs, stats = make_pairs(reference, tokenizer, train_prompts, train_params, work, str(model_dir))
+    planned = {(method, engine, beta) for beta in settings["betas"] for method in args.methods
+               for engine in (args.engines if method == "offline" else ["preftune"])}
+    points, stats = [], {"pairs": None, "ties_skipped": None}
+    if args.merge:
+        points, stats = merged_points(Path(args.merge), settings, planned)
+    pairs = None
+    if "offline" in args.methods:
+        train_params = SamplingParams(temperature=1.0, max_new_tokens=settings["max_new_tokens"],
+                                      num_samples=settings["num_samples"], seed=0, batch_size=256)
+        pairs, pair_stats = make_pairs(reference, tokenizer, train_prompts, train_params, work, str(model_dir))
+        stats = {"pairs": pair_stats.pairs, "ties_skipped": pair_stats.ties_skipped}
     eval_params = SamplingParams(temperature=1.0, max_new_tokens=settings["max_new_tokens"],
                                  num_samples=settings["eval_samples"], seed=1, batch_size=256)
     _, reference_scores = sample_and_score(reference, tokenizer, eval_prompts, eval_params)
@@ -283,37 +433,48 @@ def main(argv=None) -> int:
     reference_point = {"reward": estimate.mean, "reward_stderr": estimate.stderr or 0.0}
     logger.info("reference on held-out prompts: reward %.3f ± %.3f", estimate.mean, reference_point["reward_stderr"])
 
-    points = []
     trainers = {"preftune": lambda beta, out: train_preftune(model_dir, pairs, beta, settings, out),
                 "trl": lambda beta, out: train_trl(model_dir, tokenizer, pairs, beta, settings, out),
                 "preftune-rpo": lambda beta, out: train_preftune(model_dir, pairs, beta, settings, out,
                                                                  rpo_alpha=args.rpo_alpha)}
-    for beta in settings["betas"]:
-        weights = {}
-        for engine in args.engines:
-            clock = time.time()
-            policy = trainers[engine](beta, work / f"{engine}_beta{beta:g}")
-            seconds = time.time() - clock
-            weights[engine] = {name: value.detach().clone() for name, value in policy.state_dict().items()}
-            point = {"engine": engine, "beta": beta, "train_seconds": seconds,
-                     **evaluate_policy(policy, reference, tokenizer, eval_prompts, eval_params, reference_scores)}
-            logger.info("%-8s β=%-5g reward %.2f ± %.2f, KL %.1f ± %.1f, win rate %.2f (trained in %.0f s)", engine,
-                        beta, point["reward"], point["reward_stderr"], point["kl"], point["kl_stderr"],
-                        point["win_rate"], seconds)
-            points.append(point)
-            del policy
-        if "preftune" in weights and "trl" in weights:
-            difference = max_weight_difference(weights["preftune"], weights["trl"])
-            for point in points[-len(args.engines):]:
-                if point["engine"] == "preftune":
-                    point["max_weight_difference"] = difference
+    results = {"settings": settings, "methods": args.methods, **stats, "reference": reference_point, "points": points}
 
-    results = {"settings": settings, "pairs": stats.pairs, "ties_skipped": stats.ties_skipped,
-               "reference": reference_point, "points": points, "seconds": time.time() - started}
-    (output / "frontier.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    plot_frontier(points, reference_point, output / "frontier.png")
-    write_table(points, reference_point, settings, {"pairs": stats.pairs, "ties_skipped": stats.ties_skipped},
-                output / "frontier.md")
+    def record(policy, method: str, engine: str, beta: float, seconds: float, **extra) -> dict:
+        point = {"method": method, "engine": engine, "beta": beta, "train_seconds": seconds, **extra,
+                 **evaluate_policy(policy, reference, tokenizer, eval_prompts, eval_params, reference_scores)}
+        logger.info("%-9s %-8s β=%-5g reward %.2f ± %.2f, KL %.1f ± %.1f, win rate %.2f (trained in %.0f s)", method,
+                    engine, beta, point["reward"], point["reward_stderr"], point["kl"], point["kl_stderr"],
+                    point["win_rate"], seconds)
+        points.append(point)
+        results["seconds"] = time.time() - started
+        write_outputs(results, output)
+        return point
+
+    for beta in settings["betas"]:
+        if "offline" in args.methods:
+            weights, offline_points = {}, {}
+            for engine in args.engines:
+                clock = time.time()
+                policy = trainers[engine](beta, work / f"{engine}_beta{beta:g}")
+                weights[engine] = {name: value.detach().clone() for name, value in policy.state_dict().items()}
+                offline_points[engine] = record(policy, "offline", engine, beta, time.time() - clock)
+                del policy
+            if "preftune" in weights and "trl" in weights:
+                offline_points["preftune"]["max_weight_difference"] = max_weight_difference(weights["preftune"],
+                                                                                           weights["trl"])
+                write_outputs(results, output)
+        if "iterative" in args.methods:
+            clock = time.time()
+            out = work / f"iterative_beta{beta:g}"
+            policy, rounds = train_iterative(model_dir, train_prompts, beta, settings, out)
+            record(policy, "iterative", "preftune", beta, time.time() - clock, rounds=rounds)
+        if "online" in args.methods:
+            clock = time.time()
+            policy, training = train_online(model_dir, tokenizer, online_prompts, beta, settings)
+            record(policy, "online", "preftune", beta, time.time() - clock, online=training)
+
+    results["seconds"] = time.time() - started
+    write_outputs(results, output)
     logger.info("done in %.0f s: %s", time.time() - started, output / "frontier.md")
     return 0
 
