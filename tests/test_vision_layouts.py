@@ -129,7 +129,8 @@ def test_the_chunked_head_gives_the_full_logits_values_without_making_the_logits
         assert widths == [len(vision_processor.tokenizer), hidden]  # chunked: the forward returns hidden states only
 
 
-def test_prefix_sharing_auto_picks_shared_rows_where_images_make_the_prompt_long(tmp_path):
+def test_prefix_sharing_auto_shares_vision_rows_and_encodes_each_image_once(tmp_path):
+    """With the fitted rule (2 tokens of overhead per completion) any chat prompt of tens of tokens pays."""
     from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
     from preftune import DPOTrainer
@@ -147,8 +148,9 @@ def test_prefix_sharing_auto_picks_shared_rows_where_images_make_the_prompt_long
     assert (trainer.layout.prefix_sharing, trainer.layout.padding_free, trainer.layout.shared_attention) == (
         None, False, True)
     long_prompt, short_prompt = (trainer.batch_maker(trainer.train_dataset, [i]).collate() for i in (0, 1))
-    assert long_prompt.segments is not None and short_prompt.segments is None
+    assert long_prompt.segments is not None and short_prompt.segments is not None
     assert long_prompt.model_inputs["pixel_values"].shape[0] == 32 * 32  # the image's patches, once
+    assert short_prompt.model_inputs["pixel_values"].shape[0] == 2 * 2 * 2  # two images of 2 x 2 patches, once each
     trainer.train()
     assert trainer.state.log_history[0]["loss"] > 0
 
