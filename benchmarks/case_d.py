@@ -86,13 +86,14 @@ def _last_progress(path: Path) -> tuple[float | None, int]:
 
 
 def run_capped(spec: dict, env: dict, scratch: Path, *, memory_cap_mib: float, memory_reserve_mib: float,
-               step_time_cap: float, poll_seconds: float = 0.5) -> dict:
+               step_time_cap: float, poll_seconds: float = 0.5, worker_command: list[str] | None = None) -> dict:
     """Run one benchmark worker (``run.py --worker SPEC``) and watch it. Returns the worker's result with
     ``status: "ok"``, or ``{"status": reason, ...}`` when it was stopped (``memory cap``: its resident set passed
     ``memory_cap_mib``; ``machine memory``: the machine's available memory fell below ``memory_reserve_mib``;
     ``time cap``: one step (or the wait for the first) took longer than ``step_time_cap`` seconds, counted from the
     start of training) or ended without a result (``out of memory`` when its error says so or the kernel killed it,
-    else ``failed``), with the highest resident set seen and the steps finished."""
+    else ``failed``), with the highest resident set seen and the steps finished. ``worker_command`` replaces
+    ``python run.py --worker`` (the spec JSON, with ``progress_file`` added, is its last argument)."""
     scratch.mkdir(parents=True, exist_ok=True)
     progress = scratch / "progress.txt"
     progress.unlink(missing_ok=True)
@@ -100,7 +101,8 @@ def run_capped(spec: dict, env: dict, scratch: Path, *, memory_cap_mib: float, m
     env = {**env, "HF_DATASETS_CACHE": str(scratch / "hf-datasets")}
     stdout_path, stderr_path = scratch / "stdout.txt", scratch / "stderr.txt"
     with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
-        process = subprocess.Popen([sys.executable, str(RUN), "--worker", json.dumps(spec)], env=env, stdout=out, stderr=err)
+        command = worker_command or [sys.executable, str(RUN), "--worker"]
+        process = subprocess.Popen([*command, json.dumps(spec)], env=env, stdout=out, stderr=err)
         seen_rss, stopped = 0.0, None
         while process.poll() is None:
             rss = process_rss_mib(process.pid)
@@ -293,8 +295,10 @@ def run_case_d(args, env: dict, device: str, work_dir: Path, header: str) -> dic
 
 def render_report(results: dict, tables: list[str]) -> str:
     settings = results["settings"]
+    command = " ".join(Path(results["command"][1]).name if i == 1 else part for i, part in enumerate(results["command"][1:], 1))
     lines = [
         results["header"],
+        f"command: python benchmarks/{command}",
         f"started {results['started_utc']}" + (f", finished {results['finished_utc']}" if "finished_utc" in results else " (running)")
         + f"; load average at start {results['load_average_start'][0]:.1f}" + (f", at end {results['load_average_end'][0]:.1f}" if "load_average_end" in results else "")
         + f"; {os.cpu_count()} CPUs, device {settings['device']}",
