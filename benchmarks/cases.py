@@ -18,6 +18,10 @@ Cases:
 - ``c``: the real stories260K Llama (pad = unk) on HH-RLHF helpful-base test pairs; max_length 512.
 
 Smoke variants shrink models (case a: hidden 64, 2 layers, vocab 512) and data so that a run takes seconds.
+
+Case ``d`` (long pairs) is built per length point by ``build_long_pair_case``: a random-init Qwen2-shaped model
+(hidden 256, 4 layers, 4 heads / 2 key-value heads, MLP 688, untied, the GPT-2 tokenizer + ``<|pad|>``: vocab
+50,258) and pairs of exact token lengths made of single-token GPT-2 words.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ STORIES_MODEL = ASSETS / "stories260K-hf"
 ASSISTANT_TAG = "\n\nAssistant:"
 
 CASES = ("a", "b", "c")
+LONG_CASES = ("d",)  # long pairs: not part of "all" (a run takes an hour on 2 cores)
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
@@ -55,6 +60,8 @@ class CaseSettings:
     num_heads: int = 4
     intermediate_size: int = 688
     vocab_size: int = 32000
+    num_key_value_heads: int | None = None
+    architecture: str = "llama"
 
 
 def case_settings(name: str, *, smoke: bool = False) -> CaseSettings:
@@ -179,15 +186,17 @@ def pair_lengths(tokenizer, row: dict, max_length: int) -> tuple[int, int, int] 
 
 # ---------------------------------------------------------------------------------------------------- build
 def _random_llama(settings: CaseSettings, tokenizer, *, seed: int = 0):
+    """A random-init causal LM of ``settings.architecture`` (``llama`` or ``qwen2``) and shape, float32."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        settings.architecture,
         hidden_size=settings.hidden_size,
         num_hidden_layers=settings.num_layers,
         num_attention_heads=settings.num_heads,
-        num_key_value_heads=settings.num_heads,
+        num_key_value_heads=settings.num_key_value_heads or settings.num_heads,
         intermediate_size=settings.intermediate_size,
         vocab_size=settings.vocab_size,
         max_position_embeddings=max(2048, settings.max_length),
@@ -196,7 +205,7 @@ def _random_llama(settings: CaseSettings, tokenizer, *, seed: int = 0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config).to(torch.float32)
+    return AutoModelForCausalLM.from_config(config).to(torch.float32)
 
 
 def model_dimensions(model) -> dict:
@@ -251,7 +260,64 @@ def build_case(name: str, root: Path, *, pairs: int | None = None, smoke: bool =
         if len(rows) == wanted:
             break
 
-    case_dir = Path(root) / name
+    return _write_case(Path(root) / name, settings, model, tokenizer, rows, lengths, smoke)
+
+
+# ---------------------------------------------------------------------------------------- case d: long pairs
+def long_pair_settings(prompt: int, completion: int, *, smoke: bool = False) -> CaseSettings:
+    """Case d at one length point: a prompt of ``prompt`` tokens and two completions of ``completion`` tokens
+    (EOS included); ``max_length`` leaves room, so nothing is cut. ``smoke`` shrinks the body (hidden 64, 2 layers)."""
+    settings = CaseSettings(
+        f"d-{prompt}+2x{completion}",
+        f"random-init Qwen2 (hidden 256, 4 layers), GPT-2 vocab 50258, one pair of {prompt:,} + 2x{completion:,} tokens",
+        max_length=prompt + completion + 8,
+        num_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50258,
+        architecture="qwen2",
+    )
+    if smoke:
+        settings.hidden_size, settings.num_layers, settings.num_heads, settings.num_key_value_heads = 64, 2, 2, 1
+        settings.intermediate_size = 172
+        settings.description += " [smoke]"
+    return settings
+
+
+def single_token_words(tokenizer) -> list[str]:
+    """GPT-2 words that are one token with their leading space (``" the"``): letters only, 3-10 characters, each
+    checked by encoding it; text made of them has exactly one token per word."""
+    words = []
+    for token in tokenizer.get_vocab():
+        word = token[1:]
+        if token.startswith("Ġ") and 3 <= len(word) <= 10 and word.isascii() and word.isalpha():
+            words.append(" " + word)
+    words.sort()
+    return [w for w in words if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def long_pair_rows(tokenizer, count: int, prompt: int, completion: int, *, seed: int = 0) -> list[dict]:
+    """``count`` pairs of random single-token words: a prompt of ``prompt`` tokens and two different completions of
+    ``completion - 1`` words (the engines append EOS, so ``completion`` tokens)."""
+    rng = random.Random(seed)
+    vocabulary = single_token_words(tokenizer)
+    text = lambda n: "".join(rng.choice(vocabulary) for _ in range(n))  # noqa: E731
+    return [{"prompt": text(prompt), "chosen": text(completion - 1), "rejected": text(completion - 1)} for _ in range(count)]
+
+
+def build_long_pair_case(root: Path, prompt: int, completion: int, *, pairs: int, smoke: bool = False, seed: int = 0) -> Path:
+    """Write case d at one length point under ``root/<settings.name>`` (same layout as ``build_case``) and return
+    that directory. Raises ValueError when the pairs do not tokenize to the requested lengths."""
+    settings = long_pair_settings(prompt, completion, smoke=smoke)
+    tokenizer = gpt2_tokenizer_with_pad()
+    rows = long_pair_rows(tokenizer, pairs, prompt, completion, seed=seed)
+    lengths = [pair_lengths(tokenizer, row, settings.max_length) for row in rows]
+    if any(counted != (prompt, completion, completion) for counted in lengths):
+        raise ValueError(f"case d: pairs tokenize to {lengths[:3]}, expected {(prompt, completion, completion)}")
+    model = _random_llama(settings, tokenizer, seed=seed)
+    return _write_case(Path(root) / settings.name, settings, model, tokenizer, rows, [list(c) for c in lengths], smoke)
+
+
+def _write_case(case_dir: Path, settings: CaseSettings, model, tokenizer, rows: list[dict], lengths: list, smoke: bool) -> Path:
     model_dir = case_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir, safe_serialization=True)
@@ -259,13 +325,7 @@ def build_case(name: str, root: Path, *, pairs: int | None = None, smoke: bool =
     with open(case_dir / "rows.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    meta = {
-        "settings": asdict(settings),
-        "smoke": smoke,
-        "pairs": len(rows),
-        "model": model_dimensions(model),
-        "lengths": lengths,
-    }
+    meta = {"settings": asdict(settings), "smoke": smoke, "pairs": len(rows), "model": model_dimensions(model), "lengths": lengths}
     (case_dir / "case.json").write_text(json.dumps(meta), encoding="utf-8")
     return case_dir
 

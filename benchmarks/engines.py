@@ -23,6 +23,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +54,7 @@ class RunSpec:
     optim: str = "adamw_torch_fused"
     gradient_checkpointing: bool = False
     output_dir: str | None = None
+    progress_file: str | None = None  # when set: "train <time>" before training, "step <time>" after each step
 
 
 class StepClock:
@@ -64,8 +66,9 @@ class StepClock:
     (the reference runs without gradients).
     """
 
-    def __init__(self, policy: torch.nn.Module, *, synchronize_cuda: bool) -> None:
+    def __init__(self, policy: torch.nn.Module, *, synchronize_cuda: bool, progress_file: str | None = None) -> None:
         self.step_ends: list[float] = []
+        self._progress_file = progress_file
         self.step_tokens: list[int] = []
         self._pending_tokens = 0
         self.optimizers: set[str] = set()
@@ -98,6 +101,7 @@ class StepClock:
         if self._synchronize:
             torch.cuda.synchronize()
         self.step_ends.append(time.perf_counter())
+        write_progress(self._progress_file, "step")
         self.step_tokens.append(self._pending_tokens)
         self.optimizers.add(f"{type(optimizer).__name__}(fused={optimizer.defaults.get('fused')}, foreach={optimizer.defaults.get('foreach')})")
         self._pending_tokens = 0
@@ -105,6 +109,36 @@ class StepClock:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def write_progress(path: str | None, event: str) -> None:
+    """Append ``"<event> <wall time>"`` to the progress file a watching parent reads (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(f"{event} {time.time()}\n")
+
+
+def preftune_options(engine: str) -> dict:
+    """preftune config options named in an engine spec: ``preftune+prefix_sharing`` turns an option on,
+    ``preftune+prefix_sharing=false`` sets it (``true``/``false``/``null``/a number, else a string)."""
+    options = {}
+    for item in engine.split("+")[1:]:
+        key, sep, text = item.partition("=")
+        if not sep:
+            options[key] = True
+            continue
+        lowered = text.lower()
+        if lowered in ("true", "false", "null", "none"):
+            options[key] = {"true": True, "false": False}.get(lowered)
+        else:
+            try:
+                options[key] = int(text)
+            except ValueError:
+                try:
+                    options[key] = float(text)
+                except ValueError:
+                    options[key] = text
+    return options
 
 
 def preftune_order(count: int, seed: int) -> list[int]:
@@ -153,7 +187,7 @@ def _preftune_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_len
         **_shared_settings(spec, max_length, output_dir),
         overwrite_cache=True,
         plot_loss=False,
-        **{option: True for option in spec.engine.split("+")[1:]},  # variants such as preftune+prefix_sharing
+        **preftune_options(spec.engine),  # variants such as preftune+prefix_sharing=false
     )
     return DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=rows, processing_class=tokenizer)
 
@@ -244,7 +278,8 @@ def run_engine(spec: RunSpec) -> dict:
 
     peak_rss_before_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     peak_reset = reset_peak_rss()
-    clock = StepClock(policy, synchronize_cuda=spec.device.startswith("cuda"))
+    clock = StepClock(policy, synchronize_cuda=spec.device.startswith("cuda"), progress_file=spec.progress_file)
+    write_progress(spec.progress_file, "train")
     train_start = time.perf_counter()
     try:
         trainer.train()
@@ -288,6 +323,7 @@ def run_engine(spec: RunSpec) -> dict:
         "batch_check": batch_check(clock.step_tokens, expected_step_tokens, shared_prefix_step_tokens),
         "train_seconds": timed_seconds,
         "step_seconds": step_seconds,
+        "median_step_seconds": statistics.median(step_seconds[spec.warmup :]),
         "pairs_per_second": timed_pairs / timed_seconds,
         "tokens_per_second": timed_tokens / timed_seconds,
         "useful_flops": timed_flops,

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--case a|b|c|all] [--repeats 3] [--steps N] [--smoke]
                              [--engines preftune,trl,trl-precompute] [--env KEY=VALUE ...]
+    python benchmarks/run.py --case d [--sweep] [--smoke]       # long pairs (case_d.py): markdown tables
 
 Each engine run is its own subprocess (``run.py --worker SPEC``), interleaved per repeat (A B C, A B C, ...), all
 with the same environment. A matmul worker measures the float32 matmul ceiling once per repeat. The parent prints
@@ -33,7 +34,7 @@ DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PA
 for _key, _value in DEFAULT_ENV.items():
     os.environ.setdefault(_key, _value)
 
-from cases import CASES, build_case, load_case  # noqa: E402
+from cases import CASES, LONG_CASES, build_case, load_case  # noqa: E402
 from flops import FORMULA  # noqa: E402
 
 ENGINES = ("preftune", "trl", "trl-precompute")
@@ -53,9 +54,9 @@ SUMMARY_METRICS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", default="all", help="a, b, c, a comma list, or all (default)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per case (default 3; smoke 1)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run, warm-up included (default 8; smoke 2)")
+    parser.add_argument("--case", default="all", help="a, b, c, a comma list, or all (default); d (long pairs) on its own")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per case (default 3; smoke and case d 1)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run, warm-up included (default 8; case d 3; smoke 2)")
     parser.add_argument("--warmup", type=int, default=1, help="leading steps left out of the timing (default 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (default 4)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs kept per case (default 256; smoke 16)")
@@ -71,17 +72,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul-ceiling worker")
     parser.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="where cases are built (default: a temp dir)")
+    long_pairs = parser.add_argument_group("case d (long pairs, one pair per step; see case_d.py)")
+    long_pairs.add_argument("--sweep", action="store_true", help="also run the length sweep (2k, 8k, 16k, 32k tokens per sequence)")
+    long_pairs.add_argument("--no-mixes", action="store_true", help="skip the two mixes (with --sweep: the sweep only)")
+    long_pairs.add_argument("--mixes", default=None, help="PROMPT+COMPLETION,... (default 14000+1000,500+7000)")
+    long_pairs.add_argument("--sweep-lengths", default=None, help="tokens per sequence, comma list (default 2048,8192,16384,32768)")
+    long_pairs.add_argument("--sweep-prompt-share", type=float, default=0.5, help="share of each sequence that is prompt (default 0.5)")
+    long_pairs.add_argument("--sweep-steps", type=int, default=2, help="steps per sweep run, warm-up included (default 2)")
+    long_pairs.add_argument("--memory-cap-gib", type=float, default=20.0, help="stop a worker whose RSS passes this (default 20)")
+    long_pairs.add_argument("--memory-reserve-gib", type=float, default=1.0, help="stop a worker when the machine has less available (default 1)")
+    long_pairs.add_argument("--step-time-cap", type=float, default=1200.0, help="stop a worker when one step takes longer (s, default 1200)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps is None:
-        args.steps = 2 if args.smoke else 8
-    if args.smoke and "--repeats" not in (argv if argv is not None else sys.argv[1:]):
-        args.repeats = 1
     args.cases = list(CASES) if args.case == "all" else [c.strip() for c in args.case.split(",") if c.strip()]
+    args.long_pairs = any(case in LONG_CASES for case in args.cases)
+    if args.long_pairs and len(args.cases) > 1:
+        parser.error("--case: d (long pairs) runs on its own")
+    if args.steps is None:
+        args.steps = 2 if args.smoke else (3 if args.long_pairs else 8)
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke or args.long_pairs else 3
+    if args.long_pairs and "--engines" not in (argv if argv is not None else sys.argv[1:]):
+        from case_d import ENGINES as LONG_PAIR_ENGINES
+
+        args.engines = ",".join(LONG_PAIR_ENGINES)
+    if args.smoke and args.long_pairs:
+        args.sweep_steps = min(args.sweep_steps, 2)
     args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
     for case in args.cases:
-        if case not in CASES:
-            parser.error(f"--case: unknown case {case!r}; expected a, b, c or all")
+        if case not in CASES + LONG_CASES:
+            parser.error(f"--case: unknown case {case!r}; expected a, b, c, all or d")
     for engine in args.engine_list:
         if engine.split("+")[0] not in ENGINES:
             parser.error(f"--engines: unknown engine {engine!r}; expected some of {', '.join(ENGINES)}")
@@ -208,6 +228,15 @@ def source_fingerprint() -> dict:
     return {"git_commit": commit or None, "src_uncommitted_changes": bool(dirty.strip()), "src_sha256": digest.hexdigest()[:16]}
 
 
+def code_header(source: dict, versions: dict) -> str:
+    """One line naming the code measured: preftune's commit and sources, and the library versions."""
+    return (
+        f"preftune {source['git_commit'] and source['git_commit'][:10]}{' + uncommitted src changes' if source['src_uncommitted_changes'] else ''}"
+        f" (src sha256 {source['src_sha256']}); torch {versions['torch']}, transformers "
+        f"{versions['transformers']}, trl {versions['trl']}"
+    )
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
     for package in ("torch", "transformers", "trl", "accelerate", "datasets"):
@@ -229,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     env = worker_env(args.env)
+    if args.long_pairs:
+        from case_d import run_case_d
+
+        with tempfile.TemporaryDirectory(prefix="preftune-bench-d-") as tmp:
+            run_case_d(args, env, device, args.work_dir or Path(tmp), code_header(source_fingerprint(), _versions()))
+        return 0
     started = dt.datetime.now()
     results = {
         "started": started.isoformat(timespec="seconds"),
@@ -284,11 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(format_table(case, meta, summary, {**results["settings"]}))
     source_after = source_fingerprint()
     source = results["preftune_source"]
-    header = (
-        f"preftune {source['git_commit'] and source['git_commit'][:10]}{' + uncommitted src changes' if source['src_uncommitted_changes'] else ''}"
-        f" (src sha256 {source['src_sha256']}); torch {results['versions']['torch']}, transformers "
-        f"{results['versions']['transformers']}, trl {results['versions']['trl']}"
-    )
+    header = code_header(source, results["versions"])
     if source_after["src_sha256"] != source["src_sha256"]:
         header += f"\nWARNING: preftune's sources changed during the run (now {source_after['src_sha256']}): runs measured different code"
         results["preftune_source_after"] = source_after
