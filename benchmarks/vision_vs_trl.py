@@ -1,19 +1,21 @@
 """Vision-language DPO, preftune vs TRL 1.16: the same tiny Qwen2-VL (the vision quickstart's model, random init),
 the same rows (the vision quickstart's training images), the same settings; pairs/s over the timed steps and peak
-RSS, each engine in a process of its own.
+RSS, each engine in a process of its own, the engines interleaved over the repeats.
 
-    PYTHONPATH=src python benchmarks/vision_vs_trl.py [--steps 12] [--batch 8] [--root /tmp/vlm-bench]
+    PYTHONPATH=src python benchmarks/vision_vs_trl.py [--steps 12] [--batch 8] [--repeats 3] [--root /tmp/vlm-bench]
 
-Prints one JSON line per engine and the preftune/TRL ratios. The first two steps are warm-up and not timed. Both
-engines use the plain layout (chosen and rejected as separate rows, the images encoded for each), a frozen copy of
-the initial model as the reference, and train every part of the model (vision tower and projector included).
-"""
+Prints one JSON line per run, then the medians and the preftune/TRL ratios. The first two steps are warm-up and not
+timed. preftune runs with its defaults (prefix sharing and padding-free auto, so a pair's images are encoded once
+where shared rows pay; the chunked LM head); TRL with its own (chosen and rejected as separate rows, each encoding
+the images). Both take a frozen copy of the initial model as the reference and train every part of the model
+(vision tower and projector included)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -95,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--root", default="/tmp/preftune-vlm-bench")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,14 +108,18 @@ def main() -> None:
     from preftune.quickstart_vision import build_vision_workspace
 
     build_vision_workspace(root / "workspace")
-    results = {}
-    for engine in ("preftune", "trl"):
-        out = subprocess.run([sys.executable, __file__, "--engine", engine, "--steps", str(args.steps), "--batch",
-                              str(args.batch), "--root", str(root)], check=True, capture_output=True, text=True)
-        results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(results[engine]))
-    print(json.dumps({"pairs_per_s_ratio": results["preftune"]["pairs_per_s"] / results["trl"]["pairs_per_s"],
-                      "peak_rss_ratio": results["preftune"]["peak_rss_mib"] / results["trl"]["peak_rss_mib"]}))
+    runs: dict[str, list[dict]] = {"preftune": [], "trl": []}
+    for _ in range(args.repeats):
+        for engine in runs:
+            out = subprocess.run([sys.executable, __file__, "--engine", engine, "--steps", str(args.steps), "--batch",
+                                  str(args.batch), "--root", str(root)], check=True, capture_output=True, text=True)
+            runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[engine][-1]))
+    medians = {engine: {key: statistics.median(run[key] for run in results) for key in ("pairs_per_s", "peak_rss_mib")}
+               for engine, results in runs.items()}
+    print(json.dumps({"medians": medians, "repeats": args.repeats,
+                      "pairs_per_s_ratio": medians["preftune"]["pairs_per_s"] / medians["trl"]["pairs_per_s"],
+                      "peak_rss_ratio": medians["preftune"]["peak_rss_mib"] / medians["trl"]["peak_rss_mib"]}))
 
 
 if __name__ == "__main__":
