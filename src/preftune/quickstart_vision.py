@@ -4,7 +4,7 @@ Everything is built in code, nothing is downloaded: a word-level tokenizer with 
 Qwen2-VL-shaped model with a small vision tower (random init), its processor (a PIL image processor: no
 torchvision), and synthetic images drawn with PIL. Each image is a grey canvas holding one coloured square at a
 random place and size; the prompt asks "what colour is the square ?", the chosen answer names the square's colour,
-the rejected one another colour. The answers differ only in the colour word and every colour is as often chosen
+the rejected one another colour (each training image gives a pair for every wrong colour). The answers differ only in the colour word and every colour is as often chosen
 as rejected, so only a model that looks at the image can prefer the chosen answer. The held-out pairs are new
 images (squares of sizes never drawn for training).
 """
@@ -38,21 +38,21 @@ CHAT_TEMPLATE = (  # Qwen2-VL's turn markers; image parts become <|vision_start|
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
-VISION_QUICKSTART_SIZES = {"n_train": 256, "n_eval": 96}
+VISION_QUICKSTART_SIZES = {"n_train_images": 256, "n_eval": 96}  # 3 train pairs per image, 1 per held-out image
 VISION_QUICKSTART_TRAINING = {
-    "beta": 0.1,
+    "beta": 0.5,
     "loss_type": ["sigmoid"],
-    "learning_rate": 1e-2,
-    "lr_scheduler_type": "cosine",
+    "learning_rate": 5e-3,
+    "lr_scheduler_type": "constant_with_warmup",
     "warmup_steps": 5,
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
-    "max_steps": 60,
+    "max_steps": 120,
     "max_length": 64,
     "eval_strategy": "steps",
-    "eval_steps": 30,
+    "eval_steps": 40,
     "logging_steps": 10,
     "seed": 0,
     "freeze_vision_tower": False,
@@ -132,23 +132,26 @@ TRAIN_SQUARE_SIZES = (30, 32, 34, 38, 40, 42)
 HELD_OUT_SQUARE_SIZES = (33, 36, 41)
 
 
-def build_rows(count: int, sizes: tuple[int, ...], image_dir: Path, rng: random.Random) -> list[dict]:
-    """``count`` pairs in TRL's vision format (squares of ``sizes``), their images saved as PNG under
-    ``image_dir`` (paths relative to its parent)."""
+def build_rows(count: int, sizes: tuple[int, ...], image_dir: Path, rng: random.Random,
+               every_wrong_colour: bool = False) -> list[dict]:
+    """Pairs in TRL's vision format over ``count`` new images (squares of ``sizes``), the images saved as PNG under
+    ``image_dir`` (paths relative to its parent). One pair per image with a random wrong colour as the rejected
+    answer, or with ``every_wrong_colour`` one pair per wrong colour (``len(COLOURS) - 1`` pairs per image)."""
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(count):
         colour = rng.choice(list(COLOURS))
-        wrong = rng.choice([other for other in COLOURS if other != colour])
+        others = [other for other in COLOURS if other != colour]
+        wrong_colours = others if every_wrong_colour else [rng.choice(others)]
         name = f"{index:05d}.png"
         draw_image(colour, rng.choice(sizes), rng).save(image_dir / name)
-        answer = rng.choice(ANSWERS)
-        rows.append({
+        answer, question = rng.choice(ANSWERS), rng.choice(QUESTIONS)
+        rows += [{
             "images": [f"{image_dir.name}/{name}"],
-            "prompt": [{"role": "user", "content": "<image>" + rng.choice(QUESTIONS)}],
+            "prompt": [{"role": "user", "content": "<image>" + question}],
             "chosen": [{"role": "assistant", "content": answer.format(colour=colour)}],
             "rejected": [{"role": "assistant", "content": answer.format(colour=wrong)}],
-        })
+        } for wrong in wrong_colours]
     return rows
 
 
@@ -161,9 +164,9 @@ def build_vision_workspace(workdir: Path, seed: int = 0) -> dict[str, Path]:
     build_model(processor, seed=seed, save_dir=model_dir)
     rng = random.Random(seed)
     files = {}
-    for split, count, sizes in (("train", VISION_QUICKSTART_SIZES["n_train"], TRAIN_SQUARE_SIZES),
+    for split, count, sizes in (("train", VISION_QUICKSTART_SIZES["n_train_images"], TRAIN_SQUARE_SIZES),
                                 ("eval", VISION_QUICKSTART_SIZES["n_eval"], HELD_OUT_SQUARE_SIZES)):
-        rows = build_rows(count, sizes, data_dir / f"images_{split}", rng)
+        rows = build_rows(count, sizes, data_dir / f"images_{split}", rng, every_wrong_colour=split == "train")
         files[split] = data_dir / f"{split}.jsonl"
         files[split].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return {"model_dir": model_dir, "train_file": files["train"], "eval_file": files["eval"]}
