@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
@@ -39,9 +38,8 @@ def test_an_image_holds_one_square_of_the_asked_colour_and_the_answers_differ_in
 def test_the_vision_quickstart_reaches_held_out_accuracy_0_9(tmp_path, capsys):
     from preftune.cli import main
 
-    start = time.perf_counter()
+    # Its wall time (under 5 minutes on 2 cores) is measured and stated in the README, not asserted: no timed tests.
     assert main(["quickstart", "--vision", "--output-dir", str(tmp_path)]) == 0
-    assert time.perf_counter() - start < 300
     summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
     assert summary["data"]["eval"]["pairs_used"] == 96
     assert summary["data"]["train"]["pairs_used"] == 256 * (len(COLOURS) - 1)
