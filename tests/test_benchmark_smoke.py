@@ -176,9 +176,9 @@ def case_d_smoke(tmp_path_factory) -> tuple[dict, str]:
     results_dir = tmp_path_factory.mktemp("bench-d-results")
     env = {**os.environ, "PREFTUNE_SHARED": str(SHARED_DIR), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, str(RUN), "--case", "d", "--smoke", "--sweep", "--sweep-lengths", "64",
+        [sys.executable, str(RUN), "--case", "d", "--smoke", "--mixes", "24+40", "--sweep", "--sweep-lengths", "64",
          "--engines", "preftune,preftune+prefix_sharing=false,trl", "--results-dir", str(results_dir)],
-        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600,
+        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=1200,  # 6 processes: ~1.5 min on a quiet machine
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     written = sorted(results_dir.glob("*-d.json"))
