@@ -90,6 +90,18 @@ def test_shared_rows_give_the_plain_layouts_logprobs_loss_and_gradients(model_ty
     assert model.config._attn_implementation == SHARED_PREFIX_ATTENTION  # the forward went through it
 
 
+def test_shared_rows_under_bf16_autocast_run_and_stay_close_to_the_plain_layout():
+    """Under autocast rotary embeddings hand the attention float32 queries and keys beside bf16 values; the merged
+    key blocks must take them as ``scaled_dot_product_attention`` does (one low-precision dtype), not fail."""
+    model = tiny_model("qwen2", seed=1)
+    examples = random_examples(LENGTHS["padded rows of different lengths"], seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = logps_loss_and_grads(model, collate_pairs(examples, pad_token_id=0))
+        shared = logps_loss_and_grads(model, collate_shared_prefix(examples, pad_token_id=0))
+    torch.testing.assert_close(shared[0], plain[0], rtol=0.02, atol=0.05)
+    assert shared[2].keys() == plain[2].keys() and all(grad.isfinite().all() for grad in shared[2].values())
+
+
 def test_several_negatives_each_see_only_the_prompt_and_themselves():
     examples = random_examples([(8, 5, 9, 3, 7), (3, 12, 2, 6, 4)], seed=3)  # K = 4 completions per example
     assert_same_as_plain(tiny_model(seed=4), examples)

@@ -240,12 +240,27 @@ def shared_prefix_attention(
     return _shared_rows_output(module, query, key, value, layout, dropout, scaling), None
 
 
+def _autocast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Query, key and value in one dtype, as ``F.scaled_dot_product_attention`` gets them under autocast.
+
+    Under bf16/fp16 autocast the projections come out in low precision but rotary embeddings promote query and key
+    back to float32; the raw flash kernels the merged key blocks call are not autocast ops and refuse mixed dtypes.
+    """
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 @torch.compiler.disable  # loops over each batch's lengths: compiled, it would recompile for every batch
 def _shared_rows_output(
     module: nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: SharedPrefixLayout, dropout: float,
     scaling: float | None,
 ) -> Tensor:
     if merged_blocks_apply(query, dropout):
+        query, key, value = _autocast_inputs(query, key, value)
         return SharedRowsAttention.apply(query, key, value, layout, scaling)
     rows = query.shape[0]
     return torch.stack(
