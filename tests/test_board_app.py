@@ -336,3 +336,55 @@ def test_labeling_pages_open_for_a_store_with_the_boards_token(runs_dir, tmp_pat
         assert refused.value.code == 401
         status, answer = post({"db": str(tmp_path / "none.sqlite")})
         assert status == 400 and "no labeling store" in answer["errors"]["db"]
+
+
+# ---- evaluate -------------------------------------------------------------------------------------------------
+
+
+def eval_results(kl: float, difference: float, rate: float, margin: float) -> dict:
+    """An eval_results.json as `preftune eval --judge` writes it (the fields the board reads)."""
+    return {"model": "m", "loss_type": "sigmoid", "beta": 0.1,
+            "pairs": {"eval_loss": 0.6, "eval_rewards/margins": margin, "eval_rewards/accuracies": 0.75, "count": 4},
+            "generation": {"prompts": 2, "num_samples": 2, "judge": "length",
+                           "reward": {"difference": {"mean": difference, "stderr": 0.1, "n": 2}},
+                           "win_rate": {"rate": rate, "lower": 0.1, "upper": 0.9, "n": 2},
+                           "kl": {"mean": kl, "stderr": 0.01, "n": 4, "exact_sampling": True}}}
+
+
+def test_eval_points_give_each_evaluated_runs_kl_reward_and_win_rate(client, runs_dir):
+    for name, numbers in (("a", (0.5, 1.5, 0.75, 0.2)), ("b", (2.0, 3.0, 1.0, 0.9))):
+        folder = fake_run(runs_dir, name, {"beta": 0.1}, healthy_records(4))
+        (folder / "eval").mkdir()
+        (folder / "eval" / "eval_results.json").write_text(json.dumps(eval_results(*numbers)))
+    fake_run(runs_dir, "never-evaluated", {"beta": 0.1}, healthy_records(4))
+    points = {p["name"]: p for p in client.get("/api/evals?runs=a,b,never-evaluated").json["points"]}
+    assert (points["a"]["kl"], points["a"]["reward_difference"], points["a"]["win_rate"]) == (0.5, 1.5, 0.75)
+    assert (points["b"]["kl"], points["b"]["eval_margin"], points["b"]["eval_accuracy"]) == (2.0, 0.9, 0.75)
+    assert points["never-evaluated"]["kl"] is None and points["never-evaluated"]["win_rate"] is None
+    assert client.get("/api/runs/a/eval").json["state"] == "done"
+    assert client.get("/api/runs/never-evaluated/eval").json["state"] == "none"
+
+
+def test_eval_is_refused_before_the_run_has_finished_and_with_a_bad_limit(client, runs_dir):
+    folder = fake_run(runs_dir, "half", {"beta": 0.1}, healthy_records(4))
+    refused = client.post("/api/runs/half/eval", json={})
+    assert refused.status_code == 409 and "has not finished" in refused.json["error"]
+    (folder / "summary.json").write_text("{}")
+    bad = client.post("/api/runs/half/eval", json={"limit": "many"})
+    assert bad.status_code == 400 and "limit" in bad.json["errors"]
+    assert client.post("/api/runs/nobody/eval", json={}).status_code == 404
+    assert not (folder / "eval").exists()
+
+
+def test_eval_runs_preftune_eval_and_shows_its_one_line_error_when_the_model_is_missing(runs_dir):
+    folder = fake_run(runs_dir, "no-model", {"beta": 0.1}, healthy_records(4))
+    (folder / "summary.json").write_text("{}")
+    client = create_app(runs_dir, manager=RunManager(runs_dir, env=manager_environment())).test_client()
+    started = client.post("/api/runs/no-model/eval", json={"judge": "", "limit": "2"})
+    assert started.status_code == 202 and started.json["state"] == "running"
+    done = wait_for(lambda: (e := client.get("/api/runs/no-model/eval").json)["state"] != "running" and e,
+                    timeout=120, what="preftune eval to end")
+    assert done["state"] == "failed"
+    assert "no trained model in output_dir" in done["log"]  # preftune eval's own ConfigError message
+    assert "Traceback" not in done["log"]
+    assert done["log"].startswith(f"$ preftune eval {folder / CONFIG_FILE} --output-dir {folder / 'eval'} --limit 2")

@@ -16,6 +16,10 @@ Routes (the page is one HTML file and one script, ``static/board.js``; everythin
     POST /api/runs/NAME/stop            SIGINT: the run saves a checkpoint after the current step and ends
     POST /api/runs/NAME/resume          `preftune train config.yaml resume_from_checkpoint=latest`
     GET  /api/compare?runs=A,B          final metrics of each run and the settings that differ
+    POST /api/runs/NAME/eval            {"judge", "data", "limit"} (all optional): `preftune eval` on a finished run,
+                                        as a subprocess, results into the run's eval/
+    GET  /api/runs/NAME/eval            state (none, running, done, failed), eval_results.json, the eval log
+    GET  /api/evals?runs=A,B            one reward/KL point per run (KL, reward difference, win rate, pair metrics)
     POST /api/data/check                {"target"} -> `preftune data check`'s report (JSON and table text)
     POST /api/label/open                {"db"} -> {"url"}: the labeling app over that store, on another port of the
                                         same address with the same token (started once per store, kept open)
@@ -61,7 +65,8 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
         ("/api/runs/<name>/log", _log, "GET"), ("/api/runs/<name>/config.yaml", _config_file, "GET"),
         ("/api/runs/<name>/report", _report, "GET"), ("/api/runs/<name>/stop", _stop, "POST"),
         ("/api/runs/<name>/resume", _resume, "POST"), ("/api/compare", _compare, "GET"),
-        ("/api/data/check", _data_check, "POST"), ("/api/label/open", _open_labeling, "POST"),
+        ("/api/runs/<name>/eval", _evaluate, "POST"), ("/api/runs/<name>/eval", _evaluation, "GET"),
+        ("/api/evals", _eval_points, "GET"), ("/api/data/check", _data_check, "POST"), ("/api/label/open", _open_labeling, "POST"),
     ]
     for rule, view, method in rules:
         app.add_url_rule(rule, endpoint=f"{view.__name__}_{method}", view_func=view, methods=[method])
@@ -182,6 +187,33 @@ def _compare() -> Response:
     if not names:
         raise BoardError("runs: expected one or more run names, comma-separated")
     return jsonify(_runs().compare(names))
+
+
+def _evaluate(name: str) -> Response:
+    data = _body()
+    limit = data.get("limit")
+    if limit not in (None, ""):
+        try:
+            limit = int(limit)
+        except (TypeError, ValueError):
+            raise BoardError("limit: expected a whole number of prompts", 400, {"limit": "expected a whole number"}) from None
+        if limit < 1:
+            raise BoardError("limit: expected at least 1 prompt", 400, {"limit": "expected at least 1"})
+    text = {key: str(data.get(key) or "").strip() or None for key in ("judge", "data")}
+    response = jsonify(_runs().evaluate(name, judge=text["judge"], data=text["data"], limit=limit or None))
+    response.status_code = 202
+    return response
+
+
+def _evaluation(name: str) -> Response:
+    return jsonify(_runs().evaluation(name))
+
+
+def _eval_points() -> Response:
+    names = [name for name in request.args.get("runs", "").split(",") if name]
+    if not names:
+        raise BoardError("runs: expected one or more run names, comma-separated")
+    return jsonify(points=_runs().eval_points(names))
 
 
 def _data_check() -> Response:

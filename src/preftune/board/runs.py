@@ -35,6 +35,8 @@ from preftune.report import build_report, read_log_history
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "board.log"
 STATE_FILE = "board.json"
+EVAL_DIR = "eval"  # `preftune eval --output-dir`: eval_results.json, its plot and eval.log
+EVAL_LOG = "eval.log"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GENERAL = "_general"  # the errors key of a problem that names no form field
 MAX_LOG_CHUNK = 256 * 1024
@@ -234,6 +236,7 @@ class RunManager:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._active: str | None = None
+        self._evals: dict[str, subprocess.Popen] = {}  # run name -> its `preftune eval` process
 
     # ---- starting, stopping, resuming ------------------------------------------------------------------------
 
@@ -461,6 +464,84 @@ class RunManager:
             if len({json.dumps(value, sort_keys=True, default=str) for value in values}) > 1:
                 differing[key] = dict(zip(names, values))
         return {"runs": runs, "differing_settings": differing}
+
+
+    # ---- evaluating ------------------------------------------------------------------------------------------
+
+    def evaluate(self, name: str, *, judge: str | None = None, data: str | None = None,
+                 limit: int | None = None) -> dict[str, Any]:
+        """Start `preftune eval` on a finished run (its config.yaml; results into the run's ``eval/``): held-out
+        pairs, and with ``judge`` judged samples (win rate, KL). BoardError 409 while the run trains or is being
+        evaluated, or before it has a trained model (summary.json)."""
+        folder = self.run_dir(name)
+        if not (folder / CONFIG_FILE).is_file():
+            raise BoardError(f"no run named {name!r}", 404)
+        if self.status(name)["state"] in ("running", "stopping"):
+            raise BoardError(f"run {name!r} is still training; evaluate it when it has finished", 409)
+        if not (folder / "summary.json").is_file():
+            raise BoardError(f"run {name!r} has not finished (no summary.json); train it to the end first", 409)
+        arguments = [str(folder / CONFIG_FILE), "--output-dir", str(folder / EVAL_DIR)]
+        if judge:
+            arguments += ["--judge", judge]
+        if data:
+            arguments += ["--data", data]
+        if limit is not None:
+            arguments += ["--limit", str(int(limit))]
+        with self._lock:
+            process = self._evals.get(name)
+            if process is not None and process.poll() is None:
+                raise BoardError(f"run {name!r} is being evaluated already; wait for it", 409)
+            (folder / EVAL_DIR).mkdir(exist_ok=True)
+            env = dict(self.env if self.env is not None else os.environ)
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            with open(folder / EVAL_DIR / EVAL_LOG, "wb") as log:
+                log.write(f"$ preftune eval {' '.join(arguments)}\n".encode())
+                log.flush()
+                self._evals[name] = subprocess.Popen([self.python, "-m", "preftune.cli", "eval", *arguments],
+                                                     stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        return self.evaluation(name)
+
+    def evaluation(self, name: str) -> dict[str, Any]:
+        """The run's evaluation: state (none, running, done, failed), the results `preftune eval` wrote
+        (eval_results.json) and its log."""
+        folder = self.run_dir(name) / EVAL_DIR
+        process = self._evals.get(name)
+        results = None
+        try:
+            results = json.loads((folder / "eval_results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        if process is not None and process.poll() is None:
+            state = "running"
+        elif process is not None and process.returncode != 0:
+            state = "failed"
+        else:
+            state = "done" if results is not None else "none"
+        try:
+            log = (folder / EVAL_LOG).read_bytes()[-MAX_LOG_CHUNK:].decode("utf-8", "replace")
+        except OSError:
+            log = ""
+        return {"name": name, "state": state, "results": results if state != "running" else None, "log": log}
+
+    def eval_points(self, names: list[str]) -> list[dict[str, Any]]:
+        """One point per evaluated run for the reward/KL plot: KL(policy||reference) and the judge's reward of the
+        policy minus the reference's (score judges), its win rate, and the held-out pairs' margin and accuracy."""
+        points = []
+        for name in names:
+            results = self.evaluation(name)["results"] or {}
+            generation = results.get("generation") or {}
+            pairs = results.get("pairs") or {}
+            reward = generation.get("reward") or {}
+            rate = generation.get("win_rate") or {}
+            points.append({
+                "name": name, "kl": (generation.get("kl") or {}).get("mean"),
+                "kl_stderr": (generation.get("kl") or {}).get("stderr"),
+                "reward_difference": (reward.get("difference") or {}).get("mean"),
+                "win_rate": rate.get("rate"), "eval_margin": pairs.get("eval_rewards/margins"),
+                "eval_accuracy": pairs.get("eval_rewards/accuracies"),
+            })
+        return points
 
 
 def _setting(settings: dict[str, Any], key: str) -> Any:
