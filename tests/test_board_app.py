@@ -5,6 +5,7 @@ run on stories260K started, stopped (a checkpoint at the stop step) and resumed 
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 from pathlib import Path
@@ -388,3 +389,20 @@ def test_eval_runs_preftune_eval_and_shows_its_one_line_error_when_the_model_is_
     assert "no trained model in output_dir" in done["log"]  # preftune eval's own ConfigError message
     assert "Traceback" not in done["log"]
     assert done["log"].startswith(f"$ preftune eval {folder / CONFIG_FILE} --output-dir {folder / 'eval'} --limit 2")
+
+
+def label_keys(script: str, language: str) -> set[str]:
+    """The keys of LABELS[language] in board.js (read as text: a block from `  language: {` to its `  },`)."""
+    block = re.search(rf"\n  {language}: \{{(.*?)\n  \}},", script, re.S).group(1)
+    return set(re.findall(r'"([a-z_]+\.[a-z_]+)":', block))
+
+
+def test_every_label_on_the_page_including_evaluate_has_english_and_chinese(client):
+    page = client.get("/").get_data(as_text=True)
+    script = client.get("/static/board.js").get_data(as_text=True)
+    used = set(re.findall(r'data-i18n="([^"]+)"', page)) | set(re.findall(r't\("([a-z_]+\.[a-z_]+)"\)', script))
+    assert {"tab.evaluate", "eval.go", "eval.judge", "eval.chart"} <= used
+    assert used <= label_keys(script, "en"), used - label_keys(script, "en")
+    assert used <= label_keys(script, "zh"), used - label_keys(script, "zh")
+    states = {f"eval.{state}" for state in ("none", "running", "done", "failed")}  # t(`eval.${data.state}`)
+    assert states <= label_keys(script, "en") & label_keys(script, "zh")

@@ -1,4 +1,4 @@
-"""The board's one HTML page: inline CSS, the structure of the four tabs, and ``/static/board.js`` (which fills
+"""The board's one HTML page: inline CSS, the structure of the five tabs, and ``/static/board.js`` (which fills
 them, switches English/Chinese and draws the curves). Every visible label carries ``data-i18n`` (its key in the
 script's ``LABELS``); no external files, nothing fetched from elsewhere."""
 
@@ -38,6 +38,7 @@ th:first-child, td:first-child { text-align: left; }
   <button id="tab-new" data-tab="new" data-i18n="tab.new">New run</button>
   <button id="tab-watch" data-tab="watch" data-i18n="tab.watch">Watch</button>
   <button id="tab-compare" data-tab="compare" data-i18n="tab.compare">Compare</button>
+  <button id="tab-evaluate" data-tab="evaluate" data-i18n="tab.evaluate">Evaluate</button>
   <button id="tab-data" data-tab="data" data-i18n="tab.data">Data</button>
 </nav>
 <span style="flex:1"></span><button id="lang" data-i18n="lang.switch">中文</button>
@@ -81,6 +82,20 @@ th:first-child, td:first-child { text-align: left; }
   <div class="panel" id="compare-chart"></div>
   <h3 data-i18n="compare.final">Final metrics</h3><table id="compare-table"></table>
   <h3 data-i18n="compare.settings">Settings that differ</h3><table id="compare-settings"></table>
+</section>
+
+<section id="evaluate">
+  <div class="row"><label><span data-i18n="watch.run">Run</span> <select id="eval-run"></select></label>
+    <label><span data-i18n="eval.judge">Judge (optional)</span> <input id="eval-judge" type="text" size="36"></label>
+    <label><span data-i18n="eval.data">Held-out pairs (optional)</span> <input id="eval-data" type="text" size="36"></label>
+    <label><span data-i18n="eval.limit">Prompts (limit)</span> <input id="eval-limit" type="number" min="1" style="width:5em"></label>
+    <button id="btn-eval" data-i18n="eval.go">Evaluate (preftune eval)</button> <b id="eval-state"></b></div>
+  <span class="error" id="err-limit"></span>
+  <table id="eval-table"></table>
+  <pre id="eval-log"></pre>
+  <div class="row"><span data-i18n="compare.runs">Runs</span> <span id="eval-runs"></span>
+    <button id="btn-eval-points" data-i18n="eval.plot">Plot reward / KL</button></div>
+  <div class="panel" id="eval-chart"></div>
 </section>
 
 <section id="data">

@@ -16,6 +16,11 @@ const LABELS = {
     "state.finished": "finished", "state.failed": "failed", "state.created": "created",
     "compare.runs": "Runs", "compare.metric": "Metric", "compare.go": "Compare", "compare.final": "Final metrics",
     "compare.settings": "Settings that differ", "compare.run": "run", "compare.step": "step",
+    "tab.evaluate": "Evaluate", "eval.judge": "Judge (optional)", "eval.data": "Held-out pairs (optional)",
+    "eval.limit": "Prompts (limit)", "eval.go": "Evaluate (preftune eval)", "eval.plot": "Plot reward / KL",
+    "eval.none": "not evaluated", "eval.running": "evaluating…", "eval.done": "evaluated", "eval.failed": "failed",
+    "eval.metric": "metric", "eval.value": "value", "eval.chart": "Reward vs KL (one point per run)",
+    "eval.kl": "KL(policy‖reference), nats", "eval.reward": "judge reward − reference's (or win rate)",
     "data.target": "Data file, dataset name or config YAML", "data.check": "Check data",
     "data.store": "Labeling store (SQLite)", "data.open_labeling": "Open the labeling pages",
     "panel.loss": "Loss", "panel.rewards": "Rewards (chosen / rejected / margins)", "panel.accuracies": "Accuracies",
@@ -42,6 +47,11 @@ const LABELS = {
     "state.finished": "已完成", "state.failed": "失败", "state.created": "已创建",
     "compare.runs": "运行", "compare.metric": "指标", "compare.go": "对比", "compare.final": "最终指标",
     "compare.settings": "不同的设置", "compare.run": "运行", "compare.step": "步",
+    "tab.evaluate": "评估", "eval.judge": "评判器（可选）", "eval.data": "留出偏好对（可选）",
+    "eval.limit": "提示数（上限）", "eval.go": "评估（preftune eval）", "eval.plot": "绘制奖励 / KL",
+    "eval.none": "未评估", "eval.running": "评估中…", "eval.done": "已评估", "eval.failed": "失败",
+    "eval.metric": "指标", "eval.value": "数值", "eval.chart": "奖励与 KL（每个运行一个点）",
+    "eval.kl": "KL（策略‖参考），nats", "eval.reward": "评判器奖励 − 参考模型的（或胜率）",
     "data.target": "数据文件、数据集名称或配置 YAML", "data.check": "检查数据",
     "data.store": "标注数据库（SQLite）", "data.open_labeling": "打开标注页面",
     "panel.loss": "损失", "panel.rewards": "奖励（chosen / rejected / margins）", "panel.accuracies": "准确率",
@@ -83,7 +93,7 @@ function showTab(name) {
   for (const section of document.querySelectorAll("section")) section.classList.toggle("active", section.id === name);
   for (const button of document.querySelectorAll("nav button")) button.classList.toggle("active", button.dataset.tab === name);
   location.hash = name;
-  if (name === "watch" || name === "compare") loadRuns();
+  if (name === "watch" || name === "compare" || name === "evaluate") loadRuns();
 }
 
 // ---------------------------------------------------------------------------------------------------- new run
@@ -219,6 +229,7 @@ async function loadRuns() {
   if (keep && runs.some((run) => run.name === keep)) select.value = keep;
   if (select.value !== watched) watchRun(select.value || null);
   buildCompareChoices();
+  buildEvalChoices();
   pollWatched();
 }
 
@@ -468,6 +479,91 @@ function addRow(table, cells, header = false) {
   table.appendChild(row);
 }
 
+// ---------------------------------------------------------------------------------------------------- evaluate
+let evalTimer = null;
+
+function buildEvalChoices() {
+  const select = $("eval-run");
+  const keep = select.value;
+  if ([...select.options].map((o) => o.value).join("\n") !== runs.map((run) => run.name).join("\n")) {
+    select.textContent = "";
+    for (const run of runs) {
+      const option = document.createElement("option");
+      option.value = option.textContent = run.name;
+      select.appendChild(option);
+    }
+    if (keep && runs.some((run) => run.name === keep)) select.value = keep;
+  }
+  const box = $("eval-runs");
+  const shown = [...box.querySelectorAll("input")].map((input) => input.value);
+  if (shown.join("\n") !== runs.map((run) => run.name).join("\n")) {
+    const checked = new Set([...box.querySelectorAll("input:checked")].map((input) => input.value));
+    box.textContent = "";
+    for (const run of runs) {
+      const label = document.createElement("label");
+      const input = document.createElement("input");
+      input.type = "checkbox";
+      input.value = run.name;
+      input.className = "eval-point-run";
+      input.checked = checked.has(run.name);
+      label.append(input, " " + run.name + " ");
+      box.appendChild(label);
+    }
+  }
+  showEvaluation();
+}
+
+async function startEvaluation() {
+  const name = $("eval-run").value;
+  if (!name) return;
+  const body = { judge: $("eval-judge").value, data: $("eval-data").value, limit: $("eval-limit").value };
+  const { ok, data } = await api(`/api/runs/${encodeURIComponent(name)}/eval`, { body });
+  showErrors(ok ? {} : (Object.keys(data.errors || {}).length ? data.errors : { limit: data.error }));
+  showEvaluation();
+}
+
+// The chosen run's evaluation: state, results as a table, log; polled while `preftune eval` runs.
+async function showEvaluation() {
+  clearTimeout(evalTimer);
+  const name = $("eval-run").value;
+  if (!name) return;
+  const { ok, data } = await api(`/api/runs/${encodeURIComponent(name)}/eval`);
+  if (!ok || $("eval-run").value !== name) return;
+  $("eval-state").textContent = t(`eval.${data.state}`);
+  $("eval-state").dataset.state = data.state;
+  $("eval-log").textContent = data.log;
+  const table = $("eval-table");
+  table.textContent = "";
+  const results = data.results || {};
+  const rows = [];
+  for (const [key, value] of Object.entries(results.pairs || {})) rows.push([key, value]);
+  const generation = results.generation || {};
+  const reward = generation.reward || {};
+  for (const side of ["policy", "reference", "difference"]) if (reward[side]) rows.push([`reward/${side}`, reward[side].mean]);
+  if (generation.win_rate) rows.push(["win_rate", generation.win_rate.rate], ["win_rate 95%", `[${formatNumber(generation.win_rate.lower)}, ${formatNumber(generation.win_rate.upper)}]`]);
+  if (generation.kl) rows.push(["kl", generation.kl.mean]);
+  if (rows.length) {
+    addRow(table, [t("eval.metric"), t("eval.value")], true);
+    for (const row of rows) addRow(table, row);
+  }
+  if (data.state === "running") evalTimer = setTimeout(showEvaluation, 1000);
+}
+
+// One point per chosen run: KL on x; the judge's reward difference on y (its win rate for a pairwise judge).
+async function plotEvalPoints() {
+  const names = [...document.querySelectorAll(".eval-point-run:checked")].map((input) => input.value);
+  if (!names.length) return;
+  const { data } = await api(`/api/evals?runs=${names.map(encodeURIComponent).join(",")}`);
+  const lines = data.points.map((point, i) => {
+    const y = point.reward_difference ?? point.win_rate;
+    return { name: point.name, color: COLORS[i % COLORS.length], dots: true,
+             points: point.kl != null && y != null ? [[point.kl, y]] : [] };
+  });
+  const box = $("eval-chart");
+  box.dataset.points = String(lines.filter((line) => line.points.length).length);
+  drawChart(box, `${t("eval.chart")}: x ${t("eval.kl")}, y ${t("eval.reward")}`, lines, [], [], true);
+}
+
 // ---------------------------------------------------------------------------------------------------- data
 async function checkData() {
   const { ok, data } = await api("/api/data/check", { body: { target: $("data-target").value } });
@@ -493,10 +589,13 @@ $("btn-stop").addEventListener("click", stopRun);
 $("btn-resume").addEventListener("click", resumeRun);
 $("btn-report").addEventListener("click", loadReport);
 $("btn-compare").addEventListener("click", compare);
+$("btn-eval").addEventListener("click", startEvaluation);
+$("eval-run").addEventListener("change", showEvaluation);
+$("btn-eval-points").addEventListener("click", plotEvalPoints);
 $("btn-data-check").addEventListener("click", checkData);
 $("btn-label-open").addEventListener("click", openLabeling);
 
 setInterval(() => { if ($("watch").classList.contains("active")) pollWatched(); }, 1000);
 applyLanguage();
 buildForm();
-showTab(["new", "watch", "compare", "data"].includes(location.hash.slice(1)) ? location.hash.slice(1) : "new");
+showTab(["new", "watch", "compare", "evaluate", "data"].includes(location.hash.slice(1)) ? location.hash.slice(1) : "new");
