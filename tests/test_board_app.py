@@ -406,3 +406,32 @@ def test_every_label_on_the_page_including_evaluate_has_english_and_chinese(clie
     assert used <= label_keys(script, "zh"), used - label_keys(script, "zh")
     states = {f"eval.{state}" for state in ("none", "running", "done", "failed")}  # t(`eval.${data.state}`)
     assert states <= label_keys(script, "en") & label_keys(script, "zh")
+
+
+# Settings under which a tiny real run on stories260K displaces (both log-probs fall, the chosen by > 1 nat): one
+# batch holding all 8 pairs at every step (no batch-to-batch noise) and a learning rate high enough that the
+# rejected log-prob is driven down and drags the chosen one with it. Measured: the detector fires at step 21
+# (span from step 3), chosen -24.3 -> -26.1 nats, rejected -> -138; ~9 s of training on one CPU thread.
+DISPLACING = {"per_device_train_batch_size": "8", "learning_rate": "3e-3", "beta": "0.1"}
+DISPLACING_STEPS = 25
+
+
+@pytest.mark.slow
+def test_a_real_tiny_run_made_to_displace_carries_the_displacement_marker(runs_dir, stories_model_dir, tmp_path):
+    data = tmp_path / "pairs8.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in STORY_PAIRS))
+    manager = RunManager(runs_dir, env=manager_environment())
+    client = create_app(runs_dir, manager=manager).test_client()
+    settings = tiny_run_settings(stories_model_dir, data, DISPLACING_STEPS, **DISPLACING)
+    assert client.post("/api/runs", json={"name": "displaced", "settings": settings}).status_code == 201
+    wait_for(lambda: client.get("/api/runs/displaced").json["state"] == "finished", what="the displacing run")
+    metrics = client.get("/api/runs/displaced/metrics").json
+    train = metrics["train"]
+    assert [record["step"] for record in train] == list(range(1, DISPLACING_STEPS + 1))
+    finding = metrics["displacement"]
+    assert finding is not None, [(r["logps/chosen"], r["logps/rejected"]) for r in train]
+    # independently of the detector: over the marked span both log-probs fell, the chosen one by more than 1 nat
+    span = {record["step"]: record for record in train if finding["start_step"] <= record["step"] <= finding["end_step"]}
+    first, last = span[min(span)], span[max(span)]
+    assert last["logps/chosen"] < first["logps/chosen"] - 1.0
+    assert last["logps/rejected"] < first["logps/rejected"]
