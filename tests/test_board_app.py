@@ -410,9 +410,10 @@ def test_every_label_on_the_page_including_evaluate_has_english_and_chinese(clie
 
 # Settings under which a tiny real run on stories260K displaces (both log-probs fall, the chosen by > 1 nat): one
 # batch holding all 8 pairs at every step (no batch-to-batch noise) and a learning rate high enough that the
-# rejected log-prob is driven down and drags the chosen one with it. Measured: the detector fires at step 21
-# (span from step 3), chosen -24.3 -> -26.1 nats, rejected -> -138; ~9 s of training on one CPU thread.
-DISPLACING = {"per_device_train_batch_size": "8", "learning_rate": "3e-3", "beta": "0.1"}
+# rejected log-prob is driven down and drags the chosen one with it. Measured (25 steps): the span covers steps
+# 1-25, chosen -35.1 -> -47.2 nats, rejected -> -103.9; ~13 s of training on one CPU thread. (beta 0.1 displaces
+# too, but the chosen falls by only ~1.8 nats, close to the detector's 1-nat floor.)
+DISPLACING = {"per_device_train_batch_size": "8", "learning_rate": "3e-3", "beta": "0.5"}
 DISPLACING_STEPS = 25
 
 
@@ -435,3 +436,42 @@ def test_a_real_tiny_run_made_to_displace_carries_the_displacement_marker(runs_d
     first, last = span[min(span)], span[max(span)]
     assert last["logps/chosen"] < first["logps/chosen"] - 1.0
     assert last["logps/rejected"] < first["logps/rejected"]
+
+
+# ---- sample into a labeling store ------------------------------------------------------------------------------
+
+
+def test_sample_names_each_missing_path_beside_its_field_and_starts_nothing(client, tmp_path):
+    answer = client.post("/api/sample", json={"model": str(tmp_path / "nope"), "prompts": "", "store": ""})
+    assert answer.status_code == 400
+    assert set(answer.json["errors"]) == {"sample_model", "sample_prompts", "sample_store"}
+    assert "no model folder" in answer.json["errors"]["sample_model"]
+    bad = client.post("/api/sample", json={"model": str(tmp_path), "prompts": __file__, "store": "s.db", "limit": "0"})
+    assert bad.status_code == 400 and "sample_limit" in bad.json["errors"]
+    assert client.get("/api/sample").json["state"] == "none"
+
+
+@pytest.mark.slow
+def test_sample_from_the_board_fills_a_labeling_store_with_the_models_responses(runs_dir, stories_model_dir, tmp_path):
+    import sqlite3
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in STORY_PAIRS[:2]))
+    store = tmp_path / "labels.db"
+    client = create_app(runs_dir, manager=RunManager(runs_dir, env=manager_environment())).test_client()
+    body = {"model": str(stories_model_dir), "prompts": str(prompts), "store": str(store), "num_samples": 3,
+            "max_new_tokens": 8}
+    assert client.post("/api/sample", json=body).status_code == 202
+    assert client.post("/api/sample", json=body).status_code == 409  # one at a time
+    done = wait_for(lambda: (s := client.get("/api/sample").json)["state"] != "running" and s, timeout=180,
+                    what="preftune sample")
+    assert done["state"] == "done", done["log"]
+    rows = [json.loads(line) for line in Path(done["candidates"]).read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [row["prompt"] for row in STORY_PAIRS[:2]]
+    assert all(len(row["responses"]) == 3 for row in rows)
+    # the store holds, per prompt, one pair for every two distinct responses the sampler wrote (read with sqlite)
+    with sqlite3.connect(store) as conn:
+        pairs = conn.execute("select count(*) from pairs").fetchone()[0]
+    distinct = [len(set(row["responses"])) for row in rows]
+    assert pairs == sum(n * (n - 1) // 2 for n in distinct) > 0
+    assert "imported into" in done["log"]

@@ -544,6 +544,75 @@ class RunManager:
         return points
 
 
+class SampleJob:
+    """`preftune sample --store` started from the board: responses of a model to prompts, written to
+    ``<store>.candidates.jsonl`` beside the store and imported into the labeling store (created if missing); its
+    output in ``<store>.sample.log``. One at a time per board."""
+
+    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None):
+        self.python, self.env = python, env
+        self._process: subprocess.Popen | None = None
+        self._store: Path | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def paths(store: str | Path) -> tuple[Path, Path]:
+        """(candidates JSONL, log) of a store."""
+        store = Path(store).resolve()
+        return store.with_name(store.name + ".candidates.jsonl"), store.with_name(store.name + ".sample.log")
+
+    def start(self, *, model: str, prompts: str, store: str, num_samples: int = 2, max_new_tokens: int = 64,
+              limit: int | None = None) -> dict[str, Any]:
+        """Check the paths (BoardError 400 by field), then start `preftune sample`; 409 while one runs."""
+        errors = {}
+        if not model or not Path(model).is_dir():
+            errors["sample_model"] = f"no model folder at {model!r}" if model else "expected a model folder"
+        if not prompts or not Path(prompts).is_file():
+            errors["sample_prompts"] = f"no prompts file at {prompts!r}" if prompts else "expected a prompts JSONL file"
+        if not store:
+            errors["sample_store"] = "expected the path of a labeling store (created if missing)"
+        elif not Path(store).resolve().parent.is_dir():
+            errors["sample_store"] = f"no folder {Path(store).resolve().parent} for the store"
+        if errors:
+            raise BoardError("the sampling settings have problems (see each field)", 400, errors)
+        candidates, log_path = self.paths(store)
+        arguments = ["--model", model, "--prompts", prompts, "--out", str(candidates), "--store",
+                     str(Path(store).resolve()), "--num-samples", str(num_samples), "--max-new-tokens",
+                     str(max_new_tokens), "--no-progress"]
+        if limit is not None:
+            arguments += ["--limit", str(limit)]
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                raise BoardError(f"sampling into {self._store} is still going; wait for it", 409)
+            env = dict(self.env if self.env is not None else os.environ)
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            with open(log_path, "wb") as log:
+                log.write(f"$ preftune sample {' '.join(arguments)}\n".encode())
+                log.flush()
+                self._process = subprocess.Popen([self.python, "-m", "preftune.cli", "sample", *arguments],
+                                                 stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            self._store = Path(store).resolve()
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """state (none, running, done, failed), the store, the candidates file and the log."""
+        if self._process is None or self._store is None:
+            return {"state": "none", "store": None, "candidates": None, "log": ""}
+        code = self._process.poll()
+        candidates, log_path = self.paths(self._store)
+        try:
+            log = log_path.read_bytes()[-MAX_LOG_CHUNK:].decode("utf-8", "replace")
+        except OSError:
+            log = ""
+        state = "running" if code is None else "done" if code == 0 else "failed"
+        return {"state": state, "store": str(self._store), "candidates": str(candidates), "log": log}
+
+    def shutdown(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+
+
 def _setting(settings: dict[str, Any], key: str) -> Any:
     """A setting's value, or the schema default when the run left it out."""
     if key in settings:
