@@ -397,14 +397,14 @@ def label_keys(script: str, language: str) -> set[str]:
     return set(re.findall(r'"([a-z_]+\.[a-z_]+)":', block))
 
 
-def test_every_label_on_the_page_including_evaluate_has_english_and_chinese(client):
+def test_every_label_on_the_page_including_evaluate_and_sample_has_english_and_chinese(client):
     page = client.get("/").get_data(as_text=True)
     script = client.get("/static/board.js").get_data(as_text=True)
     used = set(re.findall(r'data-i18n="([^"]+)"', page)) | set(re.findall(r't\("([a-z_]+\.[a-z_]+)"\)', script))
-    assert {"tab.evaluate", "eval.go", "eval.judge", "eval.chart"} <= used
+    assert {"tab.evaluate", "eval.go", "eval.judge", "eval.chart", "sample.go", "sample.store"} <= used
     assert used <= label_keys(script, "en"), used - label_keys(script, "en")
     assert used <= label_keys(script, "zh"), used - label_keys(script, "zh")
-    states = {f"eval.{state}" for state in ("none", "running", "done", "failed")}  # t(`eval.${data.state}`)
+    states = {f"{kind}.{state}" for kind in ("eval", "sample") for state in ("none", "running", "done", "failed")}
     assert states <= label_keys(script, "en") & label_keys(script, "zh")
 
 

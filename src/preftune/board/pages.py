@@ -109,6 +109,23 @@ th:first-child, td:first-child { text-align: left; }
     <button id="btn-label-open" data-i18n="data.open_labeling">Open the labeling pages</button>
     <a id="label-link" target="_blank" rel="noopener"></a></div>
   <span class="error" id="err-db"></span>
+  <h3 data-i18n="sample.title">Sample responses into a labeling store (preftune sample --store)</h3>
+  <div class="row"><label><span data-i18n="sample.model">Model folder</span> <input id="sample-model" type="text" size="40"></label>
+    <span class="error" id="err-sample_model"></span>
+    <label><span data-i18n="sample.prompts">Prompts (JSONL)</span> <input id="sample-prompts" type="text" size="40"></label>
+    <span class="error" id="err-sample_prompts"></span></div>
+  <div class="row"><label><span data-i18n="sample.store">Labeling store (created if missing)</span>
+    <input id="sample-store" type="text" size="40"></label> <span class="error" id="err-sample_store"></span>
+    <label><span data-i18n="sample.num_samples">Responses per prompt</span>
+    <input id="sample-num_samples" type="number" min="2" value="2" style="width:4em"></label>
+    <span class="error" id="err-sample_num_samples"></span>
+    <label><span data-i18n="sample.max_new_tokens">Max new tokens</span>
+    <input id="sample-max_new_tokens" type="number" min="1" value="64" style="width:5em"></label>
+    <span class="error" id="err-sample_max_new_tokens"></span>
+    <label><span data-i18n="eval.limit">Prompts (limit)</span> <input id="sample-limit" type="number" min="1" style="width:5em"></label>
+    <span class="error" id="err-sample_limit"></span>
+    <button id="btn-sample" data-i18n="sample.go">Sample</button> <b id="sample-state"></b></div>
+  <pre id="sample-log"></pre>
 </section>
 <script src="/static/board.js"></script>
 </body></html>"""

@@ -335,7 +335,10 @@ class RunManager:
         self._update_state(name, returncode=code, ended=time.time())
 
     def shutdown(self) -> None:
-        """Stop a running process gracefully (the board is closing) and wait for it."""
+        """Stop a running process gracefully (the board is closing) and wait for it; end any evaluation."""
+        for evaluation in self._evals.values():
+            if evaluation.poll() is None:
+                evaluation.terminate()
         process = self._process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGINT)

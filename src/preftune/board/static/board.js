@@ -21,6 +21,11 @@ const LABELS = {
     "eval.none": "not evaluated", "eval.running": "evaluating…", "eval.done": "evaluated", "eval.failed": "failed",
     "eval.metric": "metric", "eval.value": "value", "eval.chart": "Reward vs KL (one point per run)",
     "eval.kl": "KL(policy‖reference), nats", "eval.reward": "judge reward − reference's (or win rate)",
+    "sample.title": "Sample responses into a labeling store (preftune sample --store)", "sample.model": "Model folder",
+    "sample.prompts": "Prompts (JSONL)", "sample.store": "Labeling store (created if missing)",
+    "sample.num_samples": "Responses per prompt", "sample.max_new_tokens": "Max new tokens", "sample.go": "Sample",
+    "sample.none": "", "sample.running": "sampling…", "sample.done": "done: the pairs are in the store",
+    "sample.failed": "failed (see the log)",
     "data.target": "Data file, dataset name or config YAML", "data.check": "Check data",
     "data.store": "Labeling store (SQLite)", "data.open_labeling": "Open the labeling pages",
     "panel.loss": "Loss", "panel.rewards": "Rewards (chosen / rejected / margins)", "panel.accuracies": "Accuracies",
@@ -52,6 +57,11 @@ const LABELS = {
     "eval.none": "未评估", "eval.running": "评估中…", "eval.done": "已评估", "eval.failed": "失败",
     "eval.metric": "指标", "eval.value": "数值", "eval.chart": "奖励与 KL（每个运行一个点）",
     "eval.kl": "KL（策略‖参考），nats", "eval.reward": "评判器奖励 − 参考模型的（或胜率）",
+    "sample.title": "采样回答写入标注数据库（preftune sample --store）", "sample.model": "模型文件夹",
+    "sample.prompts": "提示（JSONL）", "sample.store": "标注数据库（不存在则创建）",
+    "sample.num_samples": "每个提示的回答数", "sample.max_new_tokens": "最多新 token 数", "sample.go": "采样",
+    "sample.none": "", "sample.running": "采样中…", "sample.done": "完成：偏好对已写入数据库",
+    "sample.failed": "失败（见日志）",
     "data.target": "数据文件、数据集名称或配置 YAML", "data.check": "检查数据",
     "data.store": "标注数据库（SQLite）", "data.open_labeling": "打开标注页面",
     "panel.loss": "损失", "panel.rewards": "奖励（chosen / rejected / margins）", "panel.accuracies": "准确率",
@@ -94,6 +104,7 @@ function showTab(name) {
   for (const button of document.querySelectorAll("nav button")) button.classList.toggle("active", button.dataset.tab === name);
   location.hash = name;
   if (name === "watch" || name === "compare" || name === "evaluate") loadRuns();
+  if (name === "data") showSample();
 }
 
 // ---------------------------------------------------------------------------------------------------- new run
@@ -343,7 +354,7 @@ function formatNumber(value) {
 }
 
 // lines: [{name, color, points: [[x, y]], dots}], spans: [{from, to, label}] shaded, marks: [[x, y]] red circles
-function drawChart(box, title, lines, spans = [], marks = [], wide = false) {
+function drawChart(box, title, lines, spans = [], marks = [], wide = false, xLabel = t("watch.step")) {
   const W = wide ? 900 : 420, H = wide ? 300 : 210, L = 56, R = 10, T = 8, B = 34;
   box.textContent = "";
   const heading = document.createElement("h3");
@@ -369,7 +380,7 @@ function drawChart(box, title, lines, spans = [], marks = [], wide = false) {
   }
   for (const [value, y] of [[y1, T + 4], [y0, H - B]]) svg.appendChild(svgElement("text", { x: L - 4, y: y + 3, "text-anchor": "end" }, formatNumber(value)));
   for (const [value, anchor] of [[x0, "start"], [x1, "end"]]) svg.appendChild(svgElement("text", { x: X(value), y: H - B + 12, "text-anchor": anchor }, formatNumber(value)));
-  svg.appendChild(svgElement("text", { x: (L + W - R) / 2, y: H - B + 12, "text-anchor": "middle" }, t("watch.step")));
+  svg.appendChild(svgElement("text", { x: (L + W - R) / 2, y: H - B + 12, "text-anchor": "middle" }, xLabel));
   lines.forEach((line) => {
     if (!line.points.length) return;
     if (line.dots || line.points.length === 1) {
@@ -561,7 +572,7 @@ async function plotEvalPoints() {
   });
   const box = $("eval-chart");
   box.dataset.points = String(lines.filter((line) => line.points.length).length);
-  drawChart(box, `${t("eval.chart")}: x ${t("eval.kl")}, y ${t("eval.reward")}`, lines, [], [], true);
+  drawChart(box, `${t("eval.chart")}: y ${t("eval.reward")}`, lines, [], [], true, t("eval.kl"));
 }
 
 // ---------------------------------------------------------------------------------------------------- data
@@ -576,6 +587,28 @@ async function openLabeling() {
   showErrors(ok ? {} : (Object.keys(data.errors || {}).length ? data.errors : { db: data.error }));
   $("label-link").textContent = ok ? data.url : "";
   $("label-link").href = ok ? data.url : "#";
+}
+
+let sampleTimer = null;
+
+async function startSample() {
+  const body = { model: $("sample-model").value, prompts: $("sample-prompts").value, store: $("sample-store").value,
+                 num_samples: $("sample-num_samples").value, max_new_tokens: $("sample-max_new_tokens").value,
+                 limit: $("sample-limit").value };
+  const { ok, data } = await api("/api/sample", { body });
+  showErrors(ok ? {} : (Object.keys(data.errors || {}).length ? data.errors : { sample_store: data.error }));
+  showSample();
+}
+
+// `preftune sample`'s state and log; polled while it runs. The store then opens with "Open the labeling pages".
+async function showSample() {
+  clearTimeout(sampleTimer);
+  const { data } = await api("/api/sample");
+  $("sample-state").textContent = t(`sample.${data.state}`);
+  $("sample-state").dataset.state = data.state;
+  $("sample-log").textContent = data.log;
+  if (data.state === "done" && data.store && !$("label-db").value) $("label-db").value = data.store;
+  if (data.state === "running") sampleTimer = setTimeout(showSample, 1000);
 }
 
 // ---------------------------------------------------------------------------------------------------- wiring
@@ -594,6 +627,7 @@ $("eval-run").addEventListener("change", showEvaluation);
 $("btn-eval-points").addEventListener("click", plotEvalPoints);
 $("btn-data-check").addEventListener("click", checkData);
 $("btn-label-open").addEventListener("click", openLabeling);
+$("btn-sample").addEventListener("click", startSample);
 
 setInterval(() => { if ($("watch").classList.contains("active")) pollWatched(); }, 1000);
 applyLanguage();
