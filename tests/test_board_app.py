@@ -418,7 +418,7 @@ DISPLACING_STEPS = 25
 
 
 @pytest.mark.slow
-def test_a_real_tiny_run_made_to_displace_carries_the_displacement_marker(runs_dir, stories_model_dir, tmp_path):
+def test_a_real_tiny_run_made_to_displace_carries_the_displacement_marker_and_evaluates(runs_dir, stories_model_dir, tmp_path):
     data = tmp_path / "pairs8.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in STORY_PAIRS))
     manager = RunManager(runs_dir, env=manager_environment())
@@ -436,6 +436,21 @@ def test_a_real_tiny_run_made_to_displace_carries_the_displacement_marker(runs_d
     first, last = span[min(span)], span[max(span)]
     assert last["logps/chosen"] < first["logps/chosen"] - 1.0
     assert last["logps/rejected"] < first["logps/rejected"]
+
+    # then `preftune eval` of the finished run from the board: held-out pairs and a judge; its point on the plot
+    judge = "preftune.judges:sentiment_word_score"
+    started = client.post("/api/runs/displaced/eval", json={"data": str(data), "judge": judge, "limit": 2})
+    assert started.status_code == 202, started.json
+    done = wait_for(lambda: (e := client.get("/api/runs/displaced/eval").json)["state"] != "running" and e,
+                    timeout=240, what="preftune eval")
+    assert done["state"] == "done", done["log"]
+    results = done["results"]
+    assert results["pairs"]["count"] == len(STORY_PAIRS) and results["generation"]["prompts"] == 2
+    assert results == json.loads((runs_dir / "displaced" / "eval" / "eval_results.json").read_text())
+    point = client.get("/api/evals?runs=displaced").json["points"][0]
+    generation = results["generation"]
+    assert (point["kl"], point["win_rate"], point["reward_difference"]) == (
+        generation["kl"]["mean"], generation["win_rate"]["rate"], generation["reward"]["difference"]["mean"])
 
 
 # ---- sample into a labeling store ------------------------------------------------------------------------------
