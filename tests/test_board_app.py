@@ -5,6 +5,7 @@ run on stories260K started, stopped (a checkpoint at the stop step) and resumed 
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 from pathlib import Path
@@ -336,3 +337,156 @@ def test_labeling_pages_open_for_a_store_with_the_boards_token(runs_dir, tmp_pat
         assert refused.value.code == 401
         status, answer = post({"db": str(tmp_path / "none.sqlite")})
         assert status == 400 and "no labeling store" in answer["errors"]["db"]
+
+
+# ---- evaluate -------------------------------------------------------------------------------------------------
+
+
+def eval_results(kl: float, difference: float, rate: float, margin: float) -> dict:
+    """An eval_results.json as `preftune eval --judge` writes it (the fields the board reads)."""
+    return {"model": "m", "loss_type": "sigmoid", "beta": 0.1,
+            "pairs": {"eval_loss": 0.6, "eval_rewards/margins": margin, "eval_rewards/accuracies": 0.75, "count": 4},
+            "generation": {"prompts": 2, "num_samples": 2, "judge": "length",
+                           "reward": {"difference": {"mean": difference, "stderr": 0.1, "n": 2}},
+                           "win_rate": {"rate": rate, "lower": 0.1, "upper": 0.9, "n": 2},
+                           "kl": {"mean": kl, "stderr": 0.01, "n": 4, "exact_sampling": True}}}
+
+
+def test_eval_points_give_each_evaluated_runs_kl_reward_and_win_rate(client, runs_dir):
+    for name, numbers in (("a", (0.5, 1.5, 0.75, 0.2)), ("b", (2.0, 3.0, 1.0, 0.9))):
+        folder = fake_run(runs_dir, name, {"beta": 0.1}, healthy_records(4))
+        (folder / "eval").mkdir()
+        (folder / "eval" / "eval_results.json").write_text(json.dumps(eval_results(*numbers)))
+    fake_run(runs_dir, "never-evaluated", {"beta": 0.1}, healthy_records(4))
+    points = {p["name"]: p for p in client.get("/api/evals?runs=a,b,never-evaluated").json["points"]}
+    assert (points["a"]["kl"], points["a"]["reward_difference"], points["a"]["win_rate"]) == (0.5, 1.5, 0.75)
+    assert (points["b"]["kl"], points["b"]["eval_margin"], points["b"]["eval_accuracy"]) == (2.0, 0.9, 0.75)
+    assert points["never-evaluated"]["kl"] is None and points["never-evaluated"]["win_rate"] is None
+    assert client.get("/api/runs/a/eval").json["state"] == "done"
+    assert client.get("/api/runs/never-evaluated/eval").json["state"] == "none"
+
+
+def test_eval_is_refused_before_the_run_has_finished_and_with_a_bad_limit(client, runs_dir):
+    folder = fake_run(runs_dir, "half", {"beta": 0.1}, healthy_records(4))
+    refused = client.post("/api/runs/half/eval", json={})
+    assert refused.status_code == 409 and "has not finished" in refused.json["error"]
+    (folder / "summary.json").write_text("{}")
+    bad = client.post("/api/runs/half/eval", json={"limit": "many"})
+    assert bad.status_code == 400 and "limit" in bad.json["errors"]
+    assert client.post("/api/runs/nobody/eval", json={}).status_code == 404
+    assert not (folder / "eval").exists()
+
+
+def test_eval_runs_preftune_eval_and_shows_its_one_line_error_when_the_model_is_missing(runs_dir):
+    folder = fake_run(runs_dir, "no-model", {"beta": 0.1}, healthy_records(4))
+    (folder / "summary.json").write_text("{}")
+    client = create_app(runs_dir, manager=RunManager(runs_dir, env=manager_environment())).test_client()
+    started = client.post("/api/runs/no-model/eval", json={"judge": "", "limit": "2"})
+    assert started.status_code == 202 and started.json["state"] == "running"
+    done = wait_for(lambda: (e := client.get("/api/runs/no-model/eval").json)["state"] != "running" and e,
+                    timeout=120, what="preftune eval to end")
+    assert done["state"] == "failed"
+    assert "no trained model in output_dir" in done["log"]  # preftune eval's own ConfigError message
+    assert "Traceback" not in done["log"]
+    assert done["log"].startswith(f"$ preftune eval {folder / CONFIG_FILE} --output-dir {folder / 'eval'} --limit 2")
+
+
+def label_keys(script: str, language: str) -> set[str]:
+    """The keys of LABELS[language] in board.js (read as text: a block from `  language: {` to its `  },`)."""
+    block = re.search(rf"\n  {language}: \{{(.*?)\n  \}},", script, re.S).group(1)
+    return set(re.findall(r'"([a-z_]+\.[a-z_]+)":', block))
+
+
+def test_every_label_on_the_page_including_evaluate_and_sample_has_english_and_chinese(client):
+    page = client.get("/").get_data(as_text=True)
+    script = client.get("/static/board.js").get_data(as_text=True)
+    used = set(re.findall(r'data-i18n="([^"]+)"', page)) | set(re.findall(r't\("([a-z_]+\.[a-z_]+)"\)', script))
+    assert {"tab.evaluate", "eval.go", "eval.judge", "eval.chart", "sample.go", "sample.store"} <= used
+    assert used <= label_keys(script, "en"), used - label_keys(script, "en")
+    assert used <= label_keys(script, "zh"), used - label_keys(script, "zh")
+    states = {f"{kind}.{state}" for kind in ("eval", "sample") for state in ("none", "running", "done", "failed")}
+    assert states <= label_keys(script, "en") & label_keys(script, "zh")
+
+
+# Settings under which a tiny real run on stories260K displaces (both log-probs fall, the chosen by > 1 nat): one
+# batch holding all 8 pairs at every step (no batch-to-batch noise) and a learning rate high enough that the
+# rejected log-prob is driven down and drags the chosen one with it. Measured (25 steps): the span covers steps
+# 1-25, chosen -35.1 -> -47.2 nats, rejected -> -103.9; ~13 s of training on one CPU thread. (beta 0.1 displaces
+# too, but the chosen falls by only ~1.8 nats, close to the detector's 1-nat floor.)
+DISPLACING = {"per_device_train_batch_size": "8", "learning_rate": "3e-3", "beta": "0.5"}
+DISPLACING_STEPS = 25
+
+
+@pytest.mark.slow
+def test_a_real_tiny_run_made_to_displace_carries_the_displacement_marker_and_evaluates(runs_dir, stories_model_dir, tmp_path):
+    data = tmp_path / "pairs8.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in STORY_PAIRS))
+    manager = RunManager(runs_dir, env=manager_environment())
+    client = create_app(runs_dir, manager=manager).test_client()
+    settings = tiny_run_settings(stories_model_dir, data, DISPLACING_STEPS, **DISPLACING)
+    assert client.post("/api/runs", json={"name": "displaced", "settings": settings}).status_code == 201
+    wait_for(lambda: client.get("/api/runs/displaced").json["state"] == "finished", what="the displacing run")
+    metrics = client.get("/api/runs/displaced/metrics").json
+    train = metrics["train"]
+    assert [record["step"] for record in train] == list(range(1, DISPLACING_STEPS + 1))
+    finding = metrics["displacement"]
+    assert finding is not None, [(r["logps/chosen"], r["logps/rejected"]) for r in train]
+    # independently of the detector: over the marked span both log-probs fell, the chosen one by more than 1 nat
+    span = {record["step"]: record for record in train if finding["start_step"] <= record["step"] <= finding["end_step"]}
+    first, last = span[min(span)], span[max(span)]
+    assert last["logps/chosen"] < first["logps/chosen"] - 1.0
+    assert last["logps/rejected"] < first["logps/rejected"]
+
+    # then `preftune eval` of the finished run from the board: held-out pairs and a judge; its point on the plot
+    judge = "preftune.judges:sentiment_word_score"
+    started = client.post("/api/runs/displaced/eval", json={"data": str(data), "judge": judge, "limit": 2})
+    assert started.status_code == 202, started.json
+    done = wait_for(lambda: (e := client.get("/api/runs/displaced/eval").json)["state"] != "running" and e,
+                    timeout=240, what="preftune eval")
+    assert done["state"] == "done", done["log"]
+    results = done["results"]
+    assert results["pairs"]["count"] == len(STORY_PAIRS) and results["generation"]["prompts"] == 2
+    assert results == json.loads((runs_dir / "displaced" / "eval" / "eval_results.json").read_text())
+    point = client.get("/api/evals?runs=displaced").json["points"][0]
+    generation = results["generation"]
+    assert (point["kl"], point["win_rate"], point["reward_difference"]) == (
+        generation["kl"]["mean"], generation["win_rate"]["rate"], generation["reward"]["difference"]["mean"])
+
+
+# ---- sample into a labeling store ------------------------------------------------------------------------------
+
+
+def test_sample_names_each_missing_path_beside_its_field_and_starts_nothing(client, tmp_path):
+    answer = client.post("/api/sample", json={"model": str(tmp_path / "nope"), "prompts": "", "store": ""})
+    assert answer.status_code == 400
+    assert set(answer.json["errors"]) == {"sample_model", "sample_prompts", "sample_store"}
+    assert "no model folder" in answer.json["errors"]["sample_model"]
+    bad = client.post("/api/sample", json={"model": str(tmp_path), "prompts": __file__, "store": "s.db", "limit": "0"})
+    assert bad.status_code == 400 and "sample_limit" in bad.json["errors"]
+    assert client.get("/api/sample").json["state"] == "none"
+
+
+@pytest.mark.slow
+def test_sample_from_the_board_fills_a_labeling_store_with_the_models_responses(runs_dir, stories_model_dir, tmp_path):
+    import sqlite3
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in STORY_PAIRS[:2]))
+    store = tmp_path / "labels.db"
+    client = create_app(runs_dir, manager=RunManager(runs_dir, env=manager_environment())).test_client()
+    body = {"model": str(stories_model_dir), "prompts": str(prompts), "store": str(store), "num_samples": 3,
+            "max_new_tokens": 8}
+    assert client.post("/api/sample", json=body).status_code == 202
+    assert client.post("/api/sample", json=body).status_code == 409  # one at a time
+    done = wait_for(lambda: (s := client.get("/api/sample").json)["state"] != "running" and s, timeout=180,
+                    what="preftune sample")
+    assert done["state"] == "done", done["log"]
+    rows = [json.loads(line) for line in Path(done["candidates"]).read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [row["prompt"] for row in STORY_PAIRS[:2]]
+    assert all(len(row["responses"]) == 3 for row in rows)
+    # the store holds, per prompt, one pair for every two distinct responses the sampler wrote (read with sqlite)
+    with sqlite3.connect(store) as conn:
+        pairs = conn.execute("select count(*) from pairs").fetchone()[0]
+    distinct = [len(set(row["responses"])) for row in rows]
+    assert pairs == sum(n * (n - 1) // 2 for n in distinct) > 0
+    assert "imported into" in done["log"]

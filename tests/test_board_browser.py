@@ -1,6 +1,6 @@
 """The board end to end in headless Chromium (Debian's /usr/bin/chromium driven by Playwright), behind a token:
 start a run on stories260K from the form, see its loss curve grow while it trains, stop it (a checkpoint), resume it
-to the end, start a second run, compare the two, read the displacement marker of a run whose log displaces, and
+to the end, start a second run, compare the two, read the displacement marker of the second run (made to displace), and
 switch the labels to Chinese.
 
 With PREFTUNE_BOARD_SCREENSHOTS=DIR the test also saves a screenshot of each page there (docs/board/*.png)."""
@@ -18,7 +18,7 @@ import pytest
 from preftune.board.app import BoardServer
 from preftune.board.runs import RunManager
 
-from test_board_app import displacing_records, fake_run, manager_environment
+from test_board_app import DISPLACING, DISPLACING_STEPS, manager_environment
 from test_labeling_browser import CHROMIUM, _require_browser
 from test_training import STORY_PAIRS
 
@@ -63,7 +63,8 @@ def test_start_watch_stop_resume_compare_and_switch_language_in_chromium(stories
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in STORY_PAIRS * 3))
     runs_dir = tmp_path / "runs"
-    fake_run(runs_dir, "displaced", {"beta": 0.1, "max_steps": 30}, displacing_records())  # a log that displaces
+    all_pairs = tmp_path / "pairs8.jsonl"  # every step sees the same 8 pairs: the run made to displace
+    all_pairs.write_text("".join(json.dumps(row) + "\n" for row in STORY_PAIRS))
     manager = RunManager(runs_dir, env=manager_environment())
     with BoardServer(runs_dir, token=TOKEN, manager=manager) as server, sync_playwright() as playwright:
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -112,7 +113,9 @@ def test_start_watch_stop_resume_compare_and_switch_language_in_chromium(stories
 
         # a second run from the form, then both compared
         page.click("#tab-new")
-        fill_form(page, "second", stories_model_dir, data, max_steps=4, beta="0.5")
+        fill_form(page, "second", stories_model_dir, all_pairs, max_steps=DISPLACING_STEPS, beta=DISPLACING["beta"])
+        for key in ("per_device_train_batch_size", "learning_rate"):  # settings that make it displace
+            page.fill(f"#f-{key}", DISPLACING[key])
         page.click("#btn-start")
         page.wait_for_selector("#watch.active")
         page.wait_for_selector("#run-state[data-run=second][data-state=finished]", timeout=240_000)
@@ -137,13 +140,13 @@ def test_start_watch_stop_resume_compare_and_switch_language_in_chromium(stories
         assert page.locator("#compare-table tr").count() == 3  # header + 2 runs
         screenshot(page, "compare")
 
-        # the displacement marker of a run whose log displaces, and none on a healthy one
+        # the displacement marker of the real run made to displace, and none on the healthy first one
         page.click("#tab-watch")
-        page.select_option("#watch-run", "displaced")
+        page.select_option("#watch-run", "second")
         page.wait_for_selector("#panel-logps .displacement-marker")
         assert page.is_visible("#displacement") and "likelihood displacement" in page.inner_text("#displacement")
         screenshot(page, "displacement")
-        page.select_option("#watch-run", "second")
+        page.select_option("#watch-run", "first")
         page.wait_for_function("document.getElementById('panel-logps')?.dataset.displacement === '0'")
 
         # every label in Chinese on a click, back in English on another

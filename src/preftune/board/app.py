@@ -16,7 +16,14 @@ Routes (the page is one HTML file and one script, ``static/board.js``; everythin
     POST /api/runs/NAME/stop            SIGINT: the run saves a checkpoint after the current step and ends
     POST /api/runs/NAME/resume          `preftune train config.yaml resume_from_checkpoint=latest`
     GET  /api/compare?runs=A,B          final metrics of each run and the settings that differ
+    POST /api/runs/NAME/eval            {"judge", "data", "limit"} (all optional): `preftune eval` on a finished run,
+                                        as a subprocess, results into the run's eval/
+    GET  /api/runs/NAME/eval            state (none, running, done, failed), eval_results.json, the eval log
+    GET  /api/evals?runs=A,B            one reward/KL point per run (KL, reward difference, win rate, pair metrics)
     POST /api/data/check                {"target"} -> `preftune data check`'s report (JSON and table text)
+    POST /api/sample                    {"model", "prompts", "store", "num_samples", "max_new_tokens", "limit"}:
+                                        `preftune sample --store` as a subprocess (one at a time)
+    GET  /api/sample                    its state (none, running, done, failed), store, candidates file and log
     POST /api/label/open                {"db"} -> {"url"}: the labeling app over that store, on another port of the
                                         same address with the same token (started once per store, kept open)
 
@@ -35,7 +42,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from preftune.board import pages
-from preftune.board.runs import BoardError, RunManager, form_fields
+from preftune.board.runs import BoardError, RunManager, SampleJob, form_fields
 from preftune.errors import PreftuneError
 from preftune.labeling.app import AppServer, check_access, check_bind
 
@@ -48,6 +55,8 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
     app = Flask("preftune.board")
     app.config.update(PREFTUNE_TOKEN=token or None, PREFTUNE_JSON_ERRORS=True, MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES)
     app.extensions["preftune_runs"] = manager or RunManager(runs_dir)
+    app.extensions["preftune_sample"] = SampleJob(app.extensions["preftune_runs"].python,
+                                                  app.extensions["preftune_runs"].env)
     app.extensions["preftune_label_servers"] = {}  # store path -> LabelServer
     app.extensions["preftune_bind"] = "127.0.0.1"  # the address label servers bind (BoardServer sets its own)
     app.before_request(check_access)
@@ -61,7 +70,10 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
         ("/api/runs/<name>/log", _log, "GET"), ("/api/runs/<name>/config.yaml", _config_file, "GET"),
         ("/api/runs/<name>/report", _report, "GET"), ("/api/runs/<name>/stop", _stop, "POST"),
         ("/api/runs/<name>/resume", _resume, "POST"), ("/api/compare", _compare, "GET"),
-        ("/api/data/check", _data_check, "POST"), ("/api/label/open", _open_labeling, "POST"),
+        ("/api/runs/<name>/eval", _evaluate, "POST"), ("/api/runs/<name>/eval", _evaluation, "GET"),
+        ("/api/evals", _eval_points, "GET"), ("/api/data/check", _data_check, "POST"),
+        ("/api/sample", _sample, "POST"), ("/api/sample", _sample_status, "GET"),
+        ("/api/label/open", _open_labeling, "POST"),
     ]
     for rule, view, method in rules:
         app.add_url_rule(rule, endpoint=f"{view.__name__}_{method}", view_func=view, methods=[method])
@@ -184,6 +196,33 @@ def _compare() -> Response:
     return jsonify(_runs().compare(names))
 
 
+def _evaluate(name: str) -> Response:
+    data = _body()
+    limit = data.get("limit")
+    if limit not in (None, ""):
+        try:
+            limit = int(limit)
+        except (TypeError, ValueError):
+            raise BoardError("limit: expected a whole number of prompts", 400, {"limit": "expected a whole number"}) from None
+        if limit < 1:
+            raise BoardError("limit: expected at least 1 prompt", 400, {"limit": "expected at least 1"})
+    text = {key: str(data.get(key) or "").strip() or None for key in ("judge", "data")}
+    response = jsonify(_runs().evaluate(name, judge=text["judge"], data=text["data"], limit=limit or None))
+    response.status_code = 202
+    return response
+
+
+def _evaluation(name: str) -> Response:
+    return jsonify(_runs().evaluation(name))
+
+
+def _eval_points() -> Response:
+    names = [name for name in request.args.get("runs", "").split(",") if name]
+    if not names:
+        raise BoardError("runs: expected one or more run names, comma-separated")
+    return jsonify(points=_runs().eval_points(names))
+
+
 def _data_check() -> Response:
     """`preftune data check TARGET` (a data file, a registered name or a config): its report per split."""
     from preftune.data.validate import check_target
@@ -195,6 +234,38 @@ def _data_check() -> Response:
     checked = check_target(target)
     return jsonify(reports={split: item.report.to_dict() for split, item in checked.items()},
                    text="\n\n".join(f"[{split}] {item.report.format_table()}" for split, item in checked.items()))
+
+
+def _whole(data: dict[str, Any], key: str, default: int | None, field: str) -> int | None:
+    value = data.get(key)
+    if value in (None, ""):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise BoardError(f"{key}: expected a whole number >= 1", 400, {field: "expected a whole number >= 1"})
+    return number
+
+
+def _sample() -> Response:
+    """`preftune sample --model M --prompts P --out STORE.candidates.jsonl --store STORE` as a subprocess."""
+    data = _body()
+    text = {key: str(data.get(key) or "").strip() for key in ("model", "prompts", "store")}
+    job = current_app.extensions["preftune_sample"]
+    response = jsonify(job.start(
+        model=text["model"], prompts=text["prompts"], store=text["store"],
+        num_samples=_whole(data, "num_samples", 2, "sample_num_samples"),
+        max_new_tokens=_whole(data, "max_new_tokens", 64, "sample_max_new_tokens"),
+        limit=_whole(data, "limit", None, "sample_limit"),
+    ))
+    response.status_code = 202
+    return response
+
+
+def _sample_status() -> Response:
+    return jsonify(current_app.extensions["preftune_sample"].status())
 
 
 def _open_labeling() -> Response:
@@ -240,4 +311,5 @@ class BoardServer(AppServer):
         super().stop()
         for server in self.app.extensions["preftune_label_servers"].values():
             server.stop()
+        self.app.extensions["preftune_sample"].shutdown()
         self.runs.shutdown()

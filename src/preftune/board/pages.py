@@ -1,4 +1,4 @@
-"""The board's one HTML page: inline CSS, the structure of the four tabs, and ``/static/board.js`` (which fills
+"""The board's one HTML page: inline CSS, the structure of the five tabs, and ``/static/board.js`` (which fills
 them, switches English/Chinese and draws the curves). Every visible label carries ``data-i18n`` (its key in the
 script's ``LABELS``); no external files, nothing fetched from elsewhere."""
 
@@ -38,6 +38,7 @@ th:first-child, td:first-child { text-align: left; }
   <button id="tab-new" data-tab="new" data-i18n="tab.new">New run</button>
   <button id="tab-watch" data-tab="watch" data-i18n="tab.watch">Watch</button>
   <button id="tab-compare" data-tab="compare" data-i18n="tab.compare">Compare</button>
+  <button id="tab-evaluate" data-tab="evaluate" data-i18n="tab.evaluate">Evaluate</button>
   <button id="tab-data" data-tab="data" data-i18n="tab.data">Data</button>
 </nav>
 <span style="flex:1"></span><button id="lang" data-i18n="lang.switch">中文</button>
@@ -83,6 +84,20 @@ th:first-child, td:first-child { text-align: left; }
   <h3 data-i18n="compare.settings">Settings that differ</h3><table id="compare-settings"></table>
 </section>
 
+<section id="evaluate">
+  <div class="row"><label><span data-i18n="watch.run">Run</span> <select id="eval-run"></select></label>
+    <label><span data-i18n="eval.judge">Judge (optional)</span> <input id="eval-judge" type="text" size="36"></label>
+    <label><span data-i18n="eval.data">Held-out pairs (optional)</span> <input id="eval-data" type="text" size="36"></label>
+    <label><span data-i18n="eval.limit">Prompts (limit)</span> <input id="eval-limit" type="number" min="1" style="width:5em"></label>
+    <button id="btn-eval" data-i18n="eval.go">Evaluate (preftune eval)</button> <b id="eval-state"></b></div>
+  <span class="error" id="err-limit"></span>
+  <table id="eval-table"></table>
+  <pre id="eval-log"></pre>
+  <div class="row"><span data-i18n="compare.runs">Runs</span> <span id="eval-runs"></span>
+    <button id="btn-eval-points" data-i18n="eval.plot">Plot reward / KL</button></div>
+  <div class="panel" id="eval-chart"></div>
+</section>
+
 <section id="data">
   <div class="row"><label><span data-i18n="data.target">Data file, dataset name or config YAML</span>
     <input id="data-target" type="text" size="60"></label>
@@ -94,6 +109,23 @@ th:first-child, td:first-child { text-align: left; }
     <button id="btn-label-open" data-i18n="data.open_labeling">Open the labeling pages</button>
     <a id="label-link" target="_blank" rel="noopener"></a></div>
   <span class="error" id="err-db"></span>
+  <h3 data-i18n="sample.title">Sample responses into a labeling store (preftune sample --store)</h3>
+  <div class="row"><label><span data-i18n="sample.model">Model folder</span> <input id="sample-model" type="text" size="40"></label>
+    <span class="error" id="err-sample_model"></span>
+    <label><span data-i18n="sample.prompts">Prompts (JSONL)</span> <input id="sample-prompts" type="text" size="40"></label>
+    <span class="error" id="err-sample_prompts"></span></div>
+  <div class="row"><label><span data-i18n="sample.store">Labeling store (created if missing)</span>
+    <input id="sample-store" type="text" size="40"></label> <span class="error" id="err-sample_store"></span>
+    <label><span data-i18n="sample.num_samples">Responses per prompt</span>
+    <input id="sample-num_samples" type="number" min="2" value="2" style="width:4em"></label>
+    <span class="error" id="err-sample_num_samples"></span>
+    <label><span data-i18n="sample.max_new_tokens">Max new tokens</span>
+    <input id="sample-max_new_tokens" type="number" min="1" value="64" style="width:5em"></label>
+    <span class="error" id="err-sample_max_new_tokens"></span>
+    <label><span data-i18n="eval.limit">Prompts (limit)</span> <input id="sample-limit" type="number" min="1" style="width:5em"></label>
+    <span class="error" id="err-sample_limit"></span>
+    <button id="btn-sample" data-i18n="sample.go">Sample</button> <b id="sample-state"></b></div>
+  <pre id="sample-log"></pre>
 </section>
 <script src="/static/board.js"></script>
 </body></html>"""

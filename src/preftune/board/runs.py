@@ -35,6 +35,8 @@ from preftune.report import build_report, read_log_history
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "board.log"
 STATE_FILE = "board.json"
+EVAL_DIR = "eval"  # `preftune eval --output-dir`: eval_results.json, its plot and eval.log
+EVAL_LOG = "eval.log"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GENERAL = "_general"  # the errors key of a problem that names no form field
 MAX_LOG_CHUNK = 256 * 1024
@@ -234,6 +236,7 @@ class RunManager:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._active: str | None = None
+        self._evals: dict[str, subprocess.Popen] = {}  # run name -> its `preftune eval` process
 
     # ---- starting, stopping, resuming ------------------------------------------------------------------------
 
@@ -332,7 +335,10 @@ class RunManager:
         self._update_state(name, returncode=code, ended=time.time())
 
     def shutdown(self) -> None:
-        """Stop a running process gracefully (the board is closing) and wait for it."""
+        """Stop a running process gracefully (the board is closing) and wait for it; end any evaluation."""
+        for evaluation in self._evals.values():
+            if evaluation.poll() is None:
+                evaluation.terminate()
         process = self._process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -461,6 +467,153 @@ class RunManager:
             if len({json.dumps(value, sort_keys=True, default=str) for value in values}) > 1:
                 differing[key] = dict(zip(names, values))
         return {"runs": runs, "differing_settings": differing}
+
+
+    # ---- evaluating ------------------------------------------------------------------------------------------
+
+    def evaluate(self, name: str, *, judge: str | None = None, data: str | None = None,
+                 limit: int | None = None) -> dict[str, Any]:
+        """Start `preftune eval` on a finished run (its config.yaml; results into the run's ``eval/``): held-out
+        pairs, and with ``judge`` judged samples (win rate, KL). BoardError 409 while the run trains or is being
+        evaluated, or before it has a trained model (summary.json)."""
+        folder = self.run_dir(name)
+        if not (folder / CONFIG_FILE).is_file():
+            raise BoardError(f"no run named {name!r}", 404)
+        if self.status(name)["state"] in ("running", "stopping"):
+            raise BoardError(f"run {name!r} is still training; evaluate it when it has finished", 409)
+        if not (folder / "summary.json").is_file():
+            raise BoardError(f"run {name!r} has not finished (no summary.json); train it to the end first", 409)
+        arguments = [str(folder / CONFIG_FILE), "--output-dir", str(folder / EVAL_DIR)]
+        if judge:
+            arguments += ["--judge", judge]
+        if data:
+            arguments += ["--data", data]
+        if limit is not None:
+            arguments += ["--limit", str(int(limit))]
+        with self._lock:
+            process = self._evals.get(name)
+            if process is not None and process.poll() is None:
+                raise BoardError(f"run {name!r} is being evaluated already; wait for it", 409)
+            (folder / EVAL_DIR).mkdir(exist_ok=True)
+            env = dict(self.env if self.env is not None else os.environ)
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            with open(folder / EVAL_DIR / EVAL_LOG, "wb") as log:
+                log.write(f"$ preftune eval {' '.join(arguments)}\n".encode())
+                log.flush()
+                self._evals[name] = subprocess.Popen([self.python, "-m", "preftune.cli", "eval", *arguments],
+                                                     stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        return self.evaluation(name)
+
+    def evaluation(self, name: str) -> dict[str, Any]:
+        """The run's evaluation: state (none, running, done, failed), the results `preftune eval` wrote
+        (eval_results.json) and its log."""
+        folder = self.run_dir(name) / EVAL_DIR
+        process = self._evals.get(name)
+        results = None
+        try:
+            results = json.loads((folder / "eval_results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        if process is not None and process.poll() is None:
+            state = "running"
+        elif process is not None and process.returncode != 0:
+            state = "failed"
+        else:
+            state = "done" if results is not None else "none"
+        try:
+            log = (folder / EVAL_LOG).read_bytes()[-MAX_LOG_CHUNK:].decode("utf-8", "replace")
+        except OSError:
+            log = ""
+        return {"name": name, "state": state, "results": results if state != "running" else None, "log": log}
+
+    def eval_points(self, names: list[str]) -> list[dict[str, Any]]:
+        """One point per evaluated run for the reward/KL plot: KL(policy||reference) and the judge's reward of the
+        policy minus the reference's (score judges), its win rate, and the held-out pairs' margin and accuracy."""
+        points = []
+        for name in names:
+            results = self.evaluation(name)["results"] or {}
+            generation = results.get("generation") or {}
+            pairs = results.get("pairs") or {}
+            reward = generation.get("reward") or {}
+            rate = generation.get("win_rate") or {}
+            points.append({
+                "name": name, "kl": (generation.get("kl") or {}).get("mean"),
+                "kl_stderr": (generation.get("kl") or {}).get("stderr"),
+                "reward_difference": (reward.get("difference") or {}).get("mean"),
+                "win_rate": rate.get("rate"), "eval_margin": pairs.get("eval_rewards/margins"),
+                "eval_accuracy": pairs.get("eval_rewards/accuracies"),
+            })
+        return points
+
+
+class SampleJob:
+    """`preftune sample --store` started from the board: responses of a model to prompts, written to
+    ``<store>.candidates.jsonl`` beside the store and imported into the labeling store (created if missing); its
+    output in ``<store>.sample.log``. One at a time per board."""
+
+    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None):
+        self.python, self.env = python, env
+        self._process: subprocess.Popen | None = None
+        self._store: Path | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def paths(store: str | Path) -> tuple[Path, Path]:
+        """(candidates JSONL, log) of a store."""
+        store = Path(store).resolve()
+        return store.with_name(store.name + ".candidates.jsonl"), store.with_name(store.name + ".sample.log")
+
+    def start(self, *, model: str, prompts: str, store: str, num_samples: int = 2, max_new_tokens: int = 64,
+              limit: int | None = None) -> dict[str, Any]:
+        """Check the paths (BoardError 400 by field), then start `preftune sample`; 409 while one runs."""
+        errors = {}
+        if not model or not Path(model).is_dir():
+            errors["sample_model"] = f"no model folder at {model!r}" if model else "expected a model folder"
+        if not prompts or not Path(prompts).is_file():
+            errors["sample_prompts"] = f"no prompts file at {prompts!r}" if prompts else "expected a prompts JSONL file"
+        if not store:
+            errors["sample_store"] = "expected the path of a labeling store (created if missing)"
+        elif not Path(store).resolve().parent.is_dir():
+            errors["sample_store"] = f"no folder {Path(store).resolve().parent} for the store"
+        if errors:
+            raise BoardError("the sampling settings have problems (see each field)", 400, errors)
+        candidates, log_path = self.paths(store)
+        arguments = ["--model", model, "--prompts", prompts, "--out", str(candidates), "--store",
+                     str(Path(store).resolve()), "--num-samples", str(num_samples), "--max-new-tokens",
+                     str(max_new_tokens), "--no-progress"]
+        if limit is not None:
+            arguments += ["--limit", str(limit)]
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                raise BoardError(f"sampling into {self._store} is still going; wait for it", 409)
+            env = dict(self.env if self.env is not None else os.environ)
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            with open(log_path, "wb") as log:
+                log.write(f"$ preftune sample {' '.join(arguments)}\n".encode())
+                log.flush()
+                self._process = subprocess.Popen([self.python, "-m", "preftune.cli", "sample", *arguments],
+                                                 stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            self._store = Path(store).resolve()
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """state (none, running, done, failed), the store, the candidates file and the log."""
+        if self._process is None or self._store is None:
+            return {"state": "none", "store": None, "candidates": None, "log": ""}
+        code = self._process.poll()
+        candidates, log_path = self.paths(self._store)
+        try:
+            log = log_path.read_bytes()[-MAX_LOG_CHUNK:].decode("utf-8", "replace")
+        except OSError:
+            log = ""
+        state = "running" if code is None else "done" if code == 0 else "failed"
+        return {"state": state, "store": str(self._store), "candidates": str(candidates), "log": log}
+
+    def shutdown(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
 
 
 def _setting(settings: dict[str, Any], key: str) -> Any:

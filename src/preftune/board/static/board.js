@@ -16,6 +16,16 @@ const LABELS = {
     "state.finished": "finished", "state.failed": "failed", "state.created": "created",
     "compare.runs": "Runs", "compare.metric": "Metric", "compare.go": "Compare", "compare.final": "Final metrics",
     "compare.settings": "Settings that differ", "compare.run": "run", "compare.step": "step",
+    "tab.evaluate": "Evaluate", "eval.judge": "Judge (optional)", "eval.data": "Held-out pairs (optional)",
+    "eval.limit": "Prompts (limit)", "eval.go": "Evaluate (preftune eval)", "eval.plot": "Plot reward / KL",
+    "eval.none": "not evaluated", "eval.running": "evaluating…", "eval.done": "evaluated", "eval.failed": "failed",
+    "eval.metric": "metric", "eval.value": "value", "eval.chart": "Reward vs KL (one point per run)",
+    "eval.kl": "KL(policy‖reference), nats", "eval.reward": "judge reward − reference's (or win rate)",
+    "sample.title": "Sample responses into a labeling store (preftune sample --store)", "sample.model": "Model folder",
+    "sample.prompts": "Prompts (JSONL)", "sample.store": "Labeling store (created if missing)",
+    "sample.num_samples": "Responses per prompt", "sample.max_new_tokens": "Max new tokens", "sample.go": "Sample",
+    "sample.none": "", "sample.running": "sampling…", "sample.done": "done: the pairs are in the store",
+    "sample.failed": "failed (see the log)",
     "data.target": "Data file, dataset name or config YAML", "data.check": "Check data",
     "data.store": "Labeling store (SQLite)", "data.open_labeling": "Open the labeling pages",
     "panel.loss": "Loss", "panel.rewards": "Rewards (chosen / rejected / margins)", "panel.accuracies": "Accuracies",
@@ -42,6 +52,16 @@ const LABELS = {
     "state.finished": "已完成", "state.failed": "失败", "state.created": "已创建",
     "compare.runs": "运行", "compare.metric": "指标", "compare.go": "对比", "compare.final": "最终指标",
     "compare.settings": "不同的设置", "compare.run": "运行", "compare.step": "步",
+    "tab.evaluate": "评估", "eval.judge": "评判器（可选）", "eval.data": "留出偏好对（可选）",
+    "eval.limit": "提示数（上限）", "eval.go": "评估（preftune eval）", "eval.plot": "绘制奖励 / KL",
+    "eval.none": "未评估", "eval.running": "评估中…", "eval.done": "已评估", "eval.failed": "失败",
+    "eval.metric": "指标", "eval.value": "数值", "eval.chart": "奖励与 KL（每个运行一个点）",
+    "eval.kl": "KL（策略‖参考），nats", "eval.reward": "评判器奖励 − 参考模型的（或胜率）",
+    "sample.title": "采样回答写入标注数据库（preftune sample --store）", "sample.model": "模型文件夹",
+    "sample.prompts": "提示（JSONL）", "sample.store": "标注数据库（不存在则创建）",
+    "sample.num_samples": "每个提示的回答数", "sample.max_new_tokens": "最多新 token 数", "sample.go": "采样",
+    "sample.none": "", "sample.running": "采样中…", "sample.done": "完成：偏好对已写入数据库",
+    "sample.failed": "失败（见日志）",
     "data.target": "数据文件、数据集名称或配置 YAML", "data.check": "检查数据",
     "data.store": "标注数据库（SQLite）", "data.open_labeling": "打开标注页面",
     "panel.loss": "损失", "panel.rewards": "奖励（chosen / rejected / margins）", "panel.accuracies": "准确率",
@@ -83,7 +103,8 @@ function showTab(name) {
   for (const section of document.querySelectorAll("section")) section.classList.toggle("active", section.id === name);
   for (const button of document.querySelectorAll("nav button")) button.classList.toggle("active", button.dataset.tab === name);
   location.hash = name;
-  if (name === "watch" || name === "compare") loadRuns();
+  if (name === "watch" || name === "compare" || name === "evaluate") loadRuns();
+  if (name === "data") showSample();
 }
 
 // ---------------------------------------------------------------------------------------------------- new run
@@ -219,6 +240,7 @@ async function loadRuns() {
   if (keep && runs.some((run) => run.name === keep)) select.value = keep;
   if (select.value !== watched) watchRun(select.value || null);
   buildCompareChoices();
+  buildEvalChoices();
   pollWatched();
 }
 
@@ -332,7 +354,7 @@ function formatNumber(value) {
 }
 
 // lines: [{name, color, points: [[x, y]], dots}], spans: [{from, to, label}] shaded, marks: [[x, y]] red circles
-function drawChart(box, title, lines, spans = [], marks = [], wide = false) {
+function drawChart(box, title, lines, spans = [], marks = [], wide = false, xLabel = t("watch.step")) {
   const W = wide ? 900 : 420, H = wide ? 300 : 210, L = 56, R = 10, T = 8, B = 34;
   box.textContent = "";
   const heading = document.createElement("h3");
@@ -358,7 +380,7 @@ function drawChart(box, title, lines, spans = [], marks = [], wide = false) {
   }
   for (const [value, y] of [[y1, T + 4], [y0, H - B]]) svg.appendChild(svgElement("text", { x: L - 4, y: y + 3, "text-anchor": "end" }, formatNumber(value)));
   for (const [value, anchor] of [[x0, "start"], [x1, "end"]]) svg.appendChild(svgElement("text", { x: X(value), y: H - B + 12, "text-anchor": anchor }, formatNumber(value)));
-  svg.appendChild(svgElement("text", { x: (L + W - R) / 2, y: H - B + 12, "text-anchor": "middle" }, t("watch.step")));
+  svg.appendChild(svgElement("text", { x: (L + W - R) / 2, y: H - B + 12, "text-anchor": "middle" }, xLabel));
   lines.forEach((line) => {
     if (!line.points.length) return;
     if (line.dots || line.points.length === 1) {
@@ -468,6 +490,91 @@ function addRow(table, cells, header = false) {
   table.appendChild(row);
 }
 
+// ---------------------------------------------------------------------------------------------------- evaluate
+let evalTimer = null;
+
+function buildEvalChoices() {
+  const select = $("eval-run");
+  const keep = select.value;
+  if ([...select.options].map((o) => o.value).join("\n") !== runs.map((run) => run.name).join("\n")) {
+    select.textContent = "";
+    for (const run of runs) {
+      const option = document.createElement("option");
+      option.value = option.textContent = run.name;
+      select.appendChild(option);
+    }
+    if (keep && runs.some((run) => run.name === keep)) select.value = keep;
+  }
+  const box = $("eval-runs");
+  const shown = [...box.querySelectorAll("input")].map((input) => input.value);
+  if (shown.join("\n") !== runs.map((run) => run.name).join("\n")) {
+    const checked = new Set([...box.querySelectorAll("input:checked")].map((input) => input.value));
+    box.textContent = "";
+    for (const run of runs) {
+      const label = document.createElement("label");
+      const input = document.createElement("input");
+      input.type = "checkbox";
+      input.value = run.name;
+      input.className = "eval-point-run";
+      input.checked = checked.has(run.name);
+      label.append(input, " " + run.name + " ");
+      box.appendChild(label);
+    }
+  }
+  showEvaluation();
+}
+
+async function startEvaluation() {
+  const name = $("eval-run").value;
+  if (!name) return;
+  const body = { judge: $("eval-judge").value, data: $("eval-data").value, limit: $("eval-limit").value };
+  const { ok, data } = await api(`/api/runs/${encodeURIComponent(name)}/eval`, { body });
+  showErrors(ok ? {} : (Object.keys(data.errors || {}).length ? data.errors : { limit: data.error }));
+  showEvaluation();
+}
+
+// The chosen run's evaluation: state, results as a table, log; polled while `preftune eval` runs.
+async function showEvaluation() {
+  clearTimeout(evalTimer);
+  const name = $("eval-run").value;
+  if (!name) return;
+  const { ok, data } = await api(`/api/runs/${encodeURIComponent(name)}/eval`);
+  if (!ok || $("eval-run").value !== name) return;
+  $("eval-state").textContent = t(`eval.${data.state}`);
+  $("eval-state").dataset.state = data.state;
+  $("eval-log").textContent = data.log;
+  const table = $("eval-table");
+  table.textContent = "";
+  const results = data.results || {};
+  const rows = [];
+  for (const [key, value] of Object.entries(results.pairs || {})) rows.push([key, value]);
+  const generation = results.generation || {};
+  const reward = generation.reward || {};
+  for (const side of ["policy", "reference", "difference"]) if (reward[side]) rows.push([`reward/${side}`, reward[side].mean]);
+  if (generation.win_rate) rows.push(["win_rate", generation.win_rate.rate], ["win_rate 95%", `[${formatNumber(generation.win_rate.lower)}, ${formatNumber(generation.win_rate.upper)}]`]);
+  if (generation.kl) rows.push(["kl", generation.kl.mean]);
+  if (rows.length) {
+    addRow(table, [t("eval.metric"), t("eval.value")], true);
+    for (const row of rows) addRow(table, row);
+  }
+  if (data.state === "running") evalTimer = setTimeout(showEvaluation, 1000);
+}
+
+// One point per chosen run: KL on x; the judge's reward difference on y (its win rate for a pairwise judge).
+async function plotEvalPoints() {
+  const names = [...document.querySelectorAll(".eval-point-run:checked")].map((input) => input.value);
+  if (!names.length) return;
+  const { data } = await api(`/api/evals?runs=${names.map(encodeURIComponent).join(",")}`);
+  const lines = data.points.map((point, i) => {
+    const y = point.reward_difference ?? point.win_rate;
+    return { name: point.name, color: COLORS[i % COLORS.length], dots: true,
+             points: point.kl != null && y != null ? [[point.kl, y]] : [] };
+  });
+  const box = $("eval-chart");
+  box.dataset.points = String(lines.filter((line) => line.points.length).length);
+  drawChart(box, `${t("eval.chart")}: y ${t("eval.reward")}`, lines, [], [], true, t("eval.kl"));
+}
+
 // ---------------------------------------------------------------------------------------------------- data
 async function checkData() {
   const { ok, data } = await api("/api/data/check", { body: { target: $("data-target").value } });
@@ -482,6 +589,28 @@ async function openLabeling() {
   $("label-link").href = ok ? data.url : "#";
 }
 
+let sampleTimer = null;
+
+async function startSample() {
+  const body = { model: $("sample-model").value, prompts: $("sample-prompts").value, store: $("sample-store").value,
+                 num_samples: $("sample-num_samples").value, max_new_tokens: $("sample-max_new_tokens").value,
+                 limit: $("sample-limit").value };
+  const { ok, data } = await api("/api/sample", { body });
+  showErrors(ok ? {} : (Object.keys(data.errors || {}).length ? data.errors : { sample_store: data.error }));
+  showSample();
+}
+
+// `preftune sample`'s state and log; polled while it runs. The store then opens with "Open the labeling pages".
+async function showSample() {
+  clearTimeout(sampleTimer);
+  const { data } = await api("/api/sample");
+  $("sample-state").textContent = t(`sample.${data.state}`);
+  $("sample-state").dataset.state = data.state;
+  $("sample-log").textContent = data.log;
+  if (data.state === "done" && data.store && !$("label-db").value) $("label-db").value = data.store;
+  if (data.state === "running") sampleTimer = setTimeout(showSample, 1000);
+}
+
 // ---------------------------------------------------------------------------------------------------- wiring
 for (const button of document.querySelectorAll("nav button")) button.addEventListener("click", () => showTab(button.dataset.tab));
 $("lang").addEventListener("click", () => { lang = lang === "en" ? "zh" : "en"; localStorage.setItem("preftune-board-lang", lang); applyLanguage(); });
@@ -493,10 +622,14 @@ $("btn-stop").addEventListener("click", stopRun);
 $("btn-resume").addEventListener("click", resumeRun);
 $("btn-report").addEventListener("click", loadReport);
 $("btn-compare").addEventListener("click", compare);
+$("btn-eval").addEventListener("click", startEvaluation);
+$("eval-run").addEventListener("change", showEvaluation);
+$("btn-eval-points").addEventListener("click", plotEvalPoints);
 $("btn-data-check").addEventListener("click", checkData);
 $("btn-label-open").addEventListener("click", openLabeling);
+$("btn-sample").addEventListener("click", startSample);
 
 setInterval(() => { if ($("watch").classList.contains("active")) pollWatched(); }, 1000);
 applyLanguage();
 buildForm();
-showTab(["new", "watch", "compare", "data"].includes(location.hash.slice(1)) ? location.hash.slice(1) : "new");
+showTab(["new", "watch", "compare", "evaluate", "data"].includes(location.hash.slice(1)) ? location.hash.slice(1) : "new");
