@@ -61,6 +61,20 @@ def trl_rows() -> list[dict]:
     return rows
 
 
+def trl_rows_with_images_on_disk(tmp_path) -> tuple:
+    """``trl_rows()`` with each image saved as a PNG under ``tmp_path/media`` and named by its file: (folder, rows)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    rows = []
+    for index, row in enumerate(trl_rows()):
+        names = []
+        for number, image in enumerate(row["images"]):
+            image.save(media / f"{index}-{number}.png")
+            names.append(f"{index}-{number}.png")
+        rows.append(dict(row, images=names))
+    return media, rows
+
+
 def gpt2_tokenizer_with(*special_tokens: str):
     """The shared GPT-2 tokenizer with a model family's special tokens added; padding with EOS."""
     from transformers import AutoTokenizer
@@ -458,15 +472,7 @@ def test_a_model_folder_with_a_processor_config_loads_processor_and_model_and_se
     folder = tmp_path / "tiny-qwen2-vl"
     tiny_qwen2_vl(processor, seed=0).save_pretrained(folder)
     processor.save_pretrained(folder)
-    media = tmp_path / "media"
-    media.mkdir()
-    rows = []
-    for index, row in enumerate(trl_rows()):
-        names = []
-        for number, image in enumerate(row["images"]):
-            image.save(media / f"{index}-{number}.png")
-            names.append(f"{index}-{number}.png")
-        rows.append(dict(row, images=names))
+    media, rows = trl_rows_with_images_on_disk(tmp_path)
     trainer = DPOTrainer(model=str(folder), args=vision_config(tmp_path, image_max_pixels=28 * 28, image_min_pixels=28 * 28,
                                                               media_dir=str(media)),
                          train_dataset=rows)

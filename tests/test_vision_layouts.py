@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from test_vision import (
+    trl_rows_with_images_on_disk,
     LLAVA_TEMPLATE,
     TEMPLATE,
     coloured,
@@ -205,15 +206,7 @@ def test_precomputed_reference_log_probs_of_image_rows_are_the_references_and_a_
 
     vision_processor = request.getfixturevalue("processor")
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
-    media = tmp_path / "media"
-    media.mkdir()
-    rows = []
-    for index, row in enumerate(trl_rows()):
-        names = []
-        for number, image in enumerate(row["images"]):
-            image.save(media / f"{index}-{number}.png")
-            names.append(f"{index}-{number}.png")
-        rows.append(dict(row, images=names))
+    media, rows = trl_rows_with_images_on_disk(tmp_path)
     policy, reference = tiny_qwen2_vl(vision_processor, seed=0), tiny_qwen2_vl(vision_processor, seed=1)
 
     def precomputed():
