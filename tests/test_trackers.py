@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,11 @@ def tracked_run(tmp_path_factory):
                         "MLFLOW_TRACKING_URI": f"file://{tmp / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true",
                         "TRACKIO_DIR": str(tmp / "trackio"), "HF_HUB_OFFLINE": "1"}.items():
         patch.setenv(name, value)
+    # trackio reads TRACKIO_DIR once, at import: a module imported by an earlier test (TRL's OnlineDPOTrainer imports
+    # trackio) keeps the default folder, so point its copies of the constant here too.
+    for module in [module for name, module in sys.modules.items() if name == "trackio" or name.startswith("trackio.")]:
+        if isinstance(getattr(module, "TRACKIO_DIR", None), Path):
+            patch.setattr(module, "TRACKIO_DIR", tmp / "trackio")
     (tmp / "wandb").mkdir()
     args = make_config(tmp, max_steps=3, per_device_train_batch_size=4, report_to=TRACKERS, run_name="tracked",
                        eval_strategy="steps", eval_steps=2, logging_dir=str(tmp / "tensorboard"), project="preftune-test")
