@@ -189,11 +189,16 @@ def _resume(name: str) -> Response:
     return jsonify(_runs().resume(name))
 
 
-def _compare() -> Response:
+def _run_names() -> list[str]:
+    """The ``runs`` query argument: one or more run names, comma-separated."""
     names = [name for name in request.args.get("runs", "").split(",") if name]
     if not names:
         raise BoardError("runs: expected one or more run names, comma-separated")
-    return jsonify(_runs().compare(names))
+    return names
+
+
+def _compare() -> Response:
+    return jsonify(_runs().compare(_run_names()))
 
 
 def _evaluate(name: str) -> Response:
@@ -217,10 +222,7 @@ def _evaluation(name: str) -> Response:
 
 
 def _eval_points() -> Response:
-    names = [name for name in request.args.get("runs", "").split(",") if name]
-    if not names:
-        raise BoardError("runs: expected one or more run names, comma-separated")
-    return jsonify(points=_runs().eval_points(names))
+    return jsonify(points=_runs().eval_points(_run_names()))
 
 
 def _data_check() -> Response:
