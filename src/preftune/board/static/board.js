@@ -456,6 +456,7 @@ async function compare() {
   const names = [...document.querySelectorAll(".compare-run:checked")].map((input) => input.value);
   if (!names.length) return;
   const metric = $("compare-metric").value;
+  delete $("compare-chart").dataset.runs;
   const metrics = await Promise.all(names.map((name) => api(`/api/runs/${encodeURIComponent(name)}/metrics`)));
   const lines = names.map((name, i) => {
     const data = metrics[i].data;
@@ -463,7 +464,6 @@ async function compare() {
     return { name, color: COLORS[i % COLORS.length], points: series(records, metric), dots: metric.startsWith("eval_") };
   });
   const box = $("compare-chart");
-  box.dataset.runs = String(lines.filter((line) => line.points.length).length);
   drawChart(box, metric, lines, [], [], true);
   const { data } = await api(`/api/compare?runs=${names.map(encodeURIComponent).join(",")}`);
   const keys = ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"];
@@ -478,6 +478,8 @@ async function compare() {
   settings.textContent = "";
   addRow(settings, ["key", ...names], true);
   for (const [key, values] of Object.entries(data.differing_settings)) addRow(settings, [key, ...names.map((n) => values[n])]);
+  // set last: tests (and users' scripts) wait on it to know the chart and both tables are drawn
+  box.dataset.runs = String(lines.filter((line) => line.points.length).length);
 }
 
 function addRow(table, cells, header = false) {
