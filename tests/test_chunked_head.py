@@ -279,7 +279,7 @@ def test_backward_saves_no_rows_by_vocab_tensor():
 
 
 def test_the_kept_softmax_is_one_chunk_and_is_released_after_backward():
-    """Without a softcap the forward keeps P of one (full) chunk for the backward, in a ctx attribute (not a saved
+    """Without a softcap the forward keeps P of one (full) chunk, as (V, C), for the backward, in a ctx attribute (not a saved
     tensor, so the probe above cannot see it): held until backward, then dropped."""
     import gc
     import weakref
@@ -288,9 +288,9 @@ def test_the_kept_softmax_is_one_chunk_and_is_released_after_backward():
     leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
     logps, _ = chunked_label_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], chunk_size=64)
     start, kept = logps.grad_fn.kept
-    assert tuple(kept.shape) == (64, VOCAB) and start == ROWS - 64  # the last chunk, full size
+    assert tuple(kept.shape) == (VOCAB, 64) and start == ROWS - 64  # the last chunk, full size, vocabulary first
     expected = torch.softmax(hidden.detach()[start:] @ weight.detach().T + bias.detach(), dim=-1)
-    assert torch.allclose(kept, expected, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(kept, expected.T, rtol=1e-5, atol=1e-9)
     alive = weakref.ref(kept)
     del kept
     (logps * upstream).sum().backward()

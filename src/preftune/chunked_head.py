@@ -34,7 +34,7 @@ several interleaved rounds on a busy machine): float32 256/512/1024/2048 → 4.6
 noise of it for both, with a peak of about 0.2–0.33 GB extra against 2.0 GB for full logits."""
 
 DEFAULT_CHUNK_MIB = 256
-"""Memory budget of one chunk's ``(C, V)`` float32 logits, in MiB: 1024 rows up to a 65,536-entry vocabulary (GPT-2,
+"""Memory budget of one chunk's ``(V, C)`` float32 logits, in MiB: 1024 rows up to a 65,536-entry vocabulary (GPT-2,
 Llama 2, Mistral: today's chunks), 512 rows for Llama 3's 128k, 431 for Qwen's 152k, 256 for Gemma's 256k."""
 
 
@@ -58,48 +58,57 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 def _chunk_logits(
     out: Tensor, hidden_chunk: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float, softcap: float | None
 ) -> Tensor:
-    """Write one chunk's ``(C, V)`` logits into ``out``; ``weight``/``bias`` already in the compute dtype.
+    """Write one chunk's logits, vocabulary first, ``(V, C)``, into the contiguous ``out``; ``weight``/``bias`` already
+    in the compute dtype.
 
-    Reusing one buffer matters on CPU: a fresh ``C·V`` allocation is returned to the OS on free and
-    page-faulted in again for every chunk, which costs about as much as the matmul itself.
+    Vocabulary first because ``weight @ hiddenᵀ`` runs about 1.4× faster than ``hidden @ weightᵀ`` on CPU (2-core AVX-512, float32, d=256,
+    V=50k: 67 against 48 GMAC/s), and the softmax over the vocabulary then reduces over the outer dimension,
+    which torch vectorises across the chunk's rows; the backward's matmuls take the ``(V, C)`` operand as it is
+    (one thread, 1024 rows: recompute + two gradient matmuls 0.92 s against 1.09 s with ``(C, V)``). Reusing one
+    buffer matters on CPU: a fresh ``C·V`` allocation is returned to the OS on free and page-faulted in again for every
+    chunk, which costs about as much as the matmul itself.
     """
     hidden_chunk = hidden_chunk.to(weight.dtype)
     if bias is None:
-        torch.mm(hidden_chunk, weight.T, out=out)
+        torch.mm(weight, hidden_chunk.T, out=out)
     else:
-        torch.addmm(bias, hidden_chunk, weight.T, out=out)
+        torch.addmm(bias[:, None], weight, hidden_chunk.T, out=out)
+    return _cap_logits_(out, logit_scale, softcap)
+
+
+def _cap_logits_(logits: Tensor, logit_scale: float, softcap: float | None) -> Tensor:
+    """In place: ``logits ← softcap · tanh(logit_scale · logits / softcap)`` (each step only when set)."""
     if logit_scale != 1.0:
-        out.mul_(logit_scale)
+        logits.mul_(logit_scale)
     if softcap is not None:
-        out.div_(softcap).tanh_().mul_(softcap)
-    return out
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
 
 
-SOFTMAX_ROW_BLOCK = 16
-"""Rows per block of the softmax passes (max, subtract, exp, sum) over a chunk's ``(C, V)`` logits. A block of
-16 × 32k float32 logits (2 MiB) stays in cache across the four passes, where a whole 128 MiB chunk is read from
-memory four times."""
+SOFTMAX_VOCAB_BLOCK = 512
+"""Vocabulary entries per block of the softmax passes over a chunk's ``(V, C)`` logits: 512 × 1024 float32 logits
+(2 MiB) are shifted, exponentiated and summed while in cache."""
 
 
-def _exp_shifted_rows_(logits: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """In place, block of rows by block: ``logits ← exp(logits − m)``.
+def _exp_shifted_columns_(logits: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """In place on ``(V, C)`` logits, block of vocabulary entries by block: ``logits ← exp(logits − m)``.
 
-    Without ``shift``, ``m`` is the row max (0 where it is not finite) and the result is ``(m, Σ_v exp(logits − m))``;
-    with ``shift`` (e.g. the logsumexp, turning logits into probabilities) ``m = shift`` and the result ``(m, None)``.
+    Without ``shift``, ``m`` is each column's max (0 where it is not finite) and the result is
+    ``(m, Σ_v exp(logits − m))``; with ``shift`` (e.g. the logsumexp, turning logits into probabilities) ``m = shift``
+    and the result ``(m, None)``.
     """
-    rows = logits.shape[0]
-    row_shift = torch.empty(rows, dtype=logits.dtype, device=logits.device) if shift is None else shift
-    row_sum = torch.empty_like(row_shift) if shift is None else None
-    for start in range(0, rows, SOFTMAX_ROW_BLOCK):
-        stop = start + SOFTMAX_ROW_BLOCK
-        block = logits[start:stop]
-        if shift is None:
-            block_max = block.amax(dim=-1)
-            row_shift[start:stop] = torch.where(torch.isfinite(block_max), block_max, 0.0)
-        block.sub_(row_shift[start:stop, None]).exp_()
-        if row_sum is not None:
-            torch.sum(block, dim=-1, out=row_sum[start:stop])
-    return row_shift, row_sum
+    if shift is None:
+        column_max = logits.amax(dim=0)
+        shift = torch.where(torch.isfinite(column_max), column_max, 0.0)
+        column_sum = torch.zeros_like(shift)
+    else:
+        column_sum = None
+    for start in range(0, logits.shape[0], SOFTMAX_VOCAB_BLOCK):
+        block = logits[start:start + SOFTMAX_VOCAB_BLOCK]
+        block.sub_(shift).exp_()
+        if column_sum is not None:
+            column_sum += block.sum(dim=0)
+    return shift, column_sum
 
 
 def _chunk_bounds(num_rows: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -119,8 +128,8 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         d logp / d z = (onehot(label) − P) ∘ s = −M,   M = P ∘ s − onehot(label) ∘ s
 
     The row scaling by ``g · logit_scale`` commutes with the matmuls, so it is applied to the ``(C, d)``
-    operands rather than to the ``(C, V)`` buffer: ``grad_hidden = −g'·(M @ W)``,
-    ``grad_W −= Mᵀ @ (g'·h)``, ``grad_b −= Mᵀ @ g'``.
+    operands rather than to the ``(V, C)`` buffer (M is kept vocabulary first): ``grad_hidden = −g'·(Mᵀ @ W)``,
+    ``grad_W −= M @ (g'·h)``, ``grad_b −= M @ g'``.
     """
 
     @staticmethod
@@ -137,27 +146,29 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             weight_c = weight.to(compute_dtype)
             bias_c = None if bias is None else bias.to(compute_dtype)
-            if softcap is None:  # mean over the vocabulary commutes with the affine map: no (C, V) pass
+            if softcap is None:  # mean over the vocabulary commutes with the affine map: no (V, C) pass
                 mean_weight = weight_c.mean(dim=0)
                 mean_bias = 0.0 if bias_c is None else bias_c.mean()
-            buffer = torch.empty(min(chunk_size, num_rows), weight.shape[0], dtype=compute_dtype, device=hidden.device)
+            vocab_size = weight.shape[0]
+            buffer = torch.empty(min(chunk_size, num_rows) * vocab_size, dtype=compute_dtype, device=hidden.device)
             for start, stop in bounds:
                 hidden_chunk = hidden[start:stop].to(compute_dtype)
-                logits = _chunk_logits(buffer[: stop - start], hidden_chunk, weight_c, bias_c, logit_scale, softcap)
+                logits = _chunk_logits(buffer[: (stop - start) * vocab_size].view(vocab_size, stop - start),
+                                                hidden_chunk, weight_c, bias_c, logit_scale, softcap)  # (V, C)
                 if softcap is None:
                     mean_logits[start:stop] = (hidden_chunk @ mean_weight + mean_bias) * logit_scale
                 else:
-                    mean_logits[start:stop] = logits.mean(dim=-1)
-                label_logits = logits.gather(1, labels[start:stop, None]).squeeze(1)
-                row_max, row_sum = _exp_shifted_rows_(logits)
-                shifted_exp, log_sum = logits, row_sum.log_()
-                chunk_lse = log_sum + row_max
+                    mean_logits[start:stop] = logits.mean(dim=0)
+                label_logits = logits.gather(0, labels[None, start:stop]).squeeze(0)
+                column_max, column_sum = _exp_shifted_columns_(logits)
+                shifted_exp, log_sum = logits, column_sum.log_()
+                chunk_lse = log_sum + column_max
                 logsumexp[start:stop] = chunk_lse
                 logps[start:stop] = label_logits - chunk_lse
                 if with_log_sum_sq:  # log Σ p² = log Σ exp(2(y − m)) − 2 log Σ exp(y − m)
-                    log_sum_sq[start:stop] = torch.linalg.vecdot(shifted_exp, shifted_exp).log_() - 2 * log_sum
-            if keep_last:  # the buffer holds exp(y − max) of the last chunk: make it P = exp(y − logsumexp)
-                shifted_exp.mul_(torch.exp(-log_sum)[:, None])
+                    log_sum_sq[start:stop] = torch.linalg.vecdot(shifted_exp, shifted_exp, dim=0).log_() - 2 * log_sum
+            if keep_last:  # the buffer holds exp(y − max) of the last chunk, (V, C): make it P = exp(y − logsumexp)
+                shifted_exp.mul_(torch.exp(-log_sum)[None, :])
                 ctx.kept = (start, shifted_exp)
             del buffer
         if not keep_last:
@@ -188,11 +199,12 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
             weight_c = weight.to(compute_dtype)
             bias_c = None if bias is None else bias.to(compute_dtype)
             rows_in_chunk = min(chunk_size, num_rows)
-            if kept is not None:  # the kept chunk first; its buffer then serves the recomputed ones
-                buffer = kept[1]
-                bounds = [(kept[0], kept[0] + buffer.shape[0])] + _chunk_bounds(num_rows, chunk_size)[:-1]
+            if kept is not None:  # the kept chunk first, (V, C); its storage then serves the recomputed ones
+                kept_start, kept_probs = kept
+                buffer = kept_probs.view(-1)
+                bounds = [(kept_start, kept_start + kept_probs.shape[1])] + _chunk_bounds(num_rows, chunk_size)[:-1]
             else:
-                buffer = torch.empty(rows_in_chunk, vocab_size, dtype=compute_dtype, device=device)
+                buffer = torch.empty(rows_in_chunk * vocab_size, dtype=compute_dtype, device=device)
                 bounds = _chunk_bounds(num_rows, chunk_size)
             slope_buffer = None if softcap is None else torch.empty_like(buffer)
             all_rows = torch.arange(rows_in_chunk, device=device)
@@ -200,24 +212,28 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 rows, chunk_labels = all_rows[: stop - start], labels[start:stop]
                 hidden_chunk = hidden[start:stop].to(compute_dtype)
                 row_scale = grad_logps[start:stop].to(compute_dtype) * logit_scale  # g' = g · logit_scale
+                by_vocab = (vocab_size, stop - start)  # every chunk here is (V, C), as the forward made them
                 if kept is not None and index == 0:
-                    scaled, label_slope = buffer, torch.ones_like(row_scale)  # P, kept by the forward
+                    scaled, label_slope = kept_probs, torch.ones_like(row_scale)  # P, kept by the forward
                 elif softcap is None:
-                    logits = _chunk_logits(buffer[: stop - start], hidden_chunk, weight_c, bias_c, logit_scale, softcap)
-                    _exp_shifted_rows_(logits, shift=logsumexp[start:stop])  # M = P − onehot
+                    logits = _chunk_logits(buffer[: by_vocab[0] * by_vocab[1]].view(by_vocab), hidden_chunk, weight_c,
+                                           bias_c, logit_scale, softcap)
+                    _exp_shifted_columns_(logits, shift=logsumexp[start:stop])  # M = P − onehot
                     scaled, label_slope = logits, torch.ones_like(row_scale)
                 else:  # s = 1 − (y / c)², taken before the buffer is overwritten with P
-                    logits = _chunk_logits(buffer[: stop - start], hidden_chunk, weight_c, bias_c, logit_scale, softcap)
-                    slope = torch.div(logits, softcap, out=slope_buffer[: stop - start]).square_().neg_().add_(1.0)
-                    label_slope = slope[rows, chunk_labels]
-                    scaled = logits.sub_(logsumexp[start:stop, None]).exp_().mul_(slope)  # M = P∘s − onehot∘s
-                scaled[rows, chunk_labels] -= label_slope
+                    logits = _chunk_logits(buffer[: by_vocab[0] * by_vocab[1]].view(by_vocab), hidden_chunk, weight_c,
+                                           bias_c, logit_scale, softcap)
+                    slope_out = slope_buffer[: by_vocab[0] * by_vocab[1]].view(by_vocab)
+                    slope = torch.div(logits, softcap, out=slope_out).square_().neg_().add_(1.0)
+                    label_slope = slope[chunk_labels, rows]
+                    scaled = logits.sub_(logsumexp[None, start:stop]).exp_().mul_(slope)  # M = P∘s − onehot∘s
+                scaled[chunk_labels, rows] -= label_slope
                 if need_hidden:
-                    grad_hidden[start:stop] = (scaled @ weight_c).mul_(-row_scale[:, None])
+                    grad_hidden[start:stop] = (scaled.T @ weight_c).mul_(-row_scale[:, None])
                 if need_weight:
-                    grad_weight.addmm_(scaled.T, hidden_chunk * row_scale[:, None], alpha=-1.0)
+                    grad_weight.addmm_(scaled, hidden_chunk * row_scale[:, None], alpha=-1.0)
                 if need_bias:
-                    grad_bias.addmv_(scaled.T, row_scale, alpha=-1.0)
+                    grad_bias.addmv_(scaled, row_scale, alpha=-1.0)
             del buffer, slope_buffer
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
@@ -254,7 +270,7 @@ def chunked_label_logprobs(
         logit_scale: multiplies the logits (Cohere's ``logit_scale``); 1.0 for none.
         softcap: ``logits = softcap · tanh(logits / softcap)`` when given (Gemma-2); None for none.
         with_log_sum_sq: also return ``log Σ_v p_v²`` per row (detached), WPO's alignment term.
-        max_chunk_bytes: budget of one chunk's ``(C, V)`` compute-dtype logits buffer in bytes; chunks get
+        max_chunk_bytes: budget of one chunk's ``(V, C)`` compute-dtype logits buffer in bytes; chunks get
             ``rows_per_chunk(chunk_size, V, max_chunk_bytes, itemsize)`` rows (a large vocabulary, fewer rows).
             The forward keeps one such buffer until the backward; with ``softcap`` the backward holds two. None: no
             budget, ``chunk_size`` rows.
