@@ -39,8 +39,9 @@ from preftune.shared_prefix_attention import SharedPrefixLayout, use_shared_pref
 CHUNKED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 # Vision-language models whose ForConditionalGeneration forward is likewise lm_head(language model's hidden states
-# [:, slice]) (LLaVA's whatever its language model: the head is its own); checked in tests/test_vision_layouts.py.
-CHUNKED_HEAD_VISION_MODEL_TYPES = frozenset({"qwen2_vl", "qwen3_vl", "llava"})
+# [:, slice]) (LLaVA's whatever its language model: the head is its own; Gemma 3's applies no soft-capping); checked
+# in tests/test_vision_layouts.py and tests/test_vision_gemma3.py.
+CHUNKED_HEAD_VISION_MODEL_TYPES = frozenset({"qwen2_vl", "qwen3_vl", "llava", "gemma3"})
 
 
 @dataclass

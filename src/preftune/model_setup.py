@@ -35,7 +35,7 @@ from preftune.models import (
 )
 from preftune.moe import resolve_router_aux_loss
 from preftune.reference import Reference, build_reference
-from preftune.shared_prefix_attention import supports_shared_prefix_attention
+from preftune.shared_prefix_attention import check_prefix_sharing_model_type, supports_shared_prefix_attention
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,10 @@ def resolve_vision_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLa
     if args.padding_free:
         raise ConfigError("not supported yet: padding_free with a vision-language model (its image inputs follow the "
                           "rows of one padded forward); leave it null or set it false", key="padding_free")
+    for model in models:
+        if model is not None:
+            check_prefix_sharing_model_type(args.prefix_sharing, getattr(unwrap_model(model).config, "model_type", None),
+                                            file=args.config_file)
     shared_attention = all(supports_shared_prefix_attention(unwrap_model(m)) for m in models if m is not None)
     if args.prefix_sharing and not shared_attention:
         raise ConfigError("not supported yet: prefix_sharing with this vision-language model (it needs a Qwen2-VL, "

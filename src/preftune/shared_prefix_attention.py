@@ -45,6 +45,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from preftune.errors import ConfigError
+
 SHARED_PREFIX_ATTENTION = "preftune_shared_prefix_sdpa"
 """The attention implementation name preftune registers (sdpa, plus shared rows when told their layout)."""
 
@@ -60,6 +62,24 @@ SHARED_PREFIX_VISION_MODEL_TYPES = {
 """Vision-language model types and the language-model types (``text_config.model_type``) under them whose shared
 rows go through the shared-prefix attention, checked against the plain layout in tests/test_vision_layouts.py
 (LLaVA over Llama)."""
+
+BIDIRECTIONAL_IMAGE_MODEL_TYPES = {"gemma3": "Gemma 3"}
+"""Vision-language model types whose image tokens attend to each other both ways (Gemma 3, told by
+``token_type_ids``), by display name. The shared-prefix attention computes a shared row's prompt causally, so their
+shared rows would not be exact: they run plain rows (auto) and ``prefix_sharing: true`` is refused
+(``check_prefix_sharing_model_type``)."""
+
+
+def check_prefix_sharing_model_type(prefix_sharing: bool | None, model_type: str | None, *,
+                                    file: str | None = None) -> None:
+    """ConfigError (key ``prefix_sharing``, from ``file``) when ``prefix_sharing`` is true for a model type in
+    ``BIDIRECTIONAL_IMAGE_MODEL_TYPES``. Preflight runs it on config.json before any weights are loaded; the layout
+    resolution again on a model given loaded."""
+    if prefix_sharing and model_type in BIDIRECTIONAL_IMAGE_MODEL_TYPES:
+        raise ConfigError(f"not supported yet: prefix_sharing with {BIDIRECTIONAL_IMAGE_MODEL_TYPES[model_type]} "
+                          f"(model_type {model_type}): its image tokens attend to each other both ways, which the "
+                          "shared rows' causal prompt attention does not compute; leave it null (plain rows) or set "
+                          "it false", key="prefix_sharing", file=file)
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,20 @@ def text_tokenizer(processing_class: Any) -> Any:
 
 
 def image_token_id(processor: Any) -> int:
-    """The id of the token each image is expanded into (``<|image_pad|>`` for Qwen-VL, ``<image>`` for LLaVA)."""
+    """The id of the token each image is expanded into (``<|image_pad|>`` for Qwen-VL, ``<image>`` for LLaVA; for
+    Gemma 3 the ``<start_of_image>`` placeholder that opens the expansion: ``image_content_token_ids``)."""
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None:
         token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return int(token_id)
+
+
+def image_content_token_ids(processor: Any) -> tuple[int, ...]:
+    """The ids of the tokens that stand for an image's content, which the model replaces with the image's features
+    (the processor's ``image_token_ids``: Qwen-VL's ``<|image_pad|>``, LLaVA's ``<image>``, Gemma 3's
+    ``<image_soft_token>``, not its ``<start_of_image>``)."""
+    ids = [token_id for token_id in (getattr(processor, "image_token_ids", None) or []) if token_id is not None]
+    return tuple(int(token_id) for token_id in ids) or (image_token_id(processor),)
 
 
 # ------------------------------------------------------------------------------------------------ reading images
@@ -283,20 +292,28 @@ def expand_image_placeholders(messages: list[dict], images: Sequence[Any], proce
 @dataclass(frozen=True)
 class ImageInputs:
     """The forward's image inputs for a batch whose rows carry ``images``: the image processor's outputs for every
-    row's images in row order (``pixel_values``, and ``image_grid_thw`` for Qwen-VL), plus ``mm_token_type_ids``
-    (1 on image tokens) for models whose processor returns it (Qwen-VL's multimodal RoPE needs it)."""
+    row's images in row order (``pixel_values``, and ``image_grid_thw`` for Qwen-VL; not the outputs the processor
+    itself drops, e.g. Gemma 3's ``num_crops``), plus the token types (1 on image tokens) for models whose processor
+    returns them, under the processor's name for them: ``mm_token_type_ids`` (Qwen-VL's multimodal RoPE) or
+    ``token_type_ids`` (Gemma 3: its image tokens attend to each other both ways)."""
 
     image_processor: Any
-    image_token_id: int
+    image_token_ids: tuple[int, ...]
     token_type_key: str | None = None
+    dropped_keys: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, processing_class: Any) -> "ImageInputs | None":
         """The image inputs of a processor; None for a tokenizer."""
         if not is_processor(processing_class) or getattr(processing_class, "image_processor", None) is None:
             return None
-        token_type_key = "mm_token_type_ids" if getattr(processing_class, "return_mm_token_type_ids", False) else None
-        return cls(processing_class.image_processor, image_token_id(processing_class), token_type_key)
+        token_type_key = None
+        if getattr(processing_class, "return_mm_token_type_ids", False):  # Gemma3Processor renames them
+            names = getattr(processing_class, "model_input_names", None) or []
+            token_type_key = "token_type_ids" if "token_type_ids" in names else "mm_token_type_ids"
+        dropped = tuple(getattr(processing_class, "unused_input_names", None) or ())
+        return cls(processing_class.image_processor, image_content_token_ids(processing_class), token_type_key,
+                   dropped)
 
     def settings(self) -> str:
         """The image processor's settings as JSON (resizing limits, normalization…): what turns the same image into
@@ -310,9 +327,11 @@ class ImageInputs:
         inputs: dict[str, torch.Tensor] = {}
         if images:
             processed = self.image_processor(images=images, return_tensors="pt")
-            inputs = {key: value for key, value in processed.items() if isinstance(value, torch.Tensor)}
+            inputs = {key: value for key, value in processed.items()
+                      if isinstance(value, torch.Tensor) and key not in self.dropped_keys}
         if self.token_type_key is not None:
-            inputs[self.token_type_key] = (input_ids == self.image_token_id).long()
+            image_ids = torch.tensor(self.image_token_ids, device=input_ids.device)
+            inputs[self.token_type_key] = torch.isin(input_ids, image_ids).long()
         return inputs
 
     def wrap(self, collate: Callable[..., Any]) -> Callable[..., Any]:

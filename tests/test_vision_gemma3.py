@@ -1,0 +1,197 @@
+"""Gemma 3 vision-language DPO (plain rows): a tiny random Gemma 3 and its processor built from configs (the shared
+GPT-2 tokenizer with Gemma's image tokens, the PIL image processor: no torchvision, nothing downloaded;
+tests/test_vision.py builds them). Gemma 3's image tokens attend to each other both ways, told by ``token_type_ids``,
+which every batch carries; the shared-prefix layout computes a shared row's prompt causally, so Gemma 3 runs plain
+rows (auto) and ``prefix_sharing: true`` is refused (docs/layouts.md). Step-1 loss, rewards and log-probs against TRL
+1.16's DPOTrainer on the same rows and weights; the chunked head against full logits; the reference as a frozen copy,
+the adapter-disabled policy and precomputed."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import datasets
+import pytest
+import torch
+from test_vision import (
+    GEMMA3_TEMPLATE,
+    check_parity_with_trl,
+    collated,
+    tiny_gemma3,
+    tiny_gemma3_processor,
+    trl_rows,
+    vision_config,
+)
+
+from preftune.data.collate import collate_pairs
+from preftune.data.formats import load_preference_data
+from preftune.data.tokenize import TokenizeSettings, tokenize_dataset
+from preftune.errors import ConfigError
+from preftune.logprobs import pair_logprobs
+from preftune.losses import preference_loss
+
+
+@pytest.fixture(scope="module")
+def gemma3_processor():
+    return tiny_gemma3_processor()
+
+
+def plain_batch(processor, rows=None, max_length=None, truncation_mode="keep_start"):
+    loaded = load_preference_data(rows if rows is not None else trl_rows())
+    settings = TokenizeSettings(max_length=max_length, chat_template=GEMMA3_TEMPLATE, truncation_mode=truncation_mode)
+    return collated(tokenize_dataset(loaded.dataset, processor, settings).dataset, processor, collate_pairs)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_gemma3_step_one_loss_rewards_and_logps_equal_trl(gemma3_processor, tmp_path, loss_type):
+    """Same input ids, pixel values and token_type_ids as TRL's collator; loss, rewards/chosen, rewards/rejected,
+    logps/chosen and logps/rejected within 1e-4 (the chunked head: Gemma 3 is in its tested types)."""
+    check_parity_with_trl(gemma3_processor, GEMMA3_TEMPLATE, tiny_gemma3, loss_type, tmp_path, shared=False)
+
+
+def test_the_batch_marks_gemma3s_image_soft_tokens_and_the_model_attends_over_them_both_ways(gemma3_processor):
+    batch = plain_batch(gemma3_processor)
+    tokenizer = gemma3_processor.tokenizer
+    types = batch.model_inputs["token_type_ids"]
+    assert "mm_token_type_ids" not in batch.model_inputs and "num_crops" not in batch.model_inputs
+    # 1 exactly on <image_soft_token> (4 per image), not on <start_of_image> / <end_of_image>
+    assert torch.equal(types.bool(), batch.input_ids == tokenizer.image_token_id)
+    assert types.sum(1).tolist() == [4, 8, 4, 4] * 2
+    policy = tiny_gemma3(gemma3_processor, seed=0)
+    causal = copy.copy(batch)
+    causal.model_inputs = {key: value for key, value in batch.model_inputs.items() if key != "token_type_ids"}
+    with torch.no_grad():
+        both_ways, causal_only = pair_logprobs(policy, batch), pair_logprobs(policy, causal)
+    # without the token types the image block is causal: the completions' log-probs change
+    assert not torch.allclose(both_ways.chosen_logps, causal_only.chosen_logps, atol=1e-4)
+
+
+def test_the_chunked_head_gives_gemma3s_full_logits_values_and_gradients(gemma3_processor):
+    policy = tiny_gemma3(gemma3_processor, seed=0)
+    batch = plain_batch(gemma3_processor)
+    with torch.no_grad():
+        reference = pair_logprobs(tiny_gemma3(gemma3_processor, seed=1), batch, chunked_head=False)
+    widths = []
+    policy.register_forward_hook(lambda module, inputs, output: widths.append(output.logits.shape[-1]))
+    results = []
+    for chunked in (False, True):
+        policy.zero_grad(set_to_none=True)
+        ours = pair_logprobs(policy, batch, chunked_head=chunked, chunk_size=7)
+        loss = preference_loss("sigmoid", ours.chosen_logps, ours.rejected_logps, reference.chosen_logps,
+                               reference.rejected_logps, beta=0.2).mean()
+        loss.backward()
+        results.append((ours.chosen_logps.detach(), ours.rejected_logps.detach(), loss.detach(),
+                        {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}))
+    (chosen_a, rejected_a, loss_a, grads_a), (chosen_b, rejected_b, loss_b, grads_b) = results
+    assert widths == [len(gemma3_processor.tokenizer), policy.config.text_config.hidden_size]
+    torch.testing.assert_close(chosen_a, chosen_b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected_a, rejected_b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and any("vision_tower" in name for name in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_the_trainer_runs_gemma3_on_plain_rows_and_its_first_step_equals_trl(gemma3_processor, tmp_path):
+    trl = pytest.importorskip("trl")
+    from preftune import DPOTrainer
+
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    policy, reference = tiny_gemma3(gemma3_processor, seed=0), tiny_gemma3(gemma3_processor, seed=1)
+    rows = trl_rows()
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], beta=0.2,
+                         per_device_train_batch_size=4, max_length=None)
+    oracle = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                            train_dataset=datasets.Dataset.from_list(trl_rows()), processing_class=gemma3_processor)
+    inputs = oracle.data_collator([oracle.train_dataset[i] for i in range(len(rows))])
+    with torch.no_grad():
+        trl_loss = oracle._compute_loss(oracle.model, inputs, return_outputs=False).item()
+    metrics = {key: values[-1] for key, values in oracle._metrics["train" if oracle.model.training else "eval"].items()}
+
+    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
+                         args=vision_config(tmp_path), train_dataset=rows,
+                         processing_class=gemma3_processor)
+    assert (trainer.layout.prefix_sharing, trainer.layout.padding_free) == (False, False)  # auto: plain rows
+    trainer.train()
+    first = next(record for record in trainer.state.log_history if "loss" in record)
+    assert first["loss"] == pytest.approx(trl_loss, abs=1e-4)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert first[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def test_prefix_sharing_true_for_gemma3_is_refused_before_its_weights_load(gemma3_processor, tmp_path):
+    from preftune import DPOTrainer
+
+    folder = tmp_path / "tiny-gemma3"
+    folder.mkdir()
+    tiny_gemma3(gemma3_processor, seed=0).config.save_pretrained(folder)
+    gemma3_processor.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"not weights: loading them would fail otherwise")
+    expected = r"key 'prefix_sharing': not supported yet: prefix_sharing with Gemma 3 \(model_type gemma3\)"
+    with pytest.raises(ConfigError, match=expected) as caught:
+        DPOTrainer(model=str(folder), args=vision_config(tmp_path, prefix_sharing=True), train_dataset=trl_rows())
+    assert "\n" not in str(caught.value) and "both ways" in str(caught.value)
+    loaded = tiny_gemma3(gemma3_processor, seed=0)  # a model given loaded: refused when the layout is resolved
+    with pytest.raises(ConfigError, match=expected):
+        DPOTrainer(model=loaded, args=vision_config(tmp_path, prefix_sharing=True), train_dataset=trl_rows(),
+                   processing_class=gemma3_processor)
+    with pytest.raises(ConfigError, match="not supported yet: padding_free with a vision-language model"):
+        DPOTrainer(model=loaded, args=vision_config(tmp_path, padding_free=True), train_dataset=trl_rows(),
+                   processing_class=gemma3_processor)
+
+
+def test_gemma3_lora_trains_the_language_model_and_its_reference_is_the_adapter_disabled_model(gemma3_processor,
+                                                                                             tmp_path):
+    from preftune import DPOTrainer
+    from preftune.model_setup import PROJECTOR_KEYS, VISION_TOWER_KEYS, is_under
+
+    trainer = DPOTrainer(model=tiny_gemma3(gemma3_processor, seed=0),
+                         args=vision_config(tmp_path, finetuning_type="lora", lora_rank=4, max_steps=2),
+                         train_dataset=trl_rows(), processing_class=gemma3_processor)
+    adapted = [name for name, _ in trainer.model.named_parameters() if "lora_" in name]
+    assert adapted and not any(is_under(name, VISION_TOWER_KEYS + PROJECTOR_KEYS) for name in adapted)
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # step 1: policy = reference
+    assert losses[1] != pytest.approx(math.log(2), abs=1e-6)  # step 2: the adapter has moved
+
+
+def test_precomputed_reference_log_probs_of_gemma3_rows_are_the_references(gemma3_processor, tmp_path, monkeypatch):
+    from preftune import DPOTrainer
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    policy, reference = tiny_gemma3(gemma3_processor, seed=0), tiny_gemma3(gemma3_processor, seed=1)
+    args = vision_config(tmp_path, precompute_ref_log_probs=True)
+    trainer = DPOTrainer(model=policy, ref_model=copy.deepcopy(reference), args=args, train_dataset=trl_rows(),
+                         processing_class=gemma3_processor)
+    assert trainer.ref_model is None
+    with torch.no_grad():
+        expected = pair_logprobs(reference, plain_batch(gemma3_processor), chunked_head=False)
+    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_logps"]),
+                               torch.stack([expected.chosen_logps, expected.rejected_logps], 1), atol=1e-5, rtol=0)
+
+
+def test_truncation_drops_a_gemma3_pair_rather_than_cut_its_image_block(gemma3_processor):
+    """keep_end cuts the shared prompt's start; a pair whose cut reaches an image's tokens is dropped and counted,
+    the others keep every <start_of_image> and <image_soft_token>."""
+    loaded = load_preference_data(trl_rows())
+    settings = TokenizeSettings(max_length=None, chat_template=GEMMA3_TEMPLATE)
+    full = tokenize_dataset(loaded.dataset, gemma3_processor, settings).dataset
+    tokenizer = gemma3_processor.tokenizer
+
+    def overflow(row):
+        return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+    # row 1 (two images) loses its first <start_of_image>; a row keeps its images while the cut stays before it
+    max_length = overflow(full[1]) - full[1]["prompt_ids"].index(tokenizer.boi_token_id) - 1
+    expected_kept = [i for i, row in enumerate(full)
+                     if max(0, overflow(row) - max_length) <= row["prompt_ids"].index(tokenizer.boi_token_id)]
+    assert 1 not in expected_kept and expected_kept
+    cut = tokenize_dataset(loaded.dataset, gemma3_processor, TokenizeSettings(
+        max_length=max_length, chat_template=GEMMA3_TEMPLATE, truncation_mode="keep_end"))
+    assert [row["row"] for row in cut.dataset] == expected_kept
+    for row in cut.dataset:
+        for token in (tokenizer.boi_token_id, tokenizer.image_token_id, tokenizer.eoi_token_id):
+            assert row["prompt_ids"].count(token) == full[row["row"]]["prompt_ids"].count(token)
