@@ -195,3 +195,23 @@ def test_truncation_drops_a_gemma3_pair_rather_than_cut_its_image_block(gemma3_p
     for row in cut.dataset:
         for token in (tokenizer.boi_token_id, tokenizer.image_token_id, tokenizer.eoi_token_id):
             assert row["prompt_ids"].count(token) == full[row["row"]]["prompt_ids"].count(token)
+
+
+def test_a_gemma3_model_folder_loads_its_processor_without_torchvision_and_trains(gemma3_processor, tmp_path):
+    """Only a model path: Gemma3Processor with its PIL image processor and Gemma's named image tokens, the model
+    through AutoModelForImageTextToText; one step on plain rows."""
+    from preftune import DPOTrainer
+
+    folder = tmp_path / "tiny-gemma3"
+    tiny_gemma3(gemma3_processor, seed=0).save_pretrained(folder)
+    gemma3_processor.save_pretrained(folder)
+    trainer = DPOTrainer(model=str(folder), args=vision_config(tmp_path), train_dataset=trl_rows())
+    loaded = trainer.processing_class
+    assert (type(loaded).__name__, type(loaded.image_processor).__name__) == ("Gemma3Processor",
+                                                                            "Gemma3ImageProcessorPil")
+    assert type(trainer.model).__name__ == "Gemma3ForConditionalGeneration"
+    assert trainer.layout.prefix_sharing is False
+    counts = [row["prompt_ids"].count(loaded.tokenizer.image_token_id) for row in trainer.data.train.dataset]
+    assert counts == [4, 8, 4, 4]  # every image resized to 28 x 28: 4 soft tokens each
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
