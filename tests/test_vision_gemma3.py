@@ -4,7 +4,8 @@ tests/test_vision.py builds them). Gemma 3's image tokens attend to each other b
 which every batch carries; the shared-prefix layout computes a shared row's prompt causally, so Gemma 3 runs plain
 rows (auto) and ``prefix_sharing: true`` is refused (docs/layouts.md). Step-1 loss, rewards and log-probs against TRL
 1.16's DPOTrainer on the same rows and weights; the chunked head against full logits; the reference as a frozen copy,
-the adapter-disabled policy and precomputed."""
+the adapter-disabled policy and precomputed; LLaMA-Factory's gemma3 template with images (its Gemma3 plugin's image
+text) and its truncation."""
 
 from __future__ import annotations
 
@@ -215,3 +216,68 @@ def test_a_gemma3_model_folder_loads_its_processor_without_torchvision_and_train
     assert counts == [4, 8, 4, 4]  # every image resized to 28 x 28: 4 soft tokens each
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+# --------------------------------------------------------------------------------- LLaMA-Factory's gemma3 template
+
+
+def test_images_under_llamafactorys_gemma3_template_become_the_processors_full_image_sequence(gemma3_processor,
+                                                                                              tmp_path):
+    """LLaMA-Factory's Gemma3 plugin replaces each <image> with ``\\n\\n<start_of_image>`` + the soft tokens +
+    ``<end_of_image>\\n\\n`` (written out here) before its gemma3 template encodes the conversation: the ids are those
+    of the same conversation with that text in place of <image>, encoded without images."""
+    from test_vision_llamafactory import RLHF_V_ROWS, write_rlhf_v
+
+    from preftune.data.templates import encode_conversation
+
+    write_rlhf_v(tmp_path)
+    loaded = load_preference_data("rlhf_v", dataset_dir=str(tmp_path))
+    tokenized = tokenize_dataset(loaded.dataset, gemma3_processor, TokenizeSettings(max_length=2048,
+                                                                                    template="gemma3")).dataset
+    image_text = "\n\n<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>\n\n"
+    tokenizer = gemma3_processor.tokenizer
+    assert len(tokenized) == len(RLHF_V_ROWS)
+    for row, (_, _, question, chosen, rejected) in zip(tokenized, RLHF_V_ROWS):
+        user = [{"role": "user", "content": question.replace("<image>", image_text)}]
+        prompt_ids, chosen_ids = encode_conversation("gemma3", tokenizer, user, [{"role": "assistant",
+                                                                                "content": chosen}])
+        _, rejected_ids = encode_conversation("gemma3", tokenizer, user, [{"role": "assistant", "content": rejected}])
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (prompt_ids, chosen_ids, rejected_ids)
+        assert row["prompt_ids"].count(tokenizer.image_token_id) == 4
+    batch = collated(tokenized, gemma3_processor, collate_pairs)
+    assert batch.model_inputs["pixel_values"].shape[0] == 2 * len(RLHF_V_ROWS)  # plain rows: images per completion
+    assert torch.equal(batch.model_inputs["token_type_ids"].bool(), batch.input_ids == tokenizer.image_token_id)
+
+
+def test_llamafactory_truncation_that_would_cut_inside_a_gemma3_image_drops_the_pair(gemma3_processor, tmp_path):
+    """LLaMA-Factory's cutoff keeps the prompt's start: a cut between <start_of_image> and the last soft token keeps
+    the placeholder but not the image's tokens, so the pair is dropped (not trained with a broken image block); a
+    cutoff that keeps the image whole keeps the pair."""
+    import json
+
+    from test_vision import coloured
+    from test_vision_llamafactory import RLHF_V_ENTRY
+
+    (tmp_path / "images").mkdir()
+    coloured("red", (28, 28)).save(tmp_path / "images" / "0.png")
+    row = {"conversations": [{"from": "human", "value": "Look carefully at this picture, then answer in one word: "
+                                                        "<image>Which colour is it?"}],
+           "chosen": {"from": "gpt", "value": "Red."}, "rejected": {"from": "gpt", "value": "Blue."},
+           "images": ["images/0.png"]}
+    (tmp_path / "rlhf_v.json").write_text(json.dumps([row]), encoding="utf-8")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"rlhf_v": RLHF_V_ENTRY}), encoding="utf-8")
+    loaded = load_preference_data("rlhf_v", dataset_dir=str(tmp_path))
+    full = tokenize_dataset(loaded.dataset, gemma3_processor, TokenizeSettings(max_length=None,
+                                                                               template="gemma3")).dataset[0]
+    tokenizer = gemma3_processor.tokenizer
+    response = max(len(full["chosen_ids"]), len(full["rejected_ids"]))
+    soft = full["prompt_ids"].index(tokenizer.image_token_id)
+    # a response shorter than half the cutoff is kept whole and the prompt keeps cutoff - response tokens
+    for kept_prompt, whole in ((soft + 2, False), (soft + 4 + 1, True)):  # 2 of the 4 soft tokens; all and the end
+        cutoff = kept_prompt + response
+        assert 2 * response < cutoff and kept_prompt < len(full["prompt_ids"])  # the case is the one meant
+        cut = tokenize_dataset(loaded.dataset, gemma3_processor, TokenizeSettings(max_length=cutoff,
+                                                                                  template="gemma3"))
+        assert len(cut.dataset) == int(whole) and cut.stats.dropped_no_room == ([] if whole else [0])
+        if whole:
+            assert cut.dataset[0]["prompt_ids"] == full["prompt_ids"][:kept_prompt]

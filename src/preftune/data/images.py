@@ -239,6 +239,9 @@ PLUGIN_IMAGE_TOKENS = {
     "Qwen2VL": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "Qwen3VL": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
 }
+# Plugins that replace each <image> with the processor's whole image text, the same for every image (Gemma 3:
+# "\n\n<start_of_image>" + <image_soft_token> x image_seq_length + "<end_of_image>\n\n", ``full_image_sequence``).
+PLUGIN_FULL_IMAGE_SEQUENCE = frozenset({"Gemma3"})
 
 
 def image_token_counts(processor: Any, images: Sequence[Any]) -> list[int]:
@@ -251,12 +254,33 @@ def image_token_counts(processor: Any, images: Sequence[Any]) -> list[int]:
     return [int(grid.prod()) // merged for grid in grids]
 
 
+def _plugin_image_texts(processor: Any, images: Sequence[Any], template_name: str, plugin: str) -> list[str]:
+    """The text that replaces each image's ``<image>`` under LLaMA-Factory's plugin ``plugin``."""
+    from preftune.errors import ConfigError
+
+    if plugin in PLUGIN_FULL_IMAGE_SEQUENCE:
+        sequence = getattr(processor, "full_image_sequence", None)
+        if not isinstance(sequence, str):
+            raise ConfigError(f"template {template_name!r} writes images with the model's full image sequence, but "
+                              f"{type(processor).__name__} has none; use the model's own processor and template",
+                              key="template")
+        if getattr(processor.image_processor, "do_pan_and_scan", False):
+            raise ConfigError(f"not supported yet: pan-and-scan image crops under template {template_name!r}; set "
+                              "do_pan_and_scan false in the image processor's config", key="template")
+        return [sequence] * len(images)
+    opening, token, closing = PLUGIN_IMAGE_TOKENS[plugin]
+    if image_token_id(processor) != processor.tokenizer.convert_tokens_to_ids(token):
+        raise ConfigError(f"template {template_name!r} writes images as {token} but the processor's image token is "
+                          f"{getattr(processor, 'image_token', '?')}; use the model's own template", key="template")
+    return [opening + token * count + closing for count in (image_token_counts(processor, images) if images else [])]
+
+
 def expand_image_placeholders(messages: list[dict], images: Sequence[Any], processor: Any, template_name: str,
                               plugin: str | None) -> list[dict]:
     """The messages with each ``<image>`` replaced, in order, by the model's image tokens as LLaMA-Factory's
     multimodal plugin ``plugin`` writes them before encoding with a named template (for Qwen-VL:
-    ``<|vision_start|>`` + ``<|image_pad|>`` once per merged patch + ``<|vision_end|>``). ``images``: the row's PIL
-    images, one per placeholder.
+    ``<|vision_start|>`` + ``<|image_pad|>`` once per merged patch + ``<|vision_end|>``; for Gemma 3 the processor's
+    ``full_image_sequence``). ``images``: the row's PIL images, one per placeholder.
 
     Raises:
         ConfigError: the template has no multimodal plugin, or one whose image tokens preftune does not write yet,
@@ -266,21 +290,18 @@ def expand_image_placeholders(messages: list[dict], images: Sequence[Any], proce
 
     if plugin is None:
         raise ConfigError(f"the data has images but template {template_name!r} is text-only; use the model's "
-                          "multimodal template (e.g. qwen2_vl, qwen3_vl_nothink) or remove template", key="template")
-    if plugin not in PLUGIN_IMAGE_TOKENS:
+                          "multimodal template (e.g. qwen2_vl, qwen3_vl_nothink, gemma3) or remove template",
+                          key="template")
+    if plugin not in PLUGIN_IMAGE_TOKENS and plugin not in PLUGIN_FULL_IMAGE_SEQUENCE:
         raise ConfigError(f"not supported yet: rows with images under template {template_name!r} (LLaMA-Factory's "
                           f"{plugin} plugin); remove template to use the processor's chat template", key="template")
-    opening, token, closing = PLUGIN_IMAGE_TOKENS[plugin]
-    if image_token_id(processor) != processor.tokenizer.convert_tokens_to_ids(token):
-        raise ConfigError(f"template {template_name!r} writes images as {token} but the processor's image token is "
-                          f"{getattr(processor, 'image_token', '?')}; use the model's own template", key="template")
-    counts = iter(image_token_counts(processor, images) if images else [])
+    texts = iter(_plugin_image_texts(processor, images, template_name, plugin))
     expanded = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, str) and IMAGE_PLACEHOLDER in content:
             pieces = content.split(IMAGE_PLACEHOLDER)
-            content = pieces[0] + "".join(opening + token * next(counts) + closing + piece for piece in pieces[1:])
+            content = pieces[0] + "".join(next(texts) + piece for piece in pieces[1:])
             message = {**message, "content": content}
         expanded.append(message)
     return expanded
