@@ -137,14 +137,15 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
 def resolve_vision_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
     """The layout of a vision-language run: padding-free off (asking for it is a ConfigError); prefix sharing where
     every model's language model runs ``shared_prefix_attention`` (auto: per batch, explicit: always), else plain
-    (asking for it then is a ConfigError: the dense-mask fallback of text models is not tested with images)."""
+    (asking for it then is a ConfigError: the dense-mask fallback of text models is not tested with images; for
+    Gemma 3, whose image tokens attend both ways, ``check_prefix_sharing_model_type`` says why)."""
     if args.padding_free:
         raise ConfigError("not supported yet: padding_free with a vision-language model (its image inputs follow the "
                           "rows of one padded forward); leave it null or set it false", key="padding_free")
     for model in models:
         if model is not None:
-            check_prefix_sharing_model_type(args.prefix_sharing, getattr(unwrap_model(model).config, "model_type", None),
-                                            file=args.config_file)
+            model_type = getattr(unwrap_model(model).config, "model_type", None)
+            check_prefix_sharing_model_type(args.prefix_sharing, model_type, file=args.config_file)
     shared_attention = all(supports_shared_prefix_attention(unwrap_model(m)) for m in models if m is not None)
     if args.prefix_sharing and not shared_attention:
         raise ConfigError("not supported yet: prefix_sharing with this vision-language model (it needs a Qwen2-VL, "
