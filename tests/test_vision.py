@@ -1,7 +1,7 @@
 """Vision-language DPO: rows with images read from every format, tokenized by the processor, scored
 by a vision-language model with the images' pixel values; step-1 loss, rewards and log-probs against TRL 1.16's
 DPOTrainer (the oracle) on the same rows and weights, in the plain and the prefix-shared layouts (the layouts
-checked against each other: tests/test_vision_layouts.py; Gemma 3, plain rows only: tests/test_vision_gemma3.py). Tiny
+checked against each other: tests/test_vision_layouts.py; Gemma 3's: tests/test_vision_gemma3.py). Tiny
 random Qwen2-VL, Qwen3-VL, LLaVA and Gemma 3 built from configs; processors from the shared GPT-2 tokenizer and a
 PIL image processor: nothing is downloaded."""
 

@@ -1,11 +1,11 @@
-"""Gemma 3 vision-language DPO (plain rows): a tiny random Gemma 3 and its processor built from configs (the shared
-GPT-2 tokenizer with Gemma's image tokens, the PIL image processor: no torchvision, nothing downloaded;
-tests/test_vision.py builds them). Gemma 3's image tokens attend to each other both ways, told by ``token_type_ids``,
-which every batch carries; the shared-prefix layout computes a shared row's prompt causally, so Gemma 3 runs plain
-rows (auto) and ``prefix_sharing: true`` is refused (docs/layouts.md). Step-1 loss, rewards and log-probs against TRL
-1.16's DPOTrainer on the same rows and weights; the chunked head against full logits; the reference as a frozen copy,
-the adapter-disabled policy and precomputed; LLaMA-Factory's gemma3 template with images (its Gemma3 plugin's image
-text) and its truncation."""
+"""Gemma 3 vision-language DPO: a tiny random Gemma 3 and its processor built from configs (the shared GPT-2 tokenizer
+with Gemma's image tokens, the PIL image processor: no torchvision, nothing downloaded; tests/test_vision.py builds
+them). Gemma 3's image tokens attend to each other both ways, told by ``token_type_ids``, which every batch carries;
+its shared rows (``prompt | chosen | rejected``, each image encoded once) go through dense masks holding the image
+blocks and the sliding window in plain-row positions (docs/layouts.md). Step-1 loss, rewards and log-probs against
+TRL 1.16's DPOTrainer on the same rows and weights in both layouts; log-probs, loss and gradients equal between
+layouts; the chunked head against full logits; the reference as a frozen copy, the adapter-disabled policy and
+precomputed; LLaMA-Factory's gemma3 template with images (its Gemma3 plugin's image text) and its truncation."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from test_vision import (
     vision_config,
 )
 
-from preftune.data.collate import collate_pairs
+from preftune.data.collate import collate_pairs, collate_shared_prefix
 from preftune.data.formats import load_preference_data
 from preftune.data.tokenize import TokenizeSettings, tokenize_dataset
 from preftune.errors import ConfigError
@@ -39,17 +39,60 @@ def gemma3_processor():
     return tiny_gemma3_processor()
 
 
-def plain_batch(processor, rows=None, max_length=None, truncation_mode="keep_start"):
-    loaded = load_preference_data(rows if rows is not None else trl_rows())
-    settings = TokenizeSettings(max_length=max_length, chat_template=GEMMA3_TEMPLATE, truncation_mode=truncation_mode)
-    return collated(tokenize_dataset(loaded.dataset, processor, settings).dataset, processor, collate_pairs)
+def plain_batch(processor, layout=collate_pairs):
+    loaded = load_preference_data(trl_rows())
+    settings = TokenizeSettings(max_length=None, chat_template=GEMMA3_TEMPLATE)
+    return collated(tokenize_dataset(loaded.dataset, processor, settings).dataset, processor, layout)
+
+
+def dpo_loss_and_gradients(policy, reference_logps, batch, **options):
+    """Sigmoid DPO loss of ``batch`` against fixed reference log-probs: (log-probs, loss, every parameter's grad)."""
+    policy.zero_grad(set_to_none=True)
+    ours = pair_logprobs(policy, batch, **options)
+    loss = preference_loss("sigmoid", ours.chosen_logps, ours.rejected_logps, *reference_logps, beta=0.2).mean()
+    loss.backward()
+    return ours, loss.detach(), {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+
+
+def assert_same(first, second, atol=1e-5):
+    (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = first, second
+    torch.testing.assert_close(logps_a.chosen_logps, logps_b.chosen_logps, atol=atol, rtol=0)
+    torch.testing.assert_close(logps_a.rejected_logps, logps_b.rejected_logps, atol=atol, rtol=0)
+    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and any("vision_tower" in name for name in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_gemma3_step_one_loss_rewards_and_logps_equal_trl(gemma3_processor, tmp_path, loss_type):
     """Same input ids, pixel values and token_type_ids as TRL's collator; loss, rewards/chosen, rewards/rejected,
-    logps/chosen and logps/rejected within 1e-4 (the chunked head: Gemma 3 is in its tested types)."""
-    check_parity_with_trl(gemma3_processor, GEMMA3_TEMPLATE, tiny_gemma3, loss_type, tmp_path, shared=False)
+    logps/chosen and logps/rejected within 1e-4 in the plain and the shared layout (the chunked head: Gemma 3 is in
+    its tested types)."""
+    check_parity_with_trl(gemma3_processor, GEMMA3_TEMPLATE, tiny_gemma3, loss_type, tmp_path)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_rows_give_gemma3s_plain_log_probs_loss_and_gradients_encoding_each_image_once(gemma3_processor,
+                                                                                              attention):
+    """The image blocks lie in the shared prompt and the rows are longer than the 16-token sliding window: shared rows
+    reproduce the plain rows' masks (the model's own, from token_type_ids) exactly, with each image encoded once."""
+    policy = tiny_gemma3(gemma3_processor, seed=0)
+    policy.set_attn_implementation(attention)
+    plain, shared = plain_batch(gemma3_processor), plain_batch(gemma3_processor, collate_shared_prefix)
+    window = policy.config.text_config.sliding_window
+    assert shared.input_ids.shape[0] * 2 == plain.input_ids.shape[0]
+    assert plain.attention_mask.sum(1).min() > window  # the window cuts inside every plain row
+    encoded = []
+    policy.model.vision_tower.register_forward_hook(
+        lambda module, args, kwargs, output: encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        reference = pair_logprobs(tiny_gemma3(gemma3_processor, seed=1), plain)
+    fixed = (reference.chosen_logps, reference.rejected_logps)
+    expected = dpo_loss_and_gradients(policy, fixed, plain, chunked_head=False)
+    got = dpo_loss_and_gradients(policy, fixed, shared, chunked_head=False)
+    assert_same(expected, got)
+    assert encoded == [10, 5]  # 5 images (one row has two): once per completion in plain rows, once per pair shared
 
 
 def test_the_batch_marks_gemma3s_image_soft_tokens_and_the_model_attends_over_them_both_ways(gemma3_processor):
@@ -69,33 +112,24 @@ def test_the_batch_marks_gemma3s_image_soft_tokens_and_the_model_attends_over_th
     assert not torch.allclose(both_ways.chosen_logps, causal_only.chosen_logps, atol=1e-4)
 
 
-def test_the_chunked_head_gives_gemma3s_full_logits_values_and_gradients(gemma3_processor):
+@pytest.mark.parametrize("layout", [collate_pairs, collate_shared_prefix], ids=["plain", "shared"])
+def test_the_chunked_head_gives_gemma3s_full_logits_values_and_gradients(gemma3_processor, layout):
     policy = tiny_gemma3(gemma3_processor, seed=0)
-    batch = plain_batch(gemma3_processor)
+    batch = plain_batch(gemma3_processor, layout)
     with torch.no_grad():
         reference = pair_logprobs(tiny_gemma3(gemma3_processor, seed=1), batch, chunked_head=False)
     widths = []
     policy.register_forward_hook(lambda module, inputs, output: widths.append(output.logits.shape[-1]))
-    results = []
-    for chunked in (False, True):
-        policy.zero_grad(set_to_none=True)
-        ours = pair_logprobs(policy, batch, chunked_head=chunked, chunk_size=7)
-        loss = preference_loss("sigmoid", ours.chosen_logps, ours.rejected_logps, reference.chosen_logps,
-                               reference.rejected_logps, beta=0.2).mean()
-        loss.backward()
-        results.append((ours.chosen_logps.detach(), ours.rejected_logps.detach(), loss.detach(),
-                        {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}))
-    (chosen_a, rejected_a, loss_a, grads_a), (chosen_b, rejected_b, loss_b, grads_b) = results
-    assert widths == [len(gemma3_processor.tokenizer), policy.config.text_config.hidden_size]
-    torch.testing.assert_close(chosen_a, chosen_b, atol=1e-5, rtol=0)
-    torch.testing.assert_close(rejected_a, rejected_b, atol=1e-5, rtol=0)
-    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=0)
-    assert grads_a.keys() == grads_b.keys() and any("vision_tower" in name for name in grads_a)
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
+    fixed = (reference.chosen_logps, reference.rejected_logps)
+    full = dpo_loss_and_gradients(policy, fixed, batch, chunked_head=False)
+    chunked = dpo_loss_and_gradients(policy, fixed, batch, chunked_head=True, chunk_size=7)
+    assert widths == [len(gemma3_processor.tokenizer), policy.config.text_config.hidden_size]  # chunked: no logits
+    assert_same(full, chunked)
 
 
-def test_the_trainer_runs_gemma3_on_plain_rows_and_its_first_step_equals_trl(gemma3_processor, tmp_path):
+def test_the_trainers_first_gemma3_step_equals_trl_and_shared_rows_train_as_plain_ones(gemma3_processor, tmp_path):
+    """Auto decides per batch (Gemma 3's shared rows use dense masks: the dense-mask rule); with prefix_sharing false
+    step 1 equals TRL's; with prefix_sharing true two steps equal the plain ones (step 2 on the updated weights)."""
     trl = pytest.importorskip("trl")
     from preftune import DPOTrainer
 
@@ -111,36 +145,31 @@ def test_the_trainer_runs_gemma3_on_plain_rows_and_its_first_step_equals_trl(gem
         trl_loss = oracle._compute_loss(oracle.model, inputs, return_outputs=False).item()
     metrics = {key: values[-1] for key, values in oracle._metrics["train" if oracle.model.training else "eval"].items()}
 
-    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference),
-                         args=vision_config(tmp_path), train_dataset=rows,
-                         processing_class=gemma3_processor)
-    assert (trainer.layout.prefix_sharing, trainer.layout.padding_free) == (False, False)  # auto: plain rows
-    trainer.train()
-    first = next(record for record in trainer.state.log_history if "loss" in record)
+    auto = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=vision_config(tmp_path),
+                      train_dataset=rows, processing_class=gemma3_processor)
+    assert (auto.layout.prefix_sharing, auto.layout.padding_free, auto.layout.shared_attention) == (None, False, False)
+    logged = {}
+    for prefix_sharing in (False, True):
+        trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), train_dataset=rows,
+                             args=vision_config(tmp_path / str(prefix_sharing), prefix_sharing=prefix_sharing,
+                                                max_steps=2), processing_class=gemma3_processor)
+        trainer.train()
+        logged[prefix_sharing] = [record for record in trainer.state.log_history if "loss" in record]
+    first = logged[False][0]
     assert first["loss"] == pytest.approx(trl_loss, abs=1e-4)
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert first[key] == pytest.approx(metrics[key], abs=1e-4), key
+    for plain, shared in zip(logged[False], logged[True], strict=True):
+        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/chosen"):
+            assert shared[key] == pytest.approx(plain[key], abs=1e-5), key
 
 
-def test_prefix_sharing_true_for_gemma3_is_refused_before_its_weights_load(gemma3_processor, tmp_path):
+def test_padding_free_with_gemma3_is_a_config_error(gemma3_processor, tmp_path):
     from preftune import DPOTrainer
 
-    folder = tmp_path / "tiny-gemma3"
-    folder.mkdir()
-    tiny_gemma3(gemma3_processor, seed=0).config.save_pretrained(folder)
-    gemma3_processor.save_pretrained(folder)
-    (folder / "model.safetensors").write_bytes(b"not weights: loading them would fail otherwise")
-    expected = r"key 'prefix_sharing': not supported yet: prefix_sharing with Gemma 3 \(model_type gemma3\)"
-    with pytest.raises(ConfigError, match=expected) as caught:
-        DPOTrainer(model=str(folder), args=vision_config(tmp_path, prefix_sharing=True), train_dataset=trl_rows())
-    assert "\n" not in str(caught.value) and "both ways" in str(caught.value)
-    loaded = tiny_gemma3(gemma3_processor, seed=0)  # a model given loaded: refused when the layout is resolved
-    with pytest.raises(ConfigError, match=expected):
-        DPOTrainer(model=loaded, args=vision_config(tmp_path, prefix_sharing=True), train_dataset=trl_rows(),
-                   processing_class=gemma3_processor)
     with pytest.raises(ConfigError, match="not supported yet: padding_free with a vision-language model"):
-        DPOTrainer(model=loaded, args=vision_config(tmp_path, padding_free=True), train_dataset=trl_rows(),
-                   processing_class=gemma3_processor)
+        DPOTrainer(model=tiny_gemma3(gemma3_processor, seed=0), args=vision_config(tmp_path, padding_free=True),
+                   train_dataset=trl_rows(), processing_class=gemma3_processor)
 
 
 def test_gemma3_lora_trains_the_language_model_and_its_reference_is_the_adapter_disabled_model(gemma3_processor,
@@ -211,7 +240,6 @@ def test_a_gemma3_model_folder_loads_its_processor_without_torchvision_and_train
     assert (type(loaded).__name__, type(loaded.image_processor).__name__) == ("Gemma3Processor",
                                                                             "Gemma3ImageProcessorPil")
     assert type(trainer.model).__name__ == "Gemma3ForConditionalGeneration"
-    assert trainer.layout.prefix_sharing is False
     counts = [row["prompt_ids"].count(loaded.tokenizer.image_token_id) for row in trainer.data.train.dataset]
     assert counts == [4, 8, 4, 4]  # every image resized to 28 x 28: 4 soft tokens each
     trainer.train()

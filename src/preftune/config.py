@@ -957,8 +957,8 @@ class DPOConfig(BaseModel):
         "to the prompt and itself only (Wang & Hegde 2024), without a T x T mask for llama, mistral, qwen2 and qwen3 "
         "with sdpa attention (a dense mask for eager). Same log-probs as the plain layout. `null` (auto): per batch, "
         "where it does less work than the plain layout (docs/layouts.md), for those models; off otherwise. "
-        "Vision-language models (Qwen2-VL, Qwen3-VL, LLaVA; sdpa): each image is encoded once per pair; Gemma 3 runs "
-        "plain rows (true is refused: its image tokens attend both ways).",
+        "Vision-language models (Qwen2-VL, Qwen3-VL, LLaVA with sdpa; Gemma 3 with dense masks): each image is encoded "
+        "once per pair.",
     )
     padding_free: bool | None = _field(
         None,

@@ -36,7 +36,6 @@ from preftune.errors import CheckpointError, ConfigError, PreftuneError
 from preftune.logprobs import unwrap_model
 from preftune.losses import LossParams
 from preftune.models import ModelSource, locate_model, locate_tokenizer
-from preftune.shared_prefix_attention import check_prefix_sharing_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -235,12 +234,6 @@ def _check_models(args: Any, model: nn.Module | str | None, ref_model: nn.Module
         source = _located(problems, locate_model, policy, "model_name_or_path", args)
         if source is not None:
             _warn_max_length(args, source)
-        if source is not None and source.config:  # a layout the model type cannot run, before loading its weights
-            try:
-                check_prefix_sharing_model_type(args.prefix_sharing, source.config.get("model_type"),
-                                                file=args.config_file)
-            except ConfigError as error:
-                problems.append(error)
     if tokenizer is None and args.tokenizer_name_or_path:
         _located(problems, locate_tokenizer, args.tokenizer_name_or_path, "tokenizer_name_or_path", args)
     elif tokenizer is None and source is not None and source.folder is not None:
