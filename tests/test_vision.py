@@ -1,9 +1,9 @@
 """Vision-language DPO: rows with images read from every format, tokenized by the processor, scored
 by a vision-language model with the images' pixel values; step-1 loss, rewards and log-probs against TRL 1.16's
 DPOTrainer (the oracle) on the same rows and weights, in the plain and the prefix-shared layouts (the layouts
-checked against each other: tests/test_vision_layouts.py). Tiny random Qwen2-VL, Qwen3-VL and LLaVA built from configs;
-processors from
-the shared GPT-2 tokenizer and a PIL image processor: nothing is downloaded."""
+checked against each other: tests/test_vision_layouts.py; Gemma 3's: tests/test_vision_gemma3.py). Tiny
+random Qwen2-VL, Qwen3-VL, LLaVA and Gemma 3 built from configs; processors from the shared GPT-2 tokenizer and a
+PIL image processor: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -192,10 +192,66 @@ def tiny_qwen3_vl(processor, seed: int):
     return Qwen3VLForConditionalGeneration(config).eval()
 
 
-def check_parity_with_trl(processor, template, build, loss_type, tmp_path):
-    """TRL 1.16's DPOTrainer and preftune on the same rows, policy and reference: same input ids and pixel values;
-    loss, rewards and log-probs within 1e-4, in the plain layout and in the prefix-shared one (one row
-    ``prompt | chosen | rejected`` per pair, each image encoded once)."""
+# A Gemma-3-style chat template: an image part is <start_of_image>, which the processor expands into
+# "\n\n<start_of_image>" + <image_soft_token> x image_seq_length + "<end_of_image>\n\n"; turns end on a newline.
+GEMMA3_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}"
+    "\n{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tiny_gemma3_processor():
+    """Gemma 3's processor over the shared GPT-2 tokenizer with Gemma's image tokens (named, as Gemma's tokenizer
+    config names them: ``boi_token``, ``eoi_token``, ``image_token``) and turn markers, and the PIL image processor
+    (no torchvision) resizing every image to 28 x 28; each image becomes 4 ``<image_soft_token>``s."""
+    from transformers import AutoTokenizer, Gemma3ImageProcessorPil, Gemma3Processor
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_asset("gpt2-tokenizer"), extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+                                 replace_extra_special_tokens=False)
+    tokenizer.pad_token = tokenizer.eos_token
+    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE,
+                           image_seq_length=4)
+
+
+@pytest.fixture(scope="module")
+def gemma3_processor():
+    return tiny_gemma3_processor()
+
+
+def tiny_gemma3(processor, seed: int):
+    """A random Gemma 3 (SigLIP encoder of 4 x 4 patches of 7 pixels, pooled into 4 image tokens; a sliding-window
+    layer of 16 tokens, shorter than the rows, and a global one). Its projector's weight, zeros at init (images
+    would not count), is drawn at random."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=7),
+        mm_tokens_per_image=4, boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+    return model
+
+
+def check_parity_with_trl(processor, template, build, loss_type, tmp_path, shared=True):
+    """TRL 1.16's DPOTrainer and preftune on the same rows, policy and reference: same input ids, pixel values and
+    token types; loss, rewards and log-probs within 1e-4, in the plain layout and (``shared``) in the prefix-shared
+    one (one row ``prompt | chosen | rejected`` per pair, each image encoded once)."""
     trl = pytest.importorskip("trl")
     logging.getLogger("trl").setLevel(logging.ERROR)
     policy, reference = build(processor, seed=0), build(processor, seed=1)
@@ -216,10 +272,16 @@ def check_parity_with_trl(processor, template, build, loss_type, tmp_path):
     batch = collated(tokenized.dataset, processor)
     assert torch.equal(batch.input_ids, inputs["input_ids"])  # same tokens, image tokens expanded alike
     assert torch.equal(batch.model_inputs["pixel_values"], inputs["pixel_values"])
-    shared = collated(tokenized.dataset, processor, collate_shared_prefix)
-    images_once = inputs["pixel_values"][: inputs["pixel_values"].shape[0] // 2]  # TRL: chosen rows' images first
-    assert torch.equal(shared.model_inputs["pixel_values"], images_once)
-    for layout in (batch, shared):
+    for key in ("mm_token_type_ids", "token_type_ids"):  # 1 on image tokens: Qwen-VL's RoPE, Gemma 3's attention
+        assert (key in batch.model_inputs) == (key in inputs), key
+        assert key not in inputs or torch.equal(batch.model_inputs[key], inputs[key]), key
+    layouts = [batch]
+    if shared:
+        shared_batch = collated(tokenized.dataset, processor, collate_shared_prefix)
+        images_once = inputs["pixel_values"][: inputs["pixel_values"].shape[0] // 2]  # TRL: chosen rows' images first
+        assert torch.equal(shared_batch.model_inputs["pixel_values"], images_once)
+        layouts.append(shared_batch)
+    for layout in layouts:
         check_layout_against_trl(policy, reference, layout, loss_type, beta, trl_loss, metrics)
 
 
@@ -425,7 +487,7 @@ def parameters_by_part(model):
 
 
 FAMILIES = {"qwen2_vl": ("processor", tiny_qwen2_vl), "qwen3_vl": ("qwen3_vl_processor", tiny_qwen3_vl),
-            "llava": ("llava_processor", tiny_llava)}
+            "llava": ("llava_processor", tiny_llava), "gemma3": ("gemma3_processor", tiny_gemma3)}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

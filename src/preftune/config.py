@@ -957,7 +957,8 @@ class DPOConfig(BaseModel):
         "to the prompt and itself only (Wang & Hegde 2024), without a T x T mask for llama, mistral, qwen2 and qwen3 "
         "with sdpa attention (a dense mask for eager). Same log-probs as the plain layout. `null` (auto): per batch, "
         "where it does less work than the plain layout (docs/layouts.md), for those models; off otherwise. "
-        "Vision-language models (Qwen2-VL, Qwen3-VL, LLaVA; sdpa): each image is encoded once per pair.",
+        "Vision-language models (Qwen2-VL, Qwen3-VL, LLaVA with sdpa; Gemma 3 with dense masks): each image is encoded "
+        "once per pair.",
     )
     padding_free: bool | None = _field(
         None,
@@ -969,7 +970,7 @@ class DPOConfig(BaseModel):
         True,
         "Compute label log-probs from the final hidden states chunk by chunk, with a custom backward: no "
         "batch x length x vocabulary logits tensor. Used for llama, mistral, qwen2 and qwen3 models and the "
-        "vision-language qwen2_vl, qwen3_vl and llava; other model types fall back to full logits.",
+        "vision-language qwen2_vl, qwen3_vl, llava and gemma3; other model types fall back to full logits.",
     )
     lm_head_chunk_size: int = _field(
         1024, "Tokens per chunk of the chunked LM head (at most; `lm_head_chunk_mib` lowers it for large vocabularies).",

@@ -32,15 +32,21 @@ from torch import Tensor, nn
 from preftune.chunked_head import chunked_label_logprobs, rows_per_chunk
 from preftune.data.collate import PreferenceBatch, dense_shared_prefix_mask
 from preftune.multimodal_positions import needs_rope_index, rope_index_of, shared_rope_position_ids
-from preftune.shared_prefix_attention import SharedPrefixLayout, use_shared_prefix_attention
+from preftune.shared_prefix_attention import (
+    SharedPrefixLayout,
+    has_image_block_attention,
+    image_block_shared_masks,
+    use_shared_prefix_attention,
+)
 
 # Model types whose ForCausalLM forward computes logits as lm_head(hidden_states[:, slice]) and nothing else
 # (no logit scaling or soft-capping); each is checked against the full-logits path in tests/test_logprobs.py.
 CHUNKED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 # Vision-language models whose ForConditionalGeneration forward is likewise lm_head(language model's hidden states
-# [:, slice]) (LLaVA's whatever its language model: the head is its own); checked in tests/test_vision_layouts.py.
-CHUNKED_HEAD_VISION_MODEL_TYPES = frozenset({"qwen2_vl", "qwen3_vl", "llava"})
+# [:, slice]) (LLaVA's whatever its language model: the head is its own; Gemma 3's applies no soft-capping); checked
+# in tests/test_vision_layouts.py and tests/test_vision_gemma3.py.
+CHUNKED_HEAD_VISION_MODEL_TYPES = frozenset({"qwen2_vl", "qwen3_vl", "llava", "gemma3"})
 
 
 @dataclass
@@ -226,10 +232,13 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_att
     if batch.model_inputs:  # images: their pixel values belong to the rows of the whole batch, in order
         if (rows.start, rows.stop, length) != (0, batch.input_ids.shape[0], batch.input_ids.shape[1]):
             raise ValueError("a batch with images is forwarded in one piece: padding_free must be off")
-        if batch.segments is not None and not shared_attention:
+        image_block_masks = batch.segments is not None and not shared_attention
+        if image_block_masks and not has_image_block_attention(unwrap_model(model)):
             raise ValueError("shared rows with images need the shared-prefix attention (sdpa attention in a supported "
                              "model): use the plain layout (prefix_sharing false)")
         kwargs.update(batch.model_inputs)
+        if image_block_masks:  # Gemma 3: dense masks per layer type, each image block seeing itself both ways
+            kwargs["attention_mask"] = _image_block_masks(model, batch, length)
         if needs_rope_index(batch):  # multimodal RoPE: each completion at its positions in prompt | completion
             rope_index = rope_index_of(unwrap_model(model))
             if rope_index is None:
@@ -237,6 +246,19 @@ def _segment_kwargs(batch: PreferenceBatch, rows: slice, length: int, shared_att
                                  "to place shared rows' completions: use the plain layout (prefix_sharing false)")
             kwargs["position_ids"] = shared_rope_position_ids(rope_index, batch)
     return kwargs
+
+
+def _image_block_masks(model: nn.Module, batch: PreferenceBatch, length: int) -> dict[str, Tensor]:
+    """The attention masks of shared rows for a model with bidirectional image blocks, by layer type, as its
+    attention takes them (``image_block_shared_masks``; the blocks from the batch's ``token_type_ids``)."""
+    token_types = batch.model_inputs.get("token_type_ids")
+    if token_types is None:
+        raise ValueError("shared rows for a model with image blocks need the batch's token_type_ids (its processor's "
+                         "token types): use the plain layout (prefix_sharing false)")
+    shared_mask = dense_shared_prefix_mask(batch.segments, length).to(batch.input_ids.device)
+    masks = image_block_shared_masks(shared_mask, token_types, batch.position_ids,
+                                     unwrap_model(model).config.text_config)
+    return {name: _dense_mask_for(model, mask) for name, mask in masks.items()}
 
 
 def scored_token_logps(

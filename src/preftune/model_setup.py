@@ -35,7 +35,7 @@ from preftune.models import (
 )
 from preftune.moe import resolve_router_aux_loss
 from preftune.reference import Reference, build_reference
-from preftune.shared_prefix_attention import supports_shared_prefix_attention
+from preftune.shared_prefix_attention import has_image_block_attention, supports_shared_prefix_attention
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +136,21 @@ def resolve_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
 
 def resolve_vision_layout(args: DPOConfig, *models: nn.Module | None) -> BatchLayout:
     """The layout of a vision-language run: padding-free off (asking for it is a ConfigError); prefix sharing where
-    every model's language model runs ``shared_prefix_attention`` (auto: per batch, explicit: always), else plain
-    (asking for it then is a ConfigError: the dense-mask fallback of text models is not tested with images)."""
+    every model's language model runs ``shared_prefix_attention`` (auto: per batch, explicit: always), or where every
+    model takes shared rows as dense masks with its image blocks (Gemma 3: ``has_image_block_attention``; auto: by
+    the dense-mask rule), else plain (asking for it then is a ConfigError: the dense-mask fallback of text models is
+    not tested with images)."""
     if args.padding_free:
         raise ConfigError("not supported yet: padding_free with a vision-language model (its image inputs follow the "
                           "rows of one padded forward); leave it null or set it false", key="padding_free")
-    shared_attention = all(supports_shared_prefix_attention(unwrap_model(m)) for m in models if m is not None)
-    if args.prefix_sharing and not shared_attention:
+    present = [unwrap_model(m) for m in models if m is not None]
+    shared_attention = all(supports_shared_prefix_attention(m) for m in present)
+    shareable = shared_attention or all(has_image_block_attention(m) for m in present)
+    if args.prefix_sharing and not shareable:
         raise ConfigError("not supported yet: prefix_sharing with this vision-language model (it needs a Qwen2-VL, "
-                          "Qwen3-VL or LLaVA model with sdpa attention); leave it null or set it false",
+                          "Qwen3-VL or LLaVA model with sdpa attention, or a Gemma 3); leave it null or set it false",
                           key="prefix_sharing")
-    prefix_sharing = (None if shared_attention else False) if args.prefix_sharing is None else bool(args.prefix_sharing)
+    prefix_sharing = (None if shareable else False) if args.prefix_sharing is None else bool(args.prefix_sharing)
     logger.info("batch layout (vision-language model): prefix_sharing=%s (None: per batch), padding_free=False",
                 prefix_sharing)
     return BatchLayout(prefix_sharing, False, shared_attention)

@@ -61,6 +61,47 @@ SHARED_PREFIX_VISION_MODEL_TYPES = {
 rows go through the shared-prefix attention, checked against the plain layout in tests/test_vision_layouts.py
 (LLaVA over Llama)."""
 
+BIDIRECTIONAL_IMAGE_MODEL_TYPES = frozenset({"gemma3"})
+"""Vision-language model types whose image tokens attend to each other both ways (Gemma 3: each image's block of
+tokens marked by ``token_type_ids``) and whose forward takes its attention masks ready-made, one per layer type. The
+shared-prefix attention computes a shared row's prompt causally, so their shared rows go through dense masks instead
+(``image_block_shared_masks``), exact and ``R·T²`` in memory, as the plain rows' own masks are."""
+
+
+def has_image_block_attention(model: nn.Module) -> bool:
+    """Whether ``model`` (unwrapped) is a vision-language model whose shared rows take ``image_block_shared_masks``:
+    a type in ``BIDIRECTIONAL_IMAGE_MODEL_TYPES`` whose language model is causal outside the image blocks."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None)
+    return (getattr(config, "model_type", None) in BIDIRECTIONAL_IMAGE_MODEL_TYPES and text_config is not None
+            and not getattr(text_config, "use_bidirectional_attention", False))
+
+
+def image_blocks(token_types: Tensor) -> Tensor:
+    """``(R, T)`` block number of each image token (0, 1, … per row, one block per run of consecutive image tokens),
+    -1 elsewhere, from ``(R, T)`` token types (1 on image tokens)."""
+    is_image = token_types == 1
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(1) - 1, -1)
+
+
+def image_block_shared_masks(shared_mask: Tensor, token_types: Tensor, position_ids: Tensor,
+                             text_config: object) -> dict[str, Tensor]:
+    """The ``(R, 1, T, T)`` bool attention masks of shared rows for a model with image blocks, by layer type:
+    ``full_attention``: the shared rows' mask (``shared_mask``: each completion sees the prompt and itself, causally)
+    with every image block's tokens seeing each other; ``sliding_attention`` (when the model has such layers): that
+    mask and keys less than ``sliding_window`` positions behind the query, counted in ``position_ids`` (a
+    completion's positions are those of its plain row, so the window is the plain row's)."""
+    blocks = image_blocks(token_types)
+    same_block = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    full = shared_mask | same_block[:, None]
+    masks = {"full_attention": full}
+    window = getattr(text_config, "sliding_window", None)
+    if window is not None and "sliding_attention" in (getattr(text_config, "layer_types", None) or ()):
+        behind = position_ids[:, :, None] - position_ids[:, None, :]  # query position - key position
+        masks["sliding_attention"] = full & (behind < window)[:, None]
+    return masks
+
 
 @dataclass(frozen=True)
 class SharedPrefixLayout:

@@ -41,11 +41,20 @@ def text_tokenizer(processing_class: Any) -> Any:
 
 
 def image_token_id(processor: Any) -> int:
-    """The id of the token each image is expanded into (``<|image_pad|>`` for Qwen-VL, ``<image>`` for LLaVA)."""
+    """The id of the token each image is expanded into (``<|image_pad|>`` for Qwen-VL, ``<image>`` for LLaVA; for
+    Gemma 3 the ``<start_of_image>`` placeholder that opens the expansion: ``image_content_token_ids``)."""
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None:
         token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return int(token_id)
+
+
+def image_content_token_ids(processor: Any) -> tuple[int, ...]:
+    """The ids of the tokens that stand for an image's content, which the model replaces with the image's features
+    (the processor's ``image_token_ids``: Qwen-VL's ``<|image_pad|>``, LLaVA's ``<image>``, Gemma 3's
+    ``<image_soft_token>``, not its ``<start_of_image>``)."""
+    ids = [token_id for token_id in (getattr(processor, "image_token_ids", None) or []) if token_id is not None]
+    return tuple(int(token_id) for token_id in ids) or (image_token_id(processor),)
 
 
 # ------------------------------------------------------------------------------------------------ reading images
@@ -230,6 +239,9 @@ PLUGIN_IMAGE_TOKENS = {
     "Qwen2VL": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
     "Qwen3VL": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
 }
+# Plugins that replace each <image> with the processor's whole image text, the same for every image (Gemma 3:
+# "\n\n<start_of_image>" + <image_soft_token> x image_seq_length + "<end_of_image>\n\n", ``full_image_sequence``).
+PLUGIN_FULL_IMAGE_SEQUENCE = frozenset({"Gemma3"})
 
 
 def image_token_counts(processor: Any, images: Sequence[Any]) -> list[int]:
@@ -242,12 +254,33 @@ def image_token_counts(processor: Any, images: Sequence[Any]) -> list[int]:
     return [int(grid.prod()) // merged for grid in grids]
 
 
+def _plugin_image_texts(processor: Any, images: Sequence[Any], template_name: str, plugin: str) -> list[str]:
+    """The text that replaces each image's ``<image>`` under LLaMA-Factory's plugin ``plugin``."""
+    from preftune.errors import ConfigError
+
+    if plugin in PLUGIN_FULL_IMAGE_SEQUENCE:
+        sequence = getattr(processor, "full_image_sequence", None)
+        if not isinstance(sequence, str):
+            raise ConfigError(f"template {template_name!r} writes images with the model's full image sequence, but "
+                              f"{type(processor).__name__} has none; use the model's own processor and template",
+                              key="template")
+        if getattr(processor.image_processor, "do_pan_and_scan", False):
+            raise ConfigError(f"not supported yet: pan-and-scan image crops under template {template_name!r}; set "
+                              "do_pan_and_scan false in the image processor's config", key="template")
+        return [sequence] * len(images)
+    opening, token, closing = PLUGIN_IMAGE_TOKENS[plugin]
+    if image_token_id(processor) != processor.tokenizer.convert_tokens_to_ids(token):
+        raise ConfigError(f"template {template_name!r} writes images as {token} but the processor's image token is "
+                          f"{getattr(processor, 'image_token', '?')}; use the model's own template", key="template")
+    return [opening + token * count + closing for count in (image_token_counts(processor, images) if images else [])]
+
+
 def expand_image_placeholders(messages: list[dict], images: Sequence[Any], processor: Any, template_name: str,
                               plugin: str | None) -> list[dict]:
     """The messages with each ``<image>`` replaced, in order, by the model's image tokens as LLaMA-Factory's
     multimodal plugin ``plugin`` writes them before encoding with a named template (for Qwen-VL:
-    ``<|vision_start|>`` + ``<|image_pad|>`` once per merged patch + ``<|vision_end|>``). ``images``: the row's PIL
-    images, one per placeholder.
+    ``<|vision_start|>`` + ``<|image_pad|>`` once per merged patch + ``<|vision_end|>``; for Gemma 3 the processor's
+    ``full_image_sequence``). ``images``: the row's PIL images, one per placeholder.
 
     Raises:
         ConfigError: the template has no multimodal plugin, or one whose image tokens preftune does not write yet,
@@ -257,21 +290,18 @@ def expand_image_placeholders(messages: list[dict], images: Sequence[Any], proce
 
     if plugin is None:
         raise ConfigError(f"the data has images but template {template_name!r} is text-only; use the model's "
-                          "multimodal template (e.g. qwen2_vl, qwen3_vl_nothink) or remove template", key="template")
-    if plugin not in PLUGIN_IMAGE_TOKENS:
+                          "multimodal template (e.g. qwen2_vl, qwen3_vl_nothink, gemma3) or remove template",
+                          key="template")
+    if plugin not in PLUGIN_IMAGE_TOKENS and plugin not in PLUGIN_FULL_IMAGE_SEQUENCE:
         raise ConfigError(f"not supported yet: rows with images under template {template_name!r} (LLaMA-Factory's "
                           f"{plugin} plugin); remove template to use the processor's chat template", key="template")
-    opening, token, closing = PLUGIN_IMAGE_TOKENS[plugin]
-    if image_token_id(processor) != processor.tokenizer.convert_tokens_to_ids(token):
-        raise ConfigError(f"template {template_name!r} writes images as {token} but the processor's image token is "
-                          f"{getattr(processor, 'image_token', '?')}; use the model's own template", key="template")
-    counts = iter(image_token_counts(processor, images) if images else [])
+    texts = iter(_plugin_image_texts(processor, images, template_name, plugin))
     expanded = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, str) and IMAGE_PLACEHOLDER in content:
             pieces = content.split(IMAGE_PLACEHOLDER)
-            content = pieces[0] + "".join(opening + token * next(counts) + closing + piece for piece in pieces[1:])
+            content = pieces[0] + "".join(next(texts) + piece for piece in pieces[1:])
             message = {**message, "content": content}
         expanded.append(message)
     return expanded
@@ -283,20 +313,28 @@ def expand_image_placeholders(messages: list[dict], images: Sequence[Any], proce
 @dataclass(frozen=True)
 class ImageInputs:
     """The forward's image inputs for a batch whose rows carry ``images``: the image processor's outputs for every
-    row's images in row order (``pixel_values``, and ``image_grid_thw`` for Qwen-VL), plus ``mm_token_type_ids``
-    (1 on image tokens) for models whose processor returns it (Qwen-VL's multimodal RoPE needs it)."""
+    row's images in row order (``pixel_values``, and ``image_grid_thw`` for Qwen-VL; not the outputs the processor
+    itself drops, e.g. Gemma 3's ``num_crops``), plus the token types (1 on image tokens) for models whose processor
+    returns them, under the processor's name for them: ``mm_token_type_ids`` (Qwen-VL's multimodal RoPE) or
+    ``token_type_ids`` (Gemma 3: its image tokens attend to each other both ways)."""
 
     image_processor: Any
-    image_token_id: int
+    image_token_ids: tuple[int, ...]
     token_type_key: str | None = None
+    dropped_keys: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, processing_class: Any) -> "ImageInputs | None":
         """The image inputs of a processor; None for a tokenizer."""
         if not is_processor(processing_class) or getattr(processing_class, "image_processor", None) is None:
             return None
-        token_type_key = "mm_token_type_ids" if getattr(processing_class, "return_mm_token_type_ids", False) else None
-        return cls(processing_class.image_processor, image_token_id(processing_class), token_type_key)
+        token_type_key = None
+        if getattr(processing_class, "return_mm_token_type_ids", False):  # Gemma3Processor renames them
+            names = getattr(processing_class, "model_input_names", None) or []
+            token_type_key = "token_type_ids" if "token_type_ids" in names else "mm_token_type_ids"
+        dropped = tuple(getattr(processing_class, "unused_input_names", None) or ())
+        return cls(processing_class.image_processor, image_content_token_ids(processing_class), token_type_key,
+                   dropped)
 
     def settings(self) -> str:
         """The image processor's settings as JSON (resizing limits, normalization…): what turns the same image into
@@ -310,9 +348,11 @@ class ImageInputs:
         inputs: dict[str, torch.Tensor] = {}
         if images:
             processed = self.image_processor(images=images, return_tensors="pt")
-            inputs = {key: value for key, value in processed.items() if isinstance(value, torch.Tensor)}
+            inputs = {key: value for key, value in processed.items()
+                      if isinstance(value, torch.Tensor) and key not in self.dropped_keys}
         if self.token_type_key is not None:
-            inputs[self.token_type_key] = (input_ids == self.image_token_id).long()
+            image_ids = torch.tensor(self.image_token_ids, device=input_ids.device)
+            inputs[self.token_type_key] = torch.isin(input_ids, image_ids).long()
         return inputs
 
     def wrap(self, collate: Callable[..., Any]) -> Callable[..., Any]:

@@ -25,6 +25,7 @@ from preftune.data.images import (
     IMAGE_FEATURE,
     as_content_parts,
     expand_image_placeholders,
+    image_content_token_ids,
     image_files_signature,
     image_token_id,
     is_processor,
@@ -333,11 +334,11 @@ def _image_sequences(
 
 
 def _keeps_whole_images(prompt_ids: list[int], kept_prompt: list[int], completions: list[list[int]],
-                        image_token: int) -> bool:
-    """Whether truncation kept every image token of the prompt (an image whose tokens are cut no longer matches
-    its pixel values) and put none in a completion."""
-    return kept_prompt.count(image_token) == prompt_ids.count(image_token) and not any(
-        image_token in completion for completion in completions)
+                        image_tokens: set[int]) -> bool:
+    """Whether truncation kept every image token of the prompt (``image_tokens``: the placeholder and the content
+    tokens; an image whose tokens are cut no longer matches its pixel values) and put none in a completion."""
+    return all(kept_prompt.count(token) == prompt_ids.count(token) for token in image_tokens) and not any(
+        token in image_tokens for completion in completions for token in completion)
 
 
 def _named_template_sequences(
@@ -451,8 +452,9 @@ def tokenize_pair(example: dict, tokenizer, settings: TokenizeSettings) -> dict:
     completions = [("chosen", example.get("chosen"))] + [("rejected", response) for response in rejected]
     prompt_ids, full_ids = _full_sequences(example, completions, tokenizer, settings)
     prompt, kept, flags = _split_and_truncate(prompt_ids, full_ids, settings)
-    if example.get("images") and not flags["no_room"] and not _keeps_whole_images(
-            prompt_ids, prompt, kept, image_token_id(tokenizer)):  # a pair that cannot keep its images whole is dropped
+    image_tokens = {image_token_id(tokenizer), *image_content_token_ids(tokenizer)} if example.get("images") else set()
+    if image_tokens and not flags["no_room"] and not _keeps_whole_images(
+            prompt_ids, prompt, kept, image_tokens):  # a pair that cannot keep its images whole is dropped
         prompt, kept, flags = [], [[] for _ in kept], {**flags, "no_room": True, "truncated": False}
     chosen, *rejected_ids = kept
     return {
