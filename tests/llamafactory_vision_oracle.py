@@ -4,11 +4,12 @@ WITH IMAGES as LLaMA-Factory's DPO data path does (the template's multimodal plu
 (`mm_plugin.get_mm_inputs`).
 
 Input (stdin, JSON): {"processors": {key: saved processor folder}, "cases": [{"template", "processor" (a key),
-"enable_thinking", "image_max_pixels", "image_min_pixels" (LLaMA-Factory's model arguments), "rows": [{"system",
+"enable_thinking", "image_max_pixels", "image_min_pixels" (LLaMA-Factory's model arguments), "cutoff_len" (None: no
+cutoff), "pixels" (whether to return pixel values), "rows": [{"system",
 "prompt": [user/assistant messages with <image> placeholders], "chosen", "rejected", "images": [file paths]}]}]}.
 Output: a torch file (the first argument) holding {"cases": [{"rows": [{"chosen_input_ids", "chosen_labels",
-"rejected_input_ids", "rejected_labels", "image_tokens": [image tokens of each image], "pixel_values",
-"image_grid_thw"} or {"error"}]}]}.
+"rejected_input_ids", "rejected_labels", "image_tokens": [image tokens of each image], and when the case asks for
+them "pixel_values", "image_grid_thw"} or {"error"}]}]}.
 
 The processor is loaded from the folder as its parts (tokenizer, image processor: transformers without torchvision
 cannot build the processor's video processor) and given the attributes LLaMA-Factory's `patch_processor` sets from
@@ -58,10 +59,10 @@ def load_processor(folder, case):
 def data_args(case):
     return types.SimpleNamespace(template=case["template"], train_on_prompt=False, tool_format=None,
                                  default_system=None, enable_thinking=case["enable_thinking"], preserve_thinking=False,
-                                 cutoff_len=10**6)
+                                 cutoff_len=case.get("cutoff_len") or 10**6)
 
 
-def encode_row(template, tokenizer, processor, args, row):
+def encode_row(template, tokenizer, processor, args, row, want_pixels):
     responses = [{"role": "assistant", "content": row["chosen"]}, {"role": "assistant", "content": row["rejected"]}]
     examples = {"_prompt": [row["prompt"]], "_response": [responses], "_system": [row["system"] or ""],
                 "_tools": [""], "_images": [row["images"]], "_videos": [None], "_audios": [None]}
@@ -73,6 +74,8 @@ def encode_row(template, tokenizer, processor, args, row):
     merge = processor.image_processor.merge_size ** 2
     grids = plugin._get_mm_inputs(row["images"], [], [], processor)["image_grid_thw"]
     encoded["image_tokens"] = [int(grid.prod()) // merge for grid in grids]
+    if not want_pixels:
+        return encoded
     mm_inputs = plugin.get_mm_inputs(row["images"], [], [], [len(row["images"])], [0], [0],
                                      [encoded["chosen_input_ids"]], processor)
     encoded["pixel_values"] = mm_inputs["pixel_values"]
@@ -87,7 +90,7 @@ def run_case(case, folder):
     rows = []
     for row in case["rows"]:
         try:
-            rows.append(encode_row(template, tokenizer, processor, args, copy.deepcopy(row)))
+            rows.append(encode_row(template, tokenizer, processor, args, copy.deepcopy(row), case["pixels"]))
         except Exception as error:  # noqa: BLE001 - reported to the test, which decides
             rows.append({"error": f"{type(error).__name__}: {error}"})
     return {"rows": rows}

@@ -55,7 +55,9 @@ PLUGIN_PROCESSOR = {"Qwen2VL": "qwen2_vl", "Qwen3VL": "qwen3_vl"}
 VISION_TEMPLATES = sorted(name for name, template in TEMPLATES.items() if template.multimodal in PLUGIN_PROCESSOR)
 # (image_max_pixels, image_min_pixels): LLaMA-Factory's defaults, and limits that resize most of IMAGES
 PIXEL_LIMITS = ((768 * 768, 32 * 32), (128 * 128, 48 * 48))
-IMAGES = {"square": (64, 48), "tiny": (20, 20), "thin": (30, 60), "strip": (300, 10), "large": (900, 700)}
+# name: (width, height, PIL mode); LLaMA-Factory resizes an image in its own mode, then converts it to RGB
+IMAGES = {"square": (64, 48, "RGB"), "tiny": (20, 20, "RGB"), "thin": (30, 60, "RGB"), "strip": (300, 10, "RGB"),
+          "large": (900, 700, "RGB"), "palette": (1000, 30, "P"), "grey": (40, 20, "L")}
 ROWS = [
     {"system": None, "prompt": [{"role": "user", "content": "<image>What colour is the square?"}],
      "chosen": "It is red.", "rejected": "It is blue, I think.", "images": ["square"]},
@@ -80,7 +82,12 @@ ROWS = [
                                 {"role": "assistant", "content": "Noise."},
                                 {"role": "user", "content": "And in <image>?"}],
      "chosen": "More noise.", "rejected": "A dog.", "images": ["square", "large"]},
+    {"system": None, "prompt": [{"role": "user", "content": "<image> <image> Which one is grey?"}],
+     "chosen": "The second.", "rejected": "The first.", "images": ["palette", "grey"]},
 ]
+# Truncation (cutoff_len / max_length) of rows with images: one template, the small pixel limits, these cutoffs (some
+# keep the prompt whole, some cut into an image's tokens).
+TRUNCATION_TEMPLATE, TRUNCATION_CUTOFFS = "qwen2_vl", (8, 24, 40, 64, 100)
 
 
 def _thinking_modes(name: str) -> tuple[bool, ...]:
@@ -94,21 +101,32 @@ def _cases() -> list[dict]:
     for name in VISION_TEMPLATES:
         for thinking in _thinking_modes(name):
             for max_pixels, min_pixels in PIXEL_LIMITS:
-                key = name if name in PROCESSORS else PLUGIN_PROCESSOR[TEMPLATES[name].multimodal]
-                cases.append({"template": name, "processor": key, "enable_thinking": thinking,
-                              "image_max_pixels": max_pixels, "image_min_pixels": min_pixels,
-                              "pixels": (key, max_pixels) not in with_pixels})
-                with_pixels.add((key, max_pixels))
+                pixels = (_processor_key(name), max_pixels) not in with_pixels
+                cases.append(_case(name, thinking, max_pixels, min_pixels, None, pixels))
+                with_pixels.add((_processor_key(name), max_pixels))
+    for cutoff in TRUNCATION_CUTOFFS:
+        cases.append(_case(TRUNCATION_TEMPLATE, True, *PIXEL_LIMITS[-1], cutoff, False))
     return cases
+
+
+def _processor_key(name: str) -> str:
+    return name if name in PROCESSORS else PLUGIN_PROCESSOR[TEMPLATES[name].multimodal]
+
+
+def _case(name, thinking, max_pixels, min_pixels, cutoff, pixels) -> dict:
+    return {"template": name, "processor": _processor_key(name), "enable_thinking": thinking,
+            "image_max_pixels": max_pixels, "image_min_pixels": min_pixels, "cutoff_len": cutoff, "pixels": pixels}
 
 
 def _write_images(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = {}
-    for name, (width, height) in IMAGES.items():
+    for name, (width, height, mode) in IMAGES.items():
         paths[name] = folder / f"{name}.png"
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(paths[name])
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        image = image.convert(mode) if mode != "P" else image.quantize(colors=16)
+        image.save(paths[name])
     return paths
 
 
@@ -158,7 +176,7 @@ def vision_setup(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def llamafactory_vision(llamafactory_python, vision_setup, tmp_path_factory) -> dict:  # noqa: F811
-    """LLaMA-Factory's output for every case of `_cases()`, by (template, thinking, max pixels)."""
+    """LLaMA-Factory's output for every case of `_cases()`, by (template, thinking, max pixels, cutoff)."""
     cases = _cases()
     rows = [{**row, "images": [str(vision_setup["images"][name]) for name in row["images"]]} for row in ROWS]
     request = {"processors": {key: str(path) for key, path in vision_setup["processors"].items()},
@@ -171,7 +189,7 @@ def llamafactory_vision(llamafactory_python, vision_setup, tmp_path_factory) -> 
                           timeout=600, check=False)
     assert done.returncode == 0, f"the LLaMA-Factory oracle failed: {done.stderr[-3000:]}"
     result = torch.load(output, weights_only=False)
-    return {(case["template"], case["enable_thinking"], case["image_max_pixels"]): (case, answer)
+    return {(case["template"], case["enable_thinking"], case["image_max_pixels"], case["cutoff_len"]): (case, answer)
             for case, answer in zip(cases, result["cases"])}
 
 
@@ -181,7 +199,8 @@ def _preftune_rows(vision_setup, case) -> tuple[object, list[dict]]:
     processor = load_processor(str(vision_setup["processors"][case["processor"]]),
                                image_max_pixels=case["image_max_pixels"], image_min_pixels=case["image_min_pixels"])
     loaded = load_preference_data("vision_pairs", dataset_dir=str(vision_setup["data"]))
-    settings = TokenizeSettings(max_length=None, template=case["template"], enable_thinking=case["enable_thinking"])
+    settings = TokenizeSettings(max_length=case["cutoff_len"], template=case["template"],
+                                enable_thinking=case["enable_thinking"])
     tokenized = tokenize_dataset(loaded.dataset, processor, settings).dataset
     return processor, tokenized.to_list()
 
@@ -230,7 +249,7 @@ def test_rows_with_images_get_llamafactorys_input_ids_labels_and_image_tokens(na
     compared = 0
     for thinking in _thinking_modes(name):
         for max_pixels, _ in PIXEL_LIMITS:
-            case, answer = llamafactory_vision[(name, thinking, max_pixels)]
+            case, answer = llamafactory_vision[(name, thinking, max_pixels, None)]
             processor, rows = _preftune_rows(vision_setup, case)
             tokenizer = processor.tokenizer
             start, pad, end = tokenizer.convert_tokens_to_ids(list(PROCESSORS[case["processor"]][3]))
@@ -254,7 +273,7 @@ def test_rows_with_images_get_llamafactorys_input_ids_labels_and_image_tokens(na
 def test_the_images_pixel_values_are_llamafactorys(key, llamafactory_vision, vision_setup):
     compared = 0
     for case, answer in llamafactory_vision.values():
-        if case["processor"] != key or not case["pixels"]:
+        if case["processor"] != key or not case["pixels"]:  # pixel values do not depend on the template
             continue
         processor, rows = _preftune_rows(vision_setup, case)
         image_inputs = ImageInputs.of(processor)
@@ -265,3 +284,31 @@ def test_the_images_pixel_values_are_llamafactorys(key, llamafactory_vision, vis
             torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], rtol=0, atol=1e-5, msg=where)
             compared += 1
     assert compared == len(ROWS) * len(PIXEL_LIMITS)
+
+
+def test_rows_with_images_are_cut_as_llamafactory_cuts_them_or_dropped_where_it_cuts_an_images_tokens(
+        llamafactory_vision, vision_setup):
+    # LLaMA-Factory's infer_seqlen may cut into an image's tokens (the model then fails on the batch: its pixel values
+    # no longer match its image tokens); preftune drops such a pair and counts it (tokenize_dataset's stats)
+    kinds = set()
+    _, uncut = llamafactory_vision[(TRUNCATION_TEMPLATE, True, PIXEL_LIMITS[-1][0], None)]
+    for cutoff in TRUNCATION_CUTOFFS:
+        case, answer = llamafactory_vision[(TRUNCATION_TEMPLATE, True, PIXEL_LIMITS[-1][0], cutoff)]
+        processor, rows = _preftune_rows(vision_setup, case)
+        image_token = processor.image_token_id
+        by_row = {row["row"]: row for row in rows}
+        for index, theirs in enumerate(answer["rows"]):
+            where = f"cutoff_len={cutoff} / row {index}"
+            assert "error" not in theirs, f"{where}: LLaMA-Factory failed: {theirs.get('error')}"
+            images_cut = theirs["chosen_input_ids"].count(image_token) < sum(theirs["image_tokens"])
+            cut = len(theirs["chosen_input_ids"]) < len(uncut["rows"][index]["chosen_input_ids"])
+            kinds.add("image cut" if images_cut else "cut" if cut else "whole")
+            if images_cut:
+                assert index not in by_row, f"{where}: kept with part of an image's tokens"
+                continue
+            assert index in by_row, where
+            (chosen, rejected), (chosen_labels, rejected_labels) = _sequences_and_labels(
+                by_row[index], processor.tokenizer.pad_token_id)
+            assert (chosen, chosen_labels) == (theirs["chosen_input_ids"], theirs["chosen_labels"]), where
+            assert (rejected, rejected_labels) == (theirs["rejected_input_ids"], theirs["rejected_labels"]), where
+    assert kinds == {"image cut", "cut", "whole"}, kinds
