@@ -5,7 +5,9 @@ entries (``datasets.Image(decode=False)``'s storage: a path on disk, or the enco
 marks where each image goes with the placeholder ``<image>`` in a message's text (LLaMA-Factory's convention; TRL's
 ``{"type": "image"}`` content parts are read into it). Tokenization (``preftune.data.tokenize``) turns the
 placeholders back into content parts for the processor's chat template, which expands each image into its image
-tokens. Collation (``ImageInputs``) gives the forward the pixel values of every row's images, in row order.
+tokens. Collation (``ImageInputs``) gives the forward the pixel values of every row's images, in row order. A
+processor loaded with LLaMA-Factory's ``image_max_pixels``/``image_min_pixels`` gets each image resized within
+them first, for its image tokens and its pixel values alike (``PixelLimits``).
 """
 
 from __future__ import annotations
