@@ -13,7 +13,12 @@ Processors (offline, `PROCESSORS`): the shared GPT-2 tokenizer with the model fa
 dots.ocr's, whose template writes images with tokens of its own) and a Qwen2-VL (14-pixel patches) or Qwen3-VL
 (16-pixel patches) image processor with the pixel limits of the released models' preprocessor configs, so that
 LLaMA-Factory's limits and the image processor's own both matter. Images: random pixels of several sizes (tiny,
-thin, a strip, larger than the limits), so that resizing shows in the pixel values.
+thin, a strip, larger than the limits) and modes (RGB, palette, greyscale), so that resizing shows in the pixel
+values. Labels: preftune's are read off its plain batch's scoring plan (the token each position predicts).
+
+Truncation (``cutoff_len``): one template with several cutoffs; a pair is cut as LLaMA-Factory cuts it, except one
+whose cut would fall inside an image's tokens, which preftune drops (LLaMA-Factory keeps it, and its model then gets
+fewer image tokens than image features).
 """
 
 from __future__ import annotations
