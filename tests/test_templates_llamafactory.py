@@ -3,9 +3,10 @@
 LLaMA-Factory runs in a virtual environment of its own, `.venv-oracles/llamafactory-0.9.5` (gitignored), which the
 `llamafactory_python` fixture creates on first use from PyPI (a few minutes: the local CPU torch wheel first, then
 `llamafactory==0.9.5` without its dependencies, then the few it needs to import its data package, pinned within its
-own requirements). torchaudio, which LLaMA-Factory imports at module level for audio inputs only, has no release for
-torch 2.13: the environment gets an empty stand-in module. Under CI (CI=true) a failure to build it fails the tests;
-elsewhere (no network) they are skipped with the reason.
+own requirements; then Pillow, for rows with images, which an environment built before it was added gets without a
+rebuild: `oracle_plan`). torchaudio, which LLaMA-Factory imports at module level for audio inputs only, has no
+release for torch 2.13: the environment gets an empty stand-in module. Under CI (CI=true) a failure to build it fails
+the tests; elsewhere (no network) they are skipped with the reason.
 
 `tests/llamafactory_oracle.py` runs there, once per test session: for every template, tokenizer and row it returns
 the ids of LLaMA-Factory's pairwise (DPO) processor - prompt, chosen and rejected - and its Jinja export. The
@@ -57,6 +58,12 @@ INSTALL_STEPS = (
     ("torch==2.13.0",),
     ("--no-deps", "llamafactory==0.9.5"),
     ("transformers==5.6.0", "peft==0.18.1", "datasets==4.0.0", "accelerate==1.11.0"),
+)
+# Packages added to a built environment without rebuilding it (each adds a package that nothing installed above
+# depends on): Pillow, for LLaMA-Factory's multimodal plugins on rows with images (tests/test_vision_templates_
+# llamafactory.py); LLaMA-Factory 0.9.5 takes any version, this is the one preftune's own environment has.
+ADDED_STEPS = (
+    ("pillow==12.3.0",),
 )
 STAMP = VENV / "preftune-oracle-ready.json"
 
@@ -115,14 +122,13 @@ PROBES = ["Tell me a story.", " leading space", "长城是中国古代的伟大�
 
 
 def _create_venv() -> float:
-    """Build the oracle environment; returns the seconds it took."""
+    """Build the oracle environment from INSTALL_STEPS; returns the seconds it took."""
     started = time.monotonic()
     shutil.rmtree(VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, capture_output=True, text=True)
     python = str(VENV / "bin" / "python")
     for step in INSTALL_STEPS:
-        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *step], check=True,
-                       capture_output=True, text=True)
+        _pip_install(python, step)
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
                           capture_output=True, text=True).stdout.strip()
     stub = Path(site) / "torchaudio"
@@ -131,24 +137,47 @@ def _create_venv() -> float:
     return time.monotonic() - started
 
 
+def _pip_install(python: str, step: tuple[str, ...]) -> None:
+    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *step], check=True,
+                   capture_output=True, text=True)
+
+
+def oracle_plan(stamp: dict | None) -> tuple[bool, list[tuple[str, ...]]]:
+    """(rebuild?, the ADDED_STEPS to install) for an environment whose stamp is `stamp` (None: none written).
+
+    The stamp records INSTALL_STEPS as "steps" and the ADDED_STEPS installed as "added_steps": other INSTALL_STEPS
+    (or no stamp) rebuild the environment, then install every added step; otherwise only the added steps it lacks
+    are installed. A stamp without "added_steps" (written before they existed) keeps its environment."""
+    if stamp is None or stamp.get("steps") != [list(step) for step in INSTALL_STEPS]:
+        return True, list(ADDED_STEPS)
+    installed = stamp.get("added_steps", [])
+    return False, [step for step in ADDED_STEPS if list(step) not in installed]
+
+
 @pytest.fixture(scope="session")
 def llamafactory_python() -> str:
-    """The oracle environment's python, created on first use (see the module docstring)."""
+    """The oracle environment's python, created (or completed with ADDED_STEPS) on first use (see the module
+    docstring and `oracle_plan`)."""
     ORACLE_DIR.mkdir(exist_ok=True)
-    wanted = {"steps": [list(step) for step in INSTALL_STEPS]}
     with open(ORACLE_DIR / "llamafactory.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        ready = STAMP.exists() and json.loads(STAMP.read_text()).get("steps") == wanted["steps"]
-        if not ready:
+        stamp = json.loads(STAMP.read_text()) if STAMP.exists() else None
+        rebuild, added = oracle_plan(stamp)
+        if rebuild or added:
             try:
-                seconds = _create_venv()
+                if rebuild:
+                    stamp = {"steps": [list(step) for step in INSTALL_STEPS],
+                             "created_in_s": round(_create_venv(), 1)}
+                for step in added:
+                    _pip_install(str(VENV / "bin" / "python"), step)
             except (subprocess.CalledProcessError, OSError) as error:
                 detail = getattr(error, "stderr", "") or str(error)
                 message = f"could not build the LLaMA-Factory oracle environment {VENV}: {detail.strip()[-800:]}"
                 if os.environ.get("CI", "").lower() == "true":
                     pytest.fail(message)
                 pytest.skip(message)
-            STAMP.write_text(json.dumps({**wanted, "created_in_s": round(seconds, 1)}))
+            installed = [] if rebuild else stamp.get("added_steps", [])
+            STAMP.write_text(json.dumps({**stamp, "added_steps": installed + [list(step) for step in added]}))
     return str(VENV / "bin" / "python")
 
 

@@ -528,7 +528,8 @@ def test_lora_adapts_the_language_model_only_and_its_reference_is_the_adapter_di
 @pytest.mark.slow
 def test_a_model_folder_with_a_processor_config_loads_processor_and_model_and_sets_pixel_limits(processor, tmp_path):
     """LLaMA-Factory's way: only a model path. Its processor is loaded (joined from image processor and tokenizer
-    without torchvision), image_max_pixels reaches the image processor, and the images resolve against media_dir."""
+    without torchvision), image_max_pixels/image_min_pixels resize the images before the image processor, whose own
+    limits stay (LLaMA-Factory's rule), and the images resolve against media_dir."""
     from preftune import DPOTrainer
 
     folder = tmp_path / "tiny-qwen2-vl"
@@ -539,9 +540,11 @@ def test_a_model_folder_with_a_processor_config_loads_processor_and_model_and_se
                                                               media_dir=str(media)),
                          train_dataset=rows)
     loaded = trainer.processing_class
-    assert type(loaded).__name__ == "Qwen2VLProcessor" and loaded.image_processor.size.longest_edge == 28 * 28
+    assert type(loaded).__name__ == "Qwen2VLProcessor" and loaded.image_max_pixels == loaded.image_min_pixels == 28 * 28
+    assert loaded.image_processor.size.longest_edge == 56 * 84
     assert type(trainer.model).__name__ == "Qwen2VLForConditionalGeneration"
-    # at most 28x28 pixels: one 2x2 block of 14-pixel patches, merged into a single image token per image
+    # resized to about 28x28 pixels first (the image processor alone would give the first image 4 tokens): one 2x2
+    # block of 14-pixel patches, merged into a single image token per image
     counts = [row["prompt_ids"].count(loaded.image_token_id) for row in trainer.data.train.dataset]
     assert counts == [1, 2, 1, 1]
     trainer.train()
@@ -549,7 +552,7 @@ def test_a_model_folder_with_a_processor_config_loads_processor_and_model_and_se
     saved = trainer.save_model(str(tmp_path / "out"))  # the processor is saved with the model and loads back
     from preftune.models import load_processor
 
-    assert load_processor(str(saved)).image_processor.size.longest_edge == 28 * 28
+    assert load_processor(str(saved)).image_processor.size.longest_edge == 56 * 84
 
 
 def test_the_tokenization_cache_sees_an_image_file_replaced_under_the_same_name(processor, tmp_path):

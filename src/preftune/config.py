@@ -757,9 +757,9 @@ class DPOConfig(BaseModel):
         "file's folder (LLaMA-Factory's `media_dir`).",
     )
     image_max_pixels: int = _field(
-        768 * 768, "Vision-language models: images with more pixels are scaled down to this many (the image "
-        "processor's limit; set on a processor preftune loads from the model folder, not on one given as "
-        "`processing_class`).", ge=1,
+        768 * 768, "Vision-language models: images with more pixels are scaled down to this many before the image "
+        "processor, whose own limits then apply too (LLaMA-Factory's rule; on a processor preftune loads from the "
+        "model folder, not on one given as `processing_class`).", ge=1,
     )
     image_min_pixels: int = _field(
         32 * 32, "Vision-language models: images with fewer pixels are scaled up to this many (as "

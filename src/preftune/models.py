@@ -214,20 +214,13 @@ def _processor_class_name(folder: Path) -> str:
 
 
 def set_image_pixel_limits(processor: Any, max_pixels: int | None, min_pixels: int | None) -> None:
-    """Set the image processor's pixel limits (LLaMA-Factory's ``image_max_pixels``/``image_min_pixels``) where it
-    has them (Qwen-VL: ``size.longest_edge`` = max, ``size.shortest_edge`` = min, in pixels); None leaves one as
-    is."""
-    image_processor = getattr(processor, "image_processor", None)
-    size = getattr(image_processor, "size", None)
-    for value, edge, name in ((max_pixels, "longest_edge", "max_pixels"), (min_pixels, "shortest_edge", "min_pixels")):
-        if value is None:
-            continue
-        if isinstance(size, dict) and edge in size:
-            size[edge] = int(value)
-        elif getattr(size, edge, None) is not None:  # transformers 5's SizeDict
-            setattr(size, edge, int(value))
-        if hasattr(image_processor, name):
-            setattr(image_processor, name, int(value))
+    """Set LLaMA-Factory's ``image_max_pixels``/``image_min_pixels`` on ``processor`` as LLaMA-Factory does (its
+    attributes of those names): each image is resized within them before the image processor, whose own limits (the
+    model's preprocessor config) stay as they are (``preftune.data.images.PixelLimits``). None leaves one as is; a
+    processor gets limits only when both are set."""
+    for value, name in ((max_pixels, "image_max_pixels"), (min_pixels, "image_min_pixels")):
+        if value is not None:
+            setattr(processor, name, int(value))
 
 
 def load_image_text_model(name_or_path: str, *, dtype: str | torch.dtype | None = None,

@@ -5,13 +5,16 @@ entries (``datasets.Image(decode=False)``'s storage: a path on disk, or the enco
 marks where each image goes with the placeholder ``<image>`` in a message's text (LLaMA-Factory's convention; TRL's
 ``{"type": "image"}`` content parts are read into it). Tokenization (``preftune.data.tokenize``) turns the
 placeholders back into content parts for the processor's chat template, which expands each image into its image
-tokens. Collation (``ImageInputs``) gives the forward the pixel values of every row's images, in row order.
+tokens. Collation (``ImageInputs``) gives the forward the pixel values of every row's images, in row order. A
+processor loaded with LLaMA-Factory's ``image_max_pixels``/``image_min_pixels`` gets each image resized within
+them first, for its image tokens and its pixel values alike (``PixelLimits``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +135,76 @@ def load_image(entry: dict) -> Any:
         return image.convert("RGB")
 
 
+# ------------------------------------------------------------------------- pixel limits (LLaMA-Factory's keys)
+
+# LLaMA-Factory's Qwen-VL plugins also widen a side shorter than this, and cut an aspect ratio over MAX_ASPECT to
+# CAPPED_ASPECT (the Qwen-VL image processor refuses images beyond MAX_ASPECT).
+QWEN_VL_MIN_SIDE, MAX_ASPECT, CAPPED_ASPECT = 28, 200, 180
+DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS = 768 * 768, 32 * 32  # LLaMA-Factory's image_max_pixels, image_min_pixels
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    """LLaMA-Factory's ``image_max_pixels`` / ``image_min_pixels`` as it applies them: each image is resized (PIL,
+    aspect kept, sides rounded down) to at most ``max_pixels`` and at least ``min_pixels`` pixels BEFORE the image
+    processor, which then applies its own limits too (the model's preprocessor config is left as it is). For a
+    Qwen-VL image processor (``qwen_vl``), a side shorter than QWEN_VL_MIN_SIDE is widened to it and an aspect ratio
+    over MAX_ASPECT cut to CAPPED_ASPECT, as LLaMA-Factory's Qwen-VL plugins do.
+
+    ``preftune.models.load_processor`` sets them on the processor it loads (attributes ``image_max_pixels`` and
+    ``image_min_pixels``, LLaMA-Factory's names); a processor without them gets its images unchanged."""
+
+    max_pixels: int
+    min_pixels: int
+    qwen_vl: bool = False
+
+    @classmethod
+    def of(cls, processor: Any) -> "PixelLimits | None":
+        """The limits set on ``processor`` (one not set: LLaMA-Factory's default); None when it has neither (or is
+        a tokenizer)."""
+        max_pixels = getattr(processor, "image_max_pixels", None)
+        min_pixels = getattr(processor, "image_min_pixels", None)
+        if max_pixels is None and min_pixels is None:
+            return None
+        qwen_vl = hasattr(getattr(processor, "image_processor", None), "merge_size")
+        return cls(int(DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels),
+                   int(DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels), qwen_vl)
+
+    def fit(self, image: Any) -> Any:
+        """``image`` (PIL, any mode) resized within the limits, then as RGB."""
+        if image.width * image.height > self.max_pixels:
+            image = _scaled_to(image, self.max_pixels)
+        if image.width * image.height < self.min_pixels:
+            image = _scaled_to(image, self.min_pixels)
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        if self.qwen_vl:
+            if min(image.width, image.height) < QWEN_VL_MIN_SIDE:
+                image = image.resize((max(image.width, QWEN_VL_MIN_SIDE), max(image.height, QWEN_VL_MIN_SIDE)))
+            if image.width / image.height > MAX_ASPECT:
+                image = image.resize((image.height * CAPPED_ASPECT, image.height))
+            if image.height / image.width > MAX_ASPECT:
+                image = image.resize((image.width, image.width * CAPPED_ASPECT))
+        return image
+
+
+def _scaled_to(image: Any, pixels: int) -> Any:
+    """``image`` scaled (aspect kept, each side rounded down) to about ``pixels`` pixels."""
+    scale = math.sqrt(pixels / (image.width * image.height))
+    return image.resize((int(image.width * scale), int(image.height * scale)))
+
+
+def processor_image(entry: dict, limits: PixelLimits | None) -> Any:
+    """The PIL image (RGB) of a ``{"bytes", "path"}`` entry as the image processor gets it: within ``limits``
+    (``PixelLimits.of(processor)``) when there are any, else as stored."""
+    if limits is None:
+        return load_image(entry)
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"])
+    image.load()  # reads the pixels and closes the file
+    return limits.fit(image)
+
+
 def image_files_signature(entries_per_row: Sequence[Sequence[dict] | None]) -> str:
     """sha256 of the path, size and modification time of every image stored by path (images stored as bytes are in
     the data already), so that a cache keyed by the data sees an image file replaced under the same name."""
@@ -242,12 +315,18 @@ PLUGIN_IMAGE_TOKENS = {
 # Plugins that replace each <image> with the processor's whole image text, the same for every image (Gemma 3:
 # "\n\n<start_of_image>" + <image_soft_token> x image_seq_length + "<end_of_image>\n\n", ``full_image_sequence``).
 PLUGIN_FULL_IMAGE_SEQUENCE = frozenset({"Gemma3"})
+# Templates whose plugin LLaMA-Factory registers with other texts than its family's (get_mm_plugin's image_token,
+# vision_bos_token, vision_eos_token).
+TEMPLATE_IMAGE_TOKENS = {
+    "dots_ocr": ("<|img|>", "<|imgpad|>", "<|endofimg|>"),
+}
 
 
 def image_token_counts(processor: Any, images: Sequence[Any]) -> list[int]:
     """How many image tokens each image takes for a Qwen-VL image processor: its patch grid (t x h x w, as the
     image processor resizes it within its pixel limits) divided by the merged block (``merge_size`` squared), as
-    LLaMA-Factory's Qwen2-VL and Qwen3-VL plugins count them."""
+    LLaMA-Factory's Qwen2-VL and Qwen3-VL plugins count them. ``images``: as the image processor gets them
+    (``processor_image``: within the processor's ``PixelLimits``)."""
     image_processor = processor.image_processor
     grids = image_processor(images=list(images), return_tensors="pt")["image_grid_thw"]
     merged = int(image_processor.merge_size) ** 2
@@ -268,7 +347,7 @@ def _plugin_image_texts(processor: Any, images: Sequence[Any], template_name: st
             raise ConfigError(f"not supported yet: pan-and-scan image crops under template {template_name!r}; set "
                               "do_pan_and_scan false in the image processor's config", key="template")
         return [sequence] * len(images)
-    opening, token, closing = PLUGIN_IMAGE_TOKENS[plugin]
+    opening, token, closing = TEMPLATE_IMAGE_TOKENS.get(template_name, PLUGIN_IMAGE_TOKENS[plugin])
     if image_token_id(processor) != processor.tokenizer.convert_tokens_to_ids(token):
         raise ConfigError(f"template {template_name!r} writes images as {token} but the processor's image token is "
                           f"{getattr(processor, 'image_token', '?')}; use the model's own template", key="template")
@@ -279,8 +358,9 @@ def expand_image_placeholders(messages: list[dict], images: Sequence[Any], proce
                               plugin: str | None) -> list[dict]:
     """The messages with each ``<image>`` replaced, in order, by the model's image tokens as LLaMA-Factory's
     multimodal plugin ``plugin`` writes them before encoding with a named template (for Qwen-VL:
-    ``<|vision_start|>`` + ``<|image_pad|>`` once per merged patch + ``<|vision_end|>``; for Gemma 3 the processor's
-    ``full_image_sequence``). ``images``: the row's PIL images, one per placeholder.
+    ``<|vision_start|>`` + ``<|image_pad|>`` once per merged patch + ``<|vision_end|>``; dots.ocr's template
+    ``<|img|>`` + ``<|imgpad|>``… + ``<|endofimg|>``; for Gemma 3 the processor's ``full_image_sequence``).
+    ``images``: the row's PIL images as the image processor gets them, one per placeholder.
 
     Raises:
         ConfigError: the template has no multimodal plugin, or one whose image tokens preftune does not write yet,
@@ -322,6 +402,7 @@ class ImageInputs:
     image_token_ids: tuple[int, ...]
     token_type_key: str | None = None
     dropped_keys: tuple[str, ...] = ()
+    limits: PixelLimits | None = None
 
     @classmethod
     def of(cls, processing_class: Any) -> "ImageInputs | None":
@@ -334,17 +415,18 @@ class ImageInputs:
             token_type_key = "token_type_ids" if "token_type_ids" in names else "mm_token_type_ids"
         dropped = tuple(getattr(processing_class, "unused_input_names", None) or ())
         return cls(processing_class.image_processor, image_content_token_ids(processing_class), token_type_key,
-                   dropped)
+                   dropped, PixelLimits.of(processing_class))
 
     def settings(self) -> str:
-        """The image processor's settings as JSON (resizing limits, normalization…): what turns the same image into
-        other pixel values, for cache keys."""
+        """The image processor's settings as JSON (resizing limits, normalization…) and the pixel limits applied
+        before it: what turns the same image into other pixel values, for cache keys."""
         to_json = getattr(self.image_processor, "to_json_string", None)
-        return to_json() if callable(to_json) else repr(self.image_processor)
+        own = to_json() if callable(to_json) else repr(self.image_processor)
+        return own if self.limits is None else f"{own}|{self.limits}"
 
     def __call__(self, row_images: Sequence[Sequence[dict]], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """``row_images[r]``: the images of row r of ``input_ids`` (R rows), in the order of its image tokens."""
-        images = [load_image(entry) for entries in row_images for entry in entries]
+        images = [processor_image(entry, self.limits) for entries in row_images for entry in entries]
         inputs: dict[str, torch.Tensor] = {}
         if images:
             processed = self.image_processor(images=images, return_tensors="pt")

@@ -28,8 +28,9 @@ from preftune.data.images import (
     image_content_token_ids,
     image_files_signature,
     image_token_id,
+    PixelLimits,
     is_processor,
-    load_image,
+    processor_image,
     text_tokenizer,
 )
 from preftune.data.templates import check_template_name, encode_conversation, get_chat_template
@@ -304,7 +305,8 @@ def _image_sequences(
 ) -> tuple[list[int], list[list[int]]]:
     """(prompt_ids, full ids per completion) of a row with images: its messages (``<image>`` placeholders as image
     parts) rendered by the processor's chat template and tokenized by the processor, which expands each image into
-    its image tokens (their number depends on the image's size and the image processor's pixel limits)."""
+    its image tokens (their number depends on the image's size, the pixel limits set on the processor
+    (``PixelLimits``, applied first) and the image processor's own)."""
     row = example.get("row")
     if processor is None:
         raise ConfigError("the data has images but processing_class is a tokenizer; give the model's processor "
@@ -313,8 +315,9 @@ def _image_sequences(
     prompt = example["prompt"]
     for field, value in [("prompt", prompt), *completions]:
         check_messages(value, row, field)
+    limits = PixelLimits.of(processor)
+    images = [processor_image(entry, limits) for entry in example["images"]]
     if settings.template is not None:  # LLaMA-Factory's way: <image> expanded into image tokens, then the template
-        images = [load_image(entry) for entry in example["images"]]
         template = get_chat_template(settings.template)
         expanded = expand_image_placeholders(list(prompt), images, processor, template.name, template.multimodal)
         return _named_template_sequences(expanded, completions, processor.tokenizer, settings, row)
@@ -323,7 +326,6 @@ def _image_sequences(
     prompt_text = render_messages(processor, as_content_parts(prompt), template, True, row, "prompt", inputs)
     full_texts = [render_messages(processor, as_content_parts(list(prompt) + list(value)), template, False, row,
                                   field, inputs) for field, value in completions]
-    images = [load_image(entry) for entry in example["images"]]
     bos = processor.tokenizer.bos_token
 
     def encode(text: str) -> list[int]:
@@ -492,6 +494,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
         hasher.update(type(tokenizer).__name__.encode())
         image_processor = getattr(tokenizer, "image_processor", None)
         hasher.update((image_processor.to_json_string() if image_processor is not None else "").encode())
+        hasher.update(str(PixelLimits.of(tokenizer)).encode())
         hasher.update(str(getattr(tokenizer, "chat_template", None)).encode())
         tokenizer = tokenizer.tokenizer
     hasher.update(type(tokenizer).__name__.encode())
