@@ -278,9 +278,12 @@ async function pollWatched() {
   if (pollAgain) { pollAgain = false; pollWatched(); }
 }
 
+let statusTicket = 0;  // bumped by stop and resume: a poll that began before them shows nothing
+
 async function pollOnce() {
   if (!watched) return;
   const name = watched;
+  const ticket = statusTicket;
   // the status first, then the files: the curves are never older than the state shown (a run seen "stopped" has
   // all its steps on the plot)
   const status = await api(`/api/runs/${encodeURIComponent(name)}`);
@@ -288,7 +291,7 @@ async function pollOnce() {
     api(`/api/runs/${encodeURIComponent(name)}/metrics`),
     api(`/api/runs/${encodeURIComponent(name)}/log?offset=${logOffset}`),
   ]);
-  if (name !== watched) return;
+  if (name !== watched || ticket !== statusTicket) return;
   if (status.ok) lastStatus = status.data;
   if (metrics.ok) lastMetrics = metrics.data;
   if (log.ok && log.data.text) {
@@ -445,12 +448,14 @@ function drawChart(box, title, lines, spans = [], marks = [], wide = false, xLab
 async function stopRun() {
   if (!watched) return;
   const { data } = await api(`/api/runs/${encodeURIComponent(watched)}/stop`, { body: {} });
+  statusTicket++;
   if (data.state) { lastStatus = data; refreshWatch(); }
 }
 
 async function resumeRun() {
   if (!watched) return;
   const { ok, data } = await api(`/api/runs/${encodeURIComponent(watched)}/resume`, { body: {} });
+  statusTicket++;
   if (ok) { lastStatus = data; reportTicket++; $("report").textContent = ""; refreshWatch(); } else alert(data.error);
 }
 
