@@ -84,6 +84,7 @@ function applyLanguage() {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
   for (const element of document.querySelectorAll("[data-i18n]")) element.textContent = t(element.dataset.i18n);
   refreshWatch();
+  if (lastEvalPoints) drawEvalPoints(lastEvalPoints);
 }
 
 async function api(path, options = {}) {
@@ -181,10 +182,14 @@ function showErrors(errors) {
 }
 
 let validateTimer = null;
+let validateTicket = 0;
 function scheduleValidate() { clearTimeout(validateTimer); validateTimer = setTimeout(validate, 400); }
 
+// Answers can come back out of order (the server has several threads): only the latest request's answer is shown.
 async function validate() {
+  const ticket = ++validateTicket;
   const { data } = await api("/api/validate", { body: { name: $("run-name").value, settings: formSettings() } });
+  if (ticket !== validateTicket) return data;
   showErrors(data.errors || (data.error ? { _general: data.error } : {}));
   if (data.yaml !== undefined) {
     $("yaml").textContent = data.yaml;
@@ -250,20 +255,43 @@ function watchRun(name, status = null) {
   lastStatus = status;
   lastMetrics = null;
   logOffset = 0;
+  reportTicket++;
   for (const id of ["log", "report", "charts", "run-state", "progress", "eta"]) $(id).textContent = "";
   $("run-state").dataset.state = "";
   $("run-state").dataset.run = "";
+  $("run-state").dataset.step = "";
   refreshWatch();
 }
 
+// One poll at a time (a poll asked for meanwhile runs after it): overlapping polls could answer out of order, show
+// an older state after a newer one, and append the same stretch of log twice.
+let polling = false;
+let pollAgain = false;
 async function pollWatched() {
+  if (polling) { pollAgain = true; return; }
+  polling = true;
+  try {
+    await pollOnce();
+  } finally {
+    polling = false;
+  }
+  if (pollAgain) { pollAgain = false; pollWatched(); }
+}
+
+let statusTicket = 0;  // bumped by stop and resume: a poll that began before them shows nothing
+
+async function pollOnce() {
   if (!watched) return;
   const name = watched;
-  const [status, metrics, log] = await Promise.all([
-    api(`/api/runs/${encodeURIComponent(name)}`), api(`/api/runs/${encodeURIComponent(name)}/metrics`),
+  const ticket = statusTicket;
+  // the status first, then the files: the curves are never older than the state shown (a run seen "stopped" has
+  // all its steps on the plot)
+  const status = await api(`/api/runs/${encodeURIComponent(name)}`);
+  const [metrics, log] = await Promise.all([
+    api(`/api/runs/${encodeURIComponent(name)}/metrics`),
     api(`/api/runs/${encodeURIComponent(name)}/log?offset=${logOffset}`),
   ]);
-  if (name !== watched) return;
+  if (name !== watched || ticket !== statusTicket) return;
   if (status.ok) lastStatus = status.data;
   if (metrics.ok) lastMetrics = metrics.data;
   if (log.ok && log.data.text) {
@@ -274,11 +302,14 @@ async function pollWatched() {
   if (lastStatus && lastStatus.finished && !$("report").textContent && !["running", "stopping"].includes(lastStatus.state)) loadReport();
 }
 
+// tqdm redraws its line with \r: keep the last version of each line
+function lastDrawn(text) {
+  return text.split("\n").map((line) => line.split("\r").filter((part) => part).pop() || "");
+}
+
 function appendLog(text) {
   const element = $("log");
-  // tqdm redraws its line with \r: keep the last version of each line
-  const combined = (element.textContent + text).split("\n").map((line) => line.split("\r").filter((part) => part).pop() || "");
-  element.textContent = combined.slice(-400).join("\n");
+  element.textContent = lastDrawn(element.textContent + text).slice(-400).join("\n");
   element.scrollTop = element.scrollHeight;
 }
 
@@ -288,6 +319,7 @@ function refreshWatch() {
   $("run-state").textContent = t("state." + status.state);
   $("run-state").dataset.state = status.state;
   $("run-state").dataset.run = status.name;
+  $("run-state").dataset.step = String(status.step);
   $("progress").textContent = status.max_steps ? `${t("watch.step")} ${status.step} / ${status.max_steps}` : `${t("watch.step")} ${status.step}`;
   $("progress-bar").style.width = `${Math.round(100 * (status.progress || 0))}%`;
   $("eta").textContent = status.eta_seconds != null ? `${t("watch.eta")} ${formatSeconds(status.eta_seconds)}` : "";
@@ -353,7 +385,7 @@ function formatNumber(value) {
   return a !== 0 && (a < 1e-3 || a >= 1e4) ? value.toExponential(2) : String(Number(value.toPrecision(4)));
 }
 
-// lines: [{name, color, points: [[x, y]], dots}], spans: [{from, to, label}] shaded, marks: [[x, y]] red circles
+// lines: [{name, color, points: [[x, y]], dots, named (each dot labelled with the name)}], spans: [{from, to, label}] shaded, marks: [[x, y]] red circles
 function drawChart(box, title, lines, spans = [], marks = [], wide = false, xLabel = t("watch.step")) {
   const W = wide ? 900 : 420, H = wide ? 300 : 210, L = 56, R = 10, T = 8, B = 34;
   box.textContent = "";
@@ -366,8 +398,12 @@ function drawChart(box, title, lines, spans = [], marks = [], wide = false, xLab
   let [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
   let [y0, y1] = [Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1]))];
   for (const span of spans) { x0 = Math.min(x0, span.from); x1 = Math.max(x1, span.to); }
-  if (x1 === x0) x1 = x0 + 1;
+  if (x1 === x0) { x0 -= Math.abs(x0) * 0.1 || 1; x1 += Math.abs(x1) * 0.1 || 1; }  // one point: in the middle
   if (y1 === y0) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
+  if (lines.every((line) => line.dots)) {  // points only: a margin so none sits on the frame
+    [x0, x1] = [x0 - 0.08 * (x1 - x0), x1 + 0.08 * (x1 - x0)];
+    [y0, y1] = [y0 - 0.08 * (y1 - y0), y1 + 0.08 * (y1 - y0)];
+  }
   const X = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const Y = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   svg.appendChild(svgElement("rect", { x: L, y: T, width: W - L - R, height: H - T - B, fill: "none", stroke: "#bbb" }));
@@ -384,7 +420,12 @@ function drawChart(box, title, lines, spans = [], marks = [], wide = false, xLab
   lines.forEach((line) => {
     if (!line.points.length) return;
     if (line.dots || line.points.length === 1) {
-      for (const [x, y] of line.points) svg.appendChild(svgElement("circle", { cx: X(x), cy: Y(y), r: 3, fill: line.color, class: line.dots ? "eval-point" : "point" }));
+      for (const [x, y] of line.points) {
+        const dot = svgElement("circle", { cx: X(x), cy: Y(y), r: line.named ? 5 : 3, fill: line.color, class: line.dots ? "eval-point" : "point" });
+        dot.appendChild(svgElement("title", {}, `${line.name}: (${formatNumber(x)}, ${formatNumber(y)})`));
+        svg.appendChild(dot);
+        if (line.named) svg.appendChild(svgElement("text", { x: X(x) + 6, y: Y(y) - 6 }, line.name));
+      }
     } else {
       svg.appendChild(svgElement("polyline", { points: line.points.map(([x, y]) => `${X(x).toFixed(1)},${Y(y).toFixed(1)}`).join(" "), fill: "none", stroke: line.color, "stroke-width": 1.5, class: "curve" }));
     }
@@ -407,19 +448,24 @@ function drawChart(box, title, lines, spans = [], marks = [], wide = false, xLab
 async function stopRun() {
   if (!watched) return;
   const { data } = await api(`/api/runs/${encodeURIComponent(watched)}/stop`, { body: {} });
+  statusTicket++;
   if (data.state) { lastStatus = data; refreshWatch(); }
 }
 
 async function resumeRun() {
   if (!watched) return;
   const { ok, data } = await api(`/api/runs/${encodeURIComponent(watched)}/resume`, { body: {} });
-  if (ok) { lastStatus = data; $("report").textContent = ""; refreshWatch(); } else alert(data.error);
+  statusTicket++;
+  if (ok) { lastStatus = data; reportTicket++; $("report").textContent = ""; refreshWatch(); } else alert(data.error);
 }
+
+let reportTicket = 0;  // bumped when the report shown goes out of date (another run, a resume): drops answers in flight
 
 async function loadReport() {
   if (!watched) return;
+  const ticket = reportTicket;
   const { data } = await api(`/api/runs/${encodeURIComponent(watched)}/report`);
-  $("report").textContent = data.text || data.error || "";
+  if (ticket === reportTicket) $("report").textContent = data.text || data.error || "";
 }
 
 // ---------------------------------------------------------------------------------------------------- compare
@@ -452,12 +498,19 @@ function buildCompareChoices() {
   }
 }
 
+let compareTicket = 0;
+
 async function compare() {
   const names = [...document.querySelectorAll(".compare-run:checked")].map((input) => input.value);
   if (!names.length) return;
+  const ticket = ++compareTicket;
   const metric = $("compare-metric").value;
   delete $("compare-chart").dataset.runs;
-  const metrics = await Promise.all(names.map((name) => api(`/api/runs/${encodeURIComponent(name)}/metrics`)));
+  const [metrics, differences] = await Promise.all([
+    Promise.all(names.map((name) => api(`/api/runs/${encodeURIComponent(name)}/metrics`))),
+    api(`/api/compare?runs=${names.map(encodeURIComponent).join(",")}`),
+  ]);
+  if (ticket !== compareTicket) return;  // a later click is drawing
   const lines = names.map((name, i) => {
     const data = metrics[i].data;
     const records = metric.startsWith("eval_") ? data.eval || [] : data.train || [];
@@ -465,7 +518,7 @@ async function compare() {
   });
   const box = $("compare-chart");
   drawChart(box, metric, lines, [], [], true);
-  const { data } = await api(`/api/compare?runs=${names.map(encodeURIComponent).join(",")}`);
+  const data = differences.data;
   const keys = ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"];
   const evalKeys = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"];
   const table = $("compare-table");
@@ -490,10 +543,19 @@ function addRow(table, cells, header = false) {
     row.appendChild(element);
   }
   table.appendChild(row);
+  return row;
+}
+
+function setLabel(element, key) {  // a label that follows the language switch
+  element.dataset.i18n = key;
+  element.textContent = t(key);
 }
 
 // ---------------------------------------------------------------------------------------------------- evaluate
 let evalTimer = null;
+let evalTicket = 0;
+let lastEvalPoints = null;  // the reward/KL plot's points, redrawn when the language changes
+let evalPointsTicket = 0;
 
 function buildEvalChoices() {
   const select = $("eval-run");
@@ -536,15 +598,16 @@ async function startEvaluation() {
 }
 
 // The chosen run's evaluation: state, results as a table, log; polled while `preftune eval` runs.
+// Only the latest call's answer is shown, and only it polls on. data-state is set last: the table and log are drawn.
 async function showEvaluation() {
   clearTimeout(evalTimer);
+  const ticket = ++evalTicket;
   const name = $("eval-run").value;
   if (!name) return;
   const { ok, data } = await api(`/api/runs/${encodeURIComponent(name)}/eval`);
-  if (!ok || $("eval-run").value !== name) return;
-  $("eval-state").textContent = t(`eval.${data.state}`);
-  $("eval-state").dataset.state = data.state;
-  $("eval-log").textContent = data.log;
+  if (!ok || ticket !== evalTicket || $("eval-run").value !== name) return;
+  setLabel($("eval-state"), `eval.${data.state}`);
+  $("eval-log").textContent = lastDrawn(data.log).join("\n");
   const table = $("eval-table");
   table.textContent = "";
   const results = data.results || {};
@@ -556,9 +619,13 @@ async function showEvaluation() {
   if (generation.win_rate) rows.push(["win_rate", generation.win_rate.rate], ["win_rate 95%", `[${formatNumber(generation.win_rate.lower)}, ${formatNumber(generation.win_rate.upper)}]`]);
   if (generation.kl) rows.push(["kl", generation.kl.mean]);
   if (rows.length) {
-    addRow(table, [t("eval.metric"), t("eval.value")], true);
+    const header = addRow(table, [t("eval.metric"), t("eval.value")], true);
+    setLabel(header.cells[0], "eval.metric");
+    setLabel(header.cells[1], "eval.value");
     for (const row of rows) addRow(table, row);
   }
+  $("eval-state").dataset.run = name;
+  $("eval-state").dataset.state = data.state;
   if (data.state === "running") evalTimer = setTimeout(showEvaluation, 1000);
 }
 
@@ -566,20 +633,32 @@ async function showEvaluation() {
 async function plotEvalPoints() {
   const names = [...document.querySelectorAll(".eval-point-run:checked")].map((input) => input.value);
   if (!names.length) return;
+  const ticket = ++evalPointsTicket;
+  delete $("eval-chart").dataset.points;
   const { data } = await api(`/api/evals?runs=${names.map(encodeURIComponent).join(",")}`);
-  const lines = data.points.map((point, i) => {
+  if (ticket !== evalPointsTicket) return;
+  lastEvalPoints = data.points;
+  drawEvalPoints(data.points);
+}
+
+function drawEvalPoints(points) {
+  const lines = points.map((point, i) => {
     const y = point.reward_difference ?? point.win_rate;
-    return { name: point.name, color: COLORS[i % COLORS.length], dots: true,
+    return { name: point.name, color: COLORS[i % COLORS.length], dots: true, named: true,
              points: point.kl != null && y != null ? [[point.kl, y]] : [] };
   });
   const box = $("eval-chart");
-  box.dataset.points = String(lines.filter((line) => line.points.length).length);
   drawChart(box, `${t("eval.chart")}: y ${t("eval.reward")}`, lines, [], [], true, t("eval.kl"));
+  box.dataset.points = String(lines.filter((line) => line.points.length).length);  // last: the chart is drawn
 }
 
 // ---------------------------------------------------------------------------------------------------- data
+let checkTicket = 0;
+
 async function checkData() {
+  const ticket = ++checkTicket;
   const { ok, data } = await api("/api/data/check", { body: { target: $("data-target").value } });
+  if (ticket !== checkTicket) return;
   showErrors(ok ? {} : (Object.keys(data.errors || {}).length ? data.errors : { target: data.error }));
   $("data-report").textContent = ok ? data.text : "";
 }
@@ -592,6 +671,7 @@ async function openLabeling() {
 }
 
 let sampleTimer = null;
+let sampleTicket = 0;
 
 async function startSample() {
   const body = { model: $("sample-model").value, prompts: $("sample-prompts").value, store: $("sample-store").value,
@@ -605,11 +685,13 @@ async function startSample() {
 // `preftune sample`'s state and log; polled while it runs. The store then opens with "Open the labeling pages".
 async function showSample() {
   clearTimeout(sampleTimer);
+  const ticket = ++sampleTicket;
   const { data } = await api("/api/sample");
-  $("sample-state").textContent = t(`sample.${data.state}`);
-  $("sample-state").dataset.state = data.state;
-  $("sample-log").textContent = data.log;
+  if (ticket !== sampleTicket) return;
+  setLabel($("sample-state"), `sample.${data.state}`);
+  $("sample-log").textContent = lastDrawn(data.log).join("\n");
   if (data.state === "done" && data.store && !$("label-db").value) $("label-db").value = data.store;
+  $("sample-state").dataset.state = data.state;  // last: the log and the store field are filled
   if (data.state === "running") sampleTimer = setTimeout(showSample, 1000);
 }
 
