@@ -61,12 +61,12 @@ def _chunk_logits(
     """Write one chunk's logits, vocabulary first, ``(V, C)``, into the contiguous ``out``; ``weight``/``bias`` already
     in the compute dtype.
 
-    Vocabulary first because ``weight @ hiddenᵀ`` runs about 1.4× faster than ``hidden @ weightᵀ`` on CPU (2-core AVX-512, float32, d=256,
-    V=50k: 67 against 48 GMAC/s), and the softmax over the vocabulary then reduces over the outer dimension,
-    which torch vectorises across the chunk's rows; the backward's matmuls take the ``(V, C)`` operand as it is
-    (one thread, 1024 rows: recompute + two gradient matmuls 0.92 s against 1.09 s with ``(C, V)``). Reusing one
-    buffer matters on CPU: a fresh ``C·V`` allocation is returned to the OS on free and page-faulted in again for every
-    chunk, which costs about as much as the matmul itself.
+    Vocabulary first because ``weight @ hiddenᵀ`` runs about 1.4× faster than ``hidden @ weightᵀ`` on CPU (2-core
+    AVX-512, float32, d=256, V=50k: 67 against 48 GMAC/s), and the softmax over the vocabulary then reduces over
+    the outer dimension, which torch vectorises across the chunk's rows; the backward's matmuls take the ``(V, C)``
+    operand as it is (one thread, 1024 rows: recompute + two gradient matmuls 0.92 s against 1.09 s with ``(C, V)``).
+    Reusing one buffer matters on CPU: a fresh ``C·V`` allocation is returned to the OS on free and page-faulted in
+    again for every chunk, which costs about as much as the matmul itself.
     """
     hidden_chunk = hidden_chunk.to(weight.dtype)
     if bias is None:
@@ -74,6 +74,11 @@ def _chunk_logits(
     else:
         torch.addmm(bias[:, None], weight, hidden_chunk.T, out=out)
     return _cap_logits_(out, logit_scale, softcap)
+
+
+def _vocab_first(buffer: Tensor, vocab_size: int, rows: int) -> Tensor:
+    """A contiguous ``(vocab_size, rows)`` view of the start of the flat chunk ``buffer``."""
+    return buffer[: vocab_size * rows].view(vocab_size, rows)
 
 
 def _cap_logits_(logits: Tensor, logit_scale: float, softcap: float | None) -> Tensor:
@@ -153,8 +158,8 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
             buffer = torch.empty(min(chunk_size, num_rows) * vocab_size, dtype=compute_dtype, device=hidden.device)
             for start, stop in bounds:
                 hidden_chunk = hidden[start:stop].to(compute_dtype)
-                logits = _chunk_logits(buffer[: (stop - start) * vocab_size].view(vocab_size, stop - start),
-                                                hidden_chunk, weight_c, bias_c, logit_scale, softcap)  # (V, C)
+                logits = _chunk_logits(_vocab_first(buffer, vocab_size, stop - start), hidden_chunk, weight_c, bias_c,
+                                       logit_scale, softcap)
                 if softcap is None:
                     mean_logits[start:stop] = (hidden_chunk @ mean_weight + mean_bias) * logit_scale
                 else:
@@ -212,18 +217,17 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 rows, chunk_labels = all_rows[: stop - start], labels[start:stop]
                 hidden_chunk = hidden[start:stop].to(compute_dtype)
                 row_scale = grad_logps[start:stop].to(compute_dtype) * logit_scale  # g' = g · logit_scale
-                by_vocab = (vocab_size, stop - start)  # every chunk here is (V, C), as the forward made them
                 if kept is not None and index == 0:
                     scaled, label_slope = kept_probs, torch.ones_like(row_scale)  # P, kept by the forward
                 elif softcap is None:
-                    logits = _chunk_logits(buffer[: by_vocab[0] * by_vocab[1]].view(by_vocab), hidden_chunk, weight_c,
+                    logits = _chunk_logits(_vocab_first(buffer, vocab_size, stop - start), hidden_chunk, weight_c,
                                            bias_c, logit_scale, softcap)
                     _exp_shifted_columns_(logits, shift=logsumexp[start:stop])  # M = P − onehot
                     scaled, label_slope = logits, torch.ones_like(row_scale)
                 else:  # s = 1 − (y / c)², taken before the buffer is overwritten with P
-                    logits = _chunk_logits(buffer[: by_vocab[0] * by_vocab[1]].view(by_vocab), hidden_chunk, weight_c,
+                    logits = _chunk_logits(_vocab_first(buffer, vocab_size, stop - start), hidden_chunk, weight_c,
                                            bias_c, logit_scale, softcap)
-                    slope_out = slope_buffer[: by_vocab[0] * by_vocab[1]].view(by_vocab)
+                    slope_out = _vocab_first(slope_buffer, vocab_size, stop - start)
                     slope = torch.div(logits, softcap, out=slope_out).square_().neg_().add_(1.0)
                     label_slope = slope[chunk_labels, rows]
                     scaled = logits.sub_(logsumexp[None, start:stop]).exp_().mul_(slope)  # M = P∘s − onehot∘s
