@@ -472,10 +472,11 @@ async function loadReport() {
 const COMPARE_METRICS = ["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
   "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"];
 
-function buildCompareChoices() {
-  const box = $("compare-runs");
+// One checkbox per run in ``box`` (class ``className``), rebuilt only when the runs changed, keeping the ticks.
+// Returns whether it rebuilt them.
+function syncRunCheckboxes(box, className) {
   const shown = [...box.querySelectorAll("input")].map((input) => input.value);
-  if (shown.join("\n") === runs.map((run) => run.name).join("\n")) return;  // unchanged: keep the ticks as they are
+  if (shown.join("\n") === runs.map((run) => run.name).join("\n")) return false;
   const checked = new Set([...box.querySelectorAll("input:checked")].map((input) => input.value));
   box.textContent = "";
   for (const run of runs) {
@@ -483,11 +484,16 @@ function buildCompareChoices() {
     const input = document.createElement("input");
     input.type = "checkbox";
     input.value = run.name;
-    input.className = "compare-run";
+    input.className = className;
     input.checked = checked.has(run.name);
     label.append(input, " " + run.name + " ");
     box.appendChild(label);
   }
+  return true;
+}
+
+function buildCompareChoices() {
+  if (!syncRunCheckboxes($("compare-runs"), "compare-run")) return;
   const select = $("compare-metric");
   if (!select.options.length) {
     for (const key of COMPARE_METRICS) {
@@ -569,22 +575,7 @@ function buildEvalChoices() {
     }
     if (keep && runs.some((run) => run.name === keep)) select.value = keep;
   }
-  const box = $("eval-runs");
-  const shown = [...box.querySelectorAll("input")].map((input) => input.value);
-  if (shown.join("\n") !== runs.map((run) => run.name).join("\n")) {
-    const checked = new Set([...box.querySelectorAll("input:checked")].map((input) => input.value));
-    box.textContent = "";
-    for (const run of runs) {
-      const label = document.createElement("label");
-      const input = document.createElement("input");
-      input.type = "checkbox";
-      input.value = run.name;
-      input.className = "eval-point-run";
-      input.checked = checked.has(run.name);
-      label.append(input, " " + run.name + " ");
-      box.appendChild(label);
-    }
-  }
+  syncRunCheckboxes($("eval-runs"), "eval-point-run");
   showEvaluation();
 }
 
