@@ -1,6 +1,7 @@
 """Profile one engine's training steps on a benchmark case: where does the step time go?
 
     python benchmarks/profile_step.py --case a --engine preftune --steps 4 [--work-dir DIR] [--rows 25]
+    python benchmarks/profile_step.py --long 500+7000 --engine preftune --steps 3   # case d, one length point
 
 Builds (or reuses, with ``--work-dir``) the case, trains ``--steps`` steps under ``torch.profiler`` and prints
 the operators with the most self CPU time, after the first (warm-up) step. For finding work to cut, not for
@@ -18,7 +19,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import build_case, load_case  # noqa: E402
+from cases import build_case, build_long_pair_case, load_case  # noqa: E402
 from engines import RunSpec, _load, _preftune_trainer, _trl_trainer  # noqa: E402
 
 
@@ -29,11 +30,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--long", default=None, metavar="PROMPT+COMPLETION", help="case d at this length point instead of --case")
     args = parser.parse_args()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="preftune-profile-"))
-    case_dir = work_dir / "cases" / args.case
-    if not (case_dir / "case.json").exists():
-        case_dir = build_case(args.case, work_dir / "cases")
+    if args.long:
+        prompt, completion = (int(part) for part in args.long.split("+"))
+        case_dir = build_long_pair_case(work_dir / "cases", prompt, completion, pairs=args.steps)
+    else:
+        case_dir = work_dir / "cases" / args.case
+        if not (case_dir / "case.json").exists():
+            case_dir = build_case(args.case, work_dir / "cases")
     meta, rows = load_case(case_dir)
     spec = RunSpec(engine=args.engine, case_dir=str(case_dir), steps=args.steps, output_dir=str(work_dir / "out"))
     policy, reference, tokenizer = _load(case_dir / "model", "cpu")

@@ -233,12 +233,24 @@ def code_header(source: dict, versions: dict) -> str:
     return (
         f"preftune {source['git_commit'] and source['git_commit'][:10]}{' + uncommitted src changes' if source['src_uncommitted_changes'] else ''}"
         f" (src sha256 {source['src_sha256']}); torch {versions['torch']}, transformers "
-        f"{versions['transformers']}, trl {versions['trl']}"
+        f"{versions['transformers']}, trl {versions['trl']}; CPU {versions.get('cpu_model') or 'unknown'}"
     )
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (ratios between engines differ between CPU models); None elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _versions() -> dict:
-    out = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    out = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "cpu_model": cpu_model()}
     for package in ("torch", "transformers", "trl", "accelerate", "datasets"):
         try:
             out[package] = metadata.version(package)
