@@ -175,6 +175,10 @@ def test_start_watch_stop_resume_compare_and_switch_language_in_chromium(stories
         # every label in Chinese on a click, back in English on another
         page.click("#lang")
         assert page.inner_text("#tab-new") == "新建训练" and page.inner_text("#btn-stop") == "停止（保存检查点）"
+        # the drawn comparison too: its table headers and the chart's axis label
+        assert page.locator("#compare-table th").first.text_content() == "运行"
+        assert page.locator("#compare-settings th").first.text_content() == "设置项"
+        assert "步" in page.locator("#compare-chart svg").text_content()
         page.click("#tab-new")
         assert page.inner_text("label[for=f-model_name_or_path]") == "模型文件夹"
         page.fill("#run-name", "third")

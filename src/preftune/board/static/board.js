@@ -15,7 +15,7 @@ const LABELS = {
     "state.running": "running", "state.stopping": "stopping (saving a checkpoint)", "state.stopped": "stopped",
     "state.finished": "finished", "state.failed": "failed", "state.created": "created",
     "compare.runs": "Runs", "compare.metric": "Metric", "compare.go": "Compare", "compare.final": "Final metrics",
-    "compare.settings": "Settings that differ", "compare.run": "run", "compare.step": "step",
+    "compare.settings": "Settings that differ", "compare.run": "run", "compare.step": "step", "compare.key": "setting",
     "tab.evaluate": "Evaluate", "eval.judge": "Judge (optional)", "eval.data": "Held-out pairs (optional)",
     "eval.limit": "Prompts (limit)", "eval.go": "Evaluate (preftune eval)", "eval.plot": "Plot reward / KL",
     "eval.none": "not evaluated", "eval.running": "evaluating…", "eval.done": "evaluated", "eval.failed": "failed",
@@ -51,7 +51,7 @@ const LABELS = {
     "state.running": "训练中", "state.stopping": "正在停止（保存检查点）", "state.stopped": "已停止",
     "state.finished": "已完成", "state.failed": "失败", "state.created": "已创建",
     "compare.runs": "运行", "compare.metric": "指标", "compare.go": "对比", "compare.final": "最终指标",
-    "compare.settings": "不同的设置", "compare.run": "运行", "compare.step": "步",
+    "compare.settings": "不同的设置", "compare.run": "运行", "compare.step": "步", "compare.key": "设置项",
     "tab.evaluate": "评估", "eval.judge": "评判器（可选）", "eval.data": "留出偏好对（可选）",
     "eval.limit": "提示数（上限）", "eval.go": "评估（preftune eval）", "eval.plot": "绘制奖励 / KL",
     "eval.none": "未评估", "eval.running": "评估中…", "eval.done": "已评估", "eval.failed": "失败",
@@ -85,6 +85,7 @@ function applyLanguage() {
   for (const element of document.querySelectorAll("[data-i18n]")) element.textContent = t(element.dataset.i18n);
   refreshWatch();
   if (lastEvalPoints) drawEvalPoints(lastEvalPoints);
+  if (lastCompareChart) drawCompareChart(...lastCompareChart);
 }
 
 async function api(path, options = {}) {
@@ -505,6 +506,11 @@ function buildCompareChoices() {
 }
 
 let compareTicket = 0;
+let lastCompareChart = null;  // [metric, lines] of the drawn comparison, redrawn when the language changes
+
+function drawCompareChart(metric, lines) {
+  drawChart($("compare-chart"), metric, lines, [], [], true);
+}
 
 async function compare() {
   const names = [...document.querySelectorAll(".compare-run:checked")].map((input) => input.value);
@@ -522,23 +528,25 @@ async function compare() {
     const records = metric.startsWith("eval_") ? data.eval || [] : data.train || [];
     return { name, color: COLORS[i % COLORS.length], points: series(records, metric), dots: metric.startsWith("eval_") };
   });
-  const box = $("compare-chart");
-  drawChart(box, metric, lines, [], [], true);
+  lastCompareChart = [metric, lines];
+  drawCompareChart(metric, lines);
   const data = differences.data;
   const keys = ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"];
   const evalKeys = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"];
   const table = $("compare-table");
   table.textContent = "";
-  addRow(table, [t("compare.run"), t("compare.step"), ...keys, ...evalKeys], true);
+  const header = addRow(table, [t("compare.run"), t("compare.step"), ...keys, ...evalKeys], true);
+  setLabel(header.cells[0], "compare.run");
+  setLabel(header.cells[1], "compare.step");
   for (const run of data.runs) {
     addRow(table, [run.name, run.step, ...keys.map((k) => run.train[k]), ...evalKeys.map((k) => run.eval[k])]);
   }
   const settings = $("compare-settings");
   settings.textContent = "";
-  addRow(settings, ["key", ...names], true);
+  setLabel(addRow(settings, [t("compare.key"), ...names], true).cells[0], "compare.key");
   for (const [key, values] of Object.entries(data.differing_settings)) addRow(settings, [key, ...names.map((n) => values[n])]);
   // set last: tests (and users' scripts) wait on it to know the chart and both tables are drawn
-  box.dataset.runs = String(lines.filter((line) => line.points.length).length);
+  $("compare-chart").dataset.runs = String(lines.filter((line) => line.points.length).length);
 }
 
 function addRow(table, cells, header = false) {
