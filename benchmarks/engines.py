@@ -146,7 +146,8 @@ def preftune_order(count: int, seed: int) -> list[int]:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _load(model_dir: Path, device: str):
+def load_models(model_dir: Path, device: str):
+    """``(policy, reference, tokenizer)`` of a built case's model folder: two fp32 copies of the model on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -180,7 +181,8 @@ def _shared_settings(spec: RunSpec, max_length: int, output_dir: Path) -> dict:
     )
 
 
-def _preftune_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_length: int, output_dir: Path):
+def preftune_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_length: int, output_dir: Path):
+    """preftune's ``DPOTrainer`` with the shared settings and the options of ``spec.engine`` (``preftune+KEY=VALUE``)."""
     from preftune import DPOConfig, DPOTrainer
 
     config = DPOConfig(
@@ -192,7 +194,8 @@ def _preftune_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_len
     return DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=rows, processing_class=tokenizer)
 
 
-def _trl_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_length: int, output_dir: Path, *, precompute: bool):
+def trl_trainer(spec: RunSpec, policy, reference, tokenizer, rows, max_length: int, output_dir: Path, *, precompute: bool):
+    """TRL 1.16's ``DPOTrainer`` with the shared settings, fed the rows in preftune's order."""
     import trl
     from datasets import Dataset
 
@@ -264,12 +267,12 @@ def run_engine(spec: RunSpec) -> dict:
     torch.manual_seed(spec.seed)
 
     start = time.perf_counter()
-    policy, reference, tokenizer = _load(Path(spec.case_dir) / "model", spec.device)
+    policy, reference, tokenizer = load_models(Path(spec.case_dir) / "model", spec.device)
     loaded = time.perf_counter()
     if spec.engine.split("+")[0] == "preftune":
-        trainer = _preftune_trainer(spec, policy, reference, tokenizer, rows, max_length, output_dir)
+        trainer = preftune_trainer(spec, policy, reference, tokenizer, rows, max_length, output_dir)
     else:
-        trainer = _trl_trainer(
+        trainer = trl_trainer(
             spec, policy, reference, tokenizer, rows, max_length, output_dir, precompute=spec.engine == "trl-precompute"
         )
     set_up = time.perf_counter()

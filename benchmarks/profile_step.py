@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import build_case, build_long_pair_case, load_case  # noqa: E402
-from engines import RunSpec, _load, _preftune_trainer, _trl_trainer  # noqa: E402
+from engines import RunSpec, load_models, preftune_trainer, trl_trainer  # noqa: E402
 
 
 def main() -> int:
@@ -42,12 +42,12 @@ def main() -> int:
             case_dir = build_case(args.case, work_dir / "cases")
     meta, rows = load_case(case_dir)
     spec = RunSpec(engine=args.engine, case_dir=str(case_dir), steps=args.steps, output_dir=str(work_dir / "out"))
-    policy, reference, tokenizer = _load(case_dir / "model", "cpu")
+    policy, reference, tokenizer = load_models(case_dir / "model", "cpu")
     max_length = meta["settings"]["max_length"]
     if args.engine.startswith("preftune"):
-        trainer = _preftune_trainer(spec, policy, reference, tokenizer, rows, max_length, work_dir / "out")
+        trainer = preftune_trainer(spec, policy, reference, tokenizer, rows, max_length, work_dir / "out")
     else:
-        trainer = _trl_trainer(spec, policy, reference, tokenizer, rows, max_length, work_dir / "out",
+        trainer = trl_trainer(spec, policy, reference, tokenizer, rows, max_length, work_dir / "out",
                                precompute=args.engine == "trl-precompute")
     def report(profiler) -> None:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows), flush=True)
