@@ -446,23 +446,58 @@ def vision_config(tmp_path, **overrides):
     return DPOConfig(**(settings | overrides))
 
 
+def trl_first_loss_and_metrics(trl, policy, reference, processor, tmp_path) -> tuple[float, dict]:
+    """TRL 1.16's DPOTrainer (beta 0.2, batch 4) on ``trl_rows()`` with copies of ``policy`` and ``reference``: the
+    loss of the first batch and its logged metrics (``rewards/*``, ``logps/*``), computed without a step."""
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], beta=0.2,
+                         per_device_train_batch_size=4, max_length=None)
+    rows = trl_rows()
+    oracle = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                            train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+    inputs = oracle.data_collator([oracle.train_dataset[i] for i in range(len(rows))])
+    with torch.no_grad():
+        loss = oracle._compute_loss(oracle.model, inputs, return_outputs=False).item()
+    mode = "train" if oracle.model.training else "eval"
+    return loss, {key: values[-1] for key, values in oracle._metrics[mode].items()}
+
+
+def tokenized_batch(processor, template, layout=collate_pairs):
+    """``trl_rows()`` tokenized with ``template`` and collated in ``layout``."""
+    loaded = load_preference_data(trl_rows())
+    settings = TokenizeSettings(max_length=None, chat_template=template)
+    return collated(tokenize_dataset(loaded.dataset, processor, settings).dataset, processor, layout)
+
+
+def dpo_loss_and_gradients(policy, reference_logps, batch, **options):
+    """Sigmoid DPO loss of ``batch`` against fixed reference log-probs: (log-probs, loss, every parameter's grad)."""
+    policy.zero_grad(set_to_none=True)
+    ours = pair_logprobs(policy, batch, **options)
+    loss = preference_loss("sigmoid", ours.chosen_logps, ours.rejected_logps, *reference_logps, beta=0.2).mean()
+    loss.backward()
+    return ours, loss.detach(), {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+
+
+def assert_same_logps_loss_and_gradients(first, second, atol=1e-5):
+    """Two ``dpo_loss_and_gradients`` results agree within ``atol``; the vision encoder got gradients."""
+    (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = first, second
+    torch.testing.assert_close(logps_a.chosen_logps, logps_b.chosen_logps, atol=atol, rtol=0)
+    torch.testing.assert_close(logps_a.rejected_logps, logps_b.rejected_logps, atol=atol, rtol=0)
+    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=0)
+    assert grads_a.keys() == grads_b.keys()
+    assert any("visual" in name or "vision_tower" in name for name in grads_a)  # the encoder is trained too
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=0, msg=name)
+
+
 @pytest.mark.slow
 def test_the_trainers_first_step_loss_and_rewards_equal_trl(processor, tmp_path):
     trl = pytest.importorskip("trl")
     from preftune import DPOTrainer
 
-    logging.getLogger("trl").setLevel(logging.ERROR)
     policy, reference = tiny_qwen2_vl(processor, seed=0), tiny_qwen2_vl(processor, seed=1)
     rows = trl_rows()
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], beta=0.2,
-                         per_device_train_batch_size=4, max_length=None)
-    oracle = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                            train_dataset=datasets.Dataset.from_list(trl_rows()), processing_class=processor)
-    inputs = oracle.data_collator([oracle.train_dataset[i] for i in range(len(rows))])
-    with torch.no_grad():
-        trl_loss = oracle._compute_loss(oracle.model, inputs, return_outputs=False).item()
-    mode = "train" if oracle.model.training else "eval"
-    metrics = {key: values[-1] for key, values in oracle._metrics[mode].items()}
+    trl_loss, metrics = trl_first_loss_and_metrics(trl, policy, reference, processor, tmp_path)
 
     trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=vision_config(tmp_path),
                          train_dataset=rows, processing_class=processor)

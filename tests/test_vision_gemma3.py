@@ -10,18 +10,20 @@ precomputed; LLaMA-Factory's gemma3 template with images (its Gemma3 plugin's im
 from __future__ import annotations
 
 import copy
-import logging
 import math
 
-import datasets
 import pytest
 import torch
 from test_vision import (
     GEMMA3_TEMPLATE,
+    assert_same_logps_loss_and_gradients,
     check_parity_with_trl,
     collated,
+    dpo_loss_and_gradients,
     tiny_gemma3,
     tiny_gemma3_processor,
+    tokenized_batch,
+    trl_first_loss_and_metrics,
     trl_rows,
     vision_config,
 )
@@ -31,37 +33,11 @@ from preftune.data.formats import load_preference_data
 from preftune.data.tokenize import TokenizeSettings, tokenize_dataset
 from preftune.errors import ConfigError
 from preftune.logprobs import pair_logprobs
-from preftune.losses import preference_loss
 
 
 @pytest.fixture(scope="module")
 def gemma3_processor():
     return tiny_gemma3_processor()
-
-
-def plain_batch(processor, layout=collate_pairs):
-    loaded = load_preference_data(trl_rows())
-    settings = TokenizeSettings(max_length=None, chat_template=GEMMA3_TEMPLATE)
-    return collated(tokenize_dataset(loaded.dataset, processor, settings).dataset, processor, layout)
-
-
-def dpo_loss_and_gradients(policy, reference_logps, batch, **options):
-    """Sigmoid DPO loss of ``batch`` against fixed reference log-probs: (log-probs, loss, every parameter's grad)."""
-    policy.zero_grad(set_to_none=True)
-    ours = pair_logprobs(policy, batch, **options)
-    loss = preference_loss("sigmoid", ours.chosen_logps, ours.rejected_logps, *reference_logps, beta=0.2).mean()
-    loss.backward()
-    return ours, loss.detach(), {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
-
-
-def assert_same(first, second, atol=1e-5):
-    (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = first, second
-    torch.testing.assert_close(logps_a.chosen_logps, logps_b.chosen_logps, atol=atol, rtol=0)
-    torch.testing.assert_close(logps_a.rejected_logps, logps_b.rejected_logps, atol=atol, rtol=0)
-    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=0)
-    assert grads_a.keys() == grads_b.keys() and any("vision_tower" in name for name in grads_a)
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -79,7 +55,7 @@ def test_shared_rows_give_gemma3s_plain_log_probs_loss_and_gradients_encoding_ea
     reproduce the plain rows' masks (the model's own, from token_type_ids) exactly, with each image encoded once."""
     policy = tiny_gemma3(gemma3_processor, seed=0)
     policy.set_attn_implementation(attention)
-    plain, shared = plain_batch(gemma3_processor), plain_batch(gemma3_processor, collate_shared_prefix)
+    plain, shared = tokenized_batch(gemma3_processor, GEMMA3_TEMPLATE), tokenized_batch(gemma3_processor, GEMMA3_TEMPLATE, collate_shared_prefix)
     window = policy.config.text_config.sliding_window
     assert shared.input_ids.shape[0] * 2 == plain.input_ids.shape[0]
     assert plain.attention_mask.sum(1).min() > window  # the window cuts inside every plain row
@@ -91,12 +67,12 @@ def test_shared_rows_give_gemma3s_plain_log_probs_loss_and_gradients_encoding_ea
     fixed = (reference.chosen_logps, reference.rejected_logps)
     expected = dpo_loss_and_gradients(policy, fixed, plain, chunked_head=False)
     got = dpo_loss_and_gradients(policy, fixed, shared, chunked_head=False)
-    assert_same(expected, got)
+    assert_same_logps_loss_and_gradients(expected, got)
     assert encoded == [10, 5]  # 5 images (one row has two): once per completion in plain rows, once per pair shared
 
 
 def test_the_batch_marks_gemma3s_image_soft_tokens_and_the_model_attends_over_them_both_ways(gemma3_processor):
-    batch = plain_batch(gemma3_processor)
+    batch = tokenized_batch(gemma3_processor, GEMMA3_TEMPLATE)
     tokenizer = gemma3_processor.tokenizer
     types = batch.model_inputs["token_type_ids"]
     assert "mm_token_type_ids" not in batch.model_inputs and "num_crops" not in batch.model_inputs
@@ -115,7 +91,7 @@ def test_the_batch_marks_gemma3s_image_soft_tokens_and_the_model_attends_over_th
 @pytest.mark.parametrize("layout", [collate_pairs, collate_shared_prefix], ids=["plain", "shared"])
 def test_the_chunked_head_gives_gemma3s_full_logits_values_and_gradients(gemma3_processor, layout):
     policy = tiny_gemma3(gemma3_processor, seed=0)
-    batch = plain_batch(gemma3_processor, layout)
+    batch = tokenized_batch(gemma3_processor, GEMMA3_TEMPLATE, layout)
     with torch.no_grad():
         reference = pair_logprobs(tiny_gemma3(gemma3_processor, seed=1), batch, chunked_head=False)
     widths = []
@@ -124,7 +100,7 @@ def test_the_chunked_head_gives_gemma3s_full_logits_values_and_gradients(gemma3_
     full = dpo_loss_and_gradients(policy, fixed, batch, chunked_head=False)
     chunked = dpo_loss_and_gradients(policy, fixed, batch, chunked_head=True, chunk_size=7)
     assert widths == [len(gemma3_processor.tokenizer), policy.config.text_config.hidden_size]  # chunked: no logits
-    assert_same(full, chunked)
+    assert_same_logps_loss_and_gradients(full, chunked)
 
 
 def test_the_trainers_first_gemma3_step_equals_trl_and_shared_rows_train_as_plain_ones(gemma3_processor, tmp_path):
@@ -133,17 +109,9 @@ def test_the_trainers_first_gemma3_step_equals_trl_and_shared_rows_train_as_plai
     trl = pytest.importorskip("trl")
     from preftune import DPOTrainer
 
-    logging.getLogger("trl").setLevel(logging.ERROR)
     policy, reference = tiny_gemma3(gemma3_processor, seed=0), tiny_gemma3(gemma3_processor, seed=1)
     rows = trl_rows()
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], beta=0.2,
-                         per_device_train_batch_size=4, max_length=None)
-    oracle = trl.DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                            train_dataset=datasets.Dataset.from_list(trl_rows()), processing_class=gemma3_processor)
-    inputs = oracle.data_collator([oracle.train_dataset[i] for i in range(len(rows))])
-    with torch.no_grad():
-        trl_loss = oracle._compute_loss(oracle.model, inputs, return_outputs=False).item()
-    metrics = {key: values[-1] for key, values in oracle._metrics["train" if oracle.model.training else "eval"].items()}
+    trl_loss, metrics = trl_first_loss_and_metrics(trl, policy, reference, gemma3_processor, tmp_path)
 
     auto = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=vision_config(tmp_path),
                       train_dataset=rows, processing_class=gemma3_processor)
@@ -198,7 +166,7 @@ def test_precomputed_reference_log_probs_of_gemma3_rows_are_the_references(gemma
                          processing_class=gemma3_processor)
     assert trainer.ref_model is None
     with torch.no_grad():
-        expected = pair_logprobs(reference, plain_batch(gemma3_processor), chunked_head=False)
+        expected = pair_logprobs(reference, tokenized_batch(gemma3_processor, GEMMA3_TEMPLATE), chunked_head=False)
     torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_logps"]),
                                torch.stack([expected.chosen_logps, expected.rejected_logps], 1), atol=1e-5, rtol=0)
 

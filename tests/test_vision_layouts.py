@@ -11,23 +11,25 @@ import copy
 import pytest
 import torch
 from test_vision import (
-    trl_rows_with_images_on_disk,
     LLAVA_TEMPLATE,
     TEMPLATE,
-    coloured,
+    assert_same_logps_loss_and_gradients,
     collated,
+    coloured,
+    dpo_loss_and_gradients,
     gpt2_tokenizer_with,
     tiny_llava,
     tiny_qwen2_vl,
     tiny_qwen3_vl,
+    tokenized_batch,
     trl_rows,
+    trl_rows_with_images_on_disk,
     vision_config,
 )
 from test_vision import llava_processor, processor, qwen3_vl_processor  # noqa: F401 - the processors' fixtures
 
 from preftune.data.collate import collate_pairs, collate_shared_prefix
 from preftune.logprobs import pair_logprobs
-from preftune.losses import preference_loss
 from preftune.multimodal_positions import rope_index_of, shared_rope_position_ids
 
 FAMILIES = {"qwen2_vl": ("processor", tiny_qwen2_vl, TEMPLATE),
@@ -41,42 +43,12 @@ def family(request, name):
     return vision_processor, build, template
 
 
-def batch_of(vision_processor, template, layout):
-    from preftune.data.formats import load_preference_data
-    from preftune.data.tokenize import TokenizeSettings, tokenize_dataset
-
-    loaded = load_preference_data(trl_rows())
-    settings = TokenizeSettings(max_length=None, chat_template=template)
-    return collated(tokenize_dataset(loaded.dataset, vision_processor, settings).dataset, vision_processor, layout)
-
-
-def dpo_loss_and_gradients(policy, reference_logps, batch, **options):
-    """Sigmoid DPO loss of ``batch`` against fixed reference log-probs, its log-probs and every parameter's gradient."""
-    policy.zero_grad(set_to_none=True)
-    ours = pair_logprobs(policy, batch, **options)
-    loss = preference_loss("sigmoid", ours.chosen_logps, ours.rejected_logps, *reference_logps, beta=0.2).mean()
-    loss.backward()
-    gradients = {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
-    return ours, loss.detach(), gradients
-
-
-def assert_same(first, second, atol=1e-5):
-    (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = first, second
-    torch.testing.assert_close(logps_a.chosen_logps, logps_b.chosen_logps, atol=atol, rtol=0)
-    torch.testing.assert_close(logps_a.rejected_logps, logps_b.rejected_logps, atol=atol, rtol=0)
-    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=0)
-    assert grads_a.keys() == grads_b.keys()
-    assert any(name for name in grads_a if "visual" in name or "vision_tower" in name)  # the encoder is trained too
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=0, msg=name)
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_shared_rows_give_the_plain_layouts_log_probs_loss_and_gradients_encoding_each_image_once(request, name):
     vision_processor, build, template = family(request, name)
     policy = build(vision_processor, seed=0)
-    plain = batch_of(vision_processor, template, collate_pairs)
-    shared = batch_of(vision_processor, template, collate_shared_prefix)
+    plain = tokenized_batch(vision_processor, template, collate_pairs)
+    shared = tokenized_batch(vision_processor, template, collate_shared_prefix)
     assert shared.input_ids.shape[0] == plain.input_ids.shape[0] // 2  # one row per pair
     encoded = []
     encoder = policy.model.visual if hasattr(policy.model, "visual") else policy.model.vision_tower
@@ -86,7 +58,7 @@ def test_shared_rows_give_the_plain_layouts_log_probs_loss_and_gradients_encodin
     fixed = (reference.chosen_logps, reference.rejected_logps)
     expected = dpo_loss_and_gradients(policy, fixed, plain, chunked_head=False)
     got = dpo_loss_and_gradients(policy, fixed, shared, chunked_head=False)
-    assert_same(expected, got)
+    assert_same_logps_loss_and_gradients(expected, got)
     assert encoded[1] * 2 == encoded[0]  # the shared forward encodes half the patches (images): once per pair
 
 
@@ -95,8 +67,8 @@ def test_qwen2_vl_shared_rows_take_the_multimodal_rope_positions_not_the_token_c
     completion's positions are not ``prompt length + offset``; the stitched ones are those of the plain rows."""
     vision_processor = request.getfixturevalue("processor")
     policy = tiny_qwen2_vl(vision_processor, seed=0)
-    shared = batch_of(vision_processor, TEMPLATE, collate_shared_prefix)
-    plain = batch_of(vision_processor, TEMPLATE, collate_pairs)
+    shared = tokenized_batch(vision_processor, TEMPLATE, collate_shared_prefix)
+    plain = tokenized_batch(vision_processor, TEMPLATE, collate_pairs)
     stitched = shared_rope_position_ids(rope_index_of(policy), shared)
     assert stitched.shape == (3, *shared.input_ids.shape)
     real = shared.attention_mask.bool()
@@ -117,15 +89,15 @@ def test_the_chunked_head_gives_the_full_logits_values_without_making_the_logits
     widths = []
     policy.register_forward_hook(lambda module, inputs, output: widths.append(output.logits.shape[-1]))
     with torch.no_grad():
-        reference = pair_logprobs(build(vision_processor, seed=1), batch_of(vision_processor, template, collate_pairs),
+        reference = pair_logprobs(build(vision_processor, seed=1), tokenized_batch(vision_processor, template, collate_pairs),
                                   chunked_head=False)
     fixed = (reference.chosen_logps, reference.rejected_logps)
     for layout in (collate_pairs, collate_shared_prefix):
-        batch = batch_of(vision_processor, template, layout)
+        batch = tokenized_batch(vision_processor, template, layout)
         widths.clear()
         full = dpo_loss_and_gradients(policy, fixed, batch, chunked_head=False)
         chunked = dpo_loss_and_gradients(policy, fixed, batch, chunked_head=True, chunk_size=7)
-        assert_same(full, chunked)
+        assert_same_logps_loss_and_gradients(full, chunked)
         hidden = policy.config.text_config.hidden_size
         assert widths == [len(vision_processor.tokenizer), hidden]  # chunked: the forward returns hidden states only
 
